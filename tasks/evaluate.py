@@ -1,0 +1,79 @@
+"""Evaluate stage: greedy-decode the test split and score it with a local `evaluate` metric.
+
+Every model (base, LoRA, QLoRA, merged, current champion) sees the same rows, the same prompts
+and the same decoding, so their accuracies are comparable. Generation is batched with left
+padding: one forward per prompt token block instead of one per example.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tasks.config import Params
+from tasks.prompting import eos_id, format_prompt
+from tasks.train import load_model, read_rows
+from tasks.util import atomic_write_json, atomic_write_text
+
+METRIC_DIR = Path(__file__).parent / "metrics" / "label_accuracy"
+
+
+def load_eval_model(params: Params, model_dir: Path, adapter_dir: Path | None = None, quantized: bool = False):
+    """base: (model_dir) ; LoRA: (model_dir, adapter) ; QLoRA: (model_dir, adapter, quantized=True) ; merged: (merged_dir)."""
+    model, tok = load_model(Path(model_dir), params, quantized)
+    if adapter_dir is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model, tok
+
+
+@torch.no_grad()
+def generate(model, tok, rows: list[dict], batch_size: int, max_new_tokens: int) -> list[dict]:
+    dev = next(model.parameters()).device
+    tok.padding_side = "left"
+    eos = eos_id(tok)
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        texts = [format_prompt(tok, r["system"], r["prompt"]) for r in chunk]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=tok.pad_token_id)
+        for r, g in zip(chunk, gen[:, enc["input_ids"].shape[1]:].tolist()):
+            stopped = eos in g
+            g = g[:g.index(eos)] if stopped else g
+            out.append({"id": r["id"], "reference": r["completion"], "prediction": tok.decode(g, skip_special_tokens=True).strip(),
+                        "stopped": stopped, "new_tokens": len(g)})
+    return out
+
+
+def score(preds: list[dict]) -> dict:
+    import evaluate
+    metric = evaluate.load(str(METRIC_DIR))
+    res = metric.compute(predictions=[p["prediction"] for p in preds], references=[p["reference"] for p in preds])
+    res["eos_rate"] = sum(p["stopped"] for p in preds) / max(len(preds), 1)
+    return res
+
+
+def test_rows(params: Params, test_path: Path) -> list[dict]:
+    rows = read_rows(test_path)
+    return rows[:params.eval.max_examples] if params.eval.max_examples else rows
+
+
+def evaluate_model(params: Params, name: str, model_dir: Path, test_path: Path, out_dir: Path,
+                   adapter_dir: Path | None = None, quantized: bool = False) -> dict:
+    """Evaluate one model; writes out_dir/{predictions.jsonl,metrics.json} and returns the metrics."""
+    t0 = time.time()
+    if params.training.threads:
+        torch.set_num_threads(params.training.threads)
+    model, tok = load_eval_model(params, model_dir, adapter_dir, quantized)
+    preds = generate(model, tok, test_rows(params, test_path), params.eval.batch_size, params.eval.max_new_tokens)
+    res = {"model": name, **score(preds), "eval_seconds": time.time() - t0}
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+    atomic_write_json(out_dir / "metrics.json", res)
+    del model
+    return res

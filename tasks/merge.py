@@ -1,0 +1,79 @@
+"""Merge stage: fold the QLoRA adapter into a full-precision copy of the base and save safetensors.
+
+The adapter was trained against the NF4-quantized weights, so by default we merge it into the
+*dequantized* NF4 weights (held in float32): the merged model then computes what the QLoRA model
+computed. Merging into a 4-bit model would re-quantize W + BA and change outputs; merging into the
+original weights ("original") is available but drifts by the quantization error.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tasks.config import Params
+from tasks.train import _check_finite, load_model
+
+
+def dequantized_base(params: Params, base_dir: Path):
+    """Full-precision model whose linear weights are exactly the dequantized NF4 weights QLoRA saw."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    fp, tok = load_model(base_dir, params, quantized=False, dev=torch.device("cpu"))
+    fp = fp.float()
+    q, _ = load_model(base_dir, params, quantized=True)
+    fp_mods = dict(fp.named_modules())
+    n = 0
+    for name, mod in q.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            w = F.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float().cpu()
+            fp_mods[name].weight.data.copy_(w.reshape(fp_mods[name].weight.shape))
+            n += 1
+    if n == 0:
+        raise RuntimeError("no 4-bit linear layers found while dequantizing; is bitsandbytes working?")
+    del q
+    return fp, tok
+
+
+def merge(params: Params, base_dir: Path, adapter_dir: Path, out_dir: Path,
+          into: Literal["dequantized", "original"] = "dequantized") -> dict:
+    from peft import PeftModel
+
+    t0 = time.time()
+    if into == "dequantized":
+        model, tok = dequantized_base(params, base_dir)
+    else:
+        model, tok = load_model(base_dir, params, quantized=False, dev=torch.device("cpu"))
+        model = model.float()
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    _check_finite(dict(merged.state_dict()), "merged model")
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)  # a merged dir exists only when complete
+    return {"merged_dir": str(out_dir), "into": into, "merge_seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def logit_drift(params: Params, base_dir: Path, adapter_dir: Path, merged_dir: Path, texts: list[str]) -> float:
+    """Max |logit difference| between the unmerged QLoRA model and the merged one on `texts`."""
+    from peft import PeftModel
+
+    q, tok = load_model(base_dir, params, quantized=True)
+    q = PeftModel.from_pretrained(q, str(adapter_dir)).eval()
+    m, _ = load_model(merged_dir, params, quantized=False)
+    m.eval()
+    worst = 0.0
+    for t in texts:
+        ids = tok(t, return_tensors="pt").input_ids
+        a = q(input_ids=ids.to(q.device)).logits.float().cpu()
+        b = m(input_ids=ids.to(m.device)).logits.float().cpu()
+        worst = max(worst, float((a - b).abs().max()))
+    return worst

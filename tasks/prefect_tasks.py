@@ -1,0 +1,48 @@
+"""Thin Prefect wrappers around the plain stage functions (tests call the plain functions).
+
+NO_CACHE: Prefect's default cache key includes the flow run id and pickles results; our stages
+cache themselves on content (data hash + params hash + code hash -> run dir with result.json), and
+pass only paths and small JSON between each other.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import base_model, evaluate, gate, merge, train, versioning
+
+_opts = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="prepare-data", **_opts)
+def prepare_data(workspace: Path, params_path: Path, params) -> dict:
+    return versioning.prepare_via_dvc(workspace, params_path, params)
+
+
+@task(name="base-model", **_opts)
+def resolve_base(params, workspace: Path) -> str:
+    return str(base_model.resolve_base_model(params, workspace))
+
+
+@task(name="train", task_run_name="train-{kind}", **_opts)
+def train_adapter(params, base_dir: str, data_dir: str, out_dir: str, kind: str) -> dict:
+    return train.train(params, Path(base_dir), Path(data_dir), Path(out_dir), kind, on_log=print)
+
+
+@task(name="evaluate", task_run_name="evaluate-{name}", **_opts)
+def evaluate_model(params, name: str, model_dir: str, test_path: str, out_dir: str,
+                   adapter_dir: str | None = None, quantized: bool = False) -> dict:
+    return evaluate.evaluate_model(params, name, Path(model_dir), Path(test_path), Path(out_dir),
+                                   Path(adapter_dir) if adapter_dir else None, quantized)
+
+
+@task(name="gates", **_opts)
+def pre_merge_gates(params, base: float, lora: float, qlora: float) -> list[dict]:
+    return gate.pre_merge_gates(params.gates, base, lora, qlora)
+
+
+@task(name="merge", **_opts)
+def merge_adapter(params, base_dir: str, adapter_dir: str, out_dir: str) -> dict:
+    return merge.merge(params, Path(base_dir), Path(adapter_dir), Path(out_dir))

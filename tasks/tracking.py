@@ -1,0 +1,88 @@
+"""MLflow run bookkeeping: params, data/code versions, per-model metrics, training curves, gates.
+
+Everything goes through MlflowClient with explicit run ids (no thread-local "active run"), so
+Prefect's task threads can't log into the wrong run. The tracking URI is set by the entry point.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from tasks.config import Params
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, type(None))) else str(v)
+    return out
+
+
+def ensure_experiment(name: str, artifact_location: str | None) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return MlflowClient().create_experiment(name, artifact_location=artifact_location)
+
+
+def start_run(params: Params, experiment_id: str, tags: dict[str, str], run_name: str) -> str:
+    c = MlflowClient()
+    run = c.create_run(experiment_id, run_name=run_name, tags=tags)
+    items = [Param(k, v[:6000]) for k, v in flatten(params.model_dump(mode="json")).items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+    ts = int(time.time() * 1000)
+    ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(ms), 500):
+        MlflowClient().log_batch(run_id, metrics=ms[i:i + 500])
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_training(parent_run_id: str, experiment_id: str, result: dict) -> str:
+    """A nested run per training kind holding its curves (train/val loss, lr, tokens/s, memory)."""
+    c = MlflowClient()
+    kind = result["kind"]
+    child = c.create_run(experiment_id, run_name=f"train-{kind}",
+                         tags={"mlflow.parentRunId": parent_run_id, "qlora_ops.kind": kind})
+    cid = child.info.run_id
+    ms = []
+    for line in Path(result["history"]).read_text().splitlines():
+        h = json.loads(line)
+        ts = int(h["time"] * 1000)
+        for k in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes"):
+            if k in h:
+                ms.append(Metric(k, float(h[k]), ts, h["step"]))
+    for i in range(0, len(ms), 500):
+        c.log_batch(cid, metrics=ms[i:i + 500])
+    summary = {k: result[k] for k in ("trainable_share", "trainable_params", "weight_bytes", "peak_mem_bytes",
+                                      "mean_tokens_per_s", "train_seconds", "final_val_loss") if result.get(k) is not None}
+    log_metrics(cid, summary)
+    set_tags(cid, {"optimizer": result["optimizer"], "device": result["device"],
+                   "resumed_from": result.get("resumed_from")})
+    log_metrics(parent_run_id, {f"{kind}.{k}": v for k, v in summary.items()})
+    c.set_terminated(cid)
+    return cid
+
+
+def log_json(run_id: str, obj, name: str) -> None:
+    MlflowClient().log_text(run_id, json.dumps(obj, indent=2, sort_keys=True, default=str), name)
+
+
+def end_run(run_id: str, status: str) -> None:
+    MlflowClient().set_terminated(run_id, status=status)

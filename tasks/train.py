@@ -1,0 +1,413 @@
+"""Train stage: QLoRA (4-bit NF4 base + LoRA) or the full-precision LoRA baseline, one plain loop.
+
+    python -m tasks.train --params params/default.yaml --kind qlora \
+        --base-dir .qlora-ops/cache/base/smollm2-135m-instruct --data-dir data/prepared/default --out /tmp/run-q
+
+Both kinds share every setting (data order, seed, LoRA init, schedule) except quantization.
+Crash safety: checkpoints (adapter, optimizer, scheduler, RNG, step) are written to a temp dir and
+renamed, so a directory named step-N is always complete; a re-run resumes from the newest one.
+`result.json` is written last; its presence means the run finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from tasks.config import Params, QuantParams, load_params
+from tasks.prompting import encode
+from tasks.util import atomic_write_json, read_json
+
+log = logging.getLogger("qlora_ops.train")
+Kind = Literal["qlora", "lora"]
+
+
+class DivergenceError(RuntimeError):
+    """Non-finite loss or gradient: training stopped, nothing downstream may run."""
+
+
+# ---------------------------------------------------------------- model loading
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(q: QuantParams, dev: torch.device) -> torch.dtype:
+    if q.compute_dtype != "auto":
+        return getattr(torch, q.compute_dtype)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # bf16 matmuls on CPU measured 13-25x slower than fp32
+
+
+def bnb_config(q: QuantParams, dev: torch.device):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(q, dev),
+        bnb_4bit_quant_storage=getattr(torch, q.quant_storage),
+    )
+
+
+def load_model(base_dir: Path, params: Params, quantized: bool, dev: torch.device | None = None):
+    """Base model, 4-bit (QLoRA) or in compute dtype (LoRA baseline / evaluation). Safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = dev or device()
+    dtype = compute_dtype(params.quantization, dev)
+    kw = dict(dtype=dtype, use_safetensors=True, trust_remote_code=params.model.trust_remote_code)
+    if quantized:
+        kw.update(quantization_config=bnb_config(params.quantization, dev), device_map={"": dev.type if dev.type == "cpu" else dev.index or 0})
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kw)
+    if not quantized:
+        model.to(dev)
+    tok = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=params.model.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def add_lora(model, params: Params, quantized: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:  # fp32 norms/embeddings, input grads for checkpointing: the QLoRA recipe
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.training.gradient_checkpointing)
+    elif params.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lp = params.lora
+    torch.manual_seed(params.seed)  # seed right before adapter creation: LoRA init is reproducible
+    cfg = LoraConfig(r=lp.r, lora_alpha=lp.alpha, lora_dropout=lp.dropout, target_modules=lp.target_modules,
+                     modules_to_save=lp.modules_to_save, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def make_optimizer(model, params: Params, dev: torch.device):
+    tp = params.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    name = tp.optimizer
+    if name == "auto":
+        name = "paged_adamw_32bit" if dev.type == "cuda" else "adamw_torch"
+    if name.startswith("paged") and dev.type != "cuda":
+        log.warning("optimizer %s needs CUDA (paged memory); falling back to torch AdamW on CPU", name)
+        name = "adamw_torch"
+    if name == "paged_adamw_32bit":
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay), name
+    if name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW8bit(trainable, lr=tp.lr, weight_decay=tp.weight_decay), name
+    return torch.optim.AdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay), name
+
+
+# ---------------------------------------------------------------- data
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Left-pad, so every completion ends at the last position: the loss then needs logits for
+    the last K positions only (the LM head over the whole sequence is ~20% of a step)."""
+    T = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, T - len(x):] = torch.tensor(x)
+        labels[i, T - len(y):] = torch.tensor(y)
+        mask[i, T - len(x):] = 1
+    first = (labels != -100).float().argmax(dim=1)  # first completion position per row
+    keep = int(T - first.min().item()) + 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "keep": min(keep, T)}
+
+
+def collate_packed(examples: list[tuple[list[int], list[int]]], pad_id: int, max_len: int) -> dict:
+    """Pack examples first-fit into rows of <= max_len tokens. Position ids restart at 0 for each
+    example and no 2D mask is passed, so transformers builds a block-diagonal causal mask from the
+    position ids: no token attends across an example boundary."""
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    for ex in sorted(examples, key=lambda e: -len(e[0])):
+        row = next((r for r in rows if sum(len(x) for x, _ in r) + len(ex[0]) <= max_len), None)
+        if row is None:
+            rows.append(row := [])
+        row.append(ex)
+    T = max(sum(len(x) for x, _ in r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        at = 0
+        for x, y in r:
+            ids[i, at:at + len(x)] = torch.tensor(x)
+            labels[i, at:at + len(y)] = torch.tensor(y)
+            pos[i, at:at + len(x)] = torch.arange(len(x))
+            at += len(x)
+        pos[i, at:] = torch.arange(T - at)  # padding is one more "sequence", never in the loss
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None, "keep": T}
+
+
+def batch_loss(model, batch: dict, dev: torch.device) -> tuple[torch.Tensor, int]:
+    ids, labels, K = batch["input_ids"].to(dev), batch["labels"].to(dev), batch["keep"]
+    if batch["attention_mask"] is None:  # packed
+        mask, pos = None, batch["position_ids"].to(dev)
+    else:
+        mask = batch["attention_mask"].to(dev)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions as generate() computes them for left padding
+    # use_cache=False: no KV cache in training (and with a cache, packed-sequence masking is skipped)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=K, use_cache=False).logits
+    tgt = labels[:, -K + 1:] if K > 1 else labels[:, :0]
+    n = int((tgt != -100).sum())
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), tgt.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss / max(n, 1), n
+
+
+def make_batch(examples: list, pad_id: int, params: Params) -> dict:
+    if params.training.packing:
+        return collate_packed(examples, pad_id, params.model.max_seq_len)
+    return collate(examples, pad_id)
+
+
+def batch_order(n_rows: int, micro: int, batch_size: int, seed: int) -> list[int]:
+    """Row indices of micro-batch number `micro`: a pure function of (seed, position), so a
+    resumed run sees exactly the batches an uninterrupted run would."""
+    start = micro * batch_size
+    out = []
+    for k in range(start, start + batch_size):
+        epoch, off = divmod(k, n_rows)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n_rows, generator=g)[off]))
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def _adapter_state(model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _check_finite(sd: dict[str, torch.Tensor], what: str) -> None:
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DivergenceError(f"{what}: non-finite values in {bad[:3]} (lower training.lr or raise max_grad_norm clipping)")
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, extra: dict, keep_last: int) -> Path:
+    sd = _adapter_state(model)
+    _check_finite(sd, f"checkpoint at step {step}")  # safetensors happily stores NaN: refuse here
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, tmp / "trainer_state.pt")
+    atomic_write_json(tmp / "checkpoint.json", {"step": step, **extra})
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # atomic: a step-N dir is complete or absent
+    for old in sorted(checkpoints(ckpt_root))[:-keep_last]:
+        shutil.rmtree(ckpt_root / f"step-{old:06d}", ignore_errors=True)
+    return final
+
+
+def checkpoints(ckpt_root: Path) -> list[int]:
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in ckpt_root.iterdir() if (m := STEP_RE.match(p.name)) and (p / "checkpoint.json").is_file())
+
+
+def load_checkpoint(path: Path, model, opt, sched) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    sd = load_file(path / "adapter_model.safetensors")
+    _check_finite(sd, str(path))
+    set_peft_model_state_dict(model, sd)
+    # weights_only=True: tensors and plain containers only, no arbitrary unpickling.
+    st = torch.load(path / "trainer_state.pt", weights_only=True)
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    torch.set_rng_state(st["rng"]["torch"])
+    random.setstate(_to_tuple(st["rng"]["python"]))
+    if "cuda" in st["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+    return read_json(path / "checkpoint.json")
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------- metrics
+def peak_memory(dev: torch.device, state: dict) -> int:
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    import psutil
+    state["rss"] = max(state.get("rss", 0), psutil.Process().memory_info().rss)
+    return state["rss"]
+
+
+@torch.no_grad()
+def val_loss(model, val: list, pad_id: int, bs: int, dev: torch.device) -> float:
+    was = model.training
+    model.eval()
+    # bitsandbytes permanently repacks a Linear4bit's weight for a faster CPU kernel the first time it
+    # runs in eval mode without grad; later training steps would then run different numerics, and a
+    # resumed run would no longer match an uninterrupted one. Keep those layers in train mode (no dropout there).
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit":
+            m.train()
+    tot, n = 0.0, 0
+    for i in range(0, len(val), bs):
+        loss, k = batch_loss(model, collate(val[i:i + bs], pad_id), dev)
+        tot += float(loss) * k
+        n += k
+    model.train(was)
+    return tot / max(n, 1)
+
+
+# ---------------------------------------------------------------- the loop
+def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: Kind,
+          on_log: Callable[[str], None] | None = None) -> dict:
+    """Train one adapter into out_dir/adapter. Resumes from out_dir/checkpoints; returns result.json's dict."""
+    say = on_log or log.info
+    out_dir = Path(out_dir)
+    if (out_dir / "result.json").is_file():
+        say(f"[{kind}] finished run found in {out_dir}: reusing it")
+        return read_json(out_dir / "result.json")
+    tp = params.training
+    if tp.threads:
+        torch.set_num_threads(tp.threads)
+    dev = device()
+    quantized = kind == "qlora"
+    t0 = time.time()
+
+    torch.manual_seed(params.seed)
+    random.seed(params.seed)
+    model, tok = load_model(base_dir, params, quantized, dev)
+    weight_bytes = int(model.get_memory_footprint())
+    model = add_lora(model, params, quantized)
+    n_train, n_all = model.get_nb_trainable_parameters()  # counts packed 4-bit weights at their real size
+    opt, opt_name = make_optimizer(model, params, dev)
+    msl = params.model.max_seq_len
+    train_rows = [encode(tok, r, msl) for r in read_rows(Path(data_dir) / "train.jsonl")]
+    val_rows = [encode(tok, r, msl) for r in read_rows(Path(data_dir) / "val.jsonl")]
+    total = tp.max_steps if tp.epochs is None else math.ceil(tp.epochs * len(train_rows) / (tp.batch_size * tp.grad_accum))
+    from transformers import get_scheduler
+    sched = get_scheduler(tp.lr_scheduler, opt, num_warmup_steps=tp.warmup_steps, num_training_steps=total)
+    pad = tok.pad_token_id
+
+    ckpt_root = out_dir / "checkpoints"
+    hist_path = out_dir / "history.jsonl"
+    start, resumed_from = 0, None
+    for step in reversed(checkpoints(ckpt_root)):  # newest complete checkpoint that loads cleanly
+        try:
+            load_checkpoint(ckpt_root / f"step-{step:06d}", model, opt, sched)
+            start = resumed_from = step
+            say(f"[{kind}] resuming from checkpoint step {step} ({ckpt_root / f'step-{step:06d}'})")
+            break
+        except Exception as e:  # a damaged checkpoint: say so and try the one before
+            say(f"[{kind}] checkpoint step {step} unusable ({e}); trying an older one")
+    history = [json.loads(l) for l in hist_path.read_text().splitlines()] if hist_path.is_file() else []
+    history = [h for h in history if h["step"] <= start]  # drop what the crashed run logged after its checkpoint
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hist_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    hist = hist_path.open("a")
+
+    say(f"[{kind}] device={dev.type} optimizer={opt_name} trainable={n_train}/{n_all} "
+        f"({100 * n_train / n_all:.2f}%) weight_bytes={weight_bytes} train_rows={len(train_rows)} steps={total}")
+    mem: dict = {}
+    model.train()
+    vl = None
+    for step in range(start + 1, total + 1):
+        ts = time.time()
+        tot_loss, tokens = 0.0, 0
+        for a in range(tp.grad_accum):
+            micro = (step - 1) * tp.grad_accum + a
+            idx = batch_order(len(train_rows), micro, tp.batch_size, params.seed)
+            batch = make_batch([train_rows[i] for i in idx], pad, params)
+            loss, _ = batch_loss(model, batch, dev)
+            if not torch.isfinite(loss):
+                raise DivergenceError(f"[{kind}] loss is {float(loss)} at step {step}: training diverged "
+                                      f"(training.lr={tp.lr} is likely too high); nothing downstream was run")
+            (loss / tp.grad_accum).backward()
+            tot_loss += loss.item() / tp.grad_accum
+            tokens += int((batch["input_ids"] != pad).sum()) if batch["attention_mask"] is None else int(batch["attention_mask"].sum())
+        gn = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tp.max_grad_norm)
+        if not torch.isfinite(gn):
+            raise DivergenceError(f"[{kind}] gradient norm is {float(gn)} at step {step}: training diverged "
+                                  f"(lower training.lr={tp.lr}); nothing downstream was run")
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - ts
+        rec = {"step": step, "train_loss": tot_loss, "lr": lr, "grad_norm": float(gn),
+               "tokens_per_s": tokens / dt, "peak_mem_bytes": peak_memory(dev, mem), "time": time.time()}
+        if step % tp.eval_every == 0 or step == total:
+            vl = rec["val_loss"] = val_loss(model, val_rows, pad, tp.batch_size, dev)
+            say(f"[{kind}] step {step}/{total} loss={tot_loss:.4f} val_loss={vl:.4f} {rec['tokens_per_s']:.0f} tok/s")
+        hist.write(json.dumps(rec) + "\n")
+        hist.flush()
+        if step % tp.save_every == 0 and step < total:
+            save_checkpoint(ckpt_root, step, model, opt, sched, {"train_loss": tot_loss}, tp.keep_last)
+
+    hist.close()
+    sd = _adapter_state(model)
+    _check_finite(sd, f"[{kind}] final adapter")
+    tmp, final = out_dir / ".tmp-adapter", out_dir / "adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    last = json.loads(hist_path.read_text().splitlines()[-1])
+    result = {
+        "kind": kind, "adapter_dir": str(final), "steps": total, "resumed_from": resumed_from,
+        "final_train_loss": last["train_loss"], "final_val_loss": vl if vl is not None else last.get("val_loss"),
+        "trainable_params": n_train, "total_params": n_all, "trainable_share": n_train / n_all,
+        "weight_bytes": weight_bytes, "optimizer": opt_name, "device": dev.type,
+        "peak_mem_bytes": max(h["peak_mem_bytes"] for h in read_rows(hist_path)),
+        "mean_tokens_per_s": sum(h["tokens_per_s"] for h in read_rows(hist_path)) / max(1, total),
+        "train_seconds": time.time() - t0, "history": str(hist_path),
+    }
+    atomic_write_json(out_dir / "result.json", result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--kind", choices=["qlora", "lora"], required=True)
+    ap.add_argument("--base-dir", required=True)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        res = train(load_params(a.params), Path(a.base_dir), Path(a.data_dir), Path(a.out), a.kind, on_log=print)
+    except DivergenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps({k: v for k, v in res.items() if k != "history"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

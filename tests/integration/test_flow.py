@@ -1,0 +1,162 @@
+"""The whole flow on a tiny random Llama, in a temp git + DVC repo, against a real MLflow server.
+
+Real parts: `dvc repro` on a fresh git repo, the Prefect flow engine, an `mlflow server` on
+127.0.0.1, real bitsandbytes 4-bit layers. The tiny model cannot learn the stdlib task, so the
+"passing" params here use lax gates: this file proves the wiring and the registry's behaviour;
+the gain on real weights is shown by the default run and tests/model/test_smollm2.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+COPY = ["dvc.yaml", "params/default.yaml", "tasks", "flows", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
+
+
+def make_workspace(dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for rel in COPY:
+        src = ROOT / rel
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst / rel, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dst / rel)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dst, check=True)
+    return dst
+
+
+def write_params(ws: Path, name: str, model_dir: Path, tracking_uri: str, model_name: str, **over) -> str:
+    p = {
+        "model": {"source": str(model_dir), "max_seq_len": 96},
+        "data": {"prepared": f"data/prepared/{name}"},
+        "training": {"max_steps": 4, "batch_size": 8, "eval_every": 2, "save_every": 2, "threads": 1, "warmup_steps": 1},
+        "eval": {"batch_size": 32, "max_new_tokens": 4, "max_examples": 24},
+        "gates": {"min_gain_over_base": -1.0, "min_retention_vs_lora": 0.0, "max_merge_delta": 1.0},
+        "registry": {"tracking_uri": tracking_uri, "experiment": f"exp-{model_name}", "model_name": model_name},
+    }
+    for k, v in over.items():
+        p[k] = {**p.get(k, {}), **v}
+    rel = f"params/{name}.yaml"
+    (ws / rel).write_text(yaml.safe_dump(p))
+    return rel
+
+
+def cli(ws: Path, params_rel: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ws), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", params_rel, "--workspace", str(ws)],
+                          cwd=ws, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("ws") / "repo")
+
+
+def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from flows.retrain import retrain
+
+    name = f"tiny-{uuid.uuid4().hex[:6]}"
+    rel = write_params(ws, "tiny", tiny_model_dir, mlflow_server, name)
+    s1 = retrain(params_path=rel, workspace=str(ws))
+    assert s1["passed"] and set(s1["models"]) == {"base", "lora", "qlora", "merged"}
+    r1 = s1["registry"]
+    assert r1["version"] == 1 and r1["promoted"] and r1["champion_version"] == 1
+
+    # data version comes from dvc.lock of the params file's own stage
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert "prepare-tiny" in lock and "sample" in lock
+    assert s1["data"]["outs"] == {o["path"]: o["md5"] for o in lock["prepare-tiny"]["outs"]}
+    assert "prepare-tiny" in yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+
+    s2 = retrain(params_path=rel, workspace=str(ws))
+    r2 = s2["registry"]
+    assert r2["version"] == 2 and r2["previous_champion_version"] == 1
+    assert not r2["promoted"] and r2["champion_version"] == 1  # equal accuracy does not beat the champion
+    assert s2["models"]["qlora"].get("cached")  # identical inputs: training + eval reused, not redone
+
+    c = MlflowClient(mlflow_server)
+    versions = c.search_model_versions(f"name='{name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert c.get_model_version_by_alias(name, "champion").version == "1"
+    v1 = c.get_model_version(name, "1")
+    assert v1.tags["data_version"] == s1["data"]["version"] and v1.tags["mlflow_run_id"] == s1["mlflow_run_id"]
+    run = c.get_run(s1["mlflow_run_id"])
+    for m in ("base", "lora", "qlora", "merged"):
+        assert f"{m}.accuracy" in run.data.metrics
+    assert run.data.tags["qlora_ops.data_version"] == s1["data"]["version"]
+    assert run.data.params["training.max_steps"] == "4"
+    children = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["train-lora", "train-qlora"]
+    for child in children:
+        assert len(c.get_metric_history(child.info.run_id, "train_loss")) == 4
+        assert len(c.get_metric_history(child.info.run_id, "val_loss")) == 2
+        assert child.data.metrics["peak_mem_bytes"] > 0 and child.data.metrics["weight_bytes"] > 0
+    q = next(r for r in children if r.info.run_name == "train-qlora").data.metrics["weight_bytes"]
+    l = next(r for r in children if r.info.run_name == "train-lora").data.metrics["weight_bytes"]
+    assert q < l  # the 4-bit base is smaller
+
+    # the champion reloads in a fresh process through the registry and answers
+    code = ("import mlflow; m = mlflow.pyfunc.load_model('models:/%s@champion'); out = m.predict(['Which module?']);"
+            "print(type(out).__name__, len(out), type(out[0]).__name__)" % name)
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "list 1 str"
+
+
+def test_failing_gate_registers_nothing(ws, tiny_model_dir, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    name = f"strict-{uuid.uuid4().hex[:6]}"
+    rel = write_params(ws, "strict", tiny_model_dir, mlflow_server, name, gates={"min_gain_over_base": 0.5})
+    r = cli(ws, rel)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "gain_over_base" in r.stdout and "FAIL" in r.stdout and "nothing registered" in r.stdout
+    assert MlflowClient(mlflow_server).search_model_versions(f"name='{name}'") == []
+
+
+def test_bad_data_fails_before_training_naming_file_and_line(ws, tiny_model_dir, mlflow_server):
+    raw = ws / "data" / "raw" / "mine.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    good = json.dumps({"instruction": "Label?", "input": "x", "output": "a"})
+    raw.write_text(good + "\n" + '{"instruction": "Label?", "input": "y"}\n')
+    rel = write_params(ws, "badd", tiny_model_dir, mlflow_server, "badd", data={"raw": "data/raw/mine.jsonl"})
+    r = cli(ws, rel)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "data/raw/mine.jsonl:2" in r.stderr and "output" in r.stderr
+    assert "[qlora]" not in r.stdout  # no training started
+
+
+def test_unknown_param_key_fails_naming_it(ws, tiny_model_dir, mlflow_server):
+    (ws / "params" / "typo.yaml").write_text("training:\n  max_step: 3\n")
+    r = cli(ws, "params/typo.yaml")
+    assert r.returncode == 2 and "training.max_step: unknown key" in r.stderr, r.stderr[-2000:]
+
+
+def test_divergence_stops_before_evaluation(ws, tiny_model_dir, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    name = f"nan-{uuid.uuid4().hex[:6]}"
+    rel = write_params(ws, "nan", tiny_model_dir, mlflow_server, name,
+                       training={"lr": 1e30, "max_grad_norm": 1e12, "warmup_steps": 0, "max_steps": 30})
+    r = cli(ws, rel)
+    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "diverged" in r.stderr and "evaluate-base" not in r.stdout + r.stderr
+    assert MlflowClient(mlflow_server).search_model_versions(f"name='{name}'") == []
