@@ -123,9 +123,8 @@ def retrain(params_path: str = "params/default.yaml", workspace: str = ".") -> d
                                          str(run_dir / "eval-champion"))["accuracy"]
 
             def _register():
-                with mlflow.start_run(run_id=run_id):
-                    uri_ = register.log_merged_model(merged_dir, {"system_prompt": params.data.system_prompt,
-                                                                  "max_new_tokens": params.eval.max_new_tokens})
+                uri_ = register.log_merged_model(merged_dir, {"system_prompt": params.data.system_prompt,
+                                                              "max_new_tokens": params.eval.max_new_tokens}, run_id=run_id)
                 return register.register_and_promote(
                     model_uri=uri_, model_name=params.registry.model_name, alias=params.registry.champion_alias,
                     candidate_metric=ev["merged"]["accuracy"], metric_name="test_accuracy", test_hash=test_hash,

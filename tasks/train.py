@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -25,6 +26,7 @@ from typing import Callable, Literal
 import torch
 
 from tasks.config import Params, QuantParams, load_params
+from tasks.distributed import Dist, prepare_for_fsdp
 from tasks.prompting import encode
 from tasks.util import atomic_write_json, read_json
 
@@ -196,9 +198,9 @@ def batch_order(n_rows: int, micro: int, batch_size: int, seed: int) -> list[int
 STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-def _adapter_state(model) -> dict[str, torch.Tensor]:
+def _adapter_state(model, full: dict | None = None) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, state_dict=full).items()}
 
 
 def _check_finite(sd: dict[str, torch.Tensor], what: str) -> None:
@@ -207,23 +209,35 @@ def _check_finite(sd: dict[str, torch.Tensor], what: str) -> None:
         raise DivergenceError(f"{what}: non-finite values in {bad[:3]} (lower training.lr or raise max_grad_norm clipping)")
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, extra: dict, keep_last: int) -> Path:
-    sd = _adapter_state(model)
-    _check_finite(sd, f"checkpoint at step {step}")  # safetensors happily stores NaN: refuse here
+def _rank_file(rank: int) -> str:
+    return "trainer_state.pt" if rank == 0 else f"trainer_state.rank{rank}.pt"
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, extra: dict, keep_last: int, dist: Dist) -> Path:
+    """Adapter (main rank) + each rank's optimizer/scheduler/RNG state, into a temp dir renamed at the end."""
+    full = dist.full_state_dict(model)  # collective under FSDP
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, tmp / "trainer_state.pt")
-    atomic_write_json(tmp / "checkpoint.json", {"step": step, **extra})
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)  # atomic: a step-N dir is complete or absent
-    for old in sorted(checkpoints(ckpt_root))[:-keep_last]:
-        shutil.rmtree(ckpt_root / f"step-{old:06d}", ignore_errors=True)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, tmp / _rank_file(dist.rank))
+    dist.barrier()
+    if dist.main:
+        unwrapped = dist.unwrap(model)
+        sd = _adapter_state(unwrapped, full)
+        _check_finite(sd, f"checkpoint at step {step}")  # safetensors happily stores NaN: refuse here
+        unwrapped.save_pretrained(tmp, state_dict=full)  # adapter_model.safetensors + adapter_config.json
+        atomic_write_json(tmp / "checkpoint.json", {"step": step, "world_size": dist.world, **extra})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # atomic: a step-N dir is complete or absent
+        for old in sorted(checkpoints(ckpt_root))[:-keep_last]:
+            shutil.rmtree(ckpt_root / f"step-{old:06d}", ignore_errors=True)
+    dist.barrier()
     return final
 
 
@@ -233,22 +247,37 @@ def checkpoints(ckpt_root: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in ckpt_root.iterdir() if (m := STEP_RE.match(p.name)) and (p / "checkpoint.json").is_file())
 
 
-def load_checkpoint(path: Path, model, opt, sched) -> dict:
+def find_checkpoint(ckpt_root: Path, model, dist: Dist, say) -> tuple[int, dict | None]:
+    """Newest complete checkpoint that loads cleanly: adapter weights go into the (unwrapped) model
+    now; this rank's trainer state is returned to apply after the optimizer is prepared."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    sd = load_file(path / "adapter_model.safetensors")
-    _check_finite(sd, str(path))
-    set_peft_model_state_dict(model, sd)
-    # weights_only=True: tensors and plain containers only, no arbitrary unpickling.
-    st = torch.load(path / "trainer_state.pt", weights_only=True)
-    opt.load_state_dict(st["optimizer"])
-    sched.load_state_dict(st["scheduler"])
-    torch.set_rng_state(st["rng"]["torch"])
-    random.setstate(_to_tuple(st["rng"]["python"]))
-    if "cuda" in st["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["rng"]["cuda"])
-    return read_json(path / "checkpoint.json")
+    for step in reversed(checkpoints(ckpt_root)):
+        path = ckpt_root / f"step-{step:06d}"
+        try:
+            meta = read_json(path / "checkpoint.json")
+            if meta.get("world_size", 1) != dist.world:
+                raise ValueError(f"written by {meta.get('world_size', 1)} processes, this run has {dist.world}")
+            sd = load_file(path / "adapter_model.safetensors")
+            _check_finite(sd, str(path))
+            # weights_only=True: tensors and plain containers only, no arbitrary unpickling.
+            state = torch.load(path / _rank_file(dist.rank), weights_only=True)
+            set_peft_model_state_dict(model, sd)
+            say(f"resuming from checkpoint step {step} ({path})")
+            return step, state
+        except Exception as e:  # a damaged checkpoint: say so and try the one before
+            say(f"checkpoint step {step} unusable ({e}); trying an older one")
+    return 0, None
+
+
+def apply_trainer_state(state: dict, opt, sched) -> None:
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(_to_tuple(state["rng"]["python"]))
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
 def _to_tuple(x):
@@ -287,51 +316,56 @@ def val_loss(model, val: list, pad_id: int, bs: int, dev: torch.device) -> float
 def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: Kind,
           on_log: Callable[[str], None] | None = None) -> dict:
     """Train one adapter into out_dir/adapter. Resumes from out_dir/checkpoints; returns result.json's dict."""
-    say = on_log or log.info
     out_dir = Path(out_dir)
     if (out_dir / "result.json").is_file():
-        say(f"[{kind}] finished run found in {out_dir}: reusing it")
+        (on_log or log.info)(f"[{kind}] finished run found in {out_dir}: reusing it")
         return read_json(out_dir / "result.json")
     tp = params.training
     if tp.threads:
         torch.set_num_threads(tp.threads)
-    dev = device()
+    dist = Dist()
+    dev = dist.device(device())
     quantized = kind == "qlora"
     t0 = time.time()
+
+    def say(msg: str) -> None:
+        if dist.main:
+            (on_log or log.info)(f"[{kind}] {msg}")
 
     torch.manual_seed(params.seed)
     random.seed(params.seed)
     model, tok = load_model(base_dir, params, quantized, dev)
     weight_bytes = int(model.get_memory_footprint())
     model = add_lora(model, params, quantized)
+    if dist.fsdp:  # one dtype per flattened FSDP unit: the 4-bit storage dtype (quantization.quant_storage)
+        prepare_for_fsdp(model, getattr(torch, params.quantization.quant_storage) if quantized else compute_dtype(params.quantization, dev))
     n_train, n_all = model.get_nb_trainable_parameters()  # counts packed 4-bit weights at their real size
-    opt, opt_name = make_optimizer(model, params, dev)
     msl = params.model.max_seq_len
     train_rows = [encode(tok, r, msl) for r in read_rows(Path(data_dir) / "train.jsonl")]
     val_rows = [encode(tok, r, msl) for r in read_rows(Path(data_dir) / "val.jsonl")]
     total = tp.max_steps if tp.epochs is None else math.ceil(tp.epochs * len(train_rows) / (tp.batch_size * tp.grad_accum))
-    from transformers import get_scheduler
-    sched = get_scheduler(tp.lr_scheduler, opt, num_warmup_steps=tp.warmup_steps, num_training_steps=total)
     pad = tok.pad_token_id
 
     ckpt_root = out_dir / "checkpoints"
     hist_path = out_dir / "history.jsonl"
-    start, resumed_from = 0, None
-    for step in reversed(checkpoints(ckpt_root)):  # newest complete checkpoint that loads cleanly
-        try:
-            load_checkpoint(ckpt_root / f"step-{step:06d}", model, opt, sched)
-            start = resumed_from = step
-            say(f"[{kind}] resuming from checkpoint step {step} ({ckpt_root / f'step-{step:06d}'})")
-            break
-        except Exception as e:  # a damaged checkpoint: say so and try the one before
-            say(f"[{kind}] checkpoint step {step} unusable ({e}); trying an older one")
-    history = [json.loads(l) for l in hist_path.read_text().splitlines()] if hist_path.is_file() else []
-    history = [h for h in history if h["step"] <= start]  # drop what the crashed run logged after its checkpoint
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hist_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-    hist = hist_path.open("a")
+    start, state = find_checkpoint(ckpt_root, model, dist, say)  # adapter weights load before wrapping
+    resumed_from = start or None
+    opt, opt_name = make_optimizer(model, params, dev)
+    model, opt = dist.prepare(model, opt)
+    from transformers import get_scheduler
+    sched = get_scheduler(tp.lr_scheduler, opt, num_warmup_steps=tp.warmup_steps, num_training_steps=total)
+    if state is not None:
+        apply_trainer_state(state, opt, sched)
 
-    say(f"[{kind}] device={dev.type} optimizer={opt_name} trainable={n_train}/{n_all} "
+    hist = None
+    if dist.main:
+        history = [json.loads(l) for l in hist_path.read_text().splitlines()] if hist_path.is_file() else []
+        history = [h for h in history if h["step"] <= start]  # drop what the crashed run logged after its checkpoint
+        out_dir.mkdir(parents=True, exist_ok=True)
+        hist_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        hist = hist_path.open("a")
+
+    say(f"device={dev.type} processes={dist.world} optimizer={opt_name} trainable={n_train}/{n_all} "
         f"({100 * n_train / n_all:.2f}%) weight_bytes={weight_bytes} train_rows={len(train_rows)} steps={total}")
     mem: dict = {}
     model.train()
@@ -341,17 +375,17 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         tot_loss, tokens = 0.0, 0
         for a in range(tp.grad_accum):
             micro = (step - 1) * tp.grad_accum + a
-            idx = batch_order(len(train_rows), micro, tp.batch_size, params.seed)
+            idx = dist.shard(batch_order(len(train_rows), micro, tp.batch_size, params.seed))
             batch = make_batch([train_rows[i] for i in idx], pad, params)
             loss, _ = batch_loss(model, batch, dev)
-            if not torch.isfinite(loss):
-                raise DivergenceError(f"[{kind}] loss is {float(loss)} at step {step}: training diverged "
+            if dist.any(not torch.isfinite(loss).item()):
+                raise DivergenceError(f"[{kind}] loss is {dist.mean(loss.item())} at step {step}: training diverged "
                                       f"(training.lr={tp.lr} is likely too high); nothing downstream was run")
-            (loss / tp.grad_accum).backward()
+            dist.backward(loss / tp.grad_accum)
             tot_loss += loss.item() / tp.grad_accum
             tokens += int((batch["input_ids"] != pad).sum()) if batch["attention_mask"] is None else int(batch["attention_mask"].sum())
-        gn = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tp.max_grad_norm)
-        if not torch.isfinite(gn):
+        gn = dist.clip(model, tp.max_grad_norm)
+        if dist.any(not torch.isfinite(gn).item()):
             raise DivergenceError(f"[{kind}] gradient norm is {float(gn)} at step {step}: training diverged "
                                   f"(lower training.lr={tp.lr}); nothing downstream was run")
         lr = sched.get_last_lr()[0]
@@ -359,36 +393,42 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         sched.step()
         opt.zero_grad(set_to_none=True)
         dt = time.time() - ts
-        rec = {"step": step, "train_loss": tot_loss, "lr": lr, "grad_norm": float(gn),
-               "tokens_per_s": tokens / dt, "peak_mem_bytes": peak_memory(dev, mem), "time": time.time()}
+        rec = {"step": step, "train_loss": dist.mean(tot_loss), "lr": lr, "grad_norm": float(gn),
+               "tokens_per_s": dist.mean(tokens) * dist.world / dt, "peak_mem_bytes": peak_memory(dev, mem), "time": time.time()}
         if step % tp.eval_every == 0 or step == total:
             vl = rec["val_loss"] = val_loss(model, val_rows, pad, tp.batch_size, dev)
-            say(f"[{kind}] step {step}/{total} loss={tot_loss:.4f} val_loss={vl:.4f} {rec['tokens_per_s']:.0f} tok/s")
-        hist.write(json.dumps(rec) + "\n")
-        hist.flush()
+            say(f"step {step}/{total} loss={rec['train_loss']:.4f} val_loss={vl:.4f} {rec['tokens_per_s']:.0f} tok/s")
+        if hist:
+            hist.write(json.dumps(rec) + "\n")
+            hist.flush()
         if step % tp.save_every == 0 and step < total:
-            save_checkpoint(ckpt_root, step, model, opt, sched, {"train_loss": tot_loss}, tp.keep_last)
+            save_checkpoint(ckpt_root, step, model, opt, sched, {"train_loss": rec["train_loss"]}, tp.keep_last, dist)
 
-    hist.close()
-    sd = _adapter_state(model)
-    _check_finite(sd, f"[{kind}] final adapter")
-    tmp, final = out_dir / ".tmp-adapter", out_dir / "adapter"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    last = json.loads(hist_path.read_text().splitlines()[-1])
-    result = {
-        "kind": kind, "adapter_dir": str(final), "steps": total, "resumed_from": resumed_from,
-        "final_train_loss": last["train_loss"], "final_val_loss": vl if vl is not None else last.get("val_loss"),
-        "trainable_params": n_train, "total_params": n_all, "trainable_share": n_train / n_all,
-        "weight_bytes": weight_bytes, "optimizer": opt_name, "device": dev.type,
-        "peak_mem_bytes": max(h["peak_mem_bytes"] for h in read_rows(hist_path)),
-        "mean_tokens_per_s": sum(h["tokens_per_s"] for h in read_rows(hist_path)) / max(1, total),
-        "train_seconds": time.time() - t0, "history": str(hist_path),
-    }
-    atomic_write_json(out_dir / "result.json", result)
-    return result
+    full = dist.full_state_dict(model)  # collective under FSDP
+    final = out_dir / "adapter"
+    result: dict = {}
+    if dist.main:
+        hist.close()
+        unwrapped = dist.unwrap(model)
+        _check_finite(_adapter_state(unwrapped, full), f"[{kind}] final adapter")
+        tmp = out_dir / ".tmp-adapter"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, state_dict=full)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        hrows = read_rows(hist_path)
+        result = {
+            "kind": kind, "adapter_dir": str(final), "steps": total, "resumed_from": resumed_from,
+            "final_train_loss": hrows[-1]["train_loss"], "final_val_loss": vl if vl is not None else hrows[-1].get("val_loss"),
+            "trainable_params": n_train, "total_params": n_all, "trainable_share": n_train / n_all,
+            "weight_bytes": weight_bytes, "optimizer": opt_name, "device": dev.type, "processes": dist.world,
+            "peak_mem_bytes": max(h["peak_mem_bytes"] for h in hrows),
+            "mean_tokens_per_s": sum(h["tokens_per_s"] for h in hrows) / len(hrows),
+            "train_seconds": time.time() - t0, "history": str(hist_path),
+        }
+        atomic_write_json(out_dir / "result.json", result)  # written last: its presence means "finished"
+    dist.barrier()
+    return result if dist.main else read_json(out_dir / "result.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,12 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.disable(logging.INFO)
     try:
         res = train(load_params(a.params), Path(a.base_dir), Path(a.data_dir), Path(a.out), a.kind, on_log=print)
     except DivergenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    print(json.dumps({k: v for k, v in res.items() if k != "history"}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in res.items() if k != "history"}))
     return 0
 
 

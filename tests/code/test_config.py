@@ -1,7 +1,6 @@
 """Params validation: bad input fails before any work, naming the file, the key and the fix."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasks.evaluate import evaluate_model, score
 from tasks.merge import logit_drift, merge

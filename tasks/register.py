@@ -1,0 +1,246 @@
+"""Log the merged model as an MLflow pyfunc, register it, and move the champion alias if it wins.
+
+Promotion is a read-compare-write on the registry (who holds the alias, what did it score, set
+the alias). MLflow alias writes are last-writer-wins and version numbers are max+1, so two local
+runs finishing together could both "win". `register_and_promote` therefore runs the whole
+sequence under an exclusive fcntl lock on a file next to the store, and re-reads the alias after
+writing it. (The lock serializes processes on one machine / shared filesystem only.)
+
+The champion is compared on the SAME test set: its stored metric is reused only if its version
+carries the same test_hash; otherwise its model is downloaded and re-evaluated by the caller's
+`evaluate_champion`, and the result is cached on the champion version under
+`reeval/<test_hash>/<metric_name>`.
+
+No tracking URI is set here: entry points call mlflow.set_tracking_uri.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version as pkg_version
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+SERVING_CODE = Path(__file__).resolve().with_name("serving.py")
+PIP_PACKAGES = ("mlflow", "torch", "transformers", "safetensors")
+
+
+class PromotionError(RuntimeError):
+    """The registry did not end in the state we wrote (alias points elsewhere), or a step failed."""
+
+
+def _pip_requirements() -> list[str]:
+    reqs = []
+    for p in PIP_PACKAGES:
+        try:
+            v = pkg_version(p).split("+")[0]  # drop local labels such as torch's "+cpu"
+            reqs.append(f"{p}=={v}")
+        except PackageNotFoundError:
+            reqs.append(p)
+    return reqs
+
+
+def log_merged_model(merged_dir: Path, serving: dict, artifact_path: str = "model", *,
+                     run_id: str | None = None) -> str:
+    """Log `merged_dir` as a pyfunc model-from-code (tasks/serving.py); return its model URI.
+
+    Logs into the active MLflow run, or into `run_id` if given (no active run needed then:
+    the logged model is created in that run's experiment and linked to it). Returns the
+    logged model's URI (``models:/<model_id>``), which `mlflow.register_model` accepts.
+    """
+    merged_dir = Path(merged_dir)
+    if not (merged_dir / "config.json").is_file() or not any(merged_dir.glob("*.safetensors")):
+        raise FileNotFoundError(f"{merged_dir}: not a safetensors model dir (config.json + *.safetensors expected)")
+    missing = {"system_prompt", "max_new_tokens"} - set(serving)
+    if missing:
+        raise ValueError(f"serving config lacks {sorted(missing)}")
+    serving = {"system_prompt": str(serving["system_prompt"]), "max_new_tokens": int(serving["max_new_tokens"])}
+
+    kwargs = dict(python_model=str(SERVING_CODE),
+                  artifacts={"model": str(merged_dir.resolve()), "serving": None},
+                  pip_requirements=_pip_requirements())
+    with tempfile.TemporaryDirectory(prefix="qlora-ops-serving-") as td:
+        cfg = Path(td) / "serving.json"
+        cfg.write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
+        kwargs["artifacts"]["serving"] = str(cfg)
+        if run_id is None:
+            if mlflow.active_run() is None:
+                raise RuntimeError("log_merged_model needs an active MLflow run (mlflow.start_run) or run_id=")
+            info = mlflow.pyfunc.log_model(name=artifact_path, **kwargs)
+        else:
+            from mlflow.models import Model
+
+            client = MlflowClient()
+            exp_id = client.get_run(run_id).info.experiment_id
+            lm = client.create_logged_model(experiment_id=exp_id, name=artifact_path, source_run_id=run_id)
+            info = Model.log(artifact_path=None, name=artifact_path, flavor=mlflow.pyfunc, run_id=run_id,
+                             model_id=lm.model_id, **kwargs)
+    return info.model_uri
+
+
+@contextmanager
+def registry_lock(lock_path: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Exclusive advisory lock (fcntl.flock) on `lock_path`; released on exit or process death."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if timeout_s is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"registry lock {lock_path} still held after {timeout_s}s") from None
+                    time.sleep(0.2)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> int | None:
+    """Version currently holding `alias`, or None. (A missing alias is not an error here.)"""
+    aliases = client.get_registered_model(name).aliases or {}
+    v = aliases.get(alias)
+    return int(v) if v is not None else None
+
+
+def _float_tag(tags: dict, key: str) -> float | None:
+    try:
+        v = float(tags[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
+    """Download the HF model dir (the pyfunc's "model" artifact) of a registered version into dst."""
+    client = MlflowClient()
+    root = client.get_model_version_download_uri(model_name, str(version)).rstrip("/")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=str(dst / "meta")))
+    meta = yaml.safe_load(mlmodel.read_text())
+    try:
+        rel = meta["flavors"]["python_function"]["artifacts"]["model"]["path"]
+    except (KeyError, TypeError):
+        raise PromotionError(f"{model_name} v{version} ({root}) has no pyfunc 'model' artifact in its MLmodel; "
+                             "was it logged with tasks.register.log_merged_model?") from None
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{rel}", dst_path=str(dst / "model")))
+    if not (local / "config.json").is_file():
+        raise PromotionError(f"{model_name} v{version}: downloaded 'model' artifact {local} has no config.json")
+    return local
+
+
+def _champion_score(client: MlflowClient, model_name: str, champ_v: int, metric_name: str, test_hash: str,
+                    evaluate_champion: Callable[[Path], float]) -> tuple[float, str]:
+    mv = client.get_model_version(model_name, str(champ_v))
+    tags = mv.tags or {}
+    if tags.get("test_hash") == test_hash and (m := _float_tag(tags, metric_name)) is not None:
+        return m, "its stored score on this test set"
+    cache_key = f"reeval/{test_hash}/{metric_name}"
+    if (m := _float_tag(tags, cache_key)) is not None:
+        return m, "re-evaluated earlier on this test set"
+    with tempfile.TemporaryDirectory(prefix="qlora-ops-champion-") as td:
+        local = download_hf_model(model_name, champ_v, Path(td))
+        m = float(evaluate_champion(local))
+    if not math.isfinite(m):
+        raise PromotionError(f"evaluate_champion returned {m} for {model_name} v{champ_v}")
+    client.set_model_version_tag(model_name, str(champ_v), cache_key, repr(m))
+    return m, "re-evaluated on this test set"
+
+
+def register_and_promote(*, model_uri: str, model_name: str, alias: str, candidate_metric: float, metric_name: str,
+                         test_hash: str, tags: dict[str, str], evaluate_champion: Callable[[Path], float],
+                         min_improvement: float, lock_path: Path) -> dict:
+    """Register `model_uri` as a new version; move `alias` to it only if it beats the champion.
+
+    The whole read-compare-write runs under an exclusive lock on `lock_path`. Ties and gains of
+    at most `min_improvement` keep the current champion.
+    """
+    candidate_metric = float(candidate_metric)
+    if not math.isfinite(candidate_metric):
+        raise ValueError(f"candidate {metric_name} is {candidate_metric}; refusing to register a non-finite score")
+    client = MlflowClient()
+    with registry_lock(lock_path):
+        vtags = {str(k): str(v) for k, v in (tags or {}).items()}
+        vtags.update({metric_name: repr(candidate_metric), "test_hash": test_hash})
+        # Creates the registered model if missing, then a new version (max+1, server-side).
+        mv = mlflow.register_model(model_uri, model_name, tags=vtags)
+        new_v = int(mv.version)
+        alias_set = False
+        # Registration can succeed and a later step fail: leave a trace on the version.
+        try:
+            prev_v = _alias_holder(client, model_name, alias)
+            prev_metric = None
+            if prev_v is None:
+                promote, reason = True, f"first champion: no version held alias '{alias}'"
+            else:
+                prev_metric, how = _champion_score(client, model_name, prev_v, metric_name, test_hash,
+                                                   evaluate_champion)
+                cmp = (f"candidate {metric_name}={candidate_metric:.6g} vs champion v{prev_v} "
+                       f"{metric_name}={prev_metric:.6g} ({how}) + min_improvement={min_improvement:g}")
+                if candidate_metric > prev_metric + min_improvement:
+                    promote, reason = True, f"promoted: {cmp}"
+                else:
+                    promote, reason = False, f"not promoted, champion kept: {cmp}"
+            if promote:
+                client.set_registered_model_alias(model_name, alias, str(new_v))
+                alias_set = True
+                now = int(client.get_model_version_by_alias(model_name, alias).version)
+                if now != new_v:
+                    raise PromotionError(f"alias '{alias}' of {model_name} points at v{now} right after setting it "
+                                         f"to v{new_v}: another writer bypassed the lock {lock_path}")
+                if prev_v is not None:
+                    client.set_model_version_tag(model_name, str(prev_v), "replaced_by", str(new_v))
+            client.set_model_version_tag(model_name, str(new_v), "promoted", str(promote).lower())
+            client.set_model_version_tag(model_name, str(new_v), "promotion_reason", reason[:5000])
+        except BaseException as e:
+            try:
+                if not alias_set:
+                    client.set_model_version_tag(model_name, str(new_v), "promoted", "false")
+                client.set_model_version_tag(model_name, str(new_v), "promotion_error",
+                                             f"{type(e).__name__}: {e}"[:5000])
+            except Exception:
+                pass  # keep the original error
+            raise
+        champ_after = _alias_holder(client, model_name, alias)
+    return {"model_name": model_name, "version": new_v, "promoted": promote, "alias": alias,
+            "champion_version": champ_after, "previous_champion_version": prev_v,
+            "previous_champion_metric": prev_metric, "reason": reason}
+
+
+def champion_info(model_name: str, alias: str) -> dict | None:
+    """{"version": int, "tags": {...}} of the version holding `alias`, or None (no model / no alias)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    client = MlflowClient()
+    try:
+        v = _alias_holder(client, model_name, alias)
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None  # no such registered model
+        raise
+    if v is None:
+        return None
+    mv = client.get_model_version(model_name, str(v))
+    return {"version": v, "tags": dict(mv.tags or {})}

