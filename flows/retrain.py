@@ -166,7 +166,7 @@ def format_summary(s: dict) -> str:
     L.append("")
     if r.get("version"):
         L.append(f"registry: {r['model_name']} v{r['version']} registered; alias '{r['alias']}' -> v{r['champion_version']} "
-                 f"({'promoted' if r['promoted'] else 'not promoted'}: {r['reason']})")
+                 f"({r['reason']})")
     else:
         L.append(f"registry: nothing registered ({r['reason']})")
     L.append("stage seconds: " + " | ".join(f"{k} {v}" for k, v in s["stage_seconds"].items() if k != "total"))

