@@ -65,8 +65,12 @@ def ensure_stage(workspace: Path, params_path: Path, params: Params) -> str:
     name = stage_name(prel)
     stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages", {}) if (workspace / "dvc.yaml").is_file() else {}
     if name not in stages:
-        dvc(workspace, "stage", "add", "-n", name, "-d", "tasks/data.py", "-d", raw_rel, "-p", f"{prel}:data,seed",
-            "-o", out_rel, f"python -m tasks.data prepare --params {prel}")
+        # DVC fails on a params key absent from the file; keys left to their defaults are covered by
+        # the dependency on tasks/config.py, where the defaults live.
+        present = [k for k in ("data", "seed") if k in (yaml.safe_load(params_path.read_text()) or {})]
+        p_args = ["-p", f"{prel}:{','.join(present)}"] if present else []
+        dvc(workspace, "stage", "add", "-n", name, "-d", "tasks/data.py", "-d", "tasks/config.py", "-d", raw_rel,
+            *p_args, "-o", out_rel, f"python -m tasks.data prepare --params {prel}")
     return name
 
 

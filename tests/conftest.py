@@ -4,9 +4,13 @@ No import-time side effects beyond env defaults that keep every test offline.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +125,75 @@ def mlflow_server(tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# ---------------------------------------------------------------- a real Prefect server
+PREFECT_CLI = str(Path(sys.executable).parent / "prefect")  # the CLI of the interpreter running the tests
+
+
+def tail(path: Path, n: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"<no {path.name}>"
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True, and everything it spawned (flow runs)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+class PrefectServer:
+    def __init__(self, home: Path, port: int, proc: subprocess.Popen, log: Path):
+        self.home, self.port, self.proc, self.log = home, port, proc, log
+        self.api = f"http://127.0.0.1:{port}/api"
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """Env for CLI/worker subprocesses: this server only, nothing from the caller's Prefect profile."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_CLI_PROMPT="false")
+        env.update(extra)
+        return env
+
+    def cli(self, *args: str, cwd: Path = ROOT, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PREFECT_CLI, *args], cwd=cwd, env=self.client_env(**extra_env),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def settings(self):
+        """In-process client settings for this server (restored on exit)."""
+        from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+        return temporary_settings(updates={PREFECT_API_URL: self.api, PREFECT_HOME: str(self.home)})
+
+
+@contextlib.contextmanager
+def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None):
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME and SQLite file; stopped on exit."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", **(extra_env or {}))
+    log = home / "prefect-server.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([PREFECT_CLI, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                                cwd=home, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    server = PrefectServer(home, port, proc, log)
+    try:
+        try:
+            wait_http(f"{server.api}/health", proc, timeout=90)
+        except Exception as e:
+            raise RuntimeError(f"prefect server did not come up: {e}\n{tail(log)}") from None
+        yield server
+    finally:
+        stop_process_group(proc)

@@ -12,13 +12,14 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, start_prefect_server
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +57,8 @@ def write_params(ws: Path, name: str, model_dir: Path, tracking_uri: str, model_
     return rel
 
 
-def cli(ws: Path, params_rel: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ws), **(env_extra or {})}
+def cli(ws: Path, params_rel: str, server) -> subprocess.CompletedProcess:
+    env = server.client_env(PYTHONPATH=str(ws))
     return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", params_rel, "--workspace", str(ws)],
                           cwd=ws, env=env, capture_output=True, text=True, timeout=900)
 
@@ -67,7 +68,29 @@ def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("ws") / "repo")
 
 
-def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_server):
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    """A real `prefect server`: in-process flows and CLI subprocesses report to it."""
+    with start_prefect_server(tmp_path_factory.mktemp("prefect") / "home") as server:
+        with server.settings():
+            yield server
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_env(monkeypatch):
+    # mlflow.set_tracking_uri (called by the flow) also writes MLFLOW_TRACKING_URI into os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
+def flow_runs(server) -> list[dict]:
+    req = urllib.request.Request(f"{server.api}/flow_runs/filter", data=b"{}", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_server, prefect):
     from mlflow.tracking import MlflowClient
 
     from flows.retrain import retrain
@@ -90,6 +113,9 @@ def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_
     assert r2["version"] == 2 and r2["previous_champion_version"] == 1
     assert not r2["promoted"] and r2["champion_version"] == 1  # equal accuracy does not beat the champion
     assert s2["models"]["qlora"].get("cached")  # identical inputs: training + eval reused, not redone
+
+    runs = flow_runs(prefect)  # both runs were orchestrated by the real Prefect server
+    assert sum(r["state_type"] == "COMPLETED" for r in runs) >= 2
 
     c = MlflowClient(mlflow_server)
     versions = c.search_model_versions(f"name='{name}'")
@@ -121,42 +147,43 @@ def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_
     assert r.stdout.strip().splitlines()[-1] == "list 1 str"
 
 
-def test_failing_gate_registers_nothing(ws, tiny_model_dir, mlflow_server):
+def test_failing_gate_registers_nothing(ws, tiny_model_dir, mlflow_server, prefect):
     from mlflow.tracking import MlflowClient
 
     name = f"strict-{uuid.uuid4().hex[:6]}"
     rel = write_params(ws, "strict", tiny_model_dir, mlflow_server, name, gates={"min_gain_over_base": 0.5})
-    r = cli(ws, rel)
+    r = cli(ws, rel, prefect)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "gain_over_base" in r.stdout and "FAIL" in r.stdout and "nothing registered" in r.stdout
+    out = r.stdout + r.stderr  # the summary is printed inside the flow: Prefect routes it to its log stream
+    assert "gain_over_base" in out and "FAIL" in out and "nothing registered" in out
     assert MlflowClient(mlflow_server).search_model_versions(f"name='{name}'") == []
 
 
-def test_bad_data_fails_before_training_naming_file_and_line(ws, tiny_model_dir, mlflow_server):
+def test_bad_data_fails_before_training_naming_file_and_line(ws, tiny_model_dir, mlflow_server, prefect):
     raw = ws / "data" / "raw" / "mine.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
     good = json.dumps({"instruction": "Label?", "input": "x", "output": "a"})
     raw.write_text(good + "\n" + '{"instruction": "Label?", "input": "y"}\n')
     rel = write_params(ws, "badd", tiny_model_dir, mlflow_server, "badd", data={"raw": "data/raw/mine.jsonl"})
-    r = cli(ws, rel)
+    r = cli(ws, rel, prefect)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "data/raw/mine.jsonl:2" in r.stderr and "output" in r.stderr
-    assert "[qlora]" not in r.stdout  # no training started
+    assert "[qlora]" not in r.stdout + r.stderr  # no training started
 
 
-def test_unknown_param_key_fails_naming_it(ws, tiny_model_dir, mlflow_server):
+def test_unknown_param_key_fails_naming_it(ws, tiny_model_dir, mlflow_server, prefect):
     (ws / "params" / "typo.yaml").write_text("training:\n  max_step: 3\n")
-    r = cli(ws, "params/typo.yaml")
+    r = cli(ws, "params/typo.yaml", prefect)
     assert r.returncode == 2 and "training.max_step: unknown key" in r.stderr, r.stderr[-2000:]
 
 
-def test_divergence_stops_before_evaluation(ws, tiny_model_dir, mlflow_server):
+def test_divergence_stops_before_evaluation(ws, tiny_model_dir, mlflow_server, prefect):
     from mlflow.tracking import MlflowClient
 
     name = f"nan-{uuid.uuid4().hex[:6]}"
     rel = write_params(ws, "nan", tiny_model_dir, mlflow_server, name,
                        training={"lr": 1e30, "max_grad_norm": 1e12, "warmup_steps": 0, "max_steps": 30})
-    r = cli(ws, rel)
+    r = cli(ws, rel, prefect)
     assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
     assert "diverged" in r.stderr and "evaluate-base" not in r.stdout + r.stderr
     assert MlflowClient(mlflow_server).search_model_versions(f"name='{name}'") == []

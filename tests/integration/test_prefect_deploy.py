@@ -13,8 +13,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, wait_http
+from tests.conftest import PREFECT_CLI, ROOT, PrefectServer, start_prefect_server, stop_process_group, tail
 
 PREFECT_YAML = ROOT / "infra" / "prefect" / "prefect.yaml"
 WORK_POOL_JSON = ROOT / "infra" / "prefect" / "work-pool.json"
@@ -32,84 +30,20 @@ COMPOSE = ROOT / "infra" / "docker-compose.yml"
 K8S = ROOT / "infra" / "k8s"
 DOCS = ROOT / "docs" / "deploy.md"
 POOL = "qlora-ops"
-PREFECT_CLI = str(Path(sys.executable).parent / "prefect")  # the CLI of the interpreter running the tests
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _tail(path: Path, n: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return f"<no {path.name}>"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process started with start_new_session=True, and everything it spawned (flow runs)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
-class PrefectServer:
-    def __init__(self, home: Path, port: int, proc: subprocess.Popen, log: Path):
-        self.home, self.port, self.proc, self.log = home, port, proc, log
-        self.api = f"http://127.0.0.1:{port}/api"
-
-    def client_env(self, **extra: str) -> dict[str, str]:
-        """Env for CLI/worker subprocesses: this server only, nothing from the caller's Prefect profile."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(PREFECT_HOME=str(self.home), PREFECT_API_URL=self.api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_CLI_PROMPT="false")
-        env.update(extra)
-        return env
-
-    def cli(self, *args: str, cwd: Path = ROOT, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([PREFECT_CLI, *args], cwd=cwd, env=self.client_env(**extra_env),
-                              capture_output=True, text=True, timeout=timeout)
-
-    def settings(self):
-        """In-process client settings for this server (restored on exit)."""
-        from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-        return temporary_settings(updates={PREFECT_API_URL: self.api, PREFECT_HOME: str(self.home)})
 
 
 @pytest.fixture
 def prefect_server(tmp_path):
     home = tmp_path / "prefect-home"
-    home.mkdir()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    with start_prefect_server(home, {
         # The retraining deployment carries a weekly cron; with the scheduler off the server never
         # creates runs for it, so the worker below can only ever pick up the runs this test makes.
-        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
         # A run that finds the deployment's slot taken is re-proposed after this long (default 30 s).
-        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1",
-    )
-    log = tmp_path / "prefect-server.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([PREFECT_CLI, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                                cwd=home, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    server = PrefectServer(home, port, proc, log)
-    try:
-        try:
-            wait_http(f"{server.api}/health", proc, timeout=90)
-        except Exception as e:
-            raise RuntimeError(f"prefect server did not come up: {e}\n{_tail(log)}") from None
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+    }) as server:
         yield server
-    finally:
-        _stop(proc)
 
 
 def _deploy_probe(server: PrefectServer, name: str) -> str:
@@ -206,11 +140,11 @@ def test_worker_runs_deployment_from_local_source(prefect_server, tmp_path):
                     break
                 time.sleep(1)
             seen = {k: (s.type.value, s.name) if s else None for k, s in states.items()}
-            diag = f"states={seen}\n--- worker log:\n{_tail(worker_log)}\n--- server log:\n{_tail(server.log, 20)}"
+            diag = f"states={seen}\n--- worker log:\n{tail(worker_log)}\n--- server log:\n{tail(server.log, 20)}"
             assert all(s is not None and s.type.value == "COMPLETED" for s in states.values()), diag
             history = {str(fr.id): [s.name for s in client.read_flow_run_states(fr.id)] for fr in runs}
     finally:
-        _stop(worker)
+        stop_process_group(worker)
 
     records = [json.loads(o.read_text()) for o in outs]
     for rec in records:
