@@ -16,6 +16,7 @@ import json
 import re
 import sys
 import sysconfig
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -28,65 +29,88 @@ class DataError(ValueError):
     """Bad raw data: the message names file:line, what is wrong and how to fix it."""
 
 
+def _sha(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()
+
+
+def _jsonl(rows: list[dict]) -> str:
+    # ensure_ascii: U+2028, U+0085 etc. come out escaped, so readers that split with str.splitlines()
+    # (tasks/train.py does) can never cut a row in two.
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 # ---------------------------------------------------------------- sample: stdlib docstrings
-# Pure-Python on every CPython >= 3.11, with many docstrings that carry domain cues.
-SAMPLE_MODULES = ["asyncio", "email", "http", "logging", "tarfile", "turtle", "unittest", "xml"]
-PER_MODULE = 60
-INSTRUCTION = "Which Python stdlib module is this docstring from?"
+# Pure-Python packages/modules of every CPython >= 3.11, each with >= 100 usable docstrings carrying
+# domain cues, and none that distros split into an optional package (turtle/tkinter, venv, distutils).
+SAMPLE_MODULES = ["asyncio", "email", "http", "importlib", "logging", "tarfile", "unittest", "xml"]
+PER_MODULE = 60  # the same cap for every module: balanced classes
+SENTENCE_CHARS = 160
+INSTRUCTION = "Which Python stdlib module is this docstring from?"  # the same for every row; README uses it
 
 
 def _sources(module: str) -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    if (root / module).is_dir():  # a package: every .py below it, tests excluded
-        return sorted(p for p in (root / module).rglob("*.py") if "test" not in p.relative_to(root).parts[1:-1]
+    if (root / module).is_dir():  # a package: every .py below it, its own tests excluded
+        return sorted(p for p in (root / module).rglob("*.py")
+                      if not {"test", "tests", "idle_test"} & set(p.relative_to(root).parts[:-1])
                       and not p.name.startswith("test"))
-    return [root / f"{module}.py"]
+    if (root / f"{module}.py").is_file():
+        return [root / f"{module}.py"]
+    raise DataError(f"{root}: no source for stdlib module {module!r} (this Python ships without stdlib .py "
+                    f"files?); build the sample with a full CPython install or point data.raw at your own data")
 
 
-def _first_sentence(doc: str, limit: int = 160) -> str:
+def _first_sentence(doc: str, limit: int = SENTENCE_CHARS) -> str:
     para = " ".join(doc.strip().split("\n\n")[0].split())
     m = re.match(r"(.+?[.!?])(\s|$)", para)
-    s = m.group(1) if m else para
-    if len(s) > limit:
-        s = s[:limit].rsplit(" ", 1)[0]
-    return s
+    return _cut(m.group(1) if m else para, limit)
 
 
-def _docstrings(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))  # parse, never import: no side effects
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            doc = ast.get_docstring(node)
-            if doc:
-                out.append((node.name, doc))
-    return out
+def _cut(s: str, limit: int) -> str:
+    """s cut to <= limit chars at a whitespace boundary (hard cut if one word is longer than limit)."""
+    if len(s) <= limit:
+        return s
+    head = s[:limit + 1]  # +1: a cut exactly before a space keeps the last whole word
+    m = re.match(r"(.*\S)\s", head, re.S)
+    return m.group(1) if m else s[:limit]
+
+
+def _docstrings(path: Path) -> list[tuple[str, str]]:
+    with warnings.catch_warnings():  # a newer stdlib may trip a SyntaxWarning; parsing still works
+        warnings.simplefilter("ignore")
+        tree = ast.parse(path.read_bytes(), filename=str(path))  # parse, never import: no side effects
+    return [(node.name, doc) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and (doc := ast.get_docstring(node))]
 
 
 def sample_rows() -> list[dict]:
-    rows = []
+    by_mod: dict[str, set[str]] = {}
     for mod in SAMPLE_MODULES:
-        seen, cands = set(), []
+        by_mod[mod] = set()
         for src in _sources(mod):
             for name, doc in _docstrings(src):
                 s = _first_sentence(doc)
-                # too short to carry a cue, just the name, or leaks the label: not a fair question
-                if len(s) < 25 or s.lower().strip(".") == name.lower() or mod in s.lower() or s in seen:
+                low = s.lower()
+                # Too short to carry a cue, just the name, or names a label (leaks it or misleads): dropped, not masked.
+                if len(s) < 25 or low.strip(".") == name.lower() or any(m in low for m in SAMPLE_MODULES):
                     continue
-                seen.add(s)
-                cands.append(s)
+                by_mod[mod].add(s)
+    # A sentence found in two modules has no single right answer (prepare would reject it as a conflict).
+    count = Counter(s for ss in by_mod.values() for s in ss)
+    rows = []
+    for mod, ss in by_mod.items():
+        cands = sorted((s for s in ss if count[s] == 1), key=_sha)  # stable choice: hash order, not random
         if len(cands) < PER_MODULE:
-            raise DataError(f"stdlib module {mod} yields only {len(cands)} usable docstrings (< {PER_MODULE})")
-        # a stable choice (hash order), identical for identical stdlib sources
-        cands.sort(key=lambda s: hashlib.sha256(s.encode()).hexdigest())
+            raise DataError(f"stdlib module {mod} yields only {len(cands)} usable docstrings (< {PER_MODULE}); "
+                            f"change SAMPLE_MODULES in tasks/data.py")
         rows += [{"instruction": INSTRUCTION, "input": s, "output": mod} for s in cands[:PER_MODULE]]
-    rows.sort(key=lambda r: hashlib.sha256((r["input"] + r["output"]).encode()).hexdigest())
+    rows.sort(key=lambda r: _sha(r["input"] + "\0" + r["output"]))  # interleave labels, deterministically
     return rows
 
 
 def build_sample(out: Path) -> int:
     rows = sample_rows()
-    atomic_write_text(Path(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(Path(out), _jsonl(rows))
     return len(rows)
 
 
@@ -95,52 +119,61 @@ FIX = 'each line must be a JSON object {"instruction": str, "input": str (option
 MAX_LISTED = 20
 
 
+def _listed(errors: list[str]) -> str:
+    more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+    return "\n  " + "\n  ".join(errors[:MAX_LISTED]) + more
+
+
+def _line_errors(obj) -> list[str]:
+    if not isinstance(obj, dict):
+        return [f"a JSON {type(obj).__name__}, not an object"]
+    bad = []
+    for key in ("instruction", "output"):
+        if key not in obj:
+            bad.append(f'missing "{key}"')
+        elif not isinstance(obj[key], str) or not obj[key].strip():
+            bad.append(f'"{key}" must be a non-empty string (got {obj[key]!r:.40})')
+    if "input" in obj and not isinstance(obj["input"], str):
+        bad.append(f'"input" must be a string (got {type(obj["input"]).__name__})')
+    return bad
+
+
 def load_raw(path: Path) -> list[dict]:
-    """Validated rows, each with its source line number. Raises DataError listing every bad line."""
+    """Validated rows {instruction, input, output, line}. Raises DataError listing every bad line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: raw data file not found (set data.raw in your params file to an existing JSONL file)")
     rows, errors = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Split on b"\n" only: str.splitlines() would also split inside a row at U+2028, \x85, \x0c ...
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a BOM, as editors write one
+        except UnicodeDecodeError as e:
+            errors.append(f"{where}: not UTF-8 (byte {e.start + 1}); re-save the file as UTF-8")
+            continue
         if not line.strip():
             continue
-        where = f"{path}:{n}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             errors.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
             continue
-        if not isinstance(obj, dict):
-            errors.append(f"{where}: a JSON {type(obj).__name__}, not an object")
-            continue
-        bad = []
-        for key in ("instruction", "output"):
-            if key not in obj:
-                bad.append(f'missing "{key}"')
-            elif not isinstance(obj[key], str) or not obj[key].strip():
-                bad.append(f'"{key}" must be a non-empty string (got {obj[key]!r:.40})')
-        if "input" in obj and not isinstance(obj["input"], str):
-            bad.append(f'"input" must be a string (got {type(obj["input"]).__name__})')
-        if bad:
+        if bad := _line_errors(obj):
             errors.append(f"{where}: " + "; ".join(bad))
             continue
         rows.append({"instruction": obj["instruction"], "input": obj.get("input", ""), "output": obj["output"], "line": n})
     if errors:
-        more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
-        raise DataError(f"{path}: {len(errors)} bad line(s) ({FIX}):\n  " + "\n  ".join(errors[:MAX_LISTED]) + more)
+        raise DataError(f"{path}: {len(errors)} bad line(s) ({FIX}):" + _listed(errors))
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty); {FIX}")
     return rows
 
 
 # ---------------------------------------------------------------- prepare
-def _truncate(s: str, limit: int) -> str:
-    s = " ".join(s.split())
-    return s if len(s) <= limit else s[:limit].rsplit(" ", 1)[0]
-
-
-def _bucket(seed: int, prompt: str) -> float:
-    return int(hashlib.sha256(f"{seed}:{prompt}".encode()).hexdigest()[:12], 16) / 16 ** 12
+def _bucket(seed: int, key: str) -> float:
+    """[0, 1) from a hash of the prompt alone: adding rows never moves old rows between splits."""
+    return int(_sha(f"{seed}:{key}")[:12], 16) / 16 ** 12
 
 
 def prepare(params: Params, workspace: Path) -> dict:
@@ -148,40 +181,50 @@ def prepare(params: Params, workspace: Path) -> dict:
     d = params.data
     raw = ws_path(workspace, d.raw)
     rows = load_raw(raw)
-    seen: dict[str, dict] = {}
-    examples, dropped = [], 0
+    first: dict[str, dict] = {}  # normalized prompt -> first example with it
+    examples, conflicts, dropped, truncated = [], [], 0, 0
     for r in rows:
-        inp = _truncate(r["input"], d.max_input_chars) if r["input"].strip() else ""
-        ex = {"prompt": r["instruction"].strip() + (f"\n\n{inp}" if inp else ""), "completion": r["output"].strip(),
-              "line": r["line"]}
-        key = " ".join(ex["prompt"].split())
-        first = seen.get(key)
-        if first is None:
-            seen[key] = ex
-        elif first["completion"] != ex["completion"]:
-            raise DataError(f"{raw}:{first['line']} and {raw}:{r['line']}: the same prompt has two different "
-                            f"outputs ({first['completion']!r} vs {ex['completion']!r}); fix or remove one of them")
-        elif d.dedupe:
-            dropped += 1
-            continue
+        inp = r["input"].strip()
+        if len(inp) > d.max_input_chars:
+            inp, truncated = _cut(inp, d.max_input_chars), truncated + 1
+        prompt = r["instruction"].strip() + (f"\n\n{inp}" if inp else "")
+        # Whitespace-insensitive key: dedupe, conflicts, split and id all agree on what "the same prompt" is.
+        ex = {"prompt": prompt, "completion": r["output"].strip(), "line": r["line"], "key": " ".join(prompt.split())}
+        prev = first.setdefault(ex["key"], ex)
+        if prev is not ex:
+            if prev["completion"] != ex["completion"]:
+                conflicts.append(f"{raw}:{prev['line']} and {raw}:{ex['line']}: the same prompt has two different "
+                                 f"outputs ({prev['completion']!r} vs {ex['completion']!r})")
+                continue
+            if d.dedupe:
+                dropped += 1
+                continue
         examples.append(ex)
+    if conflicts:
+        why = (f" (inputs are cut to data.max_input_chars={d.max_input_chars}, which can make two long inputs equal)"
+               if truncated else "")
+        raise DataError(f"{raw}: {len(conflicts)} conflicting duplicate(s){why}; fix or remove one line of each pair:"
+                        + _listed(conflicts))
 
-    # Split on a hash of the prompt: adding rows later never moves old rows, and duplicates kept
-    # with dedupe=false land in the same split (no train/test leakage).
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    seen_ids: Counter = Counter()
     for ex in examples:
-        b = _bucket(params.seed, ex["prompt"])
+        b = _bucket(params.seed, ex["key"])  # duplicates kept by dedupe=false share a split: no train/test leak
         name = "test" if b < d.split.test else "val" if b < d.split.test + d.split.val else "train"
-        ex_id = hashlib.sha256(f"{ex['prompt']}\0{ex['line']}".encode()).hexdigest()[:16]
+        ex_id = _sha(ex["key"])[:16]
+        seen_ids[ex_id] += 1
+        if seen_ids[ex_id] > 1:  # only with dedupe=false; ids stay unique
+            ex_id += f"-{seen_ids[ex_id]}"
         splits[name].append({"id": ex_id, "system": d.system_prompt, "prompt": ex["prompt"], "completion": ex["completion"]})
     sizes = {k: len(v) for k, v in splits.items()}
     if min(sizes.values()) == 0 or sizes["train"] < 8:
         raise DataError(f"{raw}: {len(examples)} rows give splits {sizes}; every split needs rows and train "
-                        f"needs >= 8: add data or change data.split in the params file")
+                        f"needs >= 8: add data or change data.split (val/test fractions) in the params file")
+
     out = ws_path(workspace, d.prepared)
-    for name, ex in splits.items():
-        ex.sort(key=lambda e: e["id"])
-        atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in ex))
+    for name, split in splits.items():
+        split.sort(key=lambda e: e["id"])
+        atomic_write_text(out / f"{name}.jsonl", _jsonl(split))
     stats = {"rows_raw": len(rows), "rows_after_dedupe": len(examples), "duplicates_dropped": dropped, **sizes,
              "labels": dict(sorted(Counter(e["completion"] for e in examples).items()))}
     atomic_write_json(out / "stats.json", stats)
@@ -189,7 +232,7 @@ def prepare(params: Params, workspace: Path) -> dict:
 
 
 def read_split(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(json.dumps(prepare(load_params(a.params), Path(a.workspace))))
     except (DataError, ParamsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # exit 2 = bad data or params, no traceback
         return 2
     return 0
 

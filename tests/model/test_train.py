@@ -157,3 +157,16 @@ def test_epochs_override_max_steps(tiny_model_dir, toy_data, tmp_path):
     p = tiny_params(tiny_model_dir, max_steps=100, epochs=0.5, batch_size=8)  # 64 rows -> 4 steps
     res = train(p, tiny_model_dir, toy_data, tmp_path / "run", "lora")
     assert res["steps"] == 4
+
+
+def test_gradient_checkpointing_and_accumulation_keep_the_math(tiny_model_dir, toy_data, tmp_path):
+    """Checkpointing recomputes activations (same gradients); 2 x 4 accumulated ~ one batch of 8."""
+    base = tiny_params(tiny_model_dir, max_steps=3, batch_size=8, eval_every=3)
+    base = base.model_copy(update={"lora": base.lora.model_copy(update={"dropout": 0.0})})  # no RNG in the way
+    ref = train(base, tiny_model_dir, toy_data, tmp_path / "ref", "qlora")
+    ckpt = train(base.model_copy(update={"training": base.training.model_copy(update={"gradient_checkpointing": True})}),
+                 tiny_model_dir, toy_data, tmp_path / "gc", "qlora")
+    acc = train(base.model_copy(update={"training": base.training.model_copy(update={"batch_size": 4, "grad_accum": 2})}),
+                tiny_model_dir, toy_data, tmp_path / "acc", "qlora")
+    assert abs(ckpt["final_val_loss"] - ref["final_val_loss"]) < 1e-5
+    assert abs(acc["final_val_loss"] - ref["final_val_loss"]) < 5e-3
