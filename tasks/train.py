@@ -85,9 +85,10 @@ def add_lora(model, params: Params, quantized: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:  # fp32 norms/embeddings, input grads for checkpointing: the QLoRA recipe
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.training.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.training.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif params.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lp = params.lora
     torch.manual_seed(params.seed)  # seed right before adapter creation: LoRA init is reproducible
