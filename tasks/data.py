@@ -34,8 +34,8 @@ def _sha(s: str) -> str:
 
 
 def _jsonl(rows: list[dict]) -> str:
-    # ensure_ascii: U+2028, U+0085 etc. come out escaped, so readers that split with str.splitlines()
-    # (tasks/train.py does) can never cut a row in two.
+    # ensure_ascii: U+2028, U+0085 etc. come out escaped, so even a reader that splits with
+    # str.splitlines() can never cut a row in two.
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
@@ -229,10 +229,6 @@ def prepare(params: Params, workspace: Path) -> dict:
              "labels": dict(sorted(Counter(e["completion"] for e in examples).items()))}
     atomic_write_json(out / "stats.json", stats)
     return stats
-
-
-def read_split(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:

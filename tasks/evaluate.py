@@ -14,8 +14,8 @@ import torch
 
 from tasks.config import Params
 from tasks.prompting import eos_id, format_prompt
-from tasks.train import load_model, read_rows
-from tasks.util import atomic_write_json, atomic_write_text
+from tasks.train import load_model
+from tasks.util import atomic_write_json, atomic_write_text, read_jsonl
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "label_accuracy"
 
@@ -59,7 +59,7 @@ def score(preds: list[dict]) -> dict:
 
 
 def test_rows(params: Params, test_path: Path) -> list[dict]:
-    rows = read_rows(test_path)
+    rows = read_jsonl(test_path)
     return rows[:params.eval.max_examples] if params.eval.max_examples else rows
 
 

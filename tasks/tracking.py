@@ -13,6 +13,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from tasks.config import Params
+from tasks.util import read_jsonl
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -62,8 +63,7 @@ def log_training(parent_run_id: str, experiment_id: str, result: dict) -> str:
                          tags={"mlflow.parentRunId": parent_run_id, "qlora_ops.kind": kind})
     cid = child.info.run_id
     ms = []
-    for line in Path(result["history"]).read_text().splitlines():
-        h = json.loads(line)
+    for h in read_jsonl(Path(result["history"])):
         ts = int(h["time"] * 1000)
         for k in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes"):
             if k in h:

@@ -28,7 +28,7 @@ import torch
 from tasks.config import Params, QuantParams, load_params
 from tasks.distributed import Dist, prepare_for_fsdp
 from tasks.prompting import encode
-from tasks.util import atomic_write_json, read_json
+from tasks.util import atomic_write_json, read_json, read_jsonl
 
 log = logging.getLogger("qlora_ops.train")
 Kind = Literal["qlora", "lora"]
@@ -117,10 +117,6 @@ def make_optimizer(model, params: Params, dev: torch.device):
 
 
 # ---------------------------------------------------------------- data
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     """Left-pad, so every completion ends at the last position: the loss then needs logits for
     the last K positions only (the LM head over the whole sequence is ~20% of a step)."""
@@ -343,8 +339,8 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         prepare_for_fsdp(model, getattr(torch, params.quantization.quant_storage) if quantized else compute_dtype(params.quantization, dev))
     n_train, n_all = model.get_nb_trainable_parameters()  # counts packed 4-bit weights at their real size
     msl = params.model.max_seq_len
-    train_rows = [encode(tok, r, msl) for r in read_rows(Path(data_dir) / "train.jsonl")]
-    val_rows = [encode(tok, r, msl) for r in read_rows(Path(data_dir) / "val.jsonl")]
+    train_rows = [encode(tok, r, msl) for r in read_jsonl(Path(data_dir) / "train.jsonl")]
+    val_rows = [encode(tok, r, msl) for r in read_jsonl(Path(data_dir) / "val.jsonl")]
     total = tp.max_steps if tp.epochs is None else math.ceil(tp.epochs * len(train_rows) / (tp.batch_size * tp.grad_accum))
     pad = tok.pad_token_id
 
@@ -361,7 +357,7 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
 
     hist = None
     if dist.main:
-        history = [json.loads(l) for l in hist_path.read_text().splitlines()] if hist_path.is_file() else []
+        history = read_jsonl(hist_path) if hist_path.is_file() else []
         history = [h for h in history if h["step"] <= start]  # drop what the crashed run logged after its checkpoint
         out_dir.mkdir(parents=True, exist_ok=True)
         hist_path.write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -418,7 +414,7 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         unwrapped.save_pretrained(tmp, state_dict=full)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        hrows = read_rows(hist_path)
+        hrows = read_jsonl(hist_path)
         result = {
             "kind": kind, "adapter_dir": str(final), "steps": total, "resumed_from": resumed_from,
             "final_train_loss": hrows[-1]["train_loss"], "final_val_loss": vl if vl is not None else hrows[-1].get("val_loss"),

@@ -33,6 +33,12 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per non-blank line. Splits on \n only: str.splitlines() would also split at
+    U+2028, \x85, \x0c, which may sit unescaped inside a row."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tasks.config import DataParams, Params, SplitParams
-from tasks.data import INSTRUCTION, PER_MODULE, SAMPLE_MODULES, DataError, build_sample, load_raw, prepare, read_split
+from tasks.data import INSTRUCTION, PER_MODULE, SAMPLE_MODULES, DataError, build_sample, load_raw, prepare
+from tasks.util import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 SPLITS = ("train", "val", "test")
@@ -36,7 +37,7 @@ def row(i: int, label: str = "a", instruction: str = "Label?") -> dict:
 
 
 def splits_of(d: Path) -> dict[str, dict[str, dict]]:
-    return {s: {r["prompt"]: r for r in read_split(d / f"{s}.jsonl")} for s in SPLITS}
+    return {s: {r["prompt"]: r for r in read_jsonl(d / f"{s}.jsonl")} for s in SPLITS}
 
 
 def error_of(fn, *args) -> str:
@@ -129,9 +130,9 @@ def test_exact_duplicates_dropped_and_counted(tmp_path):
     # dedupe=false keeps them, in one split (no train/test leak), with unique ids
     stats = prepare(params_for(tmp_path, dedupe=False), tmp_path)
     assert stats["duplicates_dropped"] == 0 and stats["rows_after_dedupe"] == 43
-    all_rows = [r for s in SPLITS for r in read_split(tmp_path / "prepared" / f"{s}.jsonl")]
+    all_rows = [r for s in SPLITS for r in read_jsonl(tmp_path / "prepared" / f"{s}.jsonl")]
     assert len({r["id"] for r in all_rows}) == 43
-    where = {s for s in SPLITS for r in read_split(tmp_path / "prepared" / f"{s}.jsonl") if r["prompt"].endswith("number 3")}
+    where = {s for s in SPLITS for r in read_jsonl(tmp_path / "prepared" / f"{s}.jsonl") if r["prompt"].endswith("number 3")}
     assert len(where) == 1
 
 
@@ -177,7 +178,7 @@ def test_split_is_deterministic_and_old_rows_keep_their_split(tmp_path):
     one = next(iter(second["train"].values()))
     assert set(one) == {"id", "system", "prompt", "completion"} and one["prompt"].startswith("Label?\n\n")
     assert one["system"] == p.data.system_prompt and len(one["id"]) == 16
-    ids = [r["id"] for r in read_split(tmp_path / "prepared" / "train.jsonl")]
+    ids = [r["id"] for r in read_jsonl(tmp_path / "prepared" / "train.jsonl")]
     assert ids == sorted(ids)
     # the seed (not the file order) decides: another seed gives another split
     prepare(params_for(tmp_path, seed=7), tmp_path)
