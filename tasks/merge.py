@@ -7,7 +7,6 @@ original weights ("original") is available but drifts by the quantization error.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -16,6 +15,7 @@ import torch
 
 from tasks.config import Params
 from tasks.train import _check_finite, load_model
+from tasks.util import atomic_dir
 
 
 def dequantized_base(params: Params, base_dir: Path):
@@ -51,13 +51,9 @@ def merge(params: Params, base_dir: Path, adapter_dir: Path, out_dir: Path,
         model = model.float()
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     _check_finite(dict(merged.state_dict()), "merged model")
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # a merged dir exists only when complete
+    with atomic_dir(out_dir) as tmp:  # a merged dir exists only when complete
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return {"merged_dir": str(out_dir), "into": into, "merge_seconds": time.time() - t0}
 
 

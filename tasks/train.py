@@ -28,7 +28,7 @@ import torch
 from tasks.config import Params, QuantParams, load_params
 from tasks.distributed import Dist, prepare_for_fsdp
 from tasks.prompting import encode
-from tasks.util import atomic_write_json, read_json, read_jsonl
+from tasks.util import atomic_dir, atomic_write_json, read_json, read_jsonl
 
 log = logging.getLogger("qlora_ops.train")
 Kind = Literal["qlora", "lora"]
@@ -409,11 +409,8 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         hist.close()
         unwrapped = dist.unwrap(model)
         _check_finite(_adapter_state(unwrapped, full), f"[{kind}] final adapter")
-        tmp = out_dir / ".tmp-adapter"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=full)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        with atomic_dir(final) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=full)
         hrows = read_jsonl(hist_path)
         result = {
             "kind": kind, "adapter_dir": str(final), "steps": total, "resumed_from": resumed_from,

@@ -25,7 +25,7 @@ def trained(tiny_model_dir, tmp_path_factory):
 def test_merge_into_dequantized_base_matches_qlora(tiny_model_dir, trained):
     p, data, adapter, d = trained
     info = merge(p, tiny_model_dir, adapter, d / "merged")
-    assert (d / "merged" / "model.safetensors").is_file() and not (d / "merged.tmp").exists()
+    assert (d / "merged" / "model.safetensors").is_file() and not (d / ".tmp-merged").exists()
     texts = ["Item 3: this one is about re. Label?", "hello"]
     drift = logit_drift(p, tiny_model_dir, adapter, d / "merged", texts)
     merge(p, tiny_model_dir, adapter, d / "merged-orig", into="original")
