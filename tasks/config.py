@@ -39,7 +39,14 @@ class SplitParams(_Strict):
 
 class DataParams(_Strict):
     # Alpaca-style JSONL (instruction, input, output). Relative paths are relative to the workspace.
+    # With `source` set, `raw` is the DVC-tracked directory each run snapshots the source into.
     raw: str = "data/raw/stdlib_docstrings.jsonl"
+    # Where new domain data lands: a directory or s3://bucket/prefix/ receiving drops (*.jsonl, *.csv,
+    # *.parquet), or one file. null = `raw` is the data. Snapshotted into `raw` and `dvc add`-ed each run.
+    source: str | None = None
+    # fsspec storage options for `source` (e.g. {endpoint_url: http://minio:9000}); credentials come
+    # from the environment (AWS_ACCESS_KEY_ID, ...), never from this file.
+    source_options: dict[str, str] = {}
     # Where the DVC `prepare` stage writes train/val/test JSONL.
     prepared: str = "data/prepared/default"
     split: SplitParams = SplitParams()
@@ -121,6 +128,43 @@ class RegistryParams(_Strict):
     min_improvement: float = Field(0.0, ge=0)
 
 
+class StorageParams(_Strict):
+    # DVC remote every run pushes its data to: s3://bucket/prefix for a team, or a directory.
+    # null = <state_dir>/dvc-remote (a local directory remote: the embedded default).
+    dvc_remote: str | None = None
+    # `dvc remote modify` options, e.g. {endpointurl: http://minio:9000}; credentials from the env.
+    dvc_remote_options: dict[str, str] = {}
+
+
+class TimeoutParams(_Strict):
+    # Seconds each stage may run before Prefect stops it (a hung stage must not hold the deployment's slot).
+    prepare: float = Field(1800, gt=0)
+    base_model: float = Field(1800, gt=0)
+    train: float = Field(6 * 3600, gt=0)
+    evaluate: float = Field(3600, gt=0)
+    merge: float = Field(3600, gt=0)
+    registry: float = Field(3600, gt=0)  # register + promote
+    # The whole GPU stage (train both, evaluate, merge, evaluate merged) when it runs on gpu_pool.
+    model_stage: float = Field(12 * 3600, gt=0)
+
+
+class OrchestrationParams(_Strict):
+    # Work pool of the parent flow (data, versioning, gates, registration): CPU workers.
+    pool: str = "qlora-ops"
+    # Work pool of the GPU stage. null = train/evaluate/merge in the parent's process (the laptop default).
+    gpu_pool: str | None = None
+    # Name of both deployments created by `qlora-ops deploy` (qlora-retrain/<name>, qlora-model-stage/<name>).
+    deployment: str = "weekly-retrain"
+    # Cron of the retraining schedule (null = no schedule); new data in data.source is picked up by the next run.
+    schedule: str | None = "0 2 * * 1"
+    timezone: str = "UTC"
+    # Transient faults (network, 5xx, lost worker) retry this often with exponential backoff; bad data,
+    # bad params and gate refusals never retry.
+    retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(10, ge=0)
+    timeouts: TimeoutParams = TimeoutParams()
+
+
 class Params(_Strict):
     seed: int = 42
     # Caches, run dirs, checkpoints, default MLflow store. Relative to the workspace.
@@ -133,6 +177,8 @@ class Params(_Strict):
     eval: EvalParams = EvalParams()
     gates: GateParams = GateParams()
     registry: RegistryParams = RegistryParams()
+    storage: StorageParams = StorageParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
     def digest(self, *sections: str) -> str:
         """Stable hash of the chosen sections (all if none): part of cache keys and run tags."""
@@ -140,6 +186,11 @@ class Params(_Strict):
         if sections:
             d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def model_digest(self) -> str:
+        """Digest of every section that decides the model or its verdict; not where things are stored
+        or how they are orchestrated (moving the registry or the pool must not force a retrain)."""
+        return self.digest("seed", "model", "data", "quantization", "lora", "training", "eval", "gates")
 
 
 def load_params(path: str | Path) -> Params:
