@@ -2,7 +2,13 @@
 
     qlora-ops run                              # the whole loop on params/default.yaml
     qlora-ops run --params params/other.yaml   # another params file (inside the workspace)
+    qlora-ops run --force                      # retrain even if nothing changed since the last decision
     qlora-ops run --workspace /path/to/clone   # a workspace other than the current directory
+    qlora-ops deploy --params params/team.yaml # deployments + schedule on the Prefect server (PREFECT_API_URL)
+
+Exit codes: 0 registered, or skipped because nothing is new; 1 refused by a gate (nothing registered);
+2 bad params or data (the message names the key or file:line); 3 training diverged; 4 a service did not
+answer (tracking server, Prefect API); 5 internal error.
 """
 from __future__ import annotations
 
@@ -10,6 +16,42 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
+
+EXIT = {"registered": 0, "skipped": 0, "rejected": 1, "bad_input": 2, "diverged": 3, "service": 4, "internal": 5}
+
+
+def _quiet_entry_point() -> None:
+    # Entry-point side effects only (nothing at import): no hub at run time, quiet progress bars, and
+    # MLflow's client bounded (its defaults retry a dead server for minutes).
+    for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
+                 "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                 "TOKENIZERS_PARALLELISM": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}.items():
+        os.environ.setdefault(k, v)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("qlora_ops").setLevel(logging.INFO)
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def classify(exc: BaseException) -> str:
+    from flows.retrain import ModelStageFailed
+    from flows.runtime import ServiceUnavailable
+    from tasks.base_model import BaseModelError
+    from tasks.config import ParamsError
+    from tasks.data import DataError
+    from tasks.train import DivergenceError
+    from tasks.versioning import DvcError
+
+    if isinstance(exc, (ParamsError, DataError, DvcError, BaseModelError)):
+        return "bad_input"
+    if isinstance(exc, DivergenceError) or (isinstance(exc, ModelStageFailed) and "Diverg" in str(exc)):
+        return "diverged"
+    if isinstance(exc, ServiceUnavailable):
+        return "service"
+    return "internal"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,34 +60,50 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the full loop")
     run.add_argument("--params", default="params/default.yaml", help="params YAML (default: %(default)s)")
     run.add_argument("--workspace", default=".", help="directory with dvc.yaml, params/ and data/ (default: cwd)")
+    run.add_argument("--force", action="store_true", help="retrain even when data, params, code and base are unchanged")
+    dep = sub.add_parser("deploy", help="create/update the Prefect deployments and schedule from params")
+    dep.add_argument("--params", default="params/default.yaml")
+    dep.add_argument("--workspace", default=".")
     a = ap.parse_args(argv)
+    _quiet_entry_point()
 
-    # Entry-point side effects only (nothing at import): no hub at run time, quiet progress bars.
-    for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
-                 "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                 "TOKENIZERS_PARALLELISM": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
-        os.environ.setdefault(k, v)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("qlora_ops").setLevel(logging.INFO)
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    if a.cmd == "deploy":
+        from flows.deploy import deploy_file
+        try:
+            for what, ident in deploy_file(Path(a.workspace) / a.params, Path(a.workspace)).items():
+                print(f"{what}: {ident}")
+        except Exception as e:
+            kind = classify(e)
+            print(f"qlora-ops: deploy failed: {e}", file=sys.stderr)
+            return EXIT[kind if kind != "internal" else "service"]
+        return 0
 
     from flows.retrain import retrain
-    from tasks.base_model import BaseModelError
-    from tasks.config import ParamsError
-    from tasks.train import DivergenceError
-    from tasks.versioning import DvcError
+    from flows.runtime import ServiceUnavailable, check_services
+    from tasks.config import ParamsError, load_params
+    from tasks.paths import tracking_uri, ws_path
 
-    try:
-        summary = retrain(params_path=a.params, workspace=a.workspace)
-    except (ParamsError, DvcError, BaseModelError) as e:
+    try:  # before the flow starts: a dead service or a bad key is named in seconds
+        ws = Path(a.workspace).resolve()
+        check_services(tracking_uri(ws, load_params(ws_path(ws, a.params))), os.environ.get("PREFECT_API_URL"))
+    except ParamsError as e:
         print(f"qlora-ops: error: {e}", file=sys.stderr)
-        return 2
-    except DivergenceError as e:
-        print(f"qlora-ops: training diverged: {e}", file=sys.stderr)
-        return 3
-    return 0 if summary.get("passed") else 1
+        return EXIT["bad_input"]
+    except ServiceUnavailable as e:
+        print(f"qlora-ops: service unavailable: {e}", file=sys.stderr)
+        return EXIT["service"]
+    state = retrain(params_path=a.params, workspace=a.workspace, force=a.force, return_state=True)
+    if state.name == "Rejected":
+        return EXIT["rejected"]
+    if state.is_completed():
+        return EXIT["registered"]
+    exc = state.result(raise_on_failure=False)
+    exc = exc if isinstance(exc, BaseException) else RuntimeError(state.message)
+    kind = classify(exc)
+    label = {"bad_input": "error", "diverged": "training diverged", "service": "service unavailable",
+             "internal": "internal error"}[kind]
+    print(f"qlora-ops: {label}: {exc}", file=sys.stderr)
+    return EXIT[kind]
 
 
 if __name__ == "__main__":

@@ -1,169 +1,228 @@
-"""The retraining loop, wired: prepare (DVC) -> base model -> QLoRA + LoRA baseline -> evaluate
-base / LoRA / QLoRA -> gates -> merge -> evaluate merged -> MLflow registry (+ champion alias).
+"""The retraining loop, wired: snapshot + version the data (DVC, pushed to the remote) -> skip if
+nothing is new -> model stage (train QLoRA + LoRA baseline, evaluate, merge, evaluate merged; on the
+GPU pool when `orchestration.gpu_pool` is set) -> gates -> register + promote under the registered
+model's global slot.
 
-    qlora-ops run                                # params/default.yaml, embedded SmolLM2
-    qlora-ops run --params params/my-domain.yaml
+    qlora-ops run                                # params/default.yaml, embedded SmolLM2, in-process
+    qlora-ops run --params params/my-domain.yaml --force
+    qlora-ops deploy --params params/team.yaml   # the same flow as a scheduled deployment
 
-Stages are plain functions in tasks/; this file only decides order and what passes between them
-(paths and small dicts). Expensive stages cache on content: a run dir keyed by data hash + params
-hash + code hash, so a re-run after a crash resumes and an identical re-run reuses results.
+The run's Prefect state says what happened: Completed (registered), Completed named Skipped (nothing
+new: same data, params, code and base as an earlier decision), Failed named Rejected (a gate refused;
+the gate table is the message). Stages are plain functions in tasks/; this file decides order, what
+passes between them (versions, URIs, small JSON) and the run's final state.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 import time
 from pathlib import Path
 
 from prefect import flow
+from prefect.states import Completed, Failed
 
-from tasks import gate, prefect_tasks as pt, register, tracking
-from tasks.base_model import base_identity
+from flows import prefect_tasks as pt
+from flows import runtime
+from flows.model_stage import METRIC, RESULT, model_stage
+from tasks import gate, tracking
+from tasks.base_model import base_fingerprint
 from tasks.config import Params, load_params
 from tasks.paths import artifact_root, state_dir, tracking_uri, ws_path
-from tasks.util import read_json, sha256_file
-from tasks.versioning import code_version, source_hash
+from tasks.util import sha256_file
+from tasks.versioning import code_version
+
+MODEL_STAGE_FLOW = "qlora-model-stage"
 
 
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def fingerprint(data_version: str, params: Params, code_sha: str, base_fp: str) -> str:
+    """Everything that decides the model and its verdict: a run with the same one has nothing new to do."""
+    parts = [data_version, params.model_digest(), code_sha, base_fp]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def _cached_eval(params: Params, cache: Path, name: str, key: str, **kw) -> dict:
-    """Evaluate once per (model, test set, eval params, code) key; a hit reads metrics.json."""
-    out = cache / f"{name}-{key}"
-    if (out / "metrics.json").is_file():
-        return {**read_json(out / "metrics.json"), "cached": True}
-    return pt.evaluate_model(params, name, out_dir=str(out), **kw)
+@flow(name="qlora-retrain", log_prints=True, persist_result=False)
+def retrain(params_path: str = "params/default.yaml", workspace: str = ".", force: bool = False):
+    s = run_pipeline(params_path, workspace, force)
+    print(format_summary(s))
+    if s["outcome"] == "skipped":
+        return Completed(name="Skipped", message=s["reason"], data=s)
+    if s["outcome"] == "rejected":
+        return Failed(name="Rejected", message=gate_table(s["gates"]), data=s)
+    r = s["registry"]
+    return Completed(message=f"registered {r['model_name']} v{r['version']}; '{r['alias']}' -> v{r['champion_version']}",
+                     data=s)
 
 
-@flow(name="qlora-retrain", log_prints=True)
-def retrain(params_path: str = "params/default.yaml", workspace: str = ".") -> dict:
+def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     import mlflow
 
     t_start = time.time()
     ws = Path(workspace).resolve()
     pfile = ws_path(ws, params_path)
     params = load_params(pfile)  # fails here, before any work, on a bad key
-    sd = state_dir(ws, params)
     times: dict[str, float] = {}
 
-    def timed(stage: str, fn, *a, **k):
+    def timed(name: str, fn, *a, **k):
         t = time.time()
         r = fn(*a, **k)
-        times[stage] = round(time.time() - t, 1)
+        times[name] = round(time.time() - t, 1)
         return r
 
     uri = tracking_uri(ws, params)
+    remote = uri.startswith(("http://", "https://"))
+    runtime.check_services(uri, os.environ.get("PREFECT_API_URL"))
     mlflow.set_tracking_uri(uri)
-    exp_id = tracking.ensure_experiment(params.registry.experiment,
-                                        artifact_root(ws, params).as_uri() if not params.registry.tracking_uri else None)
+    exp_id = tracking.ensure_experiment(params.registry.experiment, artifact_root(ws, params).as_uri(), remote)
+
+    data = timed("prepare", runtime.stage(pt.prepare_data, params, "prepare"), ws, pfile, params)
+    prepared = Path(data["prepared_dir"])
+    test_hash = sha256_file(prepared / "test.jsonl")[:16]
     code = code_version()
+    fp = fingerprint(data["data_version"], params, code["source_sha"], base_fingerprint(params, ws))
+    summary: dict = {"tracking_uri": runtime.redact(uri), "code": code, "fingerprint": fp, "stage_seconds": times,
+                     "data": {k: data[k] for k in ("data_version", "stage", "outs", "deps")}}
+    summary["data"]["version"] = data["data_version"]
+    if not force and (why := tracking.find_fingerprint(params.registry.model_name, exp_id, fp)):
+        times["total"] = round(time.time() - t_start, 1)
+        return {**summary, "outcome": "skipped", "reason": f"nothing new: {why}; `--force` retrains anyway"}
+
     run_id = tracking.start_run(params, exp_id, run_name=time.strftime("retrain-%Y%m%d-%H%M%S"), tags={
-        "qlora_ops.params_file": str(pfile), "qlora_ops.params_hash": params.digest(),
-        "qlora_ops.code_commit": str(code["git_commit"]), "qlora_ops.code_dirty": str(code["git_dirty"]),
-        "qlora_ops.code_sha": code["source_sha"]})
-    print(f"MLflow run {run_id} at {uri}")
-    run_dir = sd / "flow-runs" / run_id
-    summary: dict = {"mlflow_run_id": run_id, "tracking_uri": uri, "code": code, "stage_seconds": times}
+        "qlora_ops.params_file": str(pfile.relative_to(ws)), "qlora_ops.params_hash": params.digest(),
+        "qlora_ops.fingerprint": fp, "qlora_ops.code_commit": str(code["git_commit"]),
+        "qlora_ops.code_dirty": str(code["git_dirty"]), "qlora_ops.code_sha": code["source_sha"],
+        "qlora_ops.data_version": data["data_version"], "qlora_ops.dvc_stage": data["stage"],
+        "qlora_ops.dvc_remote": data.get("remote", ""), "qlora_ops.forced": str(force).lower(),
+        **{f"dvc.dep.{k}": v for k, v in data["deps"].items()}, **{f"dvc.out.{k}": v for k, v in data["outs"].items()}})
+    summary["mlflow_run_id"] = run_id
+    print(f"MLflow run {run_id} at {runtime.redact(uri)}")
     try:
-        data = timed("prepare", pt.prepare_data, ws, pfile, params)
-        summary["data"] = {"version": data["data_version"], "stage": data["stage"], "outs": data["outs"], "deps": data["deps"]}
-        tracking.set_tags(run_id, {"qlora_ops.data_version": data["data_version"], "qlora_ops.dvc_stage": data["stage"],
-                                   **{f"dvc.dep.{k}": v for k, v in data["deps"].items()},
-                                   **{f"dvc.out.{k}": v for k, v in data["outs"].items()}})
-        prepared = Path(data["prepared_dir"])
-        test_path = prepared / "test.jsonl"
-        test_hash = sha256_file(test_path)[:16]
-
-        base = timed("base_model", pt.resolve_base, params, ws)
-        base_id = base_identity(Path(base))
-        data_hash = _key(sha256_file(prepared / "train.jsonl"), sha256_file(prepared / "val.jsonl"))
-        train_code = source_hash("train.py", "prompting.py", "config.py")
-        train_key = _key(data_hash, base_id, train_code, params.digest("seed", "model", "quantization", "lora", "training"))
-
-        results = {}
-        for kind in ("qlora", "lora"):
-            results[kind] = timed(f"train_{kind}", pt.train_adapter, params, base, str(prepared),
-                                  str(sd / "runs" / f"train-{kind}-{train_key}"), kind)
-            tracking.log_training(run_id, exp_id, results[kind])
-
-        eval_key = _key(test_hash, train_code, source_hash("evaluate.py"), params.digest("eval", "quantization", "seed"))
-        cache = sd / "cache" / "eval"
-        ev = {
-            "base": timed("eval_base", _cached_eval, params, cache, "base", _key(eval_key, base_id),
-                          model_dir=base, test_path=str(test_path)),
-            "lora": timed("eval_lora", _cached_eval, params, cache, "lora", _key(eval_key, train_key),
-                          model_dir=base, test_path=str(test_path), adapter_dir=results["lora"]["adapter_dir"]),
-            "qlora": timed("eval_qlora", _cached_eval, params, cache, "qlora", _key(eval_key, train_key),
-                           model_dir=base, test_path=str(test_path), adapter_dir=results["qlora"]["adapter_dir"], quantized=True),
-        }
-        verdicts = timed("gates", pt.pre_merge_gates, params, ev["base"]["accuracy"], ev["lora"]["accuracy"], ev["qlora"]["accuracy"])
-        merged_dir = run_dir / "merged"
-        if gate.passed(verdicts):
-            timed("merge", pt.merge_adapter, params, base, results["qlora"]["adapter_dir"], str(merged_dir))
-            # Not cached: this re-check is of the bytes we are about to register.
-            ev["merged"] = timed("eval_merged", pt.evaluate_model, params, "merged", str(merged_dir), str(test_path),
-                                 str(run_dir / "eval-merged"))
-            verdicts.append(gate.merge_gate(params.gates, ev["qlora"]["accuracy"], ev["merged"]["accuracy"]))
-        else:
-            print("gates failed before merge: not merging, nothing will be registered")
-        summary.update(models=ev, gates=verdicts, passed=gate.passed(verdicts))
-        tracking.log_metrics(run_id, {f"{m}.{k}": v[k] for m, v in ev.items() for k in ("accuracy", "eos_rate")})
+        # The data hand-off and its provenance: the prepared splits, and the DVC files that name the
+        # exact raw + prepared data in the remote (`dvc pull` with these reproduces them anywhere).
+        data_uri = tracking.log_dir(run_id, prepared, "data/prepared")
+        for f in data.get("dvc_files", ["dvc.yaml", "dvc.lock"]):  # keep their workspace-relative paths
+            tracking.log_files(run_id, [ws / f], "/".join(("dvc", *Path(f).parent.parts)))
+        ms = timed("model_stage", call_model_stage, params, ws, run_id, data_uri, str(prepared), test_hash)
+        models = ms["models"]
+        summary["worker"] = ms.get("worker")
+        verdicts = gate.pre_merge_gates(params.gates, models["base"]["accuracy"], models["lora"]["accuracy"],
+                                        models["qlora"]["accuracy"])
+        if "merged" in models:
+            verdicts.append(gate.merge_gate(params.gates, models["qlora"]["accuracy"], models["merged"]["accuracy"]))
+        passed = gate.passed(verdicts) and ms.get("model_uri") is not None
+        summary.update(models=models, gates=verdicts, passed=passed)
+        tracking.log_metrics(run_id, {f"{m}.{k}": v[k] for m, v in models.items() for k in ("accuracy", "eos_rate")})
         tracking.log_metrics(run_id, {f"gate.{v['name']}": v["value"] for v in verdicts})
         tracking.log_metrics(run_id, {f"gate.{v['name']}.passed": float(v["passed"]) for v in verdicts})
         tracking.log_json(run_id, verdicts, "gates.json")
-        tracking.set_tags(run_id, {"qlora_ops.gates": "passed" if summary["passed"] else "failed",
+        tracking.set_tags(run_id, {"qlora_ops.gates": "passed" if passed else "failed",
                                    "qlora_ops.gate_reason": gate.explain(verdicts)})
-
-        if summary["passed"]:
-            def eval_champion(model_dir: Path) -> float:
-                return pt.evaluate_model(params, "champion", str(model_dir), str(test_path),
-                                         str(run_dir / "eval-champion"))["accuracy"]
-
-            def _register():
-                uri_ = register.log_merged_model(merged_dir, {"system_prompt": params.data.system_prompt,
-                                                              "max_new_tokens": params.eval.max_new_tokens}, run_id=run_id)
-                return register.register_and_promote(
-                    model_uri=uri_, model_name=params.registry.model_name, alias=params.registry.champion_alias,
-                    candidate_metric=ev["merged"]["accuracy"], metric_name="test_accuracy", test_hash=test_hash,
-                    tags={"data_version": data["data_version"], "mlflow_run_id": run_id, "params_hash": params.digest(),
-                          "code_commit": str(code["git_commit"]), "code_sha": code["source_sha"],
-                          "qlora_accuracy": str(ev["qlora"]["accuracy"]), "base_accuracy": str(ev["base"]["accuracy"])},
-                    evaluate_champion=eval_champion, min_improvement=params.registry.min_improvement,
-                    lock_path=sd / "registry.lock")
-
-            summary["registry"] = timed("register", _register)
+        if passed:
+            summary["registry"] = timed("register", register, params, ws, run_id, ms, data, test_hash, fp, code)
             tracking.set_tags(run_id, {"qlora_ops.registered_version": summary["registry"]["version"],
                                        "qlora_ops.promoted": summary["registry"]["promoted"]})
-            shutil.rmtree(merged_dir, ignore_errors=True)  # the registry holds its own copy
+            summary["outcome"] = "registered"
         else:
             summary["registry"] = {"registered": False, "reason": gate.explain(verdicts)}
+            summary["outcome"] = "rejected"
         times["total"] = round(time.time() - t_start, 1)
         tracking.log_metrics(run_id, {f"seconds.{k}": v for k, v in times.items()})
+        tracking.set_tags(run_id, {"qlora_ops.outcome": summary["outcome"]})
         tracking.log_json(run_id, summary, "summary.json")
         tracking.end_run(run_id, "FINISHED")
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
-    print(format_summary(summary))
     return summary
 
 
+def call_model_stage(params: Params, ws: Path, run_id: str, data_uri: str, local_data: str, test_hash: str) -> dict:
+    """In-process (the laptop default), or as its own deployment on the GPU pool, waiting for it."""
+    args = dict(params=params.model_dump(mode="json"), run_id=run_id, test_hash=test_hash)
+    if not params.orchestration.gpu_pool:
+        return model_stage.with_options(timeout_seconds=params.orchestration.timeouts.model_stage)(
+            **args, data_uri=local_data, workspace=str(ws))
+    return remote_model_stage(params, run_id, {**args, "data_uri": data_uri})
+
+
+def remote_model_stage(params: Params, run_id: str, args: dict) -> dict:
+    """Run the GPU deployment and read its result from the run's artifacts. A lost worker (Crashed) or
+    a transient failure starts it again with backoff (Prefect never retries a Crashed run by itself);
+    anything else ends here with the child's own message."""
+    import mlflow
+    from prefect.deployments import run_deployment
+
+    name = f"{MODEL_STAGE_FLOW}/{params.orchestration.deployment}"
+    delays = runtime.backoff(params)
+    for attempt in range(len(delays) + 1):
+        fr = run_deployment(name, parameters=args, timeout=params.orchestration.timeouts.model_stage,
+                            flow_run_name=f"model-stage-{run_id[:8]}-{attempt + 1}")
+        st = fr.state
+        if st is not None and st.is_completed():
+            text = mlflow.artifacts.load_text(f"runs:/{run_id}/{RESULT}")
+            return json.loads(text)
+        msg = f"{name} run {fr.id} ended {st.name if st else 'without a state'}: {st.message if st else ''}"
+        if st is not None and not st.is_final():
+            raise TimeoutError(f"{name} run {fr.id} still {st.name} after "
+                               f"{params.orchestration.timeouts.model_stage:g} s (orchestration.timeouts.model_stage)")
+        retry = st is not None and (st.is_crashed() or runtime.is_transient(RuntimeError(st.message or "")))
+        if not retry or attempt == len(delays):
+            raise ModelStageFailed(msg)
+        print(f"{msg}; starting it again in {delays[attempt]:g} s")
+        time.sleep(delays[attempt])
+    raise AssertionError("unreachable")
+
+
+class ModelStageFailed(RuntimeError):
+    pass
+
+
+def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, test_hash: str, fp: str, code: dict) -> dict:
+    """Register the logged merged model and decide promotion, one run at a time per registered model."""
+    r = params.registry
+    models = ms["models"]
+
+    def eval_champion(model_dir: Path) -> float:  # only if the champion changed after the model stage ran
+        return pt.evaluate_model.fn(params, "champion", str(model_dir), str(Path(data["prepared_dir"]) / "test.jsonl"),
+                                    str(state_dir(ws, params) / "model-stage" / run_id / "eval-champion-late"))["accuracy"]
+
+    with runtime.registry_slot(r.model_name, params.orchestration.timeouts.registry):
+        return runtime.stage(pt.register_and_promote, params, "registry")(
+            model_uri=ms["model_uri"], model_name=r.model_name, alias=r.champion_alias,
+            candidate_metric=models["merged"]["accuracy"], metric_name=METRIC, test_hash=test_hash,
+            tags={"data_version": data["data_version"], "mlflow_run_id": run_id, "params_hash": params.digest(),
+                  "fingerprint": fp, "code_commit": str(code["git_commit"]), "code_sha": code["source_sha"],
+                  "qlora_accuracy": str(models["qlora"]["accuracy"]), "base_accuracy": str(models["base"]["accuracy"])},
+            evaluate_champion=eval_champion, min_improvement=r.min_improvement,
+            lock_path=state_dir(ws, params) / "registry.lock",
+            champion_scores={int(k): v for k, v in ms.get("champion_scores", {}).items()})
+
+
+def gate_table(verdicts: list[dict]) -> str:
+    L = [f"{'gate':<20}{'value':>10}  {'op':<3}{'threshold':>10}  verdict"]
+    for v in verdicts:
+        L.append(f"{v['name']:<20}{v['value']:>10.4f}  {v['op']:<3}{v['threshold']:>10}  "
+                 f"{'PASS' if v['passed'] else 'FAIL'}  {v['detail']}")
+    return "\n".join(L)
+
+
 def format_summary(s: dict) -> str:
-    L = ["", "=" * 72, f"qlora-ops summary  mlflow run {s['mlflow_run_id']}",
-         f"data version {s['data']['version']} ({s['data']['stage']})   code {str(s['code']['git_commit'])[:10]}"
-         f"{' (dirty)' if s['code']['git_dirty'] else ''} sha {s['code']['source_sha']}", "",
-         f"{'model':<10}{'accuracy':>10}{'eos_rate':>10}{'n':>6}{'eval_s':>9}"]
+    L = ["", "=" * 72]
+    if s["outcome"] == "skipped":
+        L += [f"qlora-ops: skipped. {s['reason']}",
+              f"data version {s['data']['version']}   fingerprint {s['fingerprint']}",
+              f"total wall time: {s['stage_seconds'].get('total', 0):.1f} s", "=" * 72]
+        return "\n".join(L)
+    L += [f"qlora-ops summary  mlflow run {s['mlflow_run_id']}",
+          f"data version {s['data']['version']} ({s['data']['stage']})   code {str(s['code']['git_commit'])[:10]}"
+          f"{' (dirty)' if s['code']['git_dirty'] else ''} sha {s['code']['source_sha']}   fingerprint {s['fingerprint']}",
+          "", f"{'model':<10}{'accuracy':>10}{'eos_rate':>10}{'n':>6}{'eval_s':>9}"]
     for name, m in s["models"].items():
         L.append(f"{name:<10}{m['accuracy']:>10.4f}{m['eos_rate']:>10.2f}{m['n']:>6}{m['eval_seconds']:>9.1f}"
                  f"{'  (cached)' if m.get('cached') else ''}")
-    L += ["", f"{'gate':<20}{'value':>10}  {'op':<3}{'threshold':>10}  verdict"]
-    for v in s["gates"]:
-        L.append(f"{v['name']:<20}{v['value']:>10.4f}  {v['op']:<3}{v['threshold']:>10}  {'PASS' if v['passed'] else 'FAIL'}  {v['detail']}")
+    L += ["", gate_table(s["gates"]), ""]
     r = s["registry"]
-    L.append("")
     if r.get("version"):
         L.append(f"registry: {r['model_name']} v{r['version']} registered; alias '{r['alias']}' -> v{r['champion_version']} "
                  f"({r['reason']})")

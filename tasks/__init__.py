@@ -1,1 +1,2 @@
-"""qlora-ops stages as plain, typed functions (Prefect wrappers live in tasks/prefect_tasks.py)."""
+"""qlora-ops stages as plain, typed functions. Nothing here imports Prefect or flows/: the Prefect
+wrappers, run states, retries and deployments live in flows/."""

@@ -86,9 +86,10 @@ def resolve_base_model(params: Params, workspace: Path) -> Path:
     raise BaseModelError(f"model.source={src!r}: no such directory (use smollm2-gguf, a local HF model dir, or a hub id)")
 
 
-def base_identity(path: Path) -> str:
+def base_identity(path: Path, with_mtime: bool = True) -> str:
     """Cheap identity for cache keys: config + tokenizer content, weight file names and sizes
-    (hashing ~0.5 GB of weights on every run would cost seconds for nothing)."""
+    (hashing ~0.5 GB of weights on every run would cost seconds for nothing). Without mtimes it is
+    the same on every machine holding the same files (the run fingerprint needs that)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -96,5 +97,17 @@ def base_identity(path: Path) -> str:
         if p.suffix in (".json", ".jinja"):
             h.update(p.name.encode() + p.read_bytes())
         elif p.suffix == ".safetensors":
-            h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns if with_mtime else ''}".encode())
     return h.hexdigest()[:16]
+
+
+def base_fingerprint(params: Params, workspace: Path) -> str:
+    """The base model's identity for the run fingerprint, known before (and without) converting it:
+    the parent flow may run on a machine that never loads the model."""
+    src = params.model.source
+    if src == "smollm2-gguf":
+        g = smollm2_gguf_path()
+        return f"smollm2-gguf:{g.name}:{g.stat().st_size}"
+    local = ws_path(workspace, src)
+    return f"dir:{base_identity(local, with_mtime=False)}" if local.is_dir() else f"hub:{src}"

@@ -150,31 +150,42 @@ def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
     return local
 
 
+def known_champion_score(tags: dict, metric_name: str, test_hash: str) -> float | None:
+    """The champion's score on this test set if its version already carries one."""
+    if tags.get("test_hash") == test_hash and (m := _float_tag(tags, metric_name)) is not None:
+        return m
+    return _float_tag(tags, f"reeval/{test_hash}/{metric_name}")
+
+
 def _champion_score(client: MlflowClient, model_name: str, champ_v: int, metric_name: str, test_hash: str,
-                    evaluate_champion: Callable[[Path], float]) -> tuple[float, str]:
+                    evaluate_champion: Callable[[Path], float], precomputed: dict[int, float]) -> tuple[float, str]:
     mv = client.get_model_version(model_name, str(champ_v))
     tags = mv.tags or {}
-    if tags.get("test_hash") == test_hash and (m := _float_tag(tags, metric_name)) is not None:
+    if (m := known_champion_score(tags, metric_name, test_hash)) is not None:
         return m, "its stored score on this test set"
     cache_key = f"reeval/{test_hash}/{metric_name}"
-    if (m := _float_tag(tags, cache_key)) is not None:
-        return m, "re-evaluated earlier on this test set"
-    with tempfile.TemporaryDirectory(prefix="qlora-ops-champion-") as td:
-        local = download_hf_model(model_name, champ_v, Path(td))
-        m = float(evaluate_champion(local))
+    if champ_v in precomputed:  # evaluated by the model stage (on the GPU worker) before we took the lock
+        m, how = float(precomputed[champ_v]), "re-evaluated on this test set by the model stage"
+    else:
+        with tempfile.TemporaryDirectory(prefix="qlora-ops-champion-") as td:
+            local = download_hf_model(model_name, champ_v, Path(td))
+            m = float(evaluate_champion(local))
+        how = "re-evaluated on this test set"
     if not math.isfinite(m):
         raise PromotionError(f"evaluate_champion returned {m} for {model_name} v{champ_v}")
     client.set_model_version_tag(model_name, str(champ_v), cache_key, repr(m))
-    return m, "re-evaluated on this test set"
+    return m, how
 
 
 def register_and_promote(*, model_uri: str, model_name: str, alias: str, candidate_metric: float, metric_name: str,
                          test_hash: str, tags: dict[str, str], evaluate_champion: Callable[[Path], float],
-                         min_improvement: float, lock_path: Path) -> dict:
+                         min_improvement: float, lock_path: Path,
+                         champion_scores: dict[int, float] | None = None) -> dict:
     """Register `model_uri` as a new version; move `alias` to it only if it beats the champion.
 
     The whole read-compare-write runs under an exclusive lock on `lock_path`. Ties and gains of
-    at most `min_improvement` keep the current champion.
+    at most `min_improvement` keep the current champion. Idempotent per MLflow run: a retry after a
+    fault finds the version this run already registered (tag mlflow_run_id) instead of adding another.
     """
     candidate_metric = float(candidate_metric)
     if not math.isfinite(candidate_metric):
@@ -183,19 +194,23 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, candida
     with registry_lock(lock_path):
         vtags = {str(k): str(v) for k, v in (tags or {}).items()}
         vtags.update({metric_name: repr(candidate_metric), "test_hash": test_hash})
-        # Creates the registered model if missing, then a new version (max+1, server-side).
-        mv = mlflow.register_model(model_uri, model_name, tags=vtags)
+        mv = _version_of_run(client, model_name, vtags.get("mlflow_run_id"))
+        if mv is None:
+            # Creates the registered model if missing, then a new version (max+1, server-side).
+            mv = mlflow.register_model(model_uri, model_name, tags=vtags)
         new_v = int(mv.version)
         alias_set = False
         # Registration can succeed and a later step fail: leave a trace on the version.
         try:
             prev_v = _alias_holder(client, model_name, alias)
             prev_metric = None
-            if prev_v is None:
+            if prev_v == new_v:  # an earlier attempt of this run already moved the alias, then faulted
+                promote, reason, prev_v = True, f"already '{alias}' (set by an earlier attempt of this run)", None
+            elif prev_v is None:
                 promote, reason = True, f"first champion: no version held alias '{alias}'"
             else:
                 prev_metric, how = _champion_score(client, model_name, prev_v, metric_name, test_hash,
-                                                   evaluate_champion)
+                                                   evaluate_champion, champion_scores or {})
                 cmp = (f"candidate {metric_name}={candidate_metric:.6g} vs champion v{prev_v} "
                        f"{metric_name}={prev_metric:.6g} ({how}) + min_improvement={min_improvement:g}")
                 if candidate_metric > prev_metric + min_improvement:
@@ -226,6 +241,17 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, candida
     return {"model_name": model_name, "version": new_v, "promoted": promote, "alias": alias,
             "champion_version": champ_after, "previous_champion_version": prev_v,
             "previous_champion_metric": prev_metric, "reason": reason}
+
+
+def _version_of_run(client: MlflowClient, model_name: str, run_id: str | None):
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and tags.mlflow_run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return max(found, key=lambda mv: int(mv.version)) if found else None
 
 
 def champion_info(model_name: str, alias: str) -> dict | None:

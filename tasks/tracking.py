@@ -12,7 +12,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from tasks.config import Params
+from tasks.config import Params, ParamsError
 from tasks.util import read_jsonl
 
 
@@ -27,11 +27,49 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def ensure_experiment(name: str, artifact_location: str | None) -> str:
+def ensure_experiment(name: str, local_artifact_root: str | None, remote: bool) -> str:
+    """The experiment's id, creating it if missing. Against a remote tracking server the server picks
+    the artifact location (its proxied store); a worker-local `file://` location would strand every
+    artifact on one machine, so an existing experiment with one is refused, not used."""
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return MlflowClient().create_experiment(name, artifact_location=artifact_location)
+    if exp is None:
+        return MlflowClient().create_experiment(name, artifact_location=None if remote else local_artifact_root)
+    loc = exp.artifact_location or ""
+    if remote and (loc.startswith("file:") or loc.startswith("/")):
+        raise ParamsError(f"registry.experiment={name!r}: this experiment stores its artifacts at {loc}, a path only "
+                          "one machine has, so models registered from it could not be loaded elsewhere. Set "
+                          "registry.experiment to a new name (the server then uses its shared artifact store)")
+    return exp.experiment_id
+
+
+def find_fingerprint(model_name: str, experiment_id: str, fingerprint: str) -> str | None:
+    """Why a run with this fingerprint has nothing new to do (a registered version or a finished run
+    that already decided on these exact inputs), or None."""
+    c = MlflowClient()
+    versions = c.search_model_versions(f"name = '{model_name}' and tags.fingerprint = '{fingerprint}'")
+    if versions:
+        v = max(versions, key=lambda mv: int(mv.version))
+        return f"{model_name} v{v.version} was registered from the same inputs (fingerprint {fingerprint})"
+    runs = c.search_runs([experiment_id], f"tags.`qlora_ops.fingerprint` = '{fingerprint}' and "
+                                          "attributes.status = 'FINISHED'",
+                         max_results=1, order_by=["attributes.start_time DESC"])
+    if runs:
+        r = runs[0]
+        return (f"MLflow run {r.info.run_id} already ended {r.data.tags.get('qlora_ops.outcome', 'finished')} "
+                f"on the same inputs (fingerprint {fingerprint})")
+    return None
+
+
+def log_dir(run_id: str, local_dir: Path, artifact_path: str) -> str:
+    """Upload a directory to the run's artifact store; returns its runs:/ URI."""
+    MlflowClient().log_artifacts(run_id, str(local_dir), artifact_path)
+    return f"runs:/{run_id}/{artifact_path}"
+
+
+def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:
+    c = MlflowClient()
+    for f in files:
+        c.log_artifact(run_id, str(f), artifact_path)
 
 
 def start_run(params: Params, experiment_id: str, tags: dict[str, str], run_name: str) -> str:

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,25 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+COPY = ["dvc.yaml", "params/default.yaml", "tasks", "flows", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
+
+
+def make_workspace(dst: Path) -> Path:
+    """A temp git + DVC repo holding this checkout's code, dvc.yaml and default params (a workspace)."""
+    dst.mkdir(parents=True)
+    for rel in COPY:
+        src = ROOT / rel
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst / rel, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dst / rel)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dst, check=True)
+    return dst
 
 
 def write_toy_splits(d: Path, n_train: int = 64, n_val: int = 16, n_test: int = 16) -> Path:
@@ -197,3 +217,122 @@ def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None):
         yield server
     finally:
         stop_process_group(proc)
+
+
+# ---------------------------------------------------------------- S3 (moto's standalone server) and faults
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def start_moto(workdir: Path):
+    """moto's real S3 HTTP endpoint on 127.0.0.1; yields its URL; stopped on exit."""
+    port = free_port()
+    log = open(workdir / "moto.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
+                            env={**os.environ, **S3_ENV})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", proc, timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+def make_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_DEFAULT_REGION"},
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+
+
+@contextlib.contextmanager
+def start_mlflow_s3(workdir: Path, s3_endpoint: str, bucket: str):
+    """`mlflow server` on 127.0.0.1 proxying artifacts to s3://bucket/mlartifacts on moto (the team setup:
+    clients never see S3, they upload/download through the server). Yields the tracking URI."""
+    port = free_port()
+    log = open(workdir / "mlflow.log", "w")
+    env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db", "--serve-artifacts",
+                             "--artifacts-destination", f"s3://{bucket}/mlartifacts", "--workers", "2"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+class FlakyProxy:
+    """A real HTTP proxy on 127.0.0.1 in front of `target`: the first `fail` requests whose path contains
+    `match` get a 503 (what a restarting server or its load balancer answers); everything else is
+    forwarded. `hits` counts the matching requests, failed or forwarded."""
+
+    def __init__(self, target: str, match: str, fail: int = 1):
+        self.target, self.match, self.fail, self.hits = target, match, fail, 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        proxy, t = self, urlsplit(self.target)
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while (size := int(self.rfile.readline().strip() or b"0", 16)):
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return out
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                body = self._body()
+                if proxy.match in self.path:
+                    proxy.hits += 1
+                    if proxy.hits <= proxy.fail:
+                        msg = b"injected fault: service unavailable"
+                        self.send_response(503)
+                        self.send_header("Content-Length", str(len(msg)))
+                        self.end_headers()
+                        self.wfile.write(msg)
+                        return
+                conn = http.client.HTTPConnection(t.hostname, t.port, timeout=120)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "transfer-encoding", "connection", "content-length")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), H)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

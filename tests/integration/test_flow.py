@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -19,27 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, start_prefect_server
+from tests.conftest import ROOT, make_workspace, start_prefect_server
 
 pytestmark = pytest.mark.slow
-
-COPY = ["dvc.yaml", "params/default.yaml", "tasks", "flows", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
-
-
-def make_workspace(dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for rel in COPY:
-        src = ROOT / rel
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst / rel, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dst / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=dst, check=True)
-    return dst
-
 
 def write_params(ws: Path, name: str, model_dir: Path, tracking_uri: str, model_name: str, **over) -> str:
     p = {
@@ -108,14 +89,23 @@ def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_
     assert s1["data"]["outs"] == {o["path"]: o["md5"] for o in lock["prepare-tiny"]["outs"]}
     assert "prepare-tiny" in yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
 
-    s2 = retrain(params_path=rel, workspace=str(ws))
+    # Nothing new (same data, params, code, base): ends in seconds as Skipped, trains and registers nothing.
+    import time
+    t = time.time()
+    st = retrain(params_path=rel, workspace=str(ws), return_state=True)
+    assert st.is_completed() and st.name == "Skipped", (st.name, st.message)
+    assert "nothing new" in st.message and f"{name} v1" in st.message
+    assert time.time() - t < 60
+
+    s2 = retrain(params_path=rel, workspace=str(ws), force=True)  # --force retrains anyway
     r2 = s2["registry"]
     assert r2["version"] == 2 and r2["previous_champion_version"] == 1
     assert not r2["promoted"] and r2["champion_version"] == 1  # equal accuracy does not beat the champion
     assert s2["models"]["qlora"].get("cached")  # identical inputs: training + eval reused, not redone
 
     runs = flow_runs(prefect)  # both runs were orchestrated by the real Prefect server
-    assert sum(r["state_type"] == "COMPLETED" for r in runs) >= 2
+    assert sum(r["state_type"] == "COMPLETED" for r in runs) >= 3
+    assert any(r["state_name"] == "Skipped" for r in runs)
 
     c = MlflowClient(mlflow_server)
     versions = c.search_model_versions(f"name='{name}'")
@@ -157,6 +147,10 @@ def test_failing_gate_registers_nothing(ws, tiny_model_dir, mlflow_server, prefe
     out = r.stdout + r.stderr  # the summary is printed inside the flow: Prefect routes it to its log stream
     assert "gain_over_base" in out and "FAIL" in out and "nothing registered" in out
     assert MlflowClient(mlflow_server).search_model_versions(f"name='{name}'") == []
+    # A refusal is a failed run named for what happened, with the gate table as its message.
+    rejected = [r for r in flow_runs(prefect) if r["state_name"] == "Rejected"]
+    assert rejected and rejected[-1]["state_type"] == "FAILED"
+    assert "gain_over_base" in rejected[-1]["state"]["message"] and "FAIL" in rejected[-1]["state"]["message"]
 
 
 def test_bad_data_fails_before_training_naming_file_and_line(ws, tiny_model_dir, mlflow_server, prefect):

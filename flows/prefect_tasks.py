@@ -1,8 +1,9 @@
 """Thin Prefect wrappers around the plain stage functions (tests call the plain functions).
 
-NO_CACHE: Prefect's default cache key includes the flow run id and pickles results; our stages
-cache themselves on content (data hash + params hash + code hash -> run dir with result.json), and
-pass only paths and small JSON between each other.
+NO_CACHE and no result persistence: Prefect's default cache key includes the flow run id and
+pickles results; our stages cache themselves on content (data hash + params hash + code hash ->
+run dir with result.json) and pass only paths, URIs and small JSON between each other.
+Timeouts and retries are set per call from params (flows.runtime.stage).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import base_model, evaluate, gate, merge, train, versioning
+from tasks import base_model, evaluate, merge, register, train, versioning
 
 _opts = dict(cache_policy=NO_CACHE, persist_result=False)
 
@@ -38,11 +39,16 @@ def evaluate_model(params, name: str, model_dir: str, test_path: str, out_dir: s
                                    Path(adapter_dir) if adapter_dir else None, quantized)
 
 
-@task(name="gates", **_opts)
-def pre_merge_gates(params, base: float, lora: float, qlora: float) -> list[dict]:
-    return gate.pre_merge_gates(params.gates, base, lora, qlora)
-
-
 @task(name="merge", **_opts)
 def merge_adapter(params, base_dir: str, adapter_dir: str, out_dir: str) -> dict:
     return merge.merge(params, Path(base_dir), Path(adapter_dir), Path(out_dir))
+
+
+@task(name="log-model", **_opts)
+def log_model(merged_dir: str, serving: dict, run_id: str) -> str:
+    return register.log_merged_model(Path(merged_dir), serving, run_id=run_id)
+
+
+@task(name="register", **_opts)
+def register_and_promote(**kw) -> dict:
+    return register.register_and_promote(**kw)

@@ -1,0 +1,146 @@
+"""Orchestration policy, in one place: which faults retry, each stage's timeout and retries from
+params, the registry's cross-machine promotion slot, and a fast check that the services answer.
+
+Stages (tasks/) know nothing of this: they raise plain exceptions; here we decide that a refused
+connection is worth another try and a bad row never is.
+"""
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from typing import Iterator
+
+from tasks.config import Params
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service the run needs (tracking server, Prefect API) did not answer: exit code 4."""
+
+
+class Rejected(RuntimeError):
+    """A gate refused the candidate (a business outcome, never retried)."""
+
+
+# Network-level failure texts as the clients we use word them (requests/urllib3 via MLflow, httpx via
+# Prefect, botocore/s3fs via DVC). Matched on the message because MLflow wraps them in MlflowException.
+_TRANSIENT = re.compile(
+    r"connection (refused|reset|aborted)|max retries exceeded|timed out|temporarily unavailable|"
+    r"remote ?disconnected|broken pipe|name or service not known|too many 5\d\d|"
+    r"\b(502|503|504)\b|bad gateway|service unavailable|gateway time-?out|readtimeout|connecttimeout",
+    re.I)
+
+
+def deterministic_errors() -> tuple[type[BaseException], ...]:
+    from tasks.base_model import BaseModelError
+    from tasks.config import ParamsError
+    from tasks.data import DataError
+    from tasks.train import DivergenceError
+
+    return ParamsError, DataError, BaseModelError, DivergenceError, Rejected
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for faults another try may cure (network, 5xx, a lost connection); False for bad data,
+    bad params, divergence, a gate refusal, and for timeouts (a hung stage must not hold its slot twice)."""
+    from prefect.flow_engine import FlowRunTimeoutError
+    from prefect.task_engine import TaskRunTimeoutError
+
+    if isinstance(exc, deterministic_errors() + (TaskRunTimeoutError, FlowRunTimeoutError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import httpx
+        if isinstance(exc, httpx.TransportError):
+            return True
+    except ImportError:
+        pass
+    try:
+        import requests
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:
+        pass
+    return bool(_TRANSIENT.search(f"{type(exc).__name__}: {exc}"))
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+def backoff(params: Params) -> list[float]:
+    o = params.orchestration
+    return [o.retry_delay_s * 2 ** i for i in range(o.retries)]
+
+
+def stage(task, params: Params, timeout: str):
+    """`task` with its timeout (params.orchestration.timeouts.<timeout>) and transient-only retries."""
+    o = params.orchestration
+    return task.with_options(timeout_seconds=getattr(o.timeouts, timeout), retries=o.retries,
+                             retry_delay_seconds=backoff(params) or 0, retry_condition_fn=_retry_if_transient)
+
+
+# ---------------------------------------------------------------- one promotion at a time
+def registry_limit_name(model_name: str) -> str:
+    return "qlora-ops-registry-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name)
+
+
+def ensure_registry_limit(model_name: str) -> str:
+    """Create the model's global concurrency limit (1 slot) if missing; Prefect requires limits to exist."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = registry_limit_name(model_name)
+    with get_client(sync_client=True) as c:
+        try:
+            c.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass  # another run created it between our read and write
+    return name
+
+
+@contextmanager
+def registry_slot(model_name: str, timeout_s: float) -> Iterator[None]:
+    """Hold the registered model's Prefect global concurrency slot: every deployment, worker and laptop
+    that talks to the same Prefect API serializes register + promote here (the fcntl lock in
+    tasks.register covers runs that share only a filesystem)."""
+    from prefect.concurrency.sync import concurrency
+
+    name = ensure_registry_limit(model_name)
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield
+
+
+# ---------------------------------------------------------------- services answer, fast
+def redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+def _probe(url: str, timeout: float) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return None if r.status < 500 else f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return None if e.code < 500 else f"HTTP {e.code}"  # 401/403/404: something answered
+    except (OSError, ValueError) as e:
+        return str(getattr(e, "reason", e))
+
+
+def check_services(tracking_uri: str, prefect_api: str | None, timeout: float = 5.0) -> None:
+    """Seconds, not minutes: MLflow's client would retry a dead server for over 4 minutes."""
+    checks = []
+    if tracking_uri.startswith(("http://", "https://")):
+        checks.append(("MLflow tracking server", tracking_uri, tracking_uri.rstrip("/") + "/health"))
+    if prefect_api:
+        checks.append(("Prefect API", prefect_api, prefect_api.rstrip("/") + "/health"))
+    for what, shown, url in checks:
+        if (err := _probe(url, timeout)) is not None:
+            raise ServiceUnavailable(f"{what} at {redact(shown)} did not answer within {timeout:g} s ({err}); "
+                                     "start it or fix the URI, then rerun")
