@@ -42,7 +42,7 @@ def classify(exc: BaseException) -> str:
     from tasks.base_model import BaseModelError
     from tasks.config import ParamsError
     from tasks.data import DataError
-    from tasks.train import DivergenceError
+    from tasks.modeling import DivergenceError
     from tasks.versioning import DvcError
 
     if isinstance(exc, (ParamsError, DataError, DvcError, BaseModelError)):

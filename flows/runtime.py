@@ -36,7 +36,7 @@ def deterministic_errors() -> tuple[type[BaseException], ...]:
     from tasks.base_model import BaseModelError
     from tasks.config import ParamsError
     from tasks.data import DataError
-    from tasks.train import DivergenceError
+    from tasks.modeling import DivergenceError
 
     return ParamsError, DataError, BaseModelError, DivergenceError, Rejected
 

@@ -13,21 +13,11 @@ from pathlib import Path
 import torch
 
 from tasks.config import Params
+from tasks.modeling import load_with_adapter
 from tasks.prompting import eos_id, format_prompt
-from tasks.train import load_model
 from tasks.util import atomic_write_json, atomic_write_text, read_jsonl
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "label_accuracy"
-
-
-def load_eval_model(params: Params, model_dir: Path, adapter_dir: Path | None = None, quantized: bool = False):
-    """base: (model_dir) ; LoRA: (model_dir, adapter) ; QLoRA: (model_dir, adapter, quantized=True) ; merged: (merged_dir)."""
-    model, tok = load_model(Path(model_dir), params, quantized)
-    if adapter_dir is not None:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    return model, tok
 
 
 @torch.no_grad()
@@ -69,7 +59,7 @@ def evaluate_model(params: Params, name: str, model_dir: Path, test_path: Path, 
     t0 = time.time()
     if params.training.threads:
         torch.set_num_threads(params.training.threads)
-    model, tok = load_eval_model(params, model_dir, adapter_dir, quantized)
+    model, tok = load_with_adapter(params, model_dir, adapter_dir, quantized)
     preds = generate(model, tok, test_rows(params, test_path), params.eval.batch_size, params.eval.max_new_tokens)
     res = {"model": name, **score(preds), "eval_seconds": time.time() - t0}
     out_dir = Path(out_dir)

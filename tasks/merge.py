@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from tasks.config import Params
-from tasks.train import _check_finite, load_model
+from tasks.modeling import check_finite, load_model, load_with_adapter
 from tasks.util import atomic_dir
 
 
@@ -50,7 +50,7 @@ def merge(params: Params, base_dir: Path, adapter_dir: Path, out_dir: Path,
         model, tok = load_model(base_dir, params, quantized=False, dev=torch.device("cpu"))
         model = model.float()
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    _check_finite(dict(merged.state_dict()), "merged model")
+    check_finite(dict(merged.state_dict()), "merged model")
     with atomic_dir(out_dir) as tmp:  # a merged dir exists only when complete
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -60,12 +60,8 @@ def merge(params: Params, base_dir: Path, adapter_dir: Path, out_dir: Path,
 @torch.no_grad()
 def logit_drift(params: Params, base_dir: Path, adapter_dir: Path, merged_dir: Path, texts: list[str]) -> float:
     """Max |logit difference| between the unmerged QLoRA model and the merged one on `texts`."""
-    from peft import PeftModel
-
-    q, tok = load_model(base_dir, params, quantized=True)
-    q = PeftModel.from_pretrained(q, str(adapter_dir)).eval()
-    m, _ = load_model(merged_dir, params, quantized=False)
-    m.eval()
+    q, tok = load_with_adapter(params, base_dir, adapter_dir, quantized=True)
+    m, _ = load_with_adapter(params, merged_dir)
     worst = 0.0
     for t in texts:
         ids = tok(t, return_tensors="pt").input_ids

@@ -4,6 +4,8 @@
         --base-dir .qlora-ops/cache/base/smollm2-135m-instruct --data-dir data/prepared/default --out /tmp/run-q
 
 Both kinds share every setting (data order, seed, LoRA init, schedule) except quantization.
+Building the model (device, dtype, 4-bit config, LoRA init) is tasks.modeling's: evaluate and merge
+must load exactly what was trained, so that code is not this module's.
 Crash safety: checkpoints (adapter, optimizer, scheduler, RNG, step) are written to a temp dir and
 renamed, so a directory named step-N is always complete; a re-run resumes from the newest one.
 `result.json` is written last; its presence means the run finished.
@@ -25,8 +27,9 @@ from typing import Callable, Literal
 
 import torch
 
-from tasks.config import Params, QuantParams, load_params
+from tasks.config import Params, load_params
 from tasks.distributed import Dist, prepare_for_fsdp
+from tasks.modeling import DivergenceError, add_lora, check_finite, compute_dtype, device, load_model
 from tasks.prompting import encode
 from tasks.util import atomic_dir, atomic_write_json, read_json, read_jsonl
 
@@ -34,69 +37,7 @@ log = logging.getLogger("qlora_ops.train")
 Kind = Literal["qlora", "lora"]
 
 
-class DivergenceError(RuntimeError):
-    """Non-finite loss or gradient: training stopped, nothing downstream may run."""
-
-
-# ---------------------------------------------------------------- model loading
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def compute_dtype(q: QuantParams, dev: torch.device) -> torch.dtype:
-    if q.compute_dtype != "auto":
-        return getattr(torch, q.compute_dtype)
-    if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # bf16 matmuls on CPU measured 13-25x slower than fp32
-
-
-def bnb_config(q: QuantParams, dev: torch.device):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(q, dev),
-        bnb_4bit_quant_storage=getattr(torch, q.quant_storage),
-    )
-
-
-def load_model(base_dir: Path, params: Params, quantized: bool, dev: torch.device | None = None):
-    """Base model, 4-bit (QLoRA) or in compute dtype (LoRA baseline / evaluation). Safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dev = dev or device()
-    dtype = compute_dtype(params.quantization, dev)
-    kw = dict(dtype=dtype, use_safetensors=True, trust_remote_code=params.model.trust_remote_code)
-    if quantized:
-        kw.update(quantization_config=bnb_config(params.quantization, dev), device_map={"": dev.type if dev.type == "cpu" else dev.index or 0})
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kw)
-    if not quantized:
-        model.to(dev)
-    tok = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=params.model.trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
-def add_lora(model, params: Params, quantized: bool):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if quantized:  # fp32 norms/embeddings, input grads for checkpointing: the QLoRA recipe
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.training.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif params.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    lp = params.lora
-    torch.manual_seed(params.seed)  # seed right before adapter creation: LoRA init is reproducible
-    cfg = LoraConfig(r=lp.r, lora_alpha=lp.alpha, lora_dropout=lp.dropout, target_modules=lp.target_modules,
-                     modules_to_save=lp.modules_to_save, task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
-
-
+# ---------------------------------------------------------------- optimizer
 def make_optimizer(model, params: Params, dev: torch.device):
     tp = params.training
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -201,12 +142,6 @@ def _adapter_state(model, full: dict | None = None) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, state_dict=full).items()}
 
 
-def _check_finite(sd: dict[str, torch.Tensor], what: str) -> None:
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise DivergenceError(f"{what}: non-finite values in {bad[:3]} (lower training.lr or raise max_grad_norm clipping)")
-
-
 def _rank_file(rank: int) -> str:
     return "trainer_state.pt" if rank == 0 else f"trainer_state.rank{rank}.pt"
 
@@ -228,7 +163,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, extra: dict, 
     if dist.main:
         unwrapped = dist.unwrap(model)
         sd = _adapter_state(unwrapped, full)
-        _check_finite(sd, f"checkpoint at step {step}")  # safetensors happily stores NaN: refuse here
+        check_finite(sd, f"checkpoint at step {step}")  # safetensors happily stores NaN: refuse here
         unwrapped.save_pretrained(tmp, state_dict=full)  # adapter_model.safetensors + adapter_config.json
         atomic_write_json(tmp / "checkpoint.json", {"step": step, "world_size": dist.world, **extra})
         shutil.rmtree(final, ignore_errors=True)
@@ -258,7 +193,7 @@ def find_checkpoint(ckpt_root: Path, model, dist: Dist, say) -> tuple[int, dict 
             if meta.get("world_size", 1) != dist.world:
                 raise ValueError(f"written by {meta.get('world_size', 1)} processes, this run has {dist.world}")
             sd = load_file(path / "adapter_model.safetensors")
-            _check_finite(sd, str(path))
+            check_finite(sd, str(path))
             # weights_only=True: tensors and plain containers only, no arbitrary unpickling.
             state = torch.load(path / _rank_file(dist.rank), weights_only=True)
             set_peft_model_state_dict(model, sd)
@@ -408,7 +343,7 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
     if dist.main:
         hist.close()
         unwrapped = dist.unwrap(model)
-        _check_finite(_adapter_state(unwrapped, full), f"[{kind}] final adapter")
+        check_finite(_adapter_state(unwrapped, full), f"[{kind}] final adapter")
         with atomic_dir(final) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=full)
         hrows = read_jsonl(hist_path)

@@ -28,7 +28,7 @@ def test_deterministic_faults_never_retry_even_with_network_words():
 
     from tasks.config import ParamsError
     from tasks.data import DataError
-    from tasks.train import DivergenceError
+    from tasks.modeling import DivergenceError
 
     for exc in (ParamsError("connection refused in key x"), DataError("f.jsonl:3: timed out?"),
                 DivergenceError("loss nan"), Rejected("gain_over_base 503"), TaskRunTimeoutError("timed out")):

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from tasks.distributed import prepare_for_fsdp
-from tasks.train import add_lora, checkpoints, load_model, train
+from tasks.modeling import add_lora, load_model
+from tasks.train import checkpoints, train
 from tests.conftest import ROOT, tiny_params
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from tasks.base_model import resolve_base_model
 from tasks.config import Params
-from tasks.evaluate import evaluate_model, generate, load_eval_model
+from tasks.evaluate import evaluate_model, generate
+from tasks.modeling import load_with_adapter
 from tasks.train import train
 from tests.conftest import write_toy_splits
 
@@ -37,7 +38,7 @@ def test_4bit_base_answers_a_prompt(smollm2):
     import bitsandbytes as bnb
 
     p, base = smollm2
-    model, tok = load_eval_model(p, base, quantized=True)
+    model, tok = load_with_adapter(p, base, quantized=True)
     n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert n4 == 30 * 7  # every linear layer of every block is NF4
     w = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight

@@ -14,8 +14,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tasks.modeling import DivergenceError
 from tasks.prompting import encode
-from tasks.train import DivergenceError, batch_order, checkpoints, collate, train
+from tasks.train import batch_order, checkpoints, collate, train
 from tests.conftest import ROOT, tiny_params
 
 
@@ -132,7 +133,8 @@ def test_packing_has_no_cross_sample_leakage(tiny_model_dir):
     """Packed loss == unpacked loss: with a leak, later examples would see earlier ones and differ."""
     from transformers import AutoTokenizer
 
-    from tasks.train import batch_loss, collate_packed, load_model
+    from tasks.modeling import load_model
+    from tasks.train import batch_loss, collate_packed
 
     p = tiny_params(tiny_model_dir)
     model, _ = load_model(tiny_model_dir, p, quantized=False)
