@@ -28,11 +28,13 @@ from tasks import gate, register, tracking
 from tasks.base_model import base_identity
 from tasks.config import Params
 from tasks.data import DataError
+from tasks.modeling import compute_dtype, device
 from tasks.paths import state_dir, tracking_uri
-from tasks.util import read_json, sha256_file
+from tasks.util import read_json, read_jsonl, sha256_file
 from tasks.versioning import code_version, source_hash
 
 RESULT = "model_stage.json"
+METRIC_CODE = "metrics/label_accuracy/label_accuracy.py"
 METRIC = "test_accuracy"
 
 
@@ -80,13 +82,16 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
         tracking.log_training(run_id, exp_id, results[kind])
         tracking.log_dir(run_id, Path(results[kind]["adapter_dir"]), f"adapters/{kind}")
 
-    eval_key = key(test_hash, train_code, source_hash("evaluate.py", "modeling.py"), p.digest("eval", "quantization", "seed"))
+    eval_key = score_key(p, test_hash)
     cache = sd / "cache" / "eval"
 
-    def evaluate(name: str, cache_key: str | None, model_dir: str, **kw) -> dict:
-        """Once per (model, test set, eval params, code) key; a hit reads metrics.json."""
-        out = cache / f"{name}-{cache_key}" if cache_key else work / f"eval-{name}"
-        if cache_key and (out / "metrics.json").is_file():
+    # Cached per (model, score key); the merged model is not: its re-check is of the bytes we register.
+    dirs = {"base": cache / f"base-{key(eval_key, base_id)}", "lora": cache / f"lora-{key(eval_key, train_key)}",
+            "qlora": cache / f"qlora-{key(eval_key, train_key)}", "merged": work / "eval-merged"}
+
+    def evaluate(name: str, model_dir: str, **kw) -> dict:
+        out = dirs[name]
+        if name != "merged" and (out / "metrics.json").is_file():
             m = {**read_json(out / "metrics.json"), "cached": True}
         else:
             m = stage(pt.evaluate_model, p, "evaluate")(p, name, model_dir, str(test_path), str(out), **kw)
@@ -94,38 +99,63 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
         return m
 
     models = {
-        "base": evaluate("base", key(eval_key, base_id), base),
-        "lora": evaluate("lora", key(eval_key, train_key), base, adapter_dir=results["lora"]["adapter_dir"]),
-        "qlora": evaluate("qlora", key(eval_key, train_key), base, adapter_dir=results["qlora"]["adapter_dir"],
-                          quantized=True),
+        "base": evaluate("base", base),
+        "lora": evaluate("lora", base, adapter_dir=results["lora"]["adapter_dir"]),
+        "qlora": evaluate("qlora", base, adapter_dir=results["qlora"]["adapter_dir"], quantized=True),
     }
-    out = {"models": models, "model_uri": None, "champion_scores": {}, "code": code_version(),
+    out = {"models": models, "model_uri": None, "champion": None, "score_key": eval_key, "code": code_version(),
            "worker": {"host": socket.gethostname(), "workspace": str(ws), "pid": os.getpid()},
            "training": {k: {x: r.get(x) for x in ("optimizer", "device", "train_seconds", "peak_mem_bytes",
                                                  "mean_tokens_per_s", "final_val_loss", "resumed_from")}
                         for k, r in results.items()}}
+    # Per-row results: every gate and the promotion decision are paired comparisons on these rows.
+    out["rows"] = rows = {name: per_row(dirs[name]) for name in models}
     # Merging is only worth doing for a candidate the pre-merge gates accept; the parent decides again.
-    if gate.passed(gate.pre_merge_gates(p.gates, models["base"]["accuracy"], models["lora"]["accuracy"],
-                                        models["qlora"]["accuracy"])):
+    if gate.passed(gate.pre_merge_gates(p.gates, rows["base"]["correct"], rows["lora"]["correct"],
+                                        rows["qlora"]["correct"], seed=p.seed)):
         merged_dir = work / "merged"
         stage(pt.merge_adapter, p, "merge")(p, base, results["qlora"]["adapter_dir"], str(merged_dir))
-        # Not cached: this re-check is of the bytes we are about to log and register.
-        models["merged"] = evaluate("merged", None, str(merged_dir))
+        models["merged"] = evaluate("merged", str(merged_dir))
+        rows["merged"] = per_row(dirs["merged"])
         out["model_uri"] = stage(pt.log_model, p, "registry")(
-            str(merged_dir), {"system_prompt": p.data.system_prompt, "max_new_tokens": p.eval.max_new_tokens}, run_id)
+            str(merged_dir), {"system_prompt": p.data.system_prompt, "max_new_tokens": models["merged"]["max_new_tokens"]},
+            run_id)
         shutil.rmtree(merged_dir, ignore_errors=True)  # the artifact store holds its copy
-        out["champion_scores"] = champion_scores(p, test_hash, str(test_path), work)
+        out["champion"] = champion_rows(p, eval_key, test_path, work)
     tracking.log_json(run_id, out, RESULT)
     return out
 
 
-def champion_scores(p: Params, test_hash: str, test_path: str, work: Path) -> dict[str, float]:
-    """The current champion's accuracy on this test set when its version does not carry one yet:
-    evaluating a model is GPU work, so it happens here rather than under the parent's registry lock."""
+def score_key(p: Params, test_hash: str) -> str:
+    """Everything a score depends on: test rows, decoding + metric code, eval params, device and dtype.
+    Two models' results are compared row by row only when their score keys match."""
+    dev = device()
+    return key(test_hash, source_hash("evaluate.py", "modeling.py", "prompting.py", METRIC_CODE),
+               p.digest("eval", "quantization"), dev.type, str(compute_dtype(p.quantization, dev)))
+
+
+def per_row(eval_dir: Path) -> dict:
+    preds = read_jsonl(eval_dir / "predictions.jsonl")
+    return {"ids": [r["id"] for r in preds], "correct": [bool(r["correct"]) for r in preds],
+            "answers": [r["prediction"] for r in preds]}
+
+
+def champion_rows(p: Params, eval_key: str, test_path: Path, work: Path) -> dict | None:
+    """The current champion's per-row results on this test set: the predictions its own run saved when
+    they were made under the same score key, else a fresh evaluation (GPU work, so it happens here and
+    not under the parent's registry lock)."""
     info = register.champion_info(p.registry.model_name, p.registry.champion_alias)
-    if info is None or register.known_champion_score(info["tags"], METRIC, test_hash) is not None:
-        return {}
-    local = register.download_hf_model(p.registry.model_name, info["version"], work / "champion")
-    m = stage(pt.evaluate_model, p, "evaluate")(p, "champion", str(local), test_path, str(work / "eval-champion"))
+    if info is None:
+        return None
+    v, tags = info["version"], info["tags"]
+    if tags.get("score_key") == eval_key and tags.get("mlflow_run_id"):
+        import mlflow
+
+        d = Path(mlflow.artifacts.download_artifacts(f"runs:/{tags['mlflow_run_id']}/eval/merged",
+                                                     dst_path=str(work / f"champion-v{v}")))
+        return {"version": v, "how": "its own saved predictions (same score key)", **per_row(d)}
+    local = register.download_hf_model(p.registry.model_name, v, work / "champion")
+    out = work / "eval-champion"
+    stage(pt.evaluate_model, p, "evaluate")(p, "champion", str(local), str(test_path), str(out))
     shutil.rmtree(work / "champion", ignore_errors=True)
-    return {str(info["version"]): m["accuracy"]}
+    return {"version": v, "how": "re-evaluated on this test set", **per_row(out)}

@@ -25,8 +25,8 @@ from prefect.states import Completed, Failed
 
 from flows import prefect_tasks as pt
 from flows import runtime
-from flows.model_stage import METRIC, RESULT, model_stage
-from tasks import gate, tracking
+from flows.model_stage import METRIC, RESULT, champion_rows, model_stage
+from tasks import gate, stats, tracking
 from tasks.base_model import base_fingerprint
 from tasks.config import Params, load_params
 from tasks.paths import artifact_root, state_dir, tracking_uri, ws_path
@@ -106,20 +106,26 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         ms = timed("model_stage", call_model_stage, params, ws, run_id, data_uri, str(prepared), test_hash)
         models = ms["models"]
         summary["worker"] = ms.get("worker")
-        verdicts = gate.pre_merge_gates(params.gates, models["base"]["accuracy"], models["lora"]["accuracy"],
-                                        models["qlora"]["accuracy"])
+        rows = ms["rows"]
+        verdicts = gate.pre_merge_gates(params.gates, rows["base"]["correct"], rows["lora"]["correct"],
+                                        rows["qlora"]["correct"], seed=params.seed)
         if "merged" in models:
-            verdicts.append(gate.merge_gate(params.gates, models["qlora"]["accuracy"], models["merged"]["accuracy"]))
+            verdicts.append(gate.merge_gate(params.gates, rows["qlora"]["answers"], rows["merged"]["answers"]))
+        for name, m in models.items():  # every accuracy with its interval, for the summary and the report
+            m["ci_low"], m["ci_high"] = stats.accuracy_interval(rows[name]["correct"], params.gates.confidence)
+        summary["power"] = stats.power_check(policy(params), len(rows["qlora"]["correct"]))
         passed = gate.passed(verdicts) and ms.get("model_uri") is not None
         summary.update(models=models, gates=verdicts, passed=passed)
         tracking.log_metrics(run_id, {f"{m}.{k}": v[k] for m, v in models.items() for k in ("accuracy", "eos_rate")})
         tracking.log_metrics(run_id, {f"gate.{v['name']}": v["value"] for v in verdicts})
         tracking.log_metrics(run_id, {f"gate.{v['name']}.passed": float(v["passed"]) for v in verdicts})
         tracking.log_json(run_id, verdicts, "gates.json")
+        if summary["power"]:
+            print(f"note: {summary['power']}")
         tracking.set_tags(run_id, {"qlora_ops.gates": "passed" if passed else "failed",
                                    "qlora_ops.gate_reason": gate.explain(verdicts)})
         if passed:
-            summary["registry"] = timed("register", register, params, ws, run_id, ms, data, test_hash, fp, code)
+            summary["registry"] = timed("register", register, params, ws, run_id, ms, data, fp, code)
             tracking.set_tags(run_id, {"qlora_ops.registered_version": summary["registry"]["version"],
                                        "qlora_ops.promoted": summary["registry"]["promoted"]})
             summary["outcome"] = "registered"
@@ -178,32 +184,45 @@ class ModelStageFailed(RuntimeError):
     pass
 
 
-def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, test_hash: str, fp: str, code: dict) -> dict:
+def policy(params: Params) -> stats.PromotionPolicy:
+    r = params.registry
+    return stats.PromotionPolicy(confidence=r.confidence, non_inferiority_margin=r.non_inferiority_margin,
+                                 min_improvement=r.min_improvement)
+
+
+def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: str, code: dict) -> dict:
     """Register the logged merged model and decide promotion, one run at a time per registered model."""
     r = params.registry
-    models = ms["models"]
+    models, cand = ms["models"], ms["rows"]["merged"]
 
-    def eval_champion(model_dir: Path) -> float:  # only if the champion changed after the model stage ran
-        return pt.evaluate_model.fn(params, "champion", str(model_dir), str(Path(data["prepared_dir"]) / "test.jsonl"),
-                                    str(state_dir(ws, params) / "model-stage" / run_id / "eval-champion-late"))["accuracy"]
+    def decide(champion_v: int) -> tuple[bool, str]:
+        champ = ms.get("champion")
+        if not champ or champ["version"] != champion_v:  # the champion moved after the model stage ran
+            work = state_dir(ws, params) / "model-stage" / run_id / "late-champion"
+            champ = champion_rows(params, ms["score_key"], Path(data["prepared_dir"]) / "test.jsonl", work)
+        if champ["ids"] != cand["ids"]:
+            raise RuntimeError(f"champion v{champion_v} was scored on other rows than the candidate; not comparable")
+        d = stats.decide(policy(params), cand["correct"], champ["correct"], seed=params.seed)
+        return d["promote"], f"{d['reason']} (champion v{champion_v}: {champ['how']})"
 
     with runtime.registry_slot(r.model_name, params.orchestration.timeouts.registry):
         return runtime.stage(pt.register_and_promote, params, "registry")(
             model_uri=ms["model_uri"], model_name=r.model_name, alias=r.champion_alias,
-            candidate_metric=models["merged"]["accuracy"], metric_name=METRIC, test_hash=test_hash,
+            challenger_alias=r.challenger_alias, decide=decide, lock_path=state_dir(ws, params) / "registry.lock",
             tags={"data_version": data["data_version"], "mlflow_run_id": run_id, "params_hash": params.digest(),
                   "fingerprint": fp, "code_commit": str(code["git_commit"]), "code_sha": code["source_sha"],
-                  "qlora_accuracy": str(models["qlora"]["accuracy"]), "base_accuracy": str(models["base"]["accuracy"])},
-            evaluate_champion=eval_champion, min_improvement=r.min_improvement,
-            lock_path=state_dir(ws, params) / "registry.lock",
-            champion_scores={int(k): v for k, v in ms.get("champion_scores", {}).items()})
+                  "score_key": ms["score_key"], METRIC: repr(models["merged"]["accuracy"]),
+                  "qlora_accuracy": str(models["qlora"]["accuracy"]), "base_accuracy": str(models["base"]["accuracy"]),
+                  # The adapter (what multi-LoRA servers load) travels with the version.
+                  "adapter_uri": f"runs:/{run_id}/adapters/qlora"})
 
 
 def gate_table(verdicts: list[dict]) -> str:
-    L = [f"{'gate':<20}{'value':>10}  {'op':<3}{'threshold':>10}  verdict"]
+    L = [f"{'gate':<20}{'value':>8}  {'95% interval':<17}{'op':<3}{'threshold':>9}  verdict"]
     for v in verdicts:
-        L.append(f"{v['name']:<20}{v['value']:>10.4f}  {v['op']:<3}{v['threshold']:>10}  "
-                 f"{'PASS' if v['passed'] else 'FAIL'}  {v['detail']}")
+        ci = f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None else ""
+        L.append(f"{v['name']:<20}{v['value']:>8.4f}  {ci:<17}{v['op']:<3}{v['threshold']:>9}  "
+                 f"{'PASS' if v['passed'] else 'FAIL'}  ({v['decided_on']})")
     return "\n".join(L)
 
 
@@ -217,11 +236,16 @@ def format_summary(s: dict) -> str:
     L += [f"qlora-ops summary  mlflow run {s['mlflow_run_id']}",
           f"data version {s['data']['version']} ({s['data']['stage']})   code {str(s['code']['git_commit'])[:10]}"
           f"{' (dirty)' if s['code']['git_dirty'] else ''} sha {s['code']['source_sha']}   fingerprint {s['fingerprint']}",
-          "", f"{'model':<10}{'accuracy':>10}{'eos_rate':>10}{'n':>6}{'eval_s':>9}"]
+          "", f"{'model':<10}{'accuracy':>10}  {'95% interval':<17}{'eos_rate':>8}{'n':>6}{'eval_s':>9}"]
     for name, m in s["models"].items():
-        L.append(f"{name:<10}{m['accuracy']:>10.4f}{m['eos_rate']:>10.2f}{m['n']:>6}{m['eval_seconds']:>9.1f}"
+        ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else ""
+        L.append(f"{name:<10}{m['accuracy']:>10.4f}  {ci:<17}{m['eos_rate']:>8.2f}{m['n']:>6}{m['eval_seconds']:>9.1f}"
                  f"{'  (cached)' if m.get('cached') else ''}")
-    L += ["", gate_table(s["gates"]), ""]
+    L += ["", gate_table(s["gates"])]
+    L += [f"  {v['name']}: {v['detail']}" for v in s["gates"]]
+    if s.get("power"):
+        L.append(f"note: {s['power']}")
+    L.append("")
     r = s["registry"]
     if r.get("version"):
         L.append(f"registry: {r['model_name']} v{r['version']} registered; alias '{r['alias']}' -> v{r['champion_version']} "

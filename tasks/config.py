@@ -35,6 +35,9 @@ class ModelParams(_Strict):
 class SplitParams(_Strict):
     val: float = Field(0.1, gt=0, lt=0.5)
     test: float = Field(0.2, gt=0, lt=0.5)
+    # Hash seed of the split, apart from the training `seed`: trying another training seed must never
+    # move rows between train and test (the champion would then be re-scored on rows it trained on).
+    seed: int = 42
 
 
 class DataParams(_Strict):
@@ -104,18 +107,24 @@ class TrainParams(_Strict):
 
 class EvalParams(_Strict):
     batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(8, ge=1)
+    # null = the longest reference answer in tokens + 1 (the turn end): a fixed cap silently scores
+    # every longer label as wrong.
+    max_new_tokens: int | None = Field(None, ge=1)
     # Evaluate on the first N test rows only (null = all). Same N for every model.
     max_examples: int | None = Field(None, ge=1)
 
 
 class GateParams(_Strict):
-    # QLoRA accuracy minus base accuracy must reach this (absolute points, 0..1).
+    # Every gate is computed on the saved per-row predictions (paired), with a `confidence` interval.
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    # The interval's LOWER bound of (QLoRA - base) accuracy must reach this (absolute points, 0..1).
     min_gain_over_base: float = 0.2
-    # QLoRA accuracy / LoRA-baseline accuracy must reach this.
+    # QLoRA accuracy / LoRA-baseline accuracy must reach this (point estimate; the paired interval of
+    # QLoRA - LoRA is reported beside it).
     min_retention_vs_lora: float = Field(0.9, ge=0)
-    # |merged accuracy - QLoRA accuracy| may not exceed this.
-    max_merge_delta: float = Field(0.02, ge=0)
+    # Share of test rows where the merged model and QLoRA answer differently may not exceed this
+    # (flips in both directions count; a net accuracy delta would let them cancel).
+    max_merge_disagreement: float = Field(0.05, ge=0, le=1)
 
 
 class RegistryParams(_Strict):
@@ -124,8 +133,14 @@ class RegistryParams(_Strict):
     experiment: str = "qlora-ops"
     model_name: str = "qlora-ops-smollm2"
     champion_alias: str = "champion"
-    # Move the champion alias only if new accuracy > champion accuracy + this.
-    min_improvement: float = Field(0.0, ge=0)
+    # The latest candidate that passed every gate, promoted or not.
+    challenger_alias: str = "challenger"
+    # Promotion policy (docs/gates.md): move `champion` only if, paired on the same test rows, the
+    # candidate is significantly better (exact McNemar at 1 - confidence), better by >= min_improvement,
+    # and the interval rules out a regression larger than non_inferiority_margin.
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    min_improvement: float = Field(0.01, ge=0, lt=1)
+    non_inferiority_margin: float = Field(0.02, gt=0, lt=1)
 
 
 class StorageParams(_Strict):

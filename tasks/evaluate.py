@@ -14,7 +14,7 @@ import torch
 
 from tasks.config import Params
 from tasks.modeling import load_with_adapter
-from tasks.prompting import eos_id, format_prompt
+from tasks.prompting import format_prompt, stop_ids
 from tasks.util import atomic_write_json, atomic_write_text, read_jsonl
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "label_accuracy"
@@ -24,17 +24,18 @@ METRIC_DIR = Path(__file__).parent / "metrics" / "label_accuracy"
 def generate(model, tok, rows: list[dict], batch_size: int, max_new_tokens: int) -> list[dict]:
     dev = next(model.parameters()).device
     tok.padding_side = "left"
-    eos = eos_id(tok)
+    stops = stop_ids(tok)  # the template's turn end (and eos): not always eos_token
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         texts = [format_prompt(tok, r["system"], r["prompt"]) for r in chunk]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                              pad_token_id=tok.pad_token_id)
         for r, g in zip(chunk, gen[:, enc["input_ids"].shape[1]:].tolist()):
-            stopped = eos in g
-            g = g[:g.index(eos)] if stopped else g
+            end = next((i for i, t in enumerate(g) if t in stops), None)
+            stopped = end is not None
+            g = g[:end] if stopped else g
             out.append({"id": r["id"], "reference": r["completion"], "prediction": tok.decode(g, skip_special_tokens=True).strip(),
                         "stopped": stopped, "new_tokens": len(g)})
     return out
@@ -44,6 +45,8 @@ def score(preds: list[dict]) -> dict:
     import evaluate
     metric = evaluate.load(str(METRIC_DIR))
     res = metric.compute(predictions=[p["prediction"] for p in preds], references=[p["reference"] for p in preds])
+    for p, hit in zip(preds, res.pop("hits")):
+        p["correct"] = bool(hit)
     res["eos_rate"] = sum(p["stopped"] for p in preds) / max(len(preds), 1)
     return res
 
@@ -53,6 +56,12 @@ def test_rows(params: Params, test_path: Path) -> list[dict]:
     return rows[:params.eval.max_examples] if params.eval.max_examples else rows
 
 
+def answer_budget(tok, rows: list[dict]) -> int:
+    """Tokens the longest reference answer needs, plus its turn end: any fixed cap below that would
+    silently score every longer label as wrong."""
+    return max(len(tok(r["completion"], add_special_tokens=False).input_ids) for r in rows) + 1
+
+
 def evaluate_model(params: Params, name: str, model_dir: Path, test_path: Path, out_dir: Path,
                    adapter_dir: Path | None = None, quantized: bool = False) -> dict:
     """Evaluate one model; writes out_dir/{predictions.jsonl,metrics.json} and returns the metrics."""
@@ -60,8 +69,10 @@ def evaluate_model(params: Params, name: str, model_dir: Path, test_path: Path, 
     if params.training.threads:
         torch.set_num_threads(params.training.threads)
     model, tok = load_with_adapter(params, model_dir, adapter_dir, quantized)
-    preds = generate(model, tok, test_rows(params, test_path), params.eval.batch_size, params.eval.max_new_tokens)
-    res = {"model": name, **score(preds), "eval_seconds": time.time() - t0}
+    rows = test_rows(params, test_path)
+    max_new = params.eval.max_new_tokens or answer_budget(tok, rows)
+    preds = generate(model, tok, rows, params.eval.batch_size, max_new)
+    res = {"model": name, **score(preds), "max_new_tokens": max_new, "eval_seconds": time.time() - t0}
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
     atomic_write_json(out_dir / "metrics.json", res)

@@ -6,10 +6,9 @@ runs finishing together could both "win". `register_and_promote` therefore runs 
 sequence under an exclusive fcntl lock on a file next to the store, and re-reads the alias after
 writing it. (The lock serializes processes on one machine / shared filesystem only.)
 
-The champion is compared on the SAME test set: its stored metric is reused only if its version
-carries the same test_hash; otherwise its model is downloaded and re-evaluated by the caller's
-`evaluate_champion`, and the result is cached on the champion version under
-`reeval/<test_hash>/<metric_name>`.
+Whether a candidate beats the champion is the caller's `decide` (flows: the paired promotion policy
+of tasks.stats on both models' per-row results on the same test rows); this module owns the order of
+registry writes and who may write.
 
 No tracking URI is set here: entry points call mlflow.set_tracking_uri.
 """
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import tempfile
 import time
@@ -123,14 +121,6 @@ def _alias_holder(client: MlflowClient, name: str, alias: str) -> int | None:
     return int(v) if v is not None else None
 
 
-def _float_tag(tags: dict, key: str) -> float | None:
-    try:
-        v = float(tags[key])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
     """Download the HF model dir (the pyfunc's "model" artifact) of a registered version into dst."""
     client = MlflowClient()
@@ -150,97 +140,76 @@ def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
     return local
 
 
-def known_champion_score(tags: dict, metric_name: str, test_hash: str) -> float | None:
-    """The champion's score on this test set if its version already carries one."""
-    if tags.get("test_hash") == test_hash and (m := _float_tag(tags, metric_name)) is not None:
-        return m
-    return _float_tag(tags, f"reeval/{test_hash}/{metric_name}")
+# Version lifecycle, in the `status` tag: "incomplete" from the moment the version exists until every
+# tag of the decision is written, then "ready". A version whose run died halfway stays "incomplete" and
+# is never promoted (status, promote and the skip check all read it). "rejected" = rolled back by hand.
+INCOMPLETE, READY, REJECTED = "incomplete", "ready", "rejected"
+
+Decision = Callable[[int], tuple[bool, str]]
 
 
-def _champion_score(client: MlflowClient, model_name: str, champ_v: int, metric_name: str, test_hash: str,
-                    evaluate_champion: Callable[[Path], float], precomputed: dict[int, float]) -> tuple[float, str]:
-    mv = client.get_model_version(model_name, str(champ_v))
-    tags = mv.tags or {}
-    if (m := known_champion_score(tags, metric_name, test_hash)) is not None:
-        return m, "its stored score on this test set"
-    cache_key = f"reeval/{test_hash}/{metric_name}"
-    if champ_v in precomputed:  # evaluated by the model stage (on the GPU worker) before we took the lock
-        m, how = float(precomputed[champ_v]), "re-evaluated on this test set by the model stage"
-    else:
-        with tempfile.TemporaryDirectory(prefix="qlora-ops-champion-") as td:
-            local = download_hf_model(model_name, champ_v, Path(td))
-            m = float(evaluate_champion(local))
-        how = "re-evaluated on this test set"
-    if not math.isfinite(m):
-        raise PromotionError(f"evaluate_champion returned {m} for {model_name} v{champ_v}")
-    client.set_model_version_tag(model_name, str(champ_v), cache_key, repr(m))
-    return m, how
+def _rolled_back_twin(client: MlflowClient, model_name: str, fingerprint: str | None) -> str | None:
+    if not fingerprint:
+        return None
+    found = client.search_model_versions(f"name = '{model_name}' and tags.fingerprint = '{fingerprint}' "
+                                         f"and tags.status = '{REJECTED}'")
+    return found[0].version if found else None
 
 
-def register_and_promote(*, model_uri: str, model_name: str, alias: str, candidate_metric: float, metric_name: str,
-                         test_hash: str, tags: dict[str, str], evaluate_champion: Callable[[Path], float],
-                         min_improvement: float, lock_path: Path,
-                         champion_scores: dict[int, float] | None = None) -> dict:
-    """Register `model_uri` as a new version; move `alias` to it only if it beats the champion.
+def register_and_promote(*, model_uri: str, model_name: str, alias: str, challenger_alias: str | None,
+                         tags: dict[str, str], decide: Decision, lock_path: Path) -> dict:
+    """Register `model_uri` as a new version; move `alias` to it only if `decide(champion_version)` says so.
 
-    The whole read-compare-write runs under an exclusive lock on `lock_path`. Ties and gains of
-    at most `min_improvement` keep the current champion. Idempotent per MLflow run: a retry after a
-    fault finds the version this run already registered (tag mlflow_run_id) instead of adding another.
+    The whole read-compare-write runs under an exclusive lock on `lock_path` (the caller also holds the
+    registered model's Prefect global concurrency slot). Write order, so that a crash anywhere leaves
+    the registry truthful: the version is born `status=incomplete`; the decision's tags follow; then
+    `status=ready`; then `challenger_alias`; the champion alias move is the last write. Idempotent per
+    MLflow run: a retry finds the version this run already registered (tag mlflow_run_id). A version
+    whose fingerprint was rolled back before is never auto-promoted again.
     """
-    candidate_metric = float(candidate_metric)
-    if not math.isfinite(candidate_metric):
-        raise ValueError(f"candidate {metric_name} is {candidate_metric}; refusing to register a non-finite score")
     client = MlflowClient()
     with registry_lock(lock_path):
         vtags = {str(k): str(v) for k, v in (tags or {}).items()}
-        vtags.update({metric_name: repr(candidate_metric), "test_hash": test_hash})
         mv = _version_of_run(client, model_name, vtags.get("mlflow_run_id"))
         if mv is None:
             # Creates the registered model if missing, then a new version (max+1, server-side).
-            mv = mlflow.register_model(model_uri, model_name, tags=vtags)
+            mv = mlflow.register_model(model_uri, model_name, tags={**vtags, "status": INCOMPLETE})
         new_v = int(mv.version)
-        alias_set = False
-        # Registration can succeed and a later step fail: leave a trace on the version.
         try:
             prev_v = _alias_holder(client, model_name, alias)
-            prev_metric = None
             if prev_v == new_v:  # an earlier attempt of this run already moved the alias, then faulted
                 promote, reason, prev_v = True, f"already '{alias}' (set by an earlier attempt of this run)", None
+            elif (twin := _rolled_back_twin(client, model_name, vtags.get("fingerprint"))) is not None:
+                promote, reason = False, (f"not promoted: v{twin}, trained from the same inputs (fingerprint "
+                                          f"{vtags['fingerprint']}), was rolled back; never auto-promoted again")
             elif prev_v is None:
                 promote, reason = True, f"first champion: no version held alias '{alias}'"
             else:
-                prev_metric, how = _champion_score(client, model_name, prev_v, metric_name, test_hash,
-                                                   evaluate_champion, champion_scores or {})
-                cmp = (f"candidate {metric_name}={candidate_metric:.6g} vs champion v{prev_v} "
-                       f"{metric_name}={prev_metric:.6g} ({how}) + min_improvement={min_improvement:g}")
-                if candidate_metric > prev_metric + min_improvement:
-                    promote, reason = True, f"promoted: {cmp}"
-                else:
-                    promote, reason = False, f"not promoted, champion kept: {cmp}"
+                promote, reason = decide(prev_v)
+            decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000], "status": READY}
+            if promote and prev_v is not None:
+                decision["previous_champion"] = str(prev_v)  # what `qlora-ops rollback` returns to
+            for k, v in decision.items():  # `status=ready` last of the tags: it vouches for the others
+                client.set_model_version_tag(model_name, str(new_v), k, v)
+            if challenger_alias:
+                client.set_registered_model_alias(model_name, challenger_alias, str(new_v))
             if promote:
-                client.set_registered_model_alias(model_name, alias, str(new_v))
-                alias_set = True
+                if prev_v is not None:
+                    client.set_model_version_tag(model_name, str(prev_v), "replaced_by", str(new_v))
+                client.set_registered_model_alias(model_name, alias, str(new_v))  # the last write
                 now = int(client.get_model_version_by_alias(model_name, alias).version)
                 if now != new_v:
                     raise PromotionError(f"alias '{alias}' of {model_name} points at v{now} right after setting it "
                                          f"to v{new_v}: another writer bypassed the lock {lock_path}")
-                if prev_v is not None:
-                    client.set_model_version_tag(model_name, str(prev_v), "replaced_by", str(new_v))
-            client.set_model_version_tag(model_name, str(new_v), "promoted", str(promote).lower())
-            client.set_model_version_tag(model_name, str(new_v), "promotion_reason", reason[:5000])
         except BaseException as e:
             try:
-                if not alias_set:
-                    client.set_model_version_tag(model_name, str(new_v), "promoted", "false")
-                client.set_model_version_tag(model_name, str(new_v), "promotion_error",
-                                             f"{type(e).__name__}: {e}"[:5000])
+                client.set_model_version_tag(model_name, str(new_v), "promotion_error", f"{type(e).__name__}: {e}"[:5000])
             except Exception:
                 pass  # keep the original error
             raise
         champ_after = _alias_holder(client, model_name, alias)
     return {"model_name": model_name, "version": new_v, "promoted": promote, "alias": alias,
-            "champion_version": champ_after, "previous_champion_version": prev_v,
-            "previous_champion_metric": prev_metric, "reason": reason}
+            "champion_version": champ_after, "previous_champion_version": prev_v, "reason": reason}
 
 
 def _version_of_run(client: MlflowClient, model_name: str, run_id: str | None):

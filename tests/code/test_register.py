@@ -46,22 +46,28 @@ def _log_model(model_dir: Path, experiment: str) -> str:
         return log_merged_model(model_dir, SERVING)
 
 
-def _never_called(path: Path) -> float:
-    raise AssertionError(f"evaluate_champion must not be called (got {path})")
+def _never_called(v: int):
+    raise AssertionError(f"decide must not be called (champion v{v})")
 
 
-def _promote(uri, name, metric, test_hash, tmp_path, evaluate=_never_called, min_improvement=0.0):
+def _promote(uri, name, tmp_path, decide=_never_called, **tags):
     from tasks.register import register_and_promote
 
-    return register_and_promote(model_uri=uri, model_name=name, alias="champion", candidate_metric=metric,
-                                metric_name="accuracy", test_hash=test_hash, tags={"run": "test"},
-                                evaluate_champion=evaluate, min_improvement=min_improvement,
+    return register_and_promote(model_uri=uri, model_name=name, alias="champion", challenger_alias="challenger",
+                                tags={"run": "test", **tags}, decide=decide,
                                 lock_path=tmp_path / "locks" / "registry.lock")
+
+
+def _verdict(promote: bool, seen: list):
+    def decide(v: int):
+        seen.append(v)
+        return promote, f"{'promote' if promote else 'keep champion'}: planted verdict vs v{v}"
+    return decide
 
 
 # ---------------------------------------------------------------- tests
 
-def test_promotion_rules(tracking, tiny_model_dir, tmp_path):
+def test_promotion_writes_tags_then_aliases(tracking, tiny_model_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from tasks.register import champion_info
@@ -69,75 +75,51 @@ def test_promotion_rules(tracking, tiny_model_dir, tmp_path):
     name = _unique("reg-rules")
     assert champion_info(name, "champion") is None  # no registered model yet
     uri = _log_model(tiny_model_dir, _unique("exp-rules"))
+    c = MlflowClient()
+    seen: list[int] = []
 
-    r1 = _promote(uri, name, 0.5, "h1", tmp_path)
+    r1 = _promote(uri, name, tmp_path)
     assert (r1["version"], r1["promoted"], r1["champion_version"]) == (1, True, 1)
-    assert r1["previous_champion_version"] is None and r1["previous_champion_metric"] is None
-    assert "first champion" in r1["reason"]
+    assert r1["previous_champion_version"] is None and "first champion" in r1["reason"]
     assert (tmp_path / "locks" / "registry.lock").is_file()
 
-    r2 = _promote(uri, name, 0.4, "h1", tmp_path)  # worse: registered, alias stays
-    assert (r2["version"], r2["promoted"], r2["champion_version"]) == (2, False, 1)
-    assert r2["previous_champion_version"] == 1 and r2["previous_champion_metric"] == 0.5
-    assert r2["reason"].startswith("not promoted") and "0.4 vs champion v1 accuracy=0.5" in r2["reason"]
+    r2 = _promote(uri, name, tmp_path, _verdict(False, seen))  # refused by the policy: registered, alias stays
+    assert (r2["version"], r2["promoted"], r2["champion_version"]) == (2, False, 1) and seen == [1]
+    assert c.get_model_version_by_alias(name, "challenger").version == "2"  # latest passing candidate
 
-    r3 = _promote(uri, name, 0.7, "h1", tmp_path)  # better: alias moves
+    r3 = _promote(uri, name, tmp_path, _verdict(True, seen))
     assert (r3["version"], r3["promoted"], r3["champion_version"], r3["previous_champion_version"]) == (3, True, 3, 1)
-    assert r3["reason"].startswith("promoted:")
+    assert seen == [1, 1]
+    assert c.get_model_version_by_alias(name, "challenger").version == "3"
 
-    r4 = _promote(uri, name, 0.7, "h1", tmp_path)  # tie: alias stays
-    assert (r4["promoted"], r4["champion_version"]) == (False, 3)
-    assert "not promoted" in r4["reason"]
-
-    r5 = _promote(uri, name, 0.75, "h1", tmp_path, min_improvement=0.1)  # gain 0.05 <= 0.1
-    assert (r5["promoted"], r5["champion_version"]) == (False, 3)
-    assert "min_improvement=0.1" in r5["reason"]
-
-    c = MlflowClient()
-    assert c.get_model_version_by_alias(name, "champion").version == "3"
-    v2 = c.get_model_version(name, "2").tags
-    assert v2["promoted"] == "false" and v2["accuracy"] == "0.4" and v2["test_hash"] == "h1" and v2["run"] == "test"
+    v2, v3 = c.get_model_version(name, "2").tags, c.get_model_version(name, "3").tags
+    assert v2["promoted"] == "false" and v2["status"] == "ready" and v2["run"] == "test"
     assert v2["promotion_reason"] == r2["reason"]
-    assert c.get_model_version(name, "3").tags["promoted"] == "true"
+    assert v3["promoted"] == "true" and v3["previous_champion"] == "1" and v3["status"] == "ready"
     assert c.get_model_version(name, "1").tags["replaced_by"] == "3"
     info = champion_info(name, "champion")
-    assert info["version"] == 3 and info["tags"]["accuracy"] == "0.7"
+    assert info["version"] == 3
     assert champion_info(name, "no-such-alias") is None
 
 
-def test_champion_reevaluated_on_other_test_set(tracking, tiny_model_dir, tmp_path):
-    name = _unique("reg-reeval")
-    uri = _log_model(tiny_model_dir, _unique("exp-reeval"))
-    calls: list[list[str]] = []
+def test_retry_of_a_run_reuses_its_version(tracking, tiny_model_dir, tmp_path):
+    name = _unique("reg-retry")
+    uri = _log_model(tiny_model_dir, _unique("exp-retry"))
+    a = _promote(uri, name, tmp_path, mlflow_run_id="run-1")
+    b = _promote(uri, name, tmp_path, mlflow_run_id="run-1")  # a retry after a fault: no second version
+    assert a["version"] == b["version"] == 1 and b["promoted"] and "earlier attempt" in b["reason"]
 
-    def evaluate(score):
-        def f(path: Path) -> float:
-            files = sorted(p.name for p in Path(path).iterdir())
-            calls.append(files)
-            assert "config.json" in files and any(f.endswith(".safetensors") for f in files), files
-            assert "tokenizer.json" in files, files
-            return score
-        return f
 
-    assert _promote(uri, name, 0.6, "old", tmp_path)["version"] == 1
+def test_rolled_back_fingerprint_is_never_auto_promoted(tracking, tiny_model_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
 
-    # Champion v1 was scored on test set "old": its 0.6 is not comparable, so it is re-evaluated (0.4).
-    r2 = _promote(uri, name, 0.5, "new", tmp_path, evaluate=evaluate(0.4))
-    assert len(calls) == 1
-    assert (r2["promoted"], r2["champion_version"], r2["previous_champion_metric"]) == (True, 2, 0.4)
-    assert "re-evaluated on this test set" in r2["reason"]
-
-    # Champion v2 carries test_hash "new": its tag is reused, nothing evaluated.
-    r3 = _promote(uri, name, 0.45, "new", tmp_path)
-    assert len(calls) == 1
-    assert (r3["promoted"], r3["champion_version"], r3["previous_champion_metric"]) == (False, 2, 0.5)
-
-    # Third test set: v2 is re-evaluated once, and the result is cached on v2 for the next candidate.
-    r4 = _promote(uri, name, 0.8, "third", tmp_path, evaluate=evaluate(0.9))
-    assert len(calls) == 2 and (r4["promoted"], r4["previous_champion_metric"]) == (False, 0.9)
-    r5 = _promote(uri, name, 0.95, "third", tmp_path)
-    assert len(calls) == 2 and (r5["promoted"], r5["champion_version"]) == (True, 5)
-    assert "re-evaluated earlier" in r5["reason"]
+    name = _unique("reg-rollback")
+    uri = _log_model(tiny_model_dir, _unique("exp-rollback"))
+    _promote(uri, name, tmp_path, fingerprint="f-old")
+    _promote(uri, name, tmp_path, _verdict(True, []), fingerprint="f-bad")
+    MlflowClient().set_model_version_tag(name, "2", "status", "rejected")  # what `qlora-ops rollback` leaves
+    r = _promote(uri, name, tmp_path, fingerprint="f-bad")  # same inputs again: decide is never asked
+    assert not r["promoted"] and "was rolled back" in r["reason"] and "v2" in r["reason"]
 
 
 _PREDICT_SCRIPT = textwrap.dedent("""
@@ -169,7 +151,7 @@ def test_champion_loads_and_predicts_in_fresh_process(tracking, tiny_model_dir, 
     client.set_terminated(run_id)
     assert mlflow.active_run() is None
     assert uri.startswith("models:/")
-    assert _promote(uri, name, 0.5, "h", tmp_path)["promoted"]
+    assert _promote(uri, name, tmp_path)["promoted"]
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, "-c", _PREDICT_SCRIPT, f"models:/{name}@champion"], env=env,
@@ -196,18 +178,18 @@ def test_champion_loads_and_predicts_in_fresh_process(tracking, tiny_model_dir, 
 _WORKER_SCRIPT = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    import mlflow
+    from mlflow.tracking import MlflowClient
     from tasks.register import register_and_promote
     uri, name, metric, lock, ready, go = sys.argv[1:7]
-    def evaluate(path):
+    def decide(v):
+        champ = float(MlflowClient().get_model_version(name, str(v)).tags["accuracy"])
         time.sleep(1.0)  # widen the read-compare-write window
-        return 0.1
+        return float(metric) > champ, f"candidate {metric} vs champion v{v} {champ}"
     Path(ready).touch()
     while not Path(go).exists():
         time.sleep(0.01)
-    r = register_and_promote(model_uri=uri, model_name=name, alias="champion", candidate_metric=float(metric),
-                             metric_name="accuracy", test_hash="new", tags={}, evaluate_champion=evaluate,
-                             min_improvement=0.0, lock_path=Path(lock))
+    r = register_and_promote(model_uri=uri, model_name=name, alias="champion", challenger_alias=None,
+                             tags={"accuracy": metric}, decide=decide, lock_path=Path(lock))
     print("RESULT " + json.dumps(r))
 """)
 
@@ -217,8 +199,7 @@ def test_concurrent_registrations_are_serialized(tracking, tiny_model_dir, tmp_p
 
     name = _unique("reg-race")
     uri = _log_model(tiny_model_dir, _unique("exp-race"))
-    # v1: champion scored on an older test set, so each contender must re-evaluate it (slowly).
-    assert _promote(uri, name, 0.1, "old", tmp_path)["champion_version"] == 1
+    assert _promote(uri, name, tmp_path, accuracy="0.1")["champion_version"] == 1
     lock = tmp_path / "race.lock"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": str(ROOT)}
     procs = []
@@ -240,16 +221,11 @@ def test_concurrent_registrations_are_serialized(tracking, tiny_model_dir, tmp_p
 
     first, second = sorted(results, key=lambda r: r["version"])
     assert (first["version"], second["version"]) == (2, 3)
-    # Serialized: the second saw the state the first left (the first had to re-evaluate v1).
-    assert first["previous_champion_version"] == 1 and first["previous_champion_metric"] == 0.1
-    assert first["promoted"]
+    # Serialized: the second saw the state the first left.
+    assert first["previous_champion_version"] == 1 and first["promoted"]
     assert second["previous_champion_version"] == first["version"]
-    best = max(results, key=lambda r: r["version"] if r["promoted"] else -1)
     c = MlflowClient()
     champ = int(c.get_model_version_by_alias(name, "champion").version)
     by_metric = {float(c.get_model_version(name, str(r["version"])).tags["accuracy"]): r["version"] for r in results}
-    assert champ == by_metric[0.8] == best["version"]
-    assert list(c.get_registered_model(name).aliases) == ["champion"]
-    assert [v.tags.get("promoted") for v in sorted(c.search_model_versions(f"name='{name}'"),
-                                                     key=lambda v: int(v.version))][1:] == \
-        [str(first["promoted"]).lower(), str(second["promoted"]).lower()]
+    assert champ == by_metric[0.8]
+    assert set(c.get_registered_model(name).aliases) == {"champion", "challenger"}

@@ -28,7 +28,7 @@ def write_params(ws: Path, name: str, model_dir: Path, tracking_uri: str, model_
         "data": {"prepared": f"data/prepared/{name}"},
         "training": {"max_steps": 4, "batch_size": 8, "eval_every": 2, "save_every": 2, "threads": 1, "warmup_steps": 1},
         "eval": {"batch_size": 32, "max_new_tokens": 4, "max_examples": 24},
-        "gates": {"min_gain_over_base": -1.0, "min_retention_vs_lora": 0.0, "max_merge_delta": 1.0},
+        "gates": {"min_gain_over_base": -1.0, "min_retention_vs_lora": 0.0, "max_merge_disagreement": 1.0},
         "registry": {"tracking_uri": tracking_uri, "experiment": f"exp-{model_name}", "model_name": model_name},
     }
     for k, v in over.items():

@@ -44,7 +44,7 @@ def team_params(model_dir: Path, s3: str, **gates) -> dict:
                  "raw": "data/raw/team", "prepared": "data/prepared/team"},
         "training": {"max_steps": 4, "batch_size": 8, "eval_every": 2, "save_every": 2, "threads": 1, "warmup_steps": 1},
         "eval": {"batch_size": 32, "max_new_tokens": 4, "max_examples": 16},
-        "gates": {"min_gain_over_base": -1.0, "min_retention_vs_lora": 0.0, "max_merge_delta": 1.0, **gates},
+        "gates": {"min_gain_over_base": -1.0, "min_retention_vs_lora": 0.0, "max_merge_disagreement": 1.0, **gates},
         "registry": {"experiment": "team", "model_name": "team-model"},
         "storage": {"dvc_remote": f"s3://{BUCKET}/dvc", "dvc_remote_options": {"endpointurl": s3}},
         "orchestration": {"pool": "cpu", "gpu_pool": "gpu", "deployment": "team", "retries": 2, "retry_delay_s": 1},

@@ -23,4 +23,5 @@ class LabelAccuracy(evaluate.Metric):
 
     def _compute(self, predictions, references):
         hits = [normalize(p) == normalize(r) for p, r in zip(predictions, references)]
-        return {"accuracy": sum(hits) / max(len(hits), 1), "correct": sum(hits), "n": len(hits)}
+        # Per-row hits too: every paired comparison (gates, promotion) is made on the same rows.
+        return {"accuracy": sum(hits) / max(len(hits), 1), "correct": sum(hits), "n": len(hits), "hits": hits}
