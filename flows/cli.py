@@ -5,6 +5,9 @@
     qlora-ops run --force                      # retrain even if nothing changed since the last decision
     qlora-ops run --workspace /path/to/clone   # a workspace other than the current directory
     qlora-ops deploy --params params/team.yaml # deployments + schedule on the Prefect server (PREFECT_API_URL)
+    qlora-ops status                           # champion, challenger, recent versions and runs
+    qlora-ops promote 7 [--force --reason TEXT]
+    qlora-ops rollback --reason TEXT
 
 Exit codes: 0 registered, or skipped because nothing is new; 1 refused by a gate (nothing registered);
 2 bad params or data (the message names the key or file:line); 3 training diverged; 4 a service did not
@@ -62,10 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workspace", default=".", help="directory with dvc.yaml, params/ and data/ (default: cwd)")
     run.add_argument("--force", action="store_true", help="retrain even when data, params, code and base are unchanged")
     dep = sub.add_parser("deploy", help="create/update the Prefect deployments and schedule from params")
-    dep.add_argument("--params", default="params/default.yaml")
-    dep.add_argument("--workspace", default=".")
+    st = sub.add_parser("status", help="champion, challenger, recent versions and runs with verdicts")
+    pr = sub.add_parser("promote", help="move the champion alias to VERSION (same policy as automatic promotion)")
+    pr.add_argument("version", type=int)
+    pr.add_argument("--force", action="store_true", help="promote even if the policy says no (needs --reason)")
+    pr.add_argument("--reason", help="why: recorded on the version with who did it")
+    rb = sub.add_parser("rollback", help="champion back to the version it replaced; the demoted one is rejected")
+    rb.add_argument("--reason", required=True)
+    for p in (dep, st, pr, rb):
+        p.add_argument("--params", default="params/default.yaml")
+        p.add_argument("--workspace", default=".")
     a = ap.parse_args(argv)
     _quiet_entry_point()
+    if a.cmd in ("status", "promote", "rollback"):
+        return registry_command(a)
 
     if a.cmd == "deploy":
         from flows.deploy import deploy_file
@@ -104,6 +117,56 @@ def main(argv: list[str] | None = None) -> int:
              "internal": "internal error"}[kind]
     print(f"qlora-ops: {label}: {exc}", file=sys.stderr)
     return EXIT[kind]
+
+
+def registry_command(a) -> int:
+    import mlflow
+
+    from flows.runtime import ServiceUnavailable, check_services, registry_slot
+    from tasks import registry_ops
+    from tasks.config import ParamsError, load_params
+    from tasks.paths import state_dir, tracking_uri, ws_path
+    from tasks.register import PromotionError, registry_lock
+
+    ws = Path(a.workspace).resolve()
+    try:
+        params = load_params(ws_path(ws, a.params))
+        uri = tracking_uri(ws, params)
+        check_services(uri, os.environ.get("PREFECT_API_URL"))
+    except ParamsError as e:
+        print(f"qlora-ops: error: {e}", file=sys.stderr)
+        return EXIT["bad_input"]
+    except ServiceUnavailable as e:
+        print(f"qlora-ops: service unavailable: {e}", file=sys.stderr)
+        return EXIT["service"]
+    mlflow.set_tracking_uri(uri)
+    r = params.registry
+    if a.cmd == "status":
+        print(registry_ops.format_status(registry_ops.status(r.model_name, (r.champion_alias, r.challenger_alias),
+                                                             r.experiment)))
+        return 0
+    from contextlib import nullcontext
+
+    from flows.retrain import policy
+    # The same serialization as automatic promotion: the model's global slot when a Prefect API is
+    # configured, and the workspace's file lock.
+    slot = registry_slot(r.model_name, params.orchestration.timeouts.registry) if os.environ.get("PREFECT_API_URL") \
+        else nullcontext()
+    try:
+        with slot, registry_lock(state_dir(ws, params) / "registry.lock"):
+            if a.cmd == "promote":
+                res = registry_ops.promote(r.model_name, a.version, r.champion_alias, policy(params),
+                                           state_dir(ws, params) / "promote", force=a.force, reason=a.reason)
+            else:
+                res = registry_ops.rollback(r.model_name, r.champion_alias, reason=a.reason)
+    except PromotionError as e:
+        print(f"qlora-ops: refused: {e}", file=sys.stderr)
+        return EXIT["rejected"]
+    if a.cmd == "promote":
+        print(f"{'promoted' if res['promoted'] else 'not promoted'}: v{res['version']} ({res['reason']})")
+        return 0 if res["promoted"] else EXIT["rejected"]
+    print(f"rolled back: '{r.champion_alias}' -> v{res['champion']}; v{res['demoted']} tagged rejected ({res['reason']})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
                                         rows["qlora"]["correct"], seed=p.seed)):
         merged_dir = work / "merged"
         stage(pt.merge_adapter, p, "merge")(p, base, results["qlora"]["adapter_dir"], str(merged_dir))
-        models["merged"] = evaluate("merged", str(merged_dir))
+        models["merged"] = evaluate("merged", str(merged_dir), as_saved=True)
         rows["merged"] = per_row(dirs["merged"])
         out["model_uri"] = stage(pt.log_model, p, "registry")(
             str(merged_dir), {"system_prompt": p.data.system_prompt, "max_new_tokens": models["merged"]["max_new_tokens"]},
@@ -156,6 +156,6 @@ def champion_rows(p: Params, eval_key: str, test_path: Path, work: Path) -> dict
         return {"version": v, "how": "its own saved predictions (same score key)", **per_row(d)}
     local = register.download_hf_model(p.registry.model_name, v, work / "champion")
     out = work / "eval-champion"
-    stage(pt.evaluate_model, p, "evaluate")(p, "champion", str(local), str(test_path), str(out))
+    stage(pt.evaluate_model, p, "evaluate")(p, "champion", str(local), str(test_path), str(out), as_saved=True)
     shutil.rmtree(work / "champion", ignore_errors=True)
     return {"version": v, "how": "re-evaluated on this test set", **per_row(out)}

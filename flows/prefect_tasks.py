@@ -34,9 +34,9 @@ def train_adapter(params, base_dir: str, data_dir: str, out_dir: str, kind: str)
 
 @task(name="evaluate", task_run_name="evaluate-{name}", **_opts)
 def evaluate_model(params, name: str, model_dir: str, test_path: str, out_dir: str,
-                   adapter_dir: str | None = None, quantized: bool = False) -> dict:
+                   adapter_dir: str | None = None, quantized: bool = False, as_saved: bool = False) -> dict:
     return evaluate.evaluate_model(params, name, Path(model_dir), Path(test_path), Path(out_dir),
-                                   Path(adapter_dir) if adapter_dir else None, quantized)
+                                   Path(adapter_dir) if adapter_dir else None, quantized, as_saved)
 
 
 @task(name="merge", **_opts)

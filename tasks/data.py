@@ -3,9 +3,10 @@
     python -m tasks.data sample --out data/raw/stdlib_docstrings.jsonl   # dvc.yaml stage `sample`
     python -m tasks.data prepare --params params/default.yaml            # dvc.yaml stage `prepare`
 
-Raw data is alpaca-style JSONL: {"instruction": str, "input": str (optional), "output": str}.
-Every bad line is reported as file:line (all of them, up to a limit) and nothing is written;
-no row is ever skipped silently.
+Raw data is alpaca-style JSONL: {"instruction": str, "input": str (optional), "output": str}, or a
+directory (the snapshot of data.source) of JSONL, CSV and Parquet files with those columns.
+Every bad line is reported as file:line (CSV/Parquet: file:row, row 1 = the first data row) -- all
+of them, up to a limit -- and nothing is written; no row is ever skipped silently.
 """
 from __future__ import annotations
 
@@ -138,12 +139,28 @@ def _line_errors(obj) -> list[str]:
     return bad
 
 
-def load_raw(path: Path) -> list[dict]:
-    """Validated rows {instruction, input, output, line}. Raises DataError listing every bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: raw data file not found (set data.raw in your params file to an existing JSONL file)")
-    rows, errors = [], []
+DATA_SUFFIXES = (".jsonl", ".csv", ".parquet")  # what a raw directory (a data.source snapshot) may hold
+TABLE_FIX = ('.csv/.parquet files need columns "instruction" and "output" (non-empty strings) and optionally "input"; '
+             'a .csv row number counts data rows: row 1 is the first row after the header')
+
+
+def is_data_name(name: str) -> bool:
+    return name.lower().endswith(DATA_SUFFIXES)
+
+
+def data_files(directory: Path) -> list[Path]:
+    """The data files of a raw directory at any depth, sorted by relative name; paths with a part starting
+    with "." or "_" are not data (editor temp files, `_SUCCESS`), as in tasks.sources.snapshot."""
+    directory = Path(directory)
+    found = []
+    for p in directory.rglob("*"):
+        rel = p.relative_to(directory)
+        if p.is_file() and is_data_name(p.name) and not any(part.startswith((".", "_")) for part in rel.parts):
+            found.append((rel.as_posix(), p))
+    return [p for _, p in sorted(found)]
+
+
+def _jsonl_rows(path: Path, rows: list[dict], errors: list[str]) -> None:
     # Split on b"\n" only: str.splitlines() would also split inside a row at U+2028, \x85, \x0c ...
     for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         where = f"{path}:{n}"
@@ -162,11 +179,83 @@ def load_raw(path: Path) -> list[dict]:
         if bad := _line_errors(obj):
             errors.append(f"{where}: " + "; ".join(bad))
             continue
-        rows.append({"instruction": obj["instruction"], "input": obj.get("input", ""), "output": obj["output"], "line": n})
+        rows.append({"instruction": obj["instruction"], "input": obj.get("input", ""), "output": obj["output"],
+                     "line": n, "file": str(path)})
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)  # None, NaN (pandas' missing value)
+
+
+def _table_rows(path: Path, rows: list[dict], errors: list[str]) -> None:
+    """CSV (every cell read as text; an empty cell is "") or Parquet (typed; a null is a missing value).
+    Row n = the n-th data row (CSV: after the header)."""
+    import pandas as pd  # only when a table is read: `python -m tasks.data` stays fast for JSONL
+
+    csv = path.suffix.lower() == ".csv"
+    try:
+        with warnings.catch_warnings():
+            # A row longer than the header would silently lose cells (or become the index): an error here.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = (pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
+                  if csv else pd.read_parquet(path))
+    except UnicodeDecodeError as e:
+        errors.append(f"{path}: not UTF-8 (byte {e.start + 1}); re-save the file as UTF-8")
+        return
+    except pd.errors.EmptyDataError:
+        return  # an empty file holds no rows (checked for the whole data set below)
+    except Exception as e:  # pandas/pyarrow raise many types for a malformed file; all mean the same here
+        what = "CSV" if csv else "Parquet"
+        errors.append(f"{path}: not a readable {what} file ({type(e).__name__}: {str(e).strip()[:300]}); "
+                      f"re-export it as {what}" + (" (quote cells that hold commas, quotes or line breaks)" if csv else ""))
+        return
+    cols = [str(c) for c in df.columns]
+    if absent := [c for c in ("instruction", "output") if c not in cols]:
+        errors.append(f"{path}: no column {' or '.join(repr(c) for c in absent)} (columns: {cols}); "
+                      "name the columns instruction, input (optional), output")
+        return
+    keep = [c for c in ("instruction", "input", "output") if c in cols]
+    for n, rec in enumerate(df[keep].to_dict("records"), start=1):
+        # A null input means "no input"; a null instruction/output is reported as such.
+        obj = {k: (None if _missing(v) else v) for k, v in rec.items() if k != "input" or not _missing(v)}
+        if bad := _line_errors(obj):
+            errors.append(f"{path}:{n}: " + "; ".join(bad))
+            continue
+        rows.append({"instruction": obj["instruction"], "input": obj.get("input", ""), "output": obj["output"],
+                     "line": n, "file": str(path)})
+
+
+def load_raw(path: Path) -> list[dict]:
+    """Validated rows {instruction, input, output, line, file} from one data file or a directory of them.
+
+    A directory (the snapshot of data.source) is every *.jsonl, *.csv, *.parquet in it, in sorted order.
+    `line` is the JSONL line, or the CSV/Parquet data row (1 = the first row after the header).
+    Raises DataError listing every bad line/row as file:n before anything else happens."""
+    path = Path(path)
+    if path.is_dir():
+        files = data_files(path)
+        if not files:
+            raise DataError(f"{path}: no *.jsonl, *.csv or *.parquet file in this directory; put your data there "
+                            f"(or point data.raw / data.source at it); {FIX}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"{path}: raw data file not found (set data.raw in your params file to an existing JSONL, "
+                        f"CSV or Parquet file, or a directory of them)")
+    rows, errors, bad_files = [], [], 0
+    for f in files:
+        before = len(errors)
+        (_jsonl_rows if f.suffix.lower() not in (".csv", ".parquet") else _table_rows)(f, rows, errors)
+        bad_files += len(errors) > before
+    tables = any(f.suffix.lower() in (".csv", ".parquet") for f in files)
+    jsonl = any(f.suffix.lower() not in (".csv", ".parquet") for f in files)
+    fix = "; ".join(([FIX] if jsonl else []) + ([TABLE_FIX] if tables else []))
     if errors:
-        raise DataError(f"{path}: {len(errors)} bad line(s) ({FIX}):" + _listed(errors))
+        what = "line(s)" if not tables else "row(s)" if not jsonl else "line(s)/row(s)"
+        where = f" in {bad_files} of {len(files)} files" if path.is_dir() else ""
+        raise DataError(f"{path}: {len(errors)} bad {what}{where} ({fix}):" + _listed(errors))
     if not rows:
-        raise DataError(f"{path}: no rows (the file is empty); {FIX}")
+        raise DataError(f"{path}: no rows (the file{'s are' if len(files) > 1 else ' is'} empty); {fix}")
     return rows
 
 
@@ -189,11 +278,12 @@ def prepare(params: Params, workspace: Path) -> dict:
             inp, truncated = _cut(inp, d.max_input_chars), truncated + 1
         prompt = r["instruction"].strip() + (f"\n\n{inp}" if inp else "")
         # Whitespace-insensitive key: dedupe, conflicts, split and id all agree on what "the same prompt" is.
-        ex = {"prompt": prompt, "completion": r["output"].strip(), "line": r["line"], "key": " ".join(prompt.split())}
+        ex = {"prompt": prompt, "completion": r["output"].strip(), "at": f"{r['file']}:{r['line']}",
+              "key": " ".join(prompt.split())}
         prev = first.setdefault(ex["key"], ex)
         if prev is not ex:
             if prev["completion"] != ex["completion"]:
-                conflicts.append(f"{raw}:{prev['line']} and {raw}:{ex['line']}: the same prompt has two different "
+                conflicts.append(f"{prev['at']} and {ex['at']}: the same prompt has two different "
                                  f"outputs ({prev['completion']!r} vs {ex['completion']!r})")
                 continue
             if d.dedupe:
@@ -209,7 +299,8 @@ def prepare(params: Params, workspace: Path) -> dict:
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     seen_ids: Counter = Counter()
     for ex in examples:
-        b = _bucket(params.seed, ex["key"])  # duplicates kept by dedupe=false share a split: no train/test leak
+        # data.split.seed, not the training seed: another training seed never moves rows between splits.
+        b = _bucket(d.split.seed, ex["key"])  # duplicates kept by dedupe=false share a split: no train/test leak
         name = "test" if b < d.split.test else "val" if b < d.split.test + d.split.val else "train"
         ex_id = _sha(ex["key"])[:16]
         seen_ids[ex_id] += 1
@@ -226,6 +317,8 @@ def prepare(params: Params, workspace: Path) -> dict:
         split.sort(key=lambda e: e["id"])
         atomic_write_text(out / f"{name}.jsonl", _jsonl(split))
     stats = {"rows_raw": len(rows), "rows_after_dedupe": len(examples), "duplicates_dropped": dropped, **sizes,
+             # Inputs cut to data.max_input_chars: never silent, it changes what the model sees.
+             "inputs_truncated": truncated, "max_input_chars": d.max_input_chars,
              "labels": dict(sorted(Counter(e["completion"] for e in examples).items()))}
     atomic_write_json(out / "stats.json", stats)
     return stats

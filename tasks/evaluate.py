@@ -63,12 +63,12 @@ def answer_budget(tok, rows: list[dict]) -> int:
 
 
 def evaluate_model(params: Params, name: str, model_dir: Path, test_path: Path, out_dir: Path,
-                   adapter_dir: Path | None = None, quantized: bool = False) -> dict:
+                   adapter_dir: Path | None = None, quantized: bool = False, as_saved: bool = False) -> dict:
     """Evaluate one model; writes out_dir/{predictions.jsonl,metrics.json} and returns the metrics."""
     t0 = time.time()
     if params.training.threads:
         torch.set_num_threads(params.training.threads)
-    model, tok = load_with_adapter(params, model_dir, adapter_dir, quantized)
+    model, tok = load_with_adapter(params, model_dir, adapter_dir, quantized, as_saved)
     rows = test_rows(params, test_path)
     max_new = params.eval.max_new_tokens or answer_budget(tok, rows)
     preds = generate(model, tok, rows, params.eval.batch_size, max_new)

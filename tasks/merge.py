@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 
 from tasks.config import Params
-from tasks.modeling import check_finite, load_model, load_with_adapter
+from tasks.modeling import check_finite, load_model, load_with_adapter, saved_dtype
+from tasks.prompting import bake_system_prompt, stop_ids
 from tasks.util import atomic_dir
 
 
@@ -51,10 +52,21 @@ def merge(params: Params, base_dir: Path, adapter_dir: Path, out_dir: Path,
         model = model.float()
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     check_finite(dict(merged.state_dict()), "merged model")
+    # Merged in fp32 (exact), saved in the base model's own dtype: bf16 bases are registered, served
+    # and evaluated (as_saved) in bf16, not at twice the size.
+    dtype = saved_dtype(base_dir)
+    merged = merged.to(dtype)
+    # What a plain transformers / vLLM load needs to prompt and stop as training did: the system prompt
+    # inside the chat template, and generation stopping on the template's turn end.
+    baked = bake_system_prompt(tok, params.data.system_prompt)
+    merged.generation_config.eos_token_id = stop_ids(tok)
+    merged.generation_config.pad_token_id = tok.pad_token_id
+    merged.generation_config.do_sample = False
     with atomic_dir(out_dir) as tmp:  # a merged dir exists only when complete
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    return {"merged_dir": str(out_dir), "into": into, "merge_seconds": time.time() - t0}
+    return {"merged_dir": str(out_dir), "into": into, "dtype": str(dtype).replace("torch.", ""),
+            "system_prompt_in_template": baked, "merge_seconds": time.time() - t0}
 
 
 @torch.no_grad()

@@ -43,12 +43,23 @@ def bnb_config(q: QuantParams, dev: torch.device):
     )
 
 
-def load_model(base_dir: Path, params: Params, quantized: bool, dev: torch.device | None = None):
-    """Base model, 4-bit (QLoRA) or in compute dtype (LoRA baseline / evaluation). Safetensors only."""
+def saved_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype a model directory's weights were saved in (config.json), float32 if it does not say."""
+    import json
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""))
+
+
+def load_model(base_dir: Path, params: Params, quantized: bool, dev: torch.device | None = None,
+               dtype: torch.dtype | None = None):
+    """Base model, 4-bit (QLoRA) or in compute dtype (LoRA baseline / evaluation), or in `dtype` when
+    given (a merged model is evaluated in the dtype it is registered in). Safetensors only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = dev or device()
-    dtype = compute_dtype(params.quantization, dev)
+    dtype = dtype or compute_dtype(params.quantization, dev)
     kw = dict(dtype=dtype, use_safetensors=True, trust_remote_code=params.model.trust_remote_code)
     if quantized:
         kw.update(quantization_config=bnb_config(params.quantization, dev), device_map={"": dev.type if dev.type == "cpu" else dev.index or 0})
@@ -61,10 +72,12 @@ def load_model(base_dir: Path, params: Params, quantized: bool, dev: torch.devic
     return model, tok
 
 
-def load_with_adapter(params: Params, model_dir: Path, adapter_dir: Path | None = None, quantized: bool = False):
+def load_with_adapter(params: Params, model_dir: Path, adapter_dir: Path | None = None, quantized: bool = False,
+                      as_saved: bool = False):
     """A model ready to run, in eval mode.
-    base: (model_dir) ; LoRA: (model_dir, adapter) ; QLoRA: (model_dir, adapter, quantized=True) ; merged: (merged_dir)."""
-    model, tok = load_model(Path(model_dir), params, quantized)
+    base: (model_dir) ; LoRA: (model_dir, adapter) ; QLoRA: (model_dir, adapter, quantized=True) ;
+    merged: (merged_dir, as_saved=True), in exactly the dtype it was saved (and is registered) in."""
+    model, tok = load_model(Path(model_dir), params, quantized, dtype=saved_dtype(model_dir) if as_saved else None)
     if adapter_dir is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter_dir))

@@ -58,6 +58,29 @@ def stop_ids(tok) -> list[int]:
     return sorted({turn_end_id(tok), *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
 
 
+def bake_system_prompt(tok, system: str) -> bool:
+    """Make the template itself supply `system` when a conversation has none, so a plain transformers
+    or vLLM load of the registered model prompts exactly as training did. Kept only if rendering a bare
+    user turn then equals our own prompt; otherwise (templates without a system role) left unchanged."""
+    import json
+
+    original = tok.chat_template
+    if not original or not system:
+        return False
+    want = format_prompt(tok, system, _PROBE)
+    tok.chat_template = ("{%- if messages and messages[0]['role'] != 'system' -%}{%- set messages = "
+                         "[{'role': 'system', 'content': " + json.dumps(system) + "}] + messages -%}{%- endif -%}"
+                         + original)
+    try:
+        ok = tok.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False,
+                                     add_generation_prompt=True) == want
+    except Exception:
+        ok = False
+    if not ok:
+        tok.chat_template = original
+    return ok
+
+
 def encode(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels): prompt tokens masked with -100 so loss is on the completion + turn end only."""
     p = tok(format_prompt(tok, row["system"], row["prompt"]), add_special_tokens=False).input_ids

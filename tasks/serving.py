@@ -36,8 +36,9 @@ class MergedCausalLM(mlflow.pyfunc.PythonModel):
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"  # decoder-only batched generation: pad on the left
         self.tokenizer = tok
+        # The dtype it was registered (and evaluated) in; a bf16 model on CPU is slow but answers the same.
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
+            model_dir, use_safetensors=True, trust_remote_code=False, dtype="auto")
         self.model.eval()
 
     def _format(self, prompt: str) -> str:
@@ -76,8 +77,11 @@ class MergedCausalLM(mlflow.pyfunc.PythonModel):
             texts = [self._format(p) for p in prompts[i:i + self.batch_size]]
             # The chat template already renders any BOS it wants; don't add a second one.
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            # Stop on the chat template's turn end, which the merge wrote into generation_config
+            # (<|eot_id|>, <end_of_turn>, ... are not always eos_token).
             gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                 eos_token_id=model.generation_config.eos_token_id or tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
             new = gen[:, enc["input_ids"].shape[1]:]
             out.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
         return out

@@ -46,7 +46,9 @@ def find_fingerprint(model_name: str, experiment_id: str, fingerprint: str) -> s
     """Why a run with this fingerprint has nothing new to do (a registered version or a finished run
     that already decided on these exact inputs), or None."""
     c = MlflowClient()
-    versions = c.search_model_versions(f"name = '{model_name}' and tags.fingerprint = '{fingerprint}'")
+    # A version whose run died halfway (status incomplete) decided nothing; it does not count.
+    versions = [v for v in c.search_model_versions(f"name = '{model_name}' and tags.fingerprint = '{fingerprint}'")
+                if v.tags.get("status") != "incomplete"]
     if versions:
         v = max(versions, key=lambda mv: int(mv.version))
         return f"{model_name} v{v.version} was registered from the same inputs (fingerprint {fingerprint})"

@@ -151,7 +151,8 @@ def test_truncation_at_word_boundary_and_conflict_hint(tmp_path):
     long_a = "word " * 30 + "apple"
     long_b = "word " * 30 + "banana"
     write(tmp_path / "raw.jsonl", [row(i) for i in range(40)] + [{"instruction": "Q?", "input": long_a, "output": "x"}])
-    prepare(params_for(tmp_path, max_input_chars=22), tmp_path)
+    stats = prepare(params_for(tmp_path, max_input_chars=22), tmp_path)
+    assert stats["inputs_truncated"] == 1 and stats["max_input_chars"] == 22  # counted, never silent
     prompts = [r["prompt"] for s in splits_of(tmp_path / "prepared").values() for r in s.values()]
     assert "Q?\n\nword word word word" in prompts  # 22 chars would end mid-"word": cut back to whole words
     write(tmp_path / "raw.jsonl", [row(i) for i in range(40)] + [{"instruction": "Q?", "input": t, "output": o}
@@ -180,9 +181,13 @@ def test_split_is_deterministic_and_old_rows_keep_their_split(tmp_path):
     assert one["system"] == p.data.system_prompt and len(one["id"]) == 16
     ids = [r["id"] for r in read_jsonl(tmp_path / "prepared" / "train.jsonl")]
     assert ids == sorted(ids)
-    # the seed (not the file order) decides: another seed gives another split
-    prepare(params_for(tmp_path, seed=7), tmp_path)
+    # the split seed (not the file order) decides: another split seed gives another split ...
+    prepare(params_for(tmp_path, split=SplitParams(seed=7)), tmp_path)
     assert splits_of(tmp_path / "prepared")["test"].keys() != second["test"].keys()
+    # ... while another TRAINING seed moves no row between splits (the champion is never re-scored on
+    # rows it trained on)
+    prepare(params_for(tmp_path, seed=7), tmp_path)
+    assert splits_of(tmp_path / "prepared") == second
 
 
 def test_too_little_data_says_how_many_and_what_to_change(tmp_path):

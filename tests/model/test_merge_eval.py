@@ -52,3 +52,30 @@ def test_score_uses_local_metric_and_counts_eos():
              {"prediction": "`re`", "reference": "re", "stopped": True}]
     r = score(preds)
     assert r["accuracy"] == pytest.approx(2 / 3) and r["n"] == 3 and r["eos_rate"] == pytest.approx(2 / 3)
+
+
+def test_merged_model_is_what_people_deploy(tiny_model_dir, trained, tmp_path):
+    """bf16 base -> bf16 merged model (not fp32 at twice the size), evaluated in bf16; a plain
+    transformers load prompts with the training system prompt and stops on the template's turn end."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.prompting import format_prompt, turn_end_id
+
+    p, data, adapter, d = trained
+    bf16_base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(bf16_base)
+    info = merge(p, bf16_base, adapter, d / "merged-bf16")
+    assert info["dtype"] == "bfloat16" and info["system_prompt_in_template"]
+    with safe_open(str(d / "merged-bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    m = evaluate_model(p, "merged", d / "merged-bf16", data / "test.jsonl", d / "ev-bf16", as_saved=True)
+    assert m["n"] == 16
+
+    tok = AutoTokenizer.from_pretrained(d / "merged-bf16")
+    plain = tok.apply_chat_template([{"role": "user", "content": "Item 1?"}], tokenize=False, add_generation_prompt=True)
+    assert plain == format_prompt(tok, p.data.system_prompt, "Item 1?")
+    gen = AutoModelForCausalLM.from_pretrained(d / "merged-bf16").generation_config
+    assert turn_end_id(tok) in gen.eos_token_id

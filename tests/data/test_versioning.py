@@ -1,0 +1,275 @@
+"""Data versioning (tasks/versioning.py) for real: DVC on temp git repos, a local directory remote and an
+S3 remote on moto's standalone server (a subprocess on 127.0.0.1, stopped at the end of the module).
+
+What it proves: a drop in data.source becomes a new data version, every version is pushed, an unchanged
+rerun costs seconds and changes nothing, and a fresh clone plus the DVC files a run returns (the flow logs
+them on the MLflow run) pulls the exact bytes of that version back.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import versioning
+from tasks.config import ParamsError, load_params
+from tasks.versioning import REMOTE, configure_remote, prepare_via_dvc
+from tests.conftest import S3_ENV, free_port, make_bucket, make_workspace, start_moto
+
+LABELS = ["json", "os", "re", "math"]
+BUCKET = "team-bucket"
+
+
+def drop_rows(start: int, n: int) -> str:
+    return "".join(json.dumps({"instruction": "Which module is this about?", "input": f"Item {i} is about "
+                               f"{LABELS[i % 4]} things, number {i}.", "output": LABELS[i % 4]}) + "\n"
+                   for i in range(start, start + n))
+
+
+def write_params(ws: Path, name: str, **sections) -> Path:
+    p = ws / "params" / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(sections))
+    return p
+
+
+def run(ws: Path, name: str) -> dict:
+    p = ws / "params" / f"{name}.yaml"
+    return prepare_via_dvc(ws, p, load_params(p))
+
+
+def dvc_cli(cwd: Path, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"dvc {' '.join(args)}:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def save_version(ws: Path, res: dict, raw: str) -> dict:
+    """What a run pins: its DVC files (as logged on MLflow) and the bytes it trained/tested on."""
+    return {"dvc_files": {f: (ws / f).read_bytes() for f in res["dvc_files"]},
+            "test": (Path(res["prepared_dir"]) / "test.jsonl").read_bytes(),
+            "raw": {p.relative_to(ws / raw).as_posix(): p.read_bytes() for p in (ws / raw).rglob("*") if p.is_file()}}
+
+
+def pull_into_fresh_clone(ws: Path, dst: Path, version: dict, stage: str, raw: str, url: str, **options: str) -> None:
+    """Anyone, anywhere: git clone + the logged DVC files + `dvc pull` gives the exact data of that version."""
+    subprocess.run(["git", "clone", "-q", str(ws), str(dst)], check=True)
+    for rel, content in version["dvc_files"].items():
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).write_bytes(content)
+    dvc_cli(dst, "remote", "add", "--local", "-d", REMOTE, url)
+    for k, v in options.items():
+        dvc_cli(dst, "remote", "modify", "--local", REMOTE, k, v)
+    dvc_cli(dst, "pull", stage, f"{raw}.dvc")
+    assert (dst / "data" / "prepared").exists()
+    prepared = yaml.safe_load((dst / "dvc.lock").read_text())["stages"][stage]["outs"][0]["path"]
+    assert (dst / prepared / "test.jsonl").read_bytes() == version["test"]
+    assert {p.relative_to(dst / raw).as_posix(): p.read_bytes() for p in (dst / raw).rglob("*") if p.is_file()} \
+        == version["raw"]
+
+
+def remote_md5s(remote: Path) -> set[str]:
+    """Object ids in a DVC 3 directory remote (files/md5/ab/cdef... -> abcdef...)."""
+    return {p.parent.name + p.name for p in (remote / "files" / "md5").rglob("*") if p.is_file()}
+
+
+def lock_md5s(ws: Path, stage: str) -> set[str]:
+    return {o["md5"] for o in yaml.safe_load((ws / "dvc.lock").read_text())["stages"][stage]["outs"]}
+
+
+def dvc_file_md5(ws: Path, rel: str) -> str:
+    return yaml.safe_load((ws / rel).read_text())["outs"][0]["md5"]
+
+
+# ---------------------------------------------------------------- local source, embedded local remote
+def test_drops_are_versioned_pushed_and_any_version_pulls_back_exactly(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    (drops / "week-01.jsonl").write_text(drop_rows(0, 60))
+    (drops / "README.txt").write_text("drop zone")
+    raw = "data/raw/drops"
+    write_params(ws, "drops", data={"source": str(drops), "raw": raw, "prepared": "data/prepared/drops"})
+
+    r1 = run(ws, "drops")
+    remote = ws / ".qlora-ops" / "dvc-remote"
+    assert r1["stage"] == "prepare-drops" and r1["reran"] and r1["remote"] == str(remote.resolve())
+    assert r1["source"]["added"] == ["week-01.jsonl"] and r1["source"]["ignored"] == ["README.txt"]
+    assert r1["dvc_files"] == ["dvc.yaml", "dvc.lock", f"{raw}.dvc", "params/drops.yaml"]
+    assert r1["deps"][raw] == dvc_file_md5(ws, f"{raw}.dvc")  # the stage reads the dvc-added snapshot
+    # pushed: the prepared splits AND the raw snapshot (--with-deps follows the stage to the .dvc file)
+    assert r1["pushed"] == 7  # raw: .dir + 1 file; prepared: .dir + train/val/test/stats
+    assert lock_md5s(ws, "prepare-drops") | {dvc_file_md5(ws, f"{raw}.dvc")} <= remote_md5s(remote)
+    assert len(remote_md5s(remote)) == 7
+    cfg = (ws / ".dvc" / "config.local").read_text()
+    assert f'remote = {REMOTE}' in cfg and str(remote.resolve()) in cfg
+    v1 = save_version(ws, r1, raw)
+
+    # nothing new: same version, nothing rerun or pushed, and only seconds
+    t = time.time()
+    r2 = run(ws, "drops")
+    took = time.time() - t
+    assert r2["data_version"] == r1["data_version"] and not r2["reran"] and r2["pushed"] == 0
+    assert (r2["source"]["added"], r2["source"]["changed"], r2["source"]["removed"]) == ([], [], [])
+    assert took < 10, f"an unchanged rerun took {took:.1f}s"
+
+    # a new drop: a new raw .dvc md5, a new data version, pushed
+    (drops / "week-02.jsonl").write_text(drop_rows(60, 30))
+    r3 = run(ws, "drops")
+    assert r3["source"]["added"] == ["week-02.jsonl"] and r3["reran"]
+    assert r3["data_version"] != r1["data_version"] and r3["pushed"] > 0
+    assert json.loads((Path(r3["prepared_dir"]) / "stats.json").read_text())["rows_raw"] == 90
+    v3 = save_version(ws, r3, raw)
+    assert v3["dvc_files"][f"{raw}.dvc"] != v1["dvc_files"][f"{raw}.dvc"]
+
+    # a removed drop is removed from the snapshot too (exact mirror): back to the first data
+    (drops / "week-02.jsonl").unlink()
+    r4 = run(ws, "drops")
+    assert r4["source"]["removed"] == ["week-02.jsonl"] and r4["data_version"] == r1["data_version"]
+
+    # a fresh clone + the DVC files of a version + `dvc pull` = that version's exact bytes, old or new
+    shutil.rmtree(ws / ".dvc" / "cache")  # nothing local to fall back on: the bytes come from the remote
+    pull_into_fresh_clone(ws, tmp_path / "clone-v3", v3, "prepare-drops", raw, str(remote.resolve()))
+    pull_into_fresh_clone(ws, tmp_path / "clone-v1", v1, "prepare-drops", raw, str(remote.resolve()))
+
+
+def test_default_sample_stage_output_is_pushed_with_the_prepare_stage(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    res = prepare_via_dvc(ws, ws / "params" / "default.yaml", load_params(ws / "params" / "default.yaml"))
+    assert res["stage"] == "prepare" and res["source"] is None and res["dvc_files"] == [
+        "dvc.yaml", "dvc.lock", "params/default.yaml"]
+    remote = ws / ".qlora-ops" / "dvc-remote"
+    assert lock_md5s(ws, "prepare") | lock_md5s(ws, "sample") <= remote_md5s(remote)  # upstream sample too
+
+
+def test_source_params_are_checked_before_any_work(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    (drops / "a.jsonl").write_text(drop_rows(0, 40))
+    cases = [({"source": str(drops)}, "built-in sample"),  # data.raw left at the sample path
+             ({"source": str(drops), "raw": "data/raw/mine.jsonl"}, "looks like a file"),
+             ({"source": str(drops), "raw": "../outside"}, "inside the workspace"),
+             ({"source": str(tmp_path / "nope"), "raw": "data/raw/x"}, "not found")]
+    for data, expect in cases:
+        p = write_params(ws, "bad", data=data)
+        with pytest.raises(ParamsError) as e:
+            prepare_via_dvc(ws, p, load_params(p))
+        msg = str(e.value)
+        assert expect in msg and str(p) in msg and "data." in msg, msg
+    assert not (ws / "data" / "raw" / "x").exists() and "prepare-bad" not in (ws / "dvc.yaml").read_text()
+    # a relative local source is relative to the workspace
+    shutil.copytree(drops, ws / "incoming")
+    p = write_params(ws, "rel", data={"source": "incoming", "raw": "data/raw/rel", "prepared": "data/prepared/rel"})
+    assert prepare_via_dvc(ws, p, load_params(p))["source"]["files"] == ["a.jsonl"]
+
+
+def test_bad_rows_in_a_drop_fail_naming_file_and_row(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    (drops / "a.jsonl").write_text(drop_rows(0, 40))
+    (drops / "b.csv").write_text("instruction,input,output\nQ,x,a\nQ,y,\n")
+    p = write_params(ws, "d", data={"source": str(drops), "raw": "data/raw/d", "prepared": "data/prepared/d"})
+    with pytest.raises(versioning.DvcError) as e:
+        prepare_via_dvc(ws, p, load_params(p))
+    assert "data/raw/d/b.csv:2" in str(e.value) and '"output" must be a non-empty string' in str(e.value)
+    assert not (ws / "data" / "prepared" / "d").exists()
+
+
+def test_configure_remote_touches_config_only_when_it_differs(tmp_path, monkeypatch):
+    ws = make_workspace(tmp_path / "ws")
+    calls = []
+    real = versioning.dvc
+
+    def spy(workspace, *args):
+        calls.append(args)
+        return real(workspace, *args)
+
+    monkeypatch.setattr(versioning, "dvc", spy)
+    params = load_params(write_params(ws, "r", storage={"dvc_remote": str(tmp_path / "team-remote"),
+                                                        "dvc_remote_options": {"verify": "true"}}))
+    assert configure_remote(ws, params) == str((tmp_path / "team-remote").resolve())
+    assert (tmp_path / "team-remote").is_dir()  # a directory remote is created
+    assert [c[:2] for c in calls] == [("remote", "add"), ("remote", "modify")]
+    calls.clear()
+    configure_remote(ws, params)
+    assert calls == []  # unchanged: no DVC process at all
+    cfg = (ws / ".dvc" / "config.local").read_text()
+    assert "verify = true" in cfg and "remote = qlora-ops" in cfg
+    # back to the default: <state_dir>/dvc-remote
+    configure_remote(ws, load_params(write_params(ws, "r2", state_dir="state")))
+    assert str((ws / "state" / "dvc-remote").resolve()) in (ws / ".dvc" / "config.local").read_text()
+    # an option DVC does not know is refused naming the key (never echoing the value: it may be a secret)
+    bad = load_params(write_params(ws, "r3", storage={"dvc_remote_options": {"no_such_option": "hunter2"}}))
+    with pytest.raises(ParamsError) as e:
+        configure_remote(ws, bad)
+    assert "storage.dvc_remote_options.no_such_option" in str(e.value) and "hunter2" not in str(e.value)
+
+
+# ---------------------------------------------------------------- S3 source + S3 remote on moto
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with start_moto(tmp_path_factory.mktemp("moto")) as endpoint:
+        make_bucket(endpoint, BUCKET)
+        yield endpoint
+
+
+def test_s3_source_and_s3_remote(s3, tmp_path, monkeypatch):
+    import boto3
+
+    for k, v in S3_ENV.items():  # credentials only from the environment, for s3fs and for DVC
+        monkeypatch.setenv(k, v)
+    c = boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
+    c.put_object(Bucket=BUCKET, Key="drops/week-01.jsonl", Body=drop_rows(0, 60).encode())
+    ws = make_workspace(tmp_path / "ws")
+    raw = "data/raw/team"
+    write_params(ws, "team", data={"source": f"s3://{BUCKET}/drops/", "source_options": {"endpoint_url": s3},
+                                   "raw": raw, "prepared": "data/prepared/team"},
+                 storage={"dvc_remote": f"s3://{BUCKET}/dvc", "dvc_remote_options": {"endpointurl": s3}})
+
+    def remote_keys() -> set[str]:
+        pages = c.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="dvc/files/md5/")
+        return {o["Key"].split("/")[-2] + o["Key"].split("/")[-1] for pg in pages for o in pg.get("Contents", [])}
+
+    r1 = run(ws, "team")
+    assert r1["remote"] == f"s3://{BUCKET}/dvc" and r1["pushed"] == 7 and r1["source"]["added"] == ["week-01.jsonl"]
+    assert lock_md5s(ws, "prepare-team") | {dvc_file_md5(ws, f"{raw}.dvc")} <= remote_keys()
+    v1 = save_version(ws, r1, raw)
+
+    r2 = run(ws, "team")
+    assert r2["data_version"] == r1["data_version"] and r2["pushed"] == 0 and r2["source"]["copied_bytes"] == 0
+
+    c.put_object(Bucket=BUCKET, Key="drops/week-02.jsonl", Body=drop_rows(60, 40).encode())
+    r3 = run(ws, "team")
+    assert r3["data_version"] != r1["data_version"] and r3["source"]["added"] == ["week-02.jsonl"]
+    assert dvc_file_md5(ws, f"{raw}.dvc") in remote_keys()
+
+    shutil.rmtree(ws / ".dvc" / "cache")
+    pull_into_fresh_clone(ws, tmp_path / "clone-v1", v1, "prepare-team", raw, f"s3://{BUCKET}/dvc", endpointurl=s3)
+    pull_into_fresh_clone(ws, tmp_path / "clone-v3", save_version(ws, r3, raw), "prepare-team", raw,
+                          f"s3://{BUCKET}/dvc", endpointurl=s3)
+
+
+def test_unreachable_remote_is_a_connection_error_and_the_next_run_pushes(s3, tmp_path, monkeypatch):
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    ws = make_workspace(tmp_path / "ws")
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    (drops / "a.jsonl").write_text(drop_rows(0, 40))
+    data = {"source": str(drops), "raw": "data/raw/u", "prepared": "data/prepared/u"}
+    dead = f"http://alice:s3cr3t@127.0.0.1:{free_port()}/dvc"  # an HTTP remote that is down
+    write_params(ws, "u", data=data, storage={"dvc_remote": dead})
+    with pytest.raises(ConnectionError) as e:  # builtin: the flow retries it as a transient fault
+        run(ws, "u")
+    assert "http://alice:***@127.0.0.1" in str(e.value) and "next run pushes it" in str(e.value)
+    assert "s3cr3t" not in str(e.value)  # never in anything logged
+    write_params(ws, "u", data=data, storage={"dvc_remote": f"s3://{BUCKET}/u", "dvc_remote_options": {"endpointurl": s3}})
+    res = run(ws, "u")  # the remote is back: everything versioned meanwhile is pushed now
+    assert not res["reran"] and res["pushed"] == 7
