@@ -26,10 +26,12 @@ from tests.conftest import PREFECT_CLI, ROOT, PrefectServer, start_prefect_serve
 
 PREFECT_YAML = ROOT / "infra" / "prefect" / "prefect.yaml"
 WORK_POOL_JSON = ROOT / "infra" / "prefect" / "work-pool.json"
+GPU_WORK_POOL_JSON = ROOT / "infra" / "prefect" / "work-pool-gpu.json"
 COMPOSE = ROOT / "infra" / "docker-compose.yml"
 K8S = ROOT / "infra" / "k8s"
 DOCS = ROOT / "docs" / "deploy.md"
 POOL = "qlora-ops"
+GPU_POOL = "qlora-ops-gpu"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -71,9 +73,10 @@ def test_worker_runs_deployment_from_local_source(prefect_server, tmp_path):
     server = prefect_server
     expected_digest = load_params(ROOT / "params" / "default.yaml").digest()
 
-    # 1. The pool, exactly as docs/deploy.md creates it.
-    r = server.cli("work-pool", "create", POOL, "--type", "process", "--base-job-template", str(WORK_POOL_JSON))
-    assert r.returncode == 0, r.stdout + r.stderr
+    # 1. The pools, exactly as docs/deploy.md creates them (prefect.yaml's GPU stage needs its pool to exist).
+    for name, template in ((POOL, WORK_POOL_JSON), (GPU_POOL, GPU_WORK_POOL_JSON)):
+        r = server.cli("work-pool", "create", name, "--type", "process", "--base-job-template", str(template))
+        assert r.returncode == 0, r.stdout + r.stderr
 
     # 2. The retraining deployment, exactly as docs/deploy.md creates it (from the repo root). QLORA_OPS_HOME
     #    unset here, so the pull step keeps its placeholder and each worker resolves its own checkout.
@@ -101,6 +104,13 @@ def test_worker_runs_deployment_from_local_source(prefect_server, tmp_path):
         assert [s.schedule.cron for s in dep.schedules] == ["0 2 * * 1"]
         assert all(s.active for s in dep.schedules)
         assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $QLORA_OPS_HOME }}"}}]
+
+        # The GPU stage: same name (the parent looks up qlora-model-stage/<orchestration.deployment>), GPU pool, no schedule.
+        stage = client.read_deployment_by_name("qlora-model-stage/weekly-retrain")
+        assert stage.entrypoint == "flows/model_stage.py:model_stage"
+        assert stage.work_pool_name == GPU_POOL
+        assert stage.schedules == []
+        assert stage.pull_steps == dep.pull_steps
 
     # 3. The probe deployment: same pool, same kind of limit, source = this checkout.
     probe_id = _deploy_probe(server, "probe")
@@ -167,8 +177,9 @@ def test_prefect_yaml_deployment_is_valid():
 
     doc = yaml.safe_load(PREFECT_YAML.read_text())
     model = PrefectYamlModel.model_validate(doc)
-    assert len(model.deployments) == 1
-    d = doc["deployments"][0]
+    assert len(model.deployments) == 2
+    by_entry = {d["entrypoint"]: d for d in doc["deployments"]}
+    d = by_entry["flows/retrain.py:retrain"]
 
     # Entrypoint: a file in this repo with a top-level @flow function of that name taking the parameters.
     path, func = d["entrypoint"].split(":")
@@ -208,6 +219,20 @@ def test_prefect_yaml_deployment_is_valid():
     k8s_text = " ".join(p.read_text() for p in sorted(K8S.glob("*.yaml")))
     assert f"--pool {POOL}" in k8s_text or f'"--pool", "{POOL}"' in k8s_text or f"- {POOL}" in k8s_text
 
+    # The GPU stage: a @flow named qlora-model-stage, deployed under the parent's deployment name (the parent
+    # runs qlora-model-stage/<orchestration.deployment>), on the GPU pool, never scheduled.
+    g = by_entry["flows/model_stage.py:model_stage"]
+    src = ROOT / "flows" / "model_stage.py"
+    fns = {n.name: n for n in ast.parse(src.read_text()).body if isinstance(n, ast.FunctionDef)}
+    assert "flow" in _decorator_names(fns["model_stage"])
+    assert set(g["parameters"]) <= {a.arg for a in fns["model_stage"].args.args}
+    assert 'name="qlora-model-stage"' in src.read_text()
+    assert g["name"] == d["name"] == "weekly-retrain"
+    assert g["work_pool"]["name"] == "qlora-ops-gpu"
+    assert not g.get("schedules")
+    assert g.get("enforce_parameter_schema") is True
+    assert "--pool qlora-ops-gpu" in docs
+
     # Code comes from the worker's checkout: no build/push, one working-directory pull step.
     assert doc.get("build") is None and doc.get("push") is None
     assert [next(iter(step)) for step in doc["pull"]] == ["prefect.deployments.steps.set_working_directory"]
@@ -221,17 +246,18 @@ def test_work_pool_template_and_manifests_parse():
     """work-pool.json is the real process template plus env defaults; compose and k8s manifests parse."""
     from prefect.workers.process import ProcessWorker
 
-    tmpl = json.loads(WORK_POOL_JSON.read_text())
     default = ProcessWorker.get_default_base_job_template()
-    assert tmpl["job_configuration"] == default["job_configuration"]
-    assert set(tmpl["variables"]["properties"]) == set(default["variables"]["properties"])
-    env_default = tmpl["variables"]["properties"]["env"]["default"]
-    assert env_default["HF_HUB_OFFLINE"] == "1" and env_default["HF_DATASETS_OFFLINE"] == "1"
-    assert all(isinstance(v, str) for v in env_default.values())
+    for path in (WORK_POOL_JSON, GPU_WORK_POOL_JSON):
+        tmpl = json.loads(path.read_text())
+        assert tmpl["job_configuration"] == default["job_configuration"]
+        assert set(tmpl["variables"]["properties"]) == set(default["variables"]["properties"])
+        env_default = tmpl["variables"]["properties"]["env"]["default"]
+        assert env_default["HF_HUB_OFFLINE"] == "1" and env_default["HF_DATASETS_OFFLINE"] == "1"
+        assert all(isinstance(v, str) for v in env_default.values())
 
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert {"prefect-server", "mlflow", "worker"} <= set(services)
+    assert {"prefect-server", "mlflow", "worker", "gpu-worker", "postgres", "minio"} <= set(services)
     worker = services["worker"]
     dockerfile = (COMPOSE.parent / worker["build"]["context"] / worker["build"]["dockerfile"]).resolve()
     assert dockerfile == (ROOT / "infra" / "Dockerfile").resolve() and dockerfile.is_file()
@@ -254,5 +280,5 @@ def test_work_pool_template_and_manifests_parse():
                     if "nvidia.com/gpu" in lim:
                         gpu_limits.append(lim["nvidia.com/gpu"])
     assert {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap"} <= set(kinds), kinds
-    assert {"prefect-server", "mlflow"} <= set(kinds["Service"])
+    assert {"prefect-server", "mlflow", "postgres", "minio"} <= set(kinds["Service"])
     assert gpu_limits == [1]
