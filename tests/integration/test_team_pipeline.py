@@ -37,11 +37,11 @@ def drop(endpoint: str, key: str, rows: range) -> None:
                  region_name="us-east-1").put_object(Bucket=BUCKET, Key=key, Body=body.encode())
 
 
-def team_params(model_dir: Path, s3: str, **gates) -> dict:
+def team_params(model_dir: Path, s3: str, name: str = "team", **gates) -> dict:
     return {
         "model": {"source": str(model_dir), "max_seq_len": 96},
         "data": {"source": f"s3://{BUCKET}/drops/", "source_options": {"endpoint_url": s3},
-                 "raw": "data/raw/team", "prepared": "data/prepared/team"},
+                 "raw": "data/raw/team", "prepared": f"data/prepared/{name}"},
         "training": {"max_steps": 4, "batch_size": 8, "eval_every": 2, "save_every": 2, "threads": 1, "warmup_steps": 1},
         "eval": {"batch_size": 32, "max_new_tokens": 4, "max_examples": 16},
         "gates": {"min_gain_over_base": -1.0, "min_retention_vs_lora": 0.0, "max_merge_disagreement": 1.0, **gates},
@@ -63,7 +63,7 @@ def stack(tmp_path_factory, tiny_model_dir):
             gpu_ws = make_workspace(root / "gpu-checkout")  # a second machine's checkout: shares nothing on disk
             (cpu_ws / "params" / "team.yaml").write_text(yaml.safe_dump(team_params(tiny_model_dir, s3)))
             (cpu_ws / "params" / "strict.yaml").write_text(
-                yaml.safe_dump(team_params(tiny_model_dir, s3, min_gain_over_base=0.5)))
+                yaml.safe_dump(team_params(tiny_model_dir, s3, "strict", min_gain_over_base=0.5)))
             drop(s3, "drops/week-01.jsonl", range(0, 80))
             env = prefect.client_env(**S3_ENV, PREFECT_WORKER_QUERY_SECONDS="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
             for pool in ("cpu", "gpu"):
