@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 from prefect import flow
@@ -70,7 +71,15 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
         raise DataError(f"{data_uri}: test split hash {sha256_file(test_path)[:16]} != {test_hash} announced by the "
                         "parent run; the hand-off is not the data that was versioned")
 
-    base = stage(pt.resolve_base, p, "base_model")(p, ws)
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn, *a, **k):
+        t = time.time()
+        r = fn(*a, **k)
+        times[name] = round(time.time() - t, 1)
+        return r
+
+    base = timed("base_model", stage(pt.resolve_base, p, "base_model"), p, ws)
     base_id = base_identity(Path(base))
     data_hash = key(sha256_file(prepared / "train.jsonl"), sha256_file(prepared / "val.jsonl"))
     train_code = source_hash("train.py", "modeling.py", "prompting.py", "config.py")
@@ -78,7 +87,8 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
 
     results = {}
     for kind in ("qlora", "lora"):
-        results[kind] = stage(pt.train_adapter, p, "train")(p, base, str(prepared), str(sd / "runs" / f"train-{kind}-{train_key}"), kind)
+        results[kind] = timed(f"train_{kind}", stage(pt.train_adapter, p, "train"), p, base, str(prepared),
+                              str(sd / "runs" / f"train-{kind}-{train_key}"), kind)
         tracking.log_training(run_id, exp_id, results[kind])
         tracking.log_dir(run_id, Path(results[kind]["adapter_dir"]), f"adapters/{kind}")
 
@@ -94,7 +104,8 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
         if name != "merged" and (out / "metrics.json").is_file():
             m = {**read_json(out / "metrics.json"), "cached": True}
         else:
-            m = stage(pt.evaluate_model, p, "evaluate")(p, name, model_dir, str(test_path), str(out), **kw)
+            m = timed(f"eval_{name}", stage(pt.evaluate_model, p, "evaluate"), p, name, model_dir, str(test_path),
+                      str(out), **kw)
         tracking.log_files(run_id, [out / "predictions.jsonl", out / "metrics.json"], f"eval/{name}")
         return m
 
@@ -114,14 +125,14 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
     if gate.passed(gate.pre_merge_gates(p.gates, rows["base"]["correct"], rows["lora"]["correct"],
                                         rows["qlora"]["correct"], seed=p.seed)):
         merged_dir = work / "merged"
-        stage(pt.merge_adapter, p, "merge")(p, base, results["qlora"]["adapter_dir"], str(merged_dir))
+        timed("merge", stage(pt.merge_adapter, p, "merge"), p, base, results["qlora"]["adapter_dir"], str(merged_dir))
         models["merged"] = evaluate("merged", str(merged_dir), as_saved=True)
         rows["merged"] = per_row(dirs["merged"])
-        out["model_uri"] = stage(pt.log_model, p, "registry")(
-            str(merged_dir), {"system_prompt": p.data.system_prompt, "max_new_tokens": models["merged"]["max_new_tokens"]},
-            run_id)
+        serving = {"system_prompt": p.data.system_prompt, "max_new_tokens": models["merged"]["max_new_tokens"]}
+        out["model_uri"] = timed("log_model", stage(pt.log_model, p, "registry"), str(merged_dir), serving, run_id)
         shutil.rmtree(merged_dir, ignore_errors=True)  # the artifact store holds its copy
-        out["champion"] = champion_rows(p, eval_key, test_path, work)
+        out["champion"] = timed("champion", champion_rows, p, eval_key, test_path, work)
+    out["stage_seconds"] = times
     tracking.log_json(run_id, out, RESULT)
     return out
 

@@ -106,6 +106,7 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         ms = timed("model_stage", call_model_stage, params, ws, run_id, data_uri, str(prepared), test_hash)
         models = ms["models"]
         summary["worker"] = ms.get("worker")
+        times.update({f"ms.{k}": v for k, v in ms.get("stage_seconds", {}).items()})  # inside the model stage
         rows = ms["rows"]
         verdicts = gate.pre_merge_gates(params.gates, rows["base"]["correct"], rows["lora"]["correct"],
                                         rows["qlora"]["correct"], seed=params.seed)
@@ -220,7 +221,8 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
 def gate_table(verdicts: list[dict]) -> str:
     L = [f"{'gate':<20}{'value':>8}  {'95% interval':<17}{'op':<3}{'threshold':>9}  verdict"]
     for v in verdicts:
-        ci = f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None else ""
+        # The interval of the gate's own value; retention's (of QLoRA - LoRA) is in its detail line.
+        ci = f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None and v["ci_of"] == "value" else ""
         L.append(f"{v['name']:<20}{v['value']:>8.4f}  {ci:<17}{v['op']:<3}{v['threshold']:>9}  "
                  f"{'PASS' if v['passed'] else 'FAIL'}  ({v['decided_on']})")
     return "\n".join(L)

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from tasks.config import Params
+from tasks.sources import redact_url as redact
 
 
 class ServiceUnavailable(RuntimeError):
@@ -119,10 +120,6 @@ def registry_slot(model_name: str, timeout_s: float) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- services answer, fast
-def redact(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
-
-
 def _probe(url: str, timeout: float) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:

@@ -18,12 +18,12 @@ from tasks.config import GateParams
 
 
 def _verdict(name: str, value: float, op: str, threshold: float, detail: str, *, ci: tuple[float, float] | None = None,
-             decided_on: float | None = None, p_value: float | None = None) -> dict:
+             decided_on: float | None = None, p_value: float | None = None, ci_of: str = "value") -> dict:
     x = value if decided_on is None else decided_on
     ok = x >= threshold if op == ">=" else x <= threshold
     return {"name": name, "value": round(value, 6), "op": op, "threshold": threshold, "passed": bool(ok),
             "detail": detail, "ci_low": None if ci is None else round(ci[0], 6),
-            "ci_high": None if ci is None else round(ci[1], 6), "p_value": p_value,
+            "ci_high": None if ci is None else round(ci[1], 6), "ci_of": ci_of, "p_value": p_value,
             "decided_on": "interval lower bound" if decided_on is not None else "point estimate"}
 
 
@@ -47,7 +47,7 @@ def pre_merge_gates(g: GateParams, base: list[bool], lora: list[bool], qlora: li
         _verdict("retention_vs_lora", retention, ">=", g.min_retention_vs_lora,
                  f"QLoRA {q:.4f} / LoRA {l:.4f}; QLoRA - LoRA = {_pts(ret['diff'])} pts, {ci} "
                  f"[{_pts(ret['ci_low'])}, {_pts(ret['ci_high'])}], McNemar p={ret['mcnemar_p']:.3g}",
-                 ci=(ret["ci_low"], ret["ci_high"]), p_value=ret["mcnemar_p"]),
+                 ci=(ret["ci_low"], ret["ci_high"]), p_value=ret["mcnemar_p"], ci_of="QLoRA - LoRA"),
     ]
 
 

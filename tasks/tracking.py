@@ -13,6 +13,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from tasks.config import Params, ParamsError
+from tasks.sources import redact_url
 from tasks.util import read_jsonl
 
 
@@ -77,7 +78,8 @@ def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:
 def start_run(params: Params, experiment_id: str, tags: dict[str, str], run_name: str) -> str:
     c = MlflowClient()
     run = c.create_run(experiment_id, run_name=run_name, tags=tags)
-    items = [Param(k, v[:6000]) for k, v in flatten(params.model_dump(mode="json")).items()]
+    # URLs in params (tracking URI, remotes, sources) may carry a password: never log one.
+    items = [Param(k, redact_url(v)[:6000]) for k, v in flatten(params.model_dump(mode="json")).items()]
     for i in range(0, len(items), 100):
         c.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id
