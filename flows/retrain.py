@@ -30,7 +30,7 @@ from tasks import gate, stats, tracking
 from tasks.base_model import base_fingerprint
 from tasks.config import Params, load_params
 from tasks.paths import artifact_root, state_dir, tracking_uri, ws_path
-from tasks.util import sha256_file
+from tasks.util import read_json, sha256_file
 from tasks.versioning import code_version
 
 MODEL_STAGE_FLOW = "qlora-model-stage"
@@ -84,6 +84,8 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     summary: dict = {"tracking_uri": runtime.redact(uri), "code": code, "fingerprint": fp, "stage_seconds": times,
                      "data": {k: data[k] for k in ("data_version", "stage", "outs", "deps")}}
     summary["data"]["version"] = data["data_version"]
+    if (prepared / "stats.json").is_file():
+        summary["data"]["stats"] = {k: v for k, v in read_json(prepared / "stats.json").items() if k != "labels"}
     if not force and (why := tracking.find_fingerprint(params.registry.model_name, exp_id, fp)):
         times["total"] = round(time.time() - t_start, 1)
         return {**summary, "outcome": "skipped", "reason": f"nothing new: {why}; `--force` retrains anyway"}
@@ -238,6 +240,9 @@ def format_summary(s: dict) -> str:
     L += [f"qlora-ops summary  mlflow run {s['mlflow_run_id']}",
           f"data version {s['data']['version']} ({s['data']['stage']})   code {str(s['code']['git_commit'])[:10]}"
           f"{' (dirty)' if s['code']['git_dirty'] else ''} sha {s['code']['source_sha']}   fingerprint {s['fingerprint']}",
+          *([f"rows train/val/test {st['train']}/{st['val']}/{st['test']}, inputs truncated to "
+             f"{st['max_input_chars']} chars: {st['inputs_truncated']}"]
+            if (st := s["data"].get("stats")) and "inputs_truncated" in st else []),
           "", f"{'model':<10}{'accuracy':>10}  {'95% interval':<17}{'eos_rate':>8}{'n':>6}{'eval_s':>9}"]
     for name, m in s["models"].items():
         ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else ""

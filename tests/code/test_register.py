@@ -229,3 +229,32 @@ def test_concurrent_registrations_are_serialized(tracking, tiny_model_dir, tmp_p
     by_metric = {float(c.get_model_version(name, str(r["version"])).tags["accuracy"]): r["version"] for r in results}
     assert champ == by_metric[0.8]
     assert set(c.get_registered_model(name).aliases) == {"champion", "challenger"}
+
+
+def test_planted_candidates_never_move_the_champion(tracking, tiny_model_dir, tmp_path):
+    """Worse than the champion, or equal to it, on the same 500 rows: the paired policy keeps the
+    champion, says why with its numbers, and `champion` never moves; a truly better one does move it."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from tasks.stats import PromotionPolicy, decide
+
+    rng = np.random.default_rng(0)
+    champ = rng.random(500) < 0.70
+
+    def planted(flip_to_wrong: int, flip_to_right: int):
+        c = champ.copy()
+        c[np.flatnonzero(champ)[:flip_to_wrong]] = False
+        c[np.flatnonzero(~champ)[:flip_to_right]] = True
+        return lambda v: (lambda d: (d["promote"], d["reason"]))(decide(PromotionPolicy(), c, champ))
+
+    name = _unique("reg-planted")
+    uri = _log_model(tiny_model_dir, _unique("exp-planted"))
+    _promote(uri, name, tmp_path)  # v1 champion
+    c = MlflowClient()
+    for label, d in (("worse", planted(25, 0)), ("equal", planted(20, 20)), ("slightly better", planted(0, 3))):
+        r = _promote(uri, name, tmp_path, d)
+        assert not r["promoted"] and r["reason"].startswith("keep champion"), (label, r["reason"])
+        assert c.get_model_version_by_alias(name, "champion").version == "1", label
+    r = _promote(uri, name, tmp_path, planted(0, 40))  # +8 points on 500 rows: significant
+    assert r["promoted"] and r["reason"].startswith("promote") and r["champion_version"] == r["version"]

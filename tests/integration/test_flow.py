@@ -181,3 +181,38 @@ def test_divergence_stops_before_evaluation(ws, tiny_model_dir, mlflow_server, p
     assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
     assert "diverged" in r.stderr and "evaluate-base" not in r.stdout + r.stderr
     assert MlflowClient(mlflow_server).search_model_versions(f"name='{name}'") == []
+
+
+def test_dead_tracking_server_exits_4_in_seconds_naming_it(ws, tiny_model_dir, prefect):
+    import time
+
+    from tests.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    rel = write_params(ws, "dead", tiny_model_dir, dead, "dead")
+    t = time.time()
+    r = cli(ws, rel, prefect)
+    assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-2000:]
+    assert time.time() - t < 20
+    assert f"MLflow tracking server at {dead}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_experiment_with_worker_local_artifacts_is_refused_on_a_server(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tasks import tracking
+    from tasks.config import ParamsError
+
+    name = f"local-{uuid.uuid4().hex[:6]}"
+    MlflowClient(mlflow_server).create_experiment(name, artifact_location=(tmp_path / "a").as_uri())
+    import mlflow
+    prev = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        with pytest.raises(ParamsError, match="only one machine has"):
+            tracking.ensure_experiment(name, None, remote=True)
+        fresh = tracking.ensure_experiment(f"{name}-new", (tmp_path / "b").as_uri(), remote=True)
+        loc = MlflowClient(mlflow_server).get_experiment(fresh).artifact_location
+        assert loc.startswith("mlflow-artifacts:"), loc  # the server's store, never the worker-local root
+    finally:
+        mlflow.set_tracking_uri(prev)

@@ -69,9 +69,18 @@ def stack(tmp_path_factory, tiny_model_dir):
             for pool in ("cpu", "gpu"):
                 r = prefect.cli("work-pool", "create", pool, "--type", "process")
                 assert r.returncode == 0, r.stdout + r.stderr
-            r = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--params", "params/team.yaml"], cwd=cpu_ws,
-                               env={**env, "PYTHONPATH": str(cpu_ws)}, capture_output=True, text=True, timeout=180)
-            assert r.returncode == 0, r.stdout + r.stderr
+            for _ in range(2):  # deploying again updates in place: still two deployments, one schedule
+                r = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--params", "params/team.yaml"],
+                                   cwd=cpu_ws, env={**env, "PYTHONPATH": str(cpu_ws)}, capture_output=True, text=True,
+                                   timeout=180)
+                assert r.returncode == 0, r.stdout + r.stderr
+            from prefect.client.orchestration import get_client
+            with prefect.settings(), get_client(sync_client=True) as c:
+                parent = c.read_deployment_by_name("qlora-retrain/team")
+                child = c.read_deployment_by_name("qlora-model-stage/team")
+                assert (parent.work_pool_name, child.work_pool_name) == ("cpu", "gpu")
+                assert len(parent.schedules) == 1 and not child.schedules
+                assert c.read_global_concurrency_limit_by_name("qlora-ops-registry-team-model").limit == 1
             workers = []
             for pool, ws, uri in (("cpu", cpu_ws, proxy.url), ("gpu", gpu_ws, mlflow_uri)):
                 log = root / f"worker-{pool}.log"
