@@ -92,19 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from flows.retrain import retrain
-    from flows.runtime import ServiceUnavailable, check_services
-    from tasks.config import ParamsError, load_params
-    from tasks.paths import tracking_uri, ws_path
-
-    try:  # before the flow starts: a dead service or a bad key is named in seconds
-        ws = Path(a.workspace).resolve()
-        check_services(tracking_uri(ws, load_params(ws_path(ws, a.params))), os.environ.get("PREFECT_API_URL"))
-    except ParamsError as e:
-        print(f"qlora-ops: error: {e}", file=sys.stderr)
-        return EXIT["bad_input"]
-    except ServiceUnavailable as e:
-        print(f"qlora-ops: service unavailable: {e}", file=sys.stderr)
-        return EXIT["service"]
+    if isinstance(pre := preflight(a), int):  # before the flow starts: a bad key or a dead service, in seconds
+        return pre
     state = retrain(params_path=a.params, workspace=a.workspace, force=a.force, return_state=True)
     if state.name == "Rejected":
         return EXIT["rejected"]
@@ -119,14 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT[kind]
 
 
-def registry_command(a) -> int:
-    import mlflow
-
-    from flows.runtime import ServiceUnavailable, check_services, registry_slot
-    from tasks import registry_ops
+def preflight(a):
+    """(workspace, params, tracking URI), or the exit code after one clear line: a bad params file, or a
+    service that does not answer (the tracking server, the Prefect API)."""
+    from flows.runtime import ServiceUnavailable, check_services
     from tasks.config import ParamsError, load_params
-    from tasks.paths import state_dir, tracking_uri, ws_path
-    from tasks.register import PromotionError, registry_lock
+    from tasks.paths import tracking_uri, ws_path
 
     ws = Path(a.workspace).resolve()
     try:
@@ -139,6 +126,20 @@ def registry_command(a) -> int:
     except ServiceUnavailable as e:
         print(f"qlora-ops: service unavailable: {e}", file=sys.stderr)
         return EXIT["service"]
+    return ws, params, uri
+
+
+def registry_command(a) -> int:
+    import mlflow
+
+    from flows.runtime import registry_slot
+    from tasks import registry_ops
+    from tasks.paths import state_dir
+    from tasks.register import PromotionError, registry_lock
+
+    if isinstance(pre := preflight(a), int):
+        return pre
+    ws, params, uri = pre
     mlflow.set_tracking_uri(uri)
     r = params.registry
     if a.cmd == "status":

@@ -18,12 +18,12 @@ import json
 import os
 import shutil
 import socket
-import time
 from pathlib import Path
 
 from prefect import flow
 
 from flows import prefect_tasks as pt
+from flows import runtime
 from flows.runtime import stage
 from tasks import gate, register, tracking
 from tasks.base_model import base_identity
@@ -71,13 +71,8 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
         raise DataError(f"{data_uri}: test split hash {sha256_file(test_path)[:16]} != {test_hash} announced by the "
                         "parent run; the hand-off is not the data that was versioned")
 
-    times: dict[str, float] = {}
-
-    def timed(name: str, fn, *a, **k):
-        t = time.time()
-        r = fn(*a, **k)
-        times[name] = round(time.time() - t, 1)
-        return r
+    timed = runtime.StageTimer()
+    times = timed.seconds
 
     base = timed("base_model", stage(pt.resolve_base, p, "base_model"), p, ws)
     base_id = base_identity(Path(base))

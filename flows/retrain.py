@@ -62,13 +62,8 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     ws = Path(workspace).resolve()
     pfile = ws_path(ws, params_path)
     params = load_params(pfile)  # fails here, before any work, on a bad key
-    times: dict[str, float] = {}
-
-    def timed(name: str, fn, *a, **k):
-        t = time.time()
-        r = fn(*a, **k)
-        times[name] = round(time.time() - t, 1)
-        return r
+    timed = runtime.StageTimer()
+    times = timed.seconds
 
     uri = tracking_uri(ws, params)
     remote = uri.startswith(("http://", "https://"))

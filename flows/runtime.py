@@ -7,6 +7,7 @@ connection is worth another try and a bad row never is.
 from __future__ import annotations
 
 import re
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -82,6 +83,20 @@ def stage(task, params: Params, timeout: str):
     o = params.orchestration
     return task.with_options(timeout_seconds=getattr(o.timeouts, timeout), retries=o.retries,
                              retry_delay_seconds=backoff(params) or 0, retry_condition_fn=_retry_if_transient)
+
+
+class StageTimer:
+    """`timer("train_qlora", fn, *a)` runs fn and records its wall seconds in `timer.seconds`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *a, **k):
+        t = time.time()
+        try:
+            return fn(*a, **k)
+        finally:
+            self.seconds[name] = round(time.time() - t, 1)
 
 
 # ---------------------------------------------------------------- one promotion at a time

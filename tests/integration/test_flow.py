@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, make_workspace, start_prefect_server
+from tests.conftest import make_workspace, start_prefect_server
 
 pytestmark = pytest.mark.slow
 

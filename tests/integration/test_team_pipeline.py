@@ -120,7 +120,6 @@ def diag(stack) -> str:
 
 def children(stack, parent_id) -> list:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     with stack["prefect"].settings(), get_client(sync_client=True) as c:
         runs = c.read_flow_runs()
