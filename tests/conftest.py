@@ -20,6 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Flows run inside the test process report to per-module Prefect servers that are stopped before the
+# interpreter exits; shipping their logs to the API would leave a queue that Prefect keeps draining
+# against a dead server at exit. Their output still reaches stdout; subprocesses get their own env.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ["json", "os", "re", "math"]
@@ -216,7 +220,21 @@ def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None):
             raise RuntimeError(f"prefect server did not come up: {e}\n{tail(log)}") from None
         yield server
     finally:
+        _flush_prefect_clients()
         stop_process_group(proc)
+
+
+def _flush_prefect_clients(timeout: float = 30) -> None:
+    """Send what flows run in this process still hold for the server (events, logs) while it is up.
+    Left queued, Prefect drains them at interpreter exit against a server that is gone: minutes of
+    retries before pytest can exit."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=timeout, at_exit=False)
 
 
 # ---------------------------------------------------------------- S3 (moto's standalone server) and faults
