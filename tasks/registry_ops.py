@@ -34,9 +34,9 @@ def status(model_name: str, aliases: tuple[str, ...], experiment: str | None, li
     by_v: dict[str, list[str]] = {}
     for a, v in held.items():
         by_v.setdefault(str(v), []).append(a)
-    vt = pd.DataFrame([{"version": int(v.version), "aliases": ",".join(sorted(by_v.get(v.version, []))) or "-",
+    vt = pd.DataFrame([{"version": int(v.version), "aliases": ",".join(sorted(by_v.get(str(v.version), []))) or "-",
                         "status": v.tags.get("status", "?"), "promoted": v.tags.get("promoted", "?"),
-                        "accuracy": v.tags.get("test_accuracy", "?")[:6], "data": v.tags.get("data_version", "?"),
+                        "accuracy": f"{float(v.tags['test_accuracy']):.4f}" if "test_accuracy" in v.tags else "?", "data": v.tags.get("data_version", "?"),
                         "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
                         "why": (v.tags.get("rejected_reason") or v.tags.get("promotion_reason", ""))[:70]}
                        for v in versions])
