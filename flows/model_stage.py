@@ -25,13 +25,14 @@ from prefect import flow
 from flows import prefect_tasks as pt
 from flows import runtime
 from flows.runtime import stage
-from tasks import gate, register, tracking
+from tasks import gate, register, registry_ops, tracking
 from tasks.base_model import base_identity
 from tasks.config import Params
 from tasks.data import DataError
+from tasks.evaluate import per_row
 from tasks.modeling import compute_dtype, device
 from tasks.paths import state_dir, tracking_uri
-from tasks.util import read_json, read_jsonl, sha256_file
+from tasks.util import read_json, sha256_file
 from tasks.versioning import code_version, source_hash
 
 RESULT = "model_stage.json"
@@ -140,12 +141,6 @@ def score_key(p: Params, test_hash: str) -> str:
                p.digest("eval", "quantization"), dev.type, str(compute_dtype(p.quantization, dev)))
 
 
-def per_row(eval_dir: Path) -> dict:
-    preds = read_jsonl(eval_dir / "predictions.jsonl")
-    return {"ids": [r["id"] for r in preds], "correct": [bool(r["correct"]) for r in preds],
-            "answers": [r["prediction"] for r in preds]}
-
-
 def champion_rows(p: Params, eval_key: str, test_path: Path, work: Path) -> dict | None:
     """The current champion's per-row results on this test set: the predictions its own run saved when
     they were made under the same score key, else a fresh evaluation (GPU work, so it happens here and
@@ -155,11 +150,8 @@ def champion_rows(p: Params, eval_key: str, test_path: Path, work: Path) -> dict
         return None
     v, tags = info["version"], info["tags"]
     if tags.get("score_key") == eval_key and tags.get("mlflow_run_id"):
-        import mlflow
-
-        d = Path(mlflow.artifacts.download_artifacts(f"runs:/{tags['mlflow_run_id']}/eval/merged",
-                                                     dst_path=str(work / f"champion-v{v}")))
-        return {"version": v, "how": "its own saved predictions (same score key)", **per_row(d)}
+        _, rows = registry_ops.version_rows(p.registry.model_name, v, work / "champion-saved")
+        return {"version": v, "how": "its own saved predictions (same score key)", **rows}
     local = register.download_hf_model(p.registry.model_name, v, work / "champion")
     out = work / "eval-champion"
     stage(pt.evaluate_model, p, "evaluate")(p, "champion", str(local), str(test_path), str(out), as_saved=True)

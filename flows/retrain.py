@@ -14,7 +14,6 @@ passes between them (versions, URIs, small JSON) and the run's final state.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,7 +24,7 @@ from prefect.states import Completed, Failed
 
 from flows import prefect_tasks as pt
 from flows import runtime
-from flows.model_stage import METRIC, RESULT, champion_rows, model_stage
+from flows.model_stage import METRIC, RESULT, champion_rows, key, model_stage
 from tasks import gate, stats, tracking
 from tasks.base_model import base_fingerprint
 from tasks.config import Params, load_params
@@ -38,8 +37,7 @@ MODEL_STAGE_FLOW = "qlora-model-stage"
 
 def fingerprint(data_version: str, params: Params, code_sha: str, base_fp: str) -> str:
     """Everything that decides the model and its verdict: a run with the same one has nothing new to do."""
-    parts = [data_version, params.model_digest(), code_sha, base_fp]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return key(data_version, params.model_digest(), code_sha, base_fp)
 
 
 @flow(name="qlora-retrain", log_prints=True, persist_result=False)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from tasks.config import Params
-from tasks.sources import redact_url as redact
+from tasks.sources import is_network_error, redact_url as redact
 
 
 class ServiceUnavailable(RuntimeError):
@@ -23,15 +23,6 @@ class ServiceUnavailable(RuntimeError):
 
 class Rejected(RuntimeError):
     """A gate refused the candidate (a business outcome, never retried)."""
-
-
-# Network-level failure texts as the clients we use word them (requests/urllib3 via MLflow, httpx via
-# Prefect, botocore/s3fs via DVC). Matched on the message because MLflow wraps them in MlflowException.
-_TRANSIENT = re.compile(
-    r"connection (refused|reset|aborted)|max retries exceeded|timed out|temporarily unavailable|"
-    r"remote ?disconnected|broken pipe|name or service not known|too many 5\d\d|"
-    r"\b(502|503|504)\b|bad gateway|service unavailable|gateway time-?out|readtimeout|connecttimeout",
-    re.I)
 
 
 def deterministic_errors() -> tuple[type[BaseException], ...]:
@@ -51,21 +42,9 @@ def is_transient(exc: BaseException) -> bool:
 
     if isinstance(exc, deterministic_errors() + (TaskRunTimeoutError, FlowRunTimeoutError)):
         return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    try:
-        import httpx
-        if isinstance(exc, httpx.TransportError):
-            return True
-    except ImportError:
-        pass
-    try:
-        import requests
-        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-            return True
-    except ImportError:
-        pass
-    return bool(_TRANSIENT.search(f"{type(exc).__name__}: {exc}"))
+    import httpx  # Prefect's client: a dropped read/write is a network fault whatever its class name says
+
+    return isinstance(exc, httpx.TransportError) or is_network_error(exc)
 
 
 def _retry_if_transient(task, task_run, state) -> bool:

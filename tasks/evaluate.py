@@ -51,6 +51,14 @@ def score(preds: list[dict]) -> dict:
     return res
 
 
+def per_row(eval_dir: Path) -> dict:
+    """The saved per-row results of one evaluation (ids, correct, answers), in test-row order: what every
+    paired comparison (gates, promotion) reads."""
+    preds = read_jsonl(Path(eval_dir) / "predictions.jsonl")
+    return {"ids": [r["id"] for r in preds], "correct": [bool(r["correct"]) for r in preds],
+            "answers": [r["prediction"] for r in preds]}
+
+
 def test_rows(params: Params, test_path: Path) -> list[dict]:
     rows = read_jsonl(test_path)
     return rows[:params.eval.max_examples] if params.eval.max_examples else rows

@@ -64,12 +64,11 @@ def format_status(s: dict) -> str:
 
 def version_rows(model_name: str, v: int, dst: Path) -> tuple[str, dict]:
     """(score_key, per-row results) of a registered version: the merged model's saved predictions."""
-    from tasks.util import read_jsonl
+    from tasks.evaluate import per_row
 
     t = _tags(MlflowClient(), model_name, v)
-    d = Path(mlflow.artifacts.download_artifacts(f"runs:/{t['mlflow_run_id']}/eval/merged", dst_path=str(dst / f"v{v}")))
-    preds = read_jsonl(d / "predictions.jsonl")
-    return t.get("score_key", ""), {"ids": [r["id"] for r in preds], "correct": [bool(r["correct"]) for r in preds]}
+    d = mlflow.artifacts.download_artifacts(f"runs:/{t['mlflow_run_id']}/eval/merged", dst_path=str(dst / f"v{v}"))
+    return t.get("score_key", ""), per_row(Path(d))
 
 
 def promote(model_name: str, version: int, alias: str, policy: stats.PromotionPolicy, work: Path, *,

@@ -76,10 +76,14 @@ def _open_fs(source: str, options: dict[str, str] | None):
     return fs, root.rstrip("/") or root
 
 
+# Network-level failure texts as the clients we use word them (botocore/s3fs via DVC and sources,
+# requests/urllib3 via MLflow, httpx via Prefect). Matched on the message too, because MLflow wraps
+# them in MlflowException. The one classifier of "another try may cure it" (flows.runtime uses it).
 _NETWORK = re.compile(r"(could not|cannot|can't|unable to) connect|connect call failed|"
                       r"connect(ion)?[ _-]?(refused|reset|aborted|timeout|error)|timed out|"
                       r"name or service not known|name resolution|\b(500|502|503|504)\b|service ?unavailable|"
-                      r"slow ?down|remote ?disconnected|broken pipe", re.I)
+                      r"slow ?down|remote ?disconnected|broken pipe|max retries exceeded|temporarily unavailable|"
+                      r"too many 5\d\d|bad gateway|gateway time-?out|readtimeout|connecttimeout", re.I)
 
 
 def is_network_error(exc: BaseException) -> bool:
@@ -91,7 +95,7 @@ def is_network_error(exc: BaseException) -> bool:
         return True
     if any("Connect" in c.__name__ or "Timeout" in c.__name__ for c in type(exc).__mro__):
         return True
-    return bool(_NETWORK.search(str(exc)))
+    return bool(_NETWORK.search(f"{type(exc).__name__}: {exc}"))
 
 
 def _hidden(rel: str) -> bool:

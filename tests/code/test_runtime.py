@@ -23,6 +23,15 @@ def test_transient_classification(exc, transient):
     assert is_transient(exc) is transient
 
 
+def test_client_library_network_errors_are_transient():
+    import httpx
+    import requests
+
+    for exc in (requests.ConnectionError("boom"), requests.Timeout("slow"), httpx.ReadError("dropped"),
+                httpx.ConnectError("refused")):
+        assert is_transient(exc), exc
+
+
 def test_deterministic_faults_never_retry_even_with_network_words():
     from prefect.task_engine import TaskRunTimeoutError
 

@@ -86,13 +86,19 @@ def dvc_file_md5(ws: Path, rel: str) -> str:
     return yaml.safe_load((ws / rel).read_text())["outs"][0]["md5"]
 
 
-# ---------------------------------------------------------------- local source, embedded local remote
-def test_drops_are_versioned_pushed_and_any_version_pulls_back_exactly(tmp_path):
+def workspace_with_drops(tmp_path: Path, **files: str) -> tuple[Path, Path]:
+    """A temp git + DVC workspace and, beside it, a drop directory holding `files` (name -> text)."""
     ws = make_workspace(tmp_path / "ws")
     drops = tmp_path / "drops"
     drops.mkdir()
-    (drops / "week-01.jsonl").write_text(drop_rows(0, 60))
-    (drops / "README.txt").write_text("drop zone")
+    for name, text in files.items():
+        (drops / name).write_text(text)
+    return ws, drops
+
+
+# ---------------------------------------------------------------- local source, embedded local remote
+def test_drops_are_versioned_pushed_and_any_version_pulls_back_exactly(tmp_path):
+    ws, drops = workspace_with_drops(tmp_path, **{"week-01.jsonl": drop_rows(0, 60), "README.txt": "drop zone"})
     raw = "data/raw/drops"
     write_params(ws, "drops", data={"source": str(drops), "raw": raw, "prepared": "data/prepared/drops"})
 
@@ -148,10 +154,7 @@ def test_default_sample_stage_output_is_pushed_with_the_prepare_stage(tmp_path):
 
 
 def test_source_params_are_checked_before_any_work(tmp_path):
-    ws = make_workspace(tmp_path / "ws")
-    drops = tmp_path / "drops"
-    drops.mkdir()
-    (drops / "a.jsonl").write_text(drop_rows(0, 40))
+    ws, drops = workspace_with_drops(tmp_path, **{"a.jsonl": drop_rows(0, 40)})
     cases = [({"source": str(drops)}, "built-in sample"),  # data.raw left at the sample path
              ({"source": str(drops), "raw": "data/raw/mine.jsonl"}, "looks like a file"),
              ({"source": str(drops), "raw": "../outside"}, "inside the workspace"),
@@ -170,11 +173,8 @@ def test_source_params_are_checked_before_any_work(tmp_path):
 
 
 def test_bad_rows_in_a_drop_fail_naming_file_and_row(tmp_path):
-    ws = make_workspace(tmp_path / "ws")
-    drops = tmp_path / "drops"
-    drops.mkdir()
-    (drops / "a.jsonl").write_text(drop_rows(0, 40))
-    (drops / "b.csv").write_text("instruction,input,output\nQ,x,a\nQ,y,\n")
+    ws, drops = workspace_with_drops(tmp_path, **{"a.jsonl": drop_rows(0, 40),
+                                                  "b.csv": "instruction,input,output\nQ,x,a\nQ,y,\n"})
     p = write_params(ws, "d", data={"source": str(drops), "raw": "data/raw/d", "prepared": "data/prepared/d"})
     with pytest.raises(versioning.DvcError) as e:
         prepare_via_dvc(ws, p, load_params(p))
@@ -259,10 +259,7 @@ def test_s3_source_and_s3_remote(s3, tmp_path, monkeypatch):
 def test_unreachable_remote_is_a_connection_error_and_the_next_run_pushes(s3, tmp_path, monkeypatch):
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
-    ws = make_workspace(tmp_path / "ws")
-    drops = tmp_path / "drops"
-    drops.mkdir()
-    (drops / "a.jsonl").write_text(drop_rows(0, 40))
+    ws, drops = workspace_with_drops(tmp_path, **{"a.jsonl": drop_rows(0, 40)})
     data = {"source": str(drops), "raw": "data/raw/u", "prepared": "data/prepared/u"}
     dead = f"http://alice:s3cr3t@127.0.0.1:{free_port()}/dvc"  # an HTTP remote that is down
     write_params(ws, "u", data=data, storage={"dvc_remote": dead})
