@@ -8,6 +8,11 @@
     qlora-ops status                           # champion, challenger, recent versions and runs
     qlora-ops promote 7 [--force --reason TEXT]
     qlora-ops rollback --reason TEXT
+    qlora-ops init data/raw/tickets.csv        # writes params/tickets.yaml for that data (format, labels, test size)
+    qlora-ops check --params params/tickets.yaml  # validate params + data, say what a run would do; trains nothing
+
+Every command takes --verbose (third-party warnings, progress bars and Prefect's run-state lines, which
+are off by default) and --debug (also the full traceback of a failure, otherwise one paragraph).
 
 Exit codes: 0 registered, or skipped because nothing is new; 1 refused by a gate (nothing registered);
 2 bad params or data (the message names the key or file:line); 3 training diverged; 4 a service did not
@@ -16,32 +21,33 @@ answer (tracking server, Prefect API); 5 internal error.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 EXIT = {"registered": 0, "skipped": 0, "rejected": 1, "bad_input": 2, "diverged": 3, "service": 4, "internal": 5}
 
 
-def _quiet_entry_point() -> None:
-    # Entry-point side effects only (nothing at import): no hub at run time, quiet progress bars, and
-    # MLflow's client bounded (its defaults retry a dead server for minutes).
+def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
+    # Entry-point side effects only (nothing at import): no hub at run time, MLflow's client bounded (its
+    # defaults retry a dead server for minutes), and the console (tasks.console): third-party warnings,
+    # progress bars and Prefect's run-state lines off unless --verbose, tracebacks only with --debug.
+    # Set before Prefect, transformers or MLflow are imported; child processes inherit the environment.
     for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
-                 "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                  "TOKENIZERS_PARALLELISM": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}.items():
         os.environ.setdefault(k, v)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("qlora_ops").setLevel(logging.INFO)
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    from tasks import console
+    console.configure(verbose=verbose, debug=debug)
+    from flows.runtime import quiet_expected_tracebacks
+    if not debug:
+        quiet_expected_tracebacks()  # exit 2/3/4: one line naming the key or file:line, not a Prefect stack trace
 
 
 def classify(exc: BaseException) -> str:
     from flows.retrain import ModelStageFailed
-    from flows.runtime import ServiceUnavailable
+    from flows.runtime import ServiceUnavailable, is_transient
     from tasks.base_model import BaseModelError
     from tasks.config import ParamsError
     from tasks.data import DataError
@@ -52,12 +58,41 @@ def classify(exc: BaseException) -> str:
         return "bad_input"
     if isinstance(exc, DivergenceError) or (isinstance(exc, ModelStageFailed) and "Diverg" in str(exc)):
         return "diverged"
-    if isinstance(exc, ServiceUnavailable):
+    # A network fault still there after the stage's retries (DVC remote, data.source, tracking server
+    # mid-run) is a service that did not answer, not an internal error.
+    if isinstance(exc, ServiceUnavailable) or is_transient(exc):
         return "service"
     return "internal"
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("qlora-ops: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything not handled below: one paragraph (a traceback only with --debug)
+        try:
+            kind = classify(e)
+        except Exception:  # classify imports the flow modules: they may be what failed
+            kind = "internal"
+        return fail(kind, e)
+
+
+def fail(kind: str, exc: BaseException, label: str | None = None) -> int:
+    """Say what failed in one paragraph (the full traceback first with --debug); the documented exit code."""
+    from tasks import console
+
+    if console.is_debug():
+        traceback.print_exception(exc)
+    label = label or {"bad_input": "error", "diverged": "training diverged", "service": "service unavailable",
+                      "internal": "internal error", "rejected": "refused"}[kind]
+    hint = "\n(rerun with --debug for the full traceback)" if kind == "internal" and not console.is_debug() else ""
+    print(f"qlora-ops: {label}: {exc}{hint}", file=sys.stderr)
+    return EXIT[kind]
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qlora-ops", description="QLoRA retraining loop: DVC -> train -> gates -> merge -> MLflow")
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run the full loop")
@@ -72,13 +107,26 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--reason", help="why: recorded on the version with who did it")
     rb = sub.add_parser("rollback", help="champion back to the version it replaced; the demoted one is rejected")
     rb.add_argument("--reason", required=True)
-    for p in (dep, st, pr, rb):
+    ini = sub.add_parser("init", help="write a params file for DATAFILE (format, columns, labels, test size)")
+    ini.add_argument("datafile", help="JSONL, CSV, Parquet or .arrow file, or a datasets save_to_disk directory")
+    ini.add_argument("--out", help="params file to write, inside the workspace (default: params/<data name>.yaml)")
+    ini.add_argument("--workspace", default=".")
+    ini.add_argument("--model", help="model.source to write (default: the embedded smollm2-gguf)")
+    ini.add_argument("--force", action="store_true", help="replace an existing --out file")
+    chk = sub.add_parser("check", help="validate params + data and say what a run would do, without training")
+    for p in (dep, st, pr, rb, chk):
         p.add_argument("--params", default="params/default.yaml")
         p.add_argument("--workspace", default=".")
+    for p in sub.choices.values():  # every subcommand, whoever added it
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="show third-party warnings, progress bars and Prefect's run-state lines")
+        p.add_argument("--debug", action="store_true", help="--verbose, and full tracebacks on failure")
     a = ap.parse_args(argv)
-    _quiet_entry_point()
+    _quiet_entry_point(verbose=a.verbose, debug=a.debug)
     if a.cmd in ("status", "promote", "rollback"):
         return registry_command(a)
+    if a.cmd in ("init", "check"):
+        return data_command(a)
 
     if a.cmd == "deploy":
         from flows.deploy import deploy_file
@@ -101,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT["registered"]
     exc = state.result(raise_on_failure=False)
     exc = exc if isinstance(exc, BaseException) else RuntimeError(state.message)
-    kind = classify(exc)
-    label = {"bad_input": "error", "diverged": "training diverged", "service": "service unavailable",
-             "internal": "internal error"}[kind]
-    print(f"qlora-ops: {label}: {exc}", file=sys.stderr)
-    return EXIT[kind]
+    return fail(classify(exc), exc)
 
 
 def preflight(a):
@@ -121,12 +165,32 @@ def preflight(a):
         uri = tracking_uri(ws, params)
         check_services(uri, os.environ.get("PREFECT_API_URL"))
     except ParamsError as e:
-        print(f"qlora-ops: error: {e}", file=sys.stderr)
-        return EXIT["bad_input"]
+        return fail("bad_input", e)
     except ServiceUnavailable as e:
-        print(f"qlora-ops: service unavailable: {e}", file=sys.stderr)
-        return EXIT["service"]
+        return fail("service", e)
     return ws, params, uri
+
+
+def data_command(a) -> int:
+    """`init` and `check`: plain functions in tasks/, exit 2 with the named error on bad params or data."""
+    from tasks.config import ParamsError
+    from tasks.data import DataError
+
+    try:
+        if a.cmd == "init":
+            from tasks.init_params import write_params
+            res = write_params(Path(a.datafile), Path(a.workspace), out=a.out, model=a.model, force=a.force,
+                               command=" ".join(["qlora-ops", *sys.argv[1:]]) if sys.argv[1:2] == ["init"] else None)
+            print(f"wrote {res['path']}: {res['format']}, {res['stats']['rows_after_dedupe']} distinct rows"
+                  + (f", labels {', '.join(res['labels'])}" if res["labels"] else ", free-text answers"))
+            print(f"  {res['note']}")
+            print(f"next: qlora-ops check --params {res['path']}   then   qlora-ops run --params {res['path']}")
+        else:
+            from tasks.check import check, format_check
+            print(format_check(check(Path(a.params), Path(a.workspace))))
+    except (ParamsError, DataError) as e:
+        return fail("bad_input", e)
+    return 0
 
 
 def registry_command(a) -> int:

@@ -66,6 +66,9 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     uri = tracking_uri(ws, params)
     remote = uri.startswith(("http://", "https://"))
     runtime.check_services(uri, os.environ.get("PREFECT_API_URL"))
+    # MLflow prints "View run ... at: <tracking URI>" on every run end, user:password@ included; we print
+    # our own line with the URI redacted.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     exp_id = tracking.ensure_experiment(params.registry.experiment, artifact_root(ws, params).as_uri(), remote)
 
@@ -103,21 +106,15 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         summary["worker"] = ms.get("worker")
         times.update({f"ms.{k}": v for k, v in ms.get("stage_seconds", {}).items()})  # inside the model stage
         rows = ms["rows"]
-        verdicts = gate.pre_merge_gates(params.gates, rows["base"]["correct"], rows["lora"]["correct"],
-                                        rows["qlora"]["correct"], seed=params.seed)
-        if "merged" in models:
-            verdicts.append(gate.merge_gate(params.gates, rows["qlora"]["answers"], rows["merged"]["answers"]))
+        verdicts, passed = gate_decision(params, ms)
         for name, m in models.items():  # every accuracy with its interval, for the summary and the report
             m["ci_low"], m["ci_high"] = stats.accuracy_interval(rows[name]["correct"], params.gates.confidence)
         summary["power"] = stats.power_check(policy(params), len(rows["qlora"]["correct"]))
-        passed = gate.passed(verdicts) and ms.get("model_uri") is not None
         summary.update(models=models, gates=verdicts, passed=passed)
         tracking.log_metrics(run_id, {f"{m}.{k}": v[k] for m, v in models.items() for k in ("accuracy", "eos_rate")})
         tracking.log_metrics(run_id, {f"gate.{v['name']}": v["value"] for v in verdicts})
         tracking.log_metrics(run_id, {f"gate.{v['name']}.passed": float(v["passed"]) for v in verdicts})
         tracking.log_json(run_id, verdicts, "gates.json")
-        if summary["power"]:
-            print(f"note: {summary['power']}")
         tracking.set_tags(run_id, {"qlora_ops.gates": "passed" if passed else "failed",
                                    "qlora_ops.gate_reason": gate.explain(verdicts)})
         if passed:
@@ -137,6 +134,17 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         tracking.end_run(run_id, "FAILED")
         raise
     return summary
+
+
+def gate_decision(params: Params, ms: dict) -> tuple[list[dict], bool]:
+    """Every gate on the model stage's saved per-row results, and whether the candidate may be registered:
+    all gates passed AND a merged model was logged (the stage merges only after the pre-merge gates pass)."""
+    rows = ms["rows"]
+    verdicts = gate.pre_merge_gates(params.gates, rows["base"]["correct"], rows["lora"]["correct"],
+                                    rows["qlora"]["correct"], seed=params.seed)
+    if "merged" in rows:
+        verdicts.append(gate.merge_gate(params.gates, rows["qlora"]["answers"], rows["merged"]["answers"]))
+    return verdicts, gate.passed(verdicts) and ms.get("model_uri") is not None
 
 
 def call_model_stage(params: Params, ws: Path, run_id: str, data_uri: str, local_data: str, test_hash: str) -> dict:

@@ -71,11 +71,19 @@ class StageTimer:
         self.seconds: dict[str, float] = {}
 
     def __call__(self, name: str, fn, *a, **k):
+        # One line at the start and one at the end of each stage (printed: inside a flow, log_prints
+        # sends it to the run's log as well as the console).
+        print(f"{time.strftime('%H:%M:%S')} {name} ...", flush=True)
         t = time.time()
+        ok = False
         try:
-            return fn(*a, **k)
+            out = fn(*a, **k)
+            ok = True
+            return out
         finally:
             self.seconds[name] = round(time.time() - t, 1)
+            print(f"{time.strftime('%H:%M:%S')} {name} {'done in' if ok else 'failed after'} {self.seconds[name]:.1f} s",
+                  flush=True)
 
 
 # ---------------------------------------------------------------- one promotion at a time
@@ -135,3 +143,30 @@ def check_services(tracking_uri: str, prefect_api: str | None, timeout: float = 
         if (err := _probe(url, timeout)) is not None:
             raise ServiceUnavailable(f"{what} at {redact(shown)} did not answer within {timeout:g} s ({err}); "
                                      "start it or fix the URI, then rerun")
+
+
+# ---------------------------------------------------------------- one line for an expected failure
+class _ExpectedFailureFilter:
+    """Drops the traceback Prefect's engines attach to a failed flow/task run when the failure is an
+    expected one (bad params or data, divergence, a gate refusal, a service down): the CLI prints one
+    line naming the key or file:line, and a stack trace of Prefect internals only buries it. Internal
+    errors keep their traceback."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            from tasks.versioning import DvcError
+
+            if isinstance(exc, deterministic_errors() + (ServiceUnavailable, DvcError)) or is_transient(exc):
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_expected_tracebacks() -> None:
+    """Entry points only (no import-time side effects): install the filter on Prefect's run loggers."""
+    import logging
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _ExpectedFailureFilter) for f in lg.filters):
+            lg.addFilter(_ExpectedFailureFilter())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -56,11 +57,41 @@ class DataParams(_Strict):
     dedupe: bool = True
     max_input_chars: int = Field(400, ge=16)
     system_prompt: str = "You are a precise assistant. Answer with the exact label only."
+    # Row shape of the raw data: alpaca (instruction, input, output), chat (OpenAI-style `messages`; the
+    # last assistant turn is the answer) or prompt_completion. auto = per file, from its columns.
+    format: Literal["auto", "alpaca", "chat", "prompt_completion"] = "auto"
+    # Your column names for those fields, e.g. {instruction: question, output: answer}; unnamed fields keep
+    # their own names.
+    columns: dict[str, str] = {}
+    # The answers when they are labels: an output outside this set is a bad row (named file:line), so a
+    # typo in one label is caught before training. null = free-text answers.
+    labels: list[str] | None = None
 
     @model_validator(mode="after")
     def _split_sums(self):
         if self.split.val + self.split.test >= 0.8:
             raise ValueError("data.split.val + data.split.test must leave >= 20% for training")
+        return self
+
+    @model_validator(mode="after")
+    def _columns_and_labels(self):
+        # Field names per row shape; tasks/data.py reads the same table (kept here so params fail early).
+        fields = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",),
+                  "prompt_completion": ("prompt", "completion")}
+        allowed = [f for fmt, fs in fields.items() if self.format in ("auto", fmt) for f in fs]
+        for k, v in self.columns.items():
+            if k not in allowed:
+                raise ValueError(f"data.columns.{k}: not a field of format {self.format} (fields: {', '.join(allowed)}); "
+                                 "the keys are our field names, the values your column names")
+            if not v.strip():
+                raise ValueError(f"data.columns.{k}: empty column name; write the name of your column")
+        if len(set(self.columns.values())) < len(self.columns):
+            raise ValueError(f"data.columns: two fields read the same column ({self.columns}); map each field to its own column")
+        if self.labels is not None:
+            clean = [str(x).strip() for x in self.labels]
+            if not clean or not all(clean) or len(set(clean)) < len(clean):
+                raise ValueError("data.labels: must be a non-empty list of distinct non-empty labels, or null for "
+                                 "free-text answers")
         return self
 
 
@@ -213,24 +244,75 @@ def load_params(path: str | Path) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found (pass --params FILE with an existing YAML file)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 (byte {e.start + 1}); re-save the file as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    except (ValueError, RecursionError) as e:
+        # PyYAML's constructors raise plain ValueError for a well-formed but impossible value (a timestamp
+        # such as 2001-13-01), and nesting deep enough exhausts the stack: both are a bad file, exit 2.
+        raise ParamsError(f"{path}: not valid YAML: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections (model, data, ...)")
+    if found := _credentials_in(raw):
+        # Refused, not redacted: this file is DVC's params file (dvc.lock copies data.*), it is logged on the
+        # MLflow run and sent as a deployment parameter, so a secret here ends up in all of those.
+        raise ParamsError(f"{path}: credentials in the params file:\n" + "\n".join(f"  {k}: {why}" for k, why in found))
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            key = ".".join(str(x) for x in err["loc"]) or "<root>"
+            key = _dotted(err["loc"])
             if err["type"] == "extra_forbidden":
                 section = ".".join(str(x) for x in err["loc"][:-1])
                 allowed = _allowed_keys(section)
                 lines.append(f"  {key}: unknown key (remove it or fix the spelling; allowed here: {allowed})")
             else:
-                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+                got = _USERINFO.sub(r"://\g<user>:***@", repr(err.get("input")))[:300]  # never echo a password
+                lines.append(f"  {key}: {err['msg']} (got {got})")
         raise ParamsError(f"{path}: invalid params:\n" + "\n".join(lines)) from None
+
+
+# user:password@ in a URL; the user alone (ssh://git@host) is not a secret.
+_USERINFO = re.compile(r"://(?P<user>[^:/@\s'\"]*):[^@/\s'\"]*@")
+_SECRET_QUERY = re.compile(r"[?&;][^=&;#\s]*(secret|token|passw|pwd|signature|credential|sig|apikey|api_key|access_key|auth)"
+                           r"[^=&;#\s]*=", re.I)
+# Option names that hold a secret (DVC/fsspec: password, secret_access_key, session_token, sas_token,
+# account_key, connection_string, ...); a *path* to a credentials file (credentialpath, keyfile) and the
+# ask_password flag are not.
+_SECRET_OPTION = re.compile(r"^(?!ask_)(?!.*(path|file)$).*(pass|secret|token|credential|key_id|access_key|private_key|sas"
+                            r"|connection_string|account_key)", re.I)
+_URL_KEYS = {("registry", "tracking_uri"): "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment",
+             ("storage", "dvc_remote"): "give DVC the credentials through the environment (AWS_ACCESS_KEY_ID, ...)",
+             ("data", "source"): "give the source's backend the credentials through the environment (AWS_ACCESS_KEY_ID, ...)"}
+_OPTION_KEYS = {("storage", "dvc_remote_options"): "through the environment, or on this machine only with "
+                                                    "`dvc remote modify --local qlora-ops KEY VALUE`",
+                ("data", "source_options"): "through the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)"}
+
+
+def _credentials_in(raw: dict) -> list[tuple[str, str]]:
+    """(key, fix) for every credential written into the params file; the values are never echoed."""
+    found = []
+    for (sec, key), fix in _URL_KEYS.items():
+        v = (raw.get(sec) or {}).get(key) if isinstance(raw.get(sec), dict) else None
+        if isinstance(v, str) and (_USERINFO.search(v) or _SECRET_QUERY.search(v)):
+            found.append((f"{sec}.{key}", f"the URL holds a password or token; remove it and {fix}"))
+    for (sec, key), fix in _OPTION_KEYS.items():
+        opts = (raw.get(sec) or {}).get(key) if isinstance(raw.get(sec), dict) else None
+        for k in (opts or {}) if isinstance(opts, dict) else ():
+            if _SECRET_OPTION.search(str(k)):
+                found.append((f"{sec}.{key}.{k}", f"looks like a credential; remove it and pass it {fix}"))
+    return found
+
+
+def _dotted(loc: tuple) -> str:
+    """training.max_steps; a part that is not a plain name (blank, spaces, a number) is quoted, so the
+    reader sees exactly which key is wrong."""
+    return ".".join(str(x) if re.fullmatch(r"[A-Za-z0-9_-]+", str(x)) else repr(x) for x in loc) or "<root>"
 
 
 def _allowed_keys(section: str) -> str:

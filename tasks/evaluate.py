@@ -14,6 +14,7 @@ import torch
 
 from tasks.config import Params
 from tasks.modeling import load_with_adapter
+from tasks.progress import progress
 from tasks.prompting import format_prompt, stop_ids
 from tasks.util import atomic_write_json, atomic_write_text, read_jsonl
 
@@ -21,23 +22,30 @@ METRIC_DIR = Path(__file__).parent / "metrics" / "label_accuracy"
 
 
 @torch.no_grad()
-def generate(model, tok, rows: list[dict], batch_size: int, max_new_tokens: int) -> list[dict]:
+def generate(model, tok, rows: list[dict], batch_size: int, max_new_tokens: int, desc: str = "eval") -> list[dict]:
     dev = next(model.parameters()).device
     tok.padding_side = "left"
     stops = stop_ids(tok)  # the template's turn end (and eos): not always eos_token
     out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        texts = [format_prompt(tok, r["system"], r["prompt"]) for r in chunk]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                             pad_token_id=tok.pad_token_id)
-        for r, g in zip(chunk, gen[:, enc["input_ids"].shape[1]:].tolist()):
-            end = next((i for i, t in enumerate(g) if t in stops), None)
-            stopped = end is not None
-            g = g[:end] if stopped else g
-            out.append({"id": r["id"], "reference": r["completion"], "prediction": tok.decode(g, skip_special_tokens=True).strip(),
-                        "stopped": stopped, "new_tokens": len(g)})
+    with progress(len(rows), desc, unit="rows") as bar:
+        for i in range(0, len(rows), batch_size):
+            out += _generate_batch(model, tok, rows[i:i + batch_size], dev, stops, max_new_tokens)
+            bar.update(len(rows[i:i + batch_size]))
+    return out
+
+
+def _generate_batch(model, tok, chunk: list[dict], dev, stops, max_new_tokens: int) -> list[dict]:
+    out = []
+    texts = [format_prompt(tok, r["system"], r["prompt"]) for r in chunk]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                         pad_token_id=tok.pad_token_id)
+    for r, g in zip(chunk, gen[:, enc["input_ids"].shape[1]:].tolist()):
+        end = next((i for i, t in enumerate(g) if t in stops), None)
+        stopped = end is not None
+        g = g[:end] if stopped else g
+        out.append({"id": r["id"], "reference": r["completion"], "prediction": tok.decode(g, skip_special_tokens=True).strip(),
+                    "stopped": stopped, "new_tokens": len(g)})
     return out
 
 
@@ -79,7 +87,7 @@ def evaluate_model(params: Params, name: str, model_dir: Path, test_path: Path, 
     model, tok = load_with_adapter(params, model_dir, adapter_dir, quantized, as_saved)
     rows = test_rows(params, test_path)
     max_new = params.eval.max_new_tokens or answer_budget(tok, rows)
-    preds = generate(model, tok, rows, params.eval.batch_size, max_new)
+    preds = generate(model, tok, rows, params.eval.batch_size, max_new, desc=f"eval {name}")
     res = {"model": name, **score(preds), "max_new_tokens": max_new, "eval_seconds": time.time() - t0}
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))

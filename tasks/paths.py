@@ -18,12 +18,29 @@ def state_dir(workspace: Path, params: Params) -> Path:
 
 def tracking_uri(workspace: Path, params: Params) -> str:
     """params.registry.tracking_uri, else $MLFLOW_TRACKING_URI (how a deployed worker is pointed at a
-    shared server), else a SQLite store in the state dir."""
+    shared server), else a SQLite store in the state dir. A user:password@ in the URI is moved into
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD and the URI returned without it."""
     if params.registry.tracking_uri:
-        return params.registry.tracking_uri
+        return _credentials_to_env(params.registry.tracking_uri)
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return _credentials_to_env(os.environ["MLFLOW_TRACKING_URI"])
     return f"sqlite:///{state_dir(workspace, params).resolve()}/mlflow.db"
+
+
+def _credentials_to_env(uri: str) -> str:
+    # MLflow's client writes the whole URL into every error it raises ("API request to http://user:pw@...
+    # failed"), and those messages reach the console, Prefect's logs and run states. It reads the same
+    # basic-auth credentials from these two variables, so the password never has to be in the URL.
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def artifact_root(workspace: Path, params: Params) -> Path:

@@ -303,6 +303,8 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
     mem: dict = {}
     model.train()
     vl = None
+    from tasks.progress import progress
+    bar = progress(total, f"train {kind}", unit="step", initial=start) if dist.main else None
     for step in range(start + 1, total + 1):
         ts = time.time()
         tot_loss, tokens = 0.0, 0
@@ -334,9 +336,13 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         if hist:
             hist.write(json.dumps(rec) + "\n")
             hist.flush()
+        if bar is not None:
+            bar.update(1, loss=rec["train_loss"], **{"tok/s": rec["tokens_per_s"]})
         if step % tp.save_every == 0 and step < total:
             save_checkpoint(ckpt_root, step, model, opt, sched, {"train_loss": rec["train_loss"]}, tp.keep_last, dist)
 
+    if bar is not None:
+        bar.close()
     full = dist.full_state_dict(model)  # collective under FSDP
     final = out_dir / "adapter"
     result: dict = {}

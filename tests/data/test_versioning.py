@@ -261,12 +261,12 @@ def test_unreachable_remote_is_a_connection_error_and_the_next_run_pushes(s3, tm
         monkeypatch.setenv(k, v)
     ws, drops = workspace_with_drops(tmp_path, **{"a.jsonl": drop_rows(0, 40)})
     data = {"source": str(drops), "raw": "data/raw/u", "prepared": "data/prepared/u"}
-    dead = f"http://alice:s3cr3t@127.0.0.1:{free_port()}/dvc"  # an HTTP remote that is down
+    # An HTTP remote that is down (credentials in a params URL are refused at load: tests/integration/test_secrets.py)
+    dead = f"http://127.0.0.1:{free_port()}/dvc"
     write_params(ws, "u", data=data, storage={"dvc_remote": dead})
     with pytest.raises(ConnectionError) as e:  # builtin: the flow retries it as a transient fault
         run(ws, "u")
-    assert "http://alice:***@127.0.0.1" in str(e.value) and "next run pushes it" in str(e.value)
-    assert "s3cr3t" not in str(e.value)  # never in anything logged
+    assert "http://127.0.0.1" in str(e.value) and "next run pushes it" in str(e.value)
     write_params(ws, "u", data=data, storage={"dvc_remote": f"s3://{BUCKET}/u", "dvc_remote_options": {"endpointurl": s3}})
     res = run(ws, "u")  # the remote is back: everything versioned meanwhile is pushed now
     assert not res["reran"] and res["pushed"] == 7

@@ -1,0 +1,101 @@
+"""`qlora-ops check --params FILE`: validate params and data, say what a run would do, train nothing.
+
+    print(format_check(check(Path("params/tickets.yaml"), Path("."))))
+
+The same validation as a run (tasks.config.load_params, then tasks.data.prepare into a scratch
+directory: every bad line/row named), so a clean check means the run gets past its data stage. With
+data.source set, a local source is read where it is and a URL is snapshotted into a scratch directory;
+the workspace is never written.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from tasks.config import ParamsError, load_params
+from tasks.data import build_sample, prepare
+from tasks.paths import tracking_uri, ws_path
+from tasks.sources import is_url, redact_url, snapshot
+from tasks.stats import PromotionPolicy, power_check
+from tasks.versioning import SAMPLE_RAW, remote_url, stage_name
+
+
+def _looks_local(src: str) -> bool:
+    return src.startswith(("/", ".", "~"))  # a hub id is org/name: never absolute or dotted
+
+
+def check(params_path: Path, workspace: Path) -> dict:
+    """What a run of this params file would do; ParamsError / DataError (naming the key or file:line)."""
+    ws = Path(workspace).resolve()
+    pfile = ws_path(ws, params_path).resolve()
+    params = load_params(pfile)
+    rel = os.path.relpath(pfile, ws)
+    if rel.startswith(".."):
+        raise ParamsError(f"{pfile}: the params file must be inside the workspace {ws} (DVC tracks it); copy it into params/")
+    d = params.data
+    src = model = None
+    with tempfile.TemporaryDirectory(prefix="qlora-ops-check-") as tmp:
+        raw = d.raw
+        if d.source:
+            if is_url(d.source):
+                try:
+                    snapshot(d.source, Path(tmp) / "source", d.source_options)
+                except ParamsError as e:
+                    raise ParamsError(f"{pfile}: {e}") from None
+                raw = str(Path(tmp) / "source")
+            else:
+                raw = str(ws_path(ws, d.source.removeprefix("file://")))
+            src = redact_url(d.source)
+        elif os.path.relpath(ws_path(ws, raw), ws) == SAMPLE_RAW and not ws_path(ws, raw).exists():
+            # The built-in sample is made by dvc.yaml's `sample` stage on the first run: build it here too.
+            build_sample(Path(tmp) / "sample.jsonl")
+            raw = str(Path(tmp) / "sample.jsonl")
+        probe = params.model_copy(update={"data": d.model_copy(update={"raw": raw})})
+        stats = prepare(probe, ws, out=Path(tmp) / "prepared")
+    m = params.model.source
+    if m != "smollm2-gguf" and _looks_local(m) and not ws_path(ws, m).is_dir():
+        raise ParamsError(f"{pfile}: model.source={m!r} is not a directory; point it at a local Hugging Face model "
+                          "directory (safetensors), or use smollm2-gguf")
+    model = "SmolLM2-135M-Instruct (embedded GGUF)" if m == "smollm2-gguf" else m
+    t = params.training
+    steps = t.max_steps if t.epochs is None else math.ceil(t.epochs * stats["train"] / (t.batch_size * t.grad_accum))
+    n_eval = min(stats["test"], params.eval.max_examples or stats["test"])
+    r = params.registry
+    policy = PromotionPolicy(confidence=r.confidence, non_inferiority_margin=r.non_inferiority_margin,
+                             min_improvement=r.min_improvement)
+    return {"params": Path(rel).as_posix(), "stage": stage_name(Path(rel).as_posix()), "raw": d.raw, "source": src,
+            "stats": stats, "steps": steps, "examples_seen": steps * t.batch_size * t.grad_accum, "model": model,
+            "eval_rows": n_eval, "power": power_check(policy, n_eval), "tracking_uri": redact_url(tracking_uri(ws, params)),
+            "model_name": r.model_name, "dvc_remote": redact_url(remote_url(ws, params)), "gpu_pool": params.orchestration.gpu_pool,
+            "labels": params.data.labels}
+
+
+def format_check(c: dict) -> str:
+    s = c["stats"]
+    formats = sorted(set(s["formats"].values()))
+    lines = [f"params    {c['params']}: valid (DVC stage {c['stage']})",
+             f"data      {c['source'] + ' -> ' + c['raw'] if c['source'] else c['raw']}: {', '.join(formats)} "
+             f"({len(s['formats'])} file{'s' if len(s['formats']) != 1 else ''})",
+             f"rows      {s['rows_raw']} read, {s['rows_after_dedupe']} after dedupe ({s['duplicates_dropped']} duplicates "
+             f"dropped), {s['inputs_truncated']} inputs cut to {s['max_input_chars']} chars",
+             f"splits    train {s['train']} / val {s['val']} / test {s['test']}"]
+    counts = s.get("labels")
+    if c["labels"]:
+        lines.append(f"labels    {len(c['labels'])} (data.labels): " + ", ".join(f"{k} {counts.get(k, 0)}" if counts else k
+                                                                          for k in c["labels"][:20]))
+    elif counts and len(counts) <= 20:
+        lines.append(f"answers   {len(counts)} distinct: " + ", ".join(f"{k!r} {v}" for k, v in list(counts.items())[:20]))
+    else:
+        lines.append(f"answers   free text ({len(counts) if counts else 'over 1000'} distinct)")
+    epochs = c["examples_seen"] / max(s["train"], 1)
+    lines += [f"training  QLoRA and the LoRA baseline, {c['steps']} steps each ({c['examples_seen']} examples, "
+              f"~{epochs:.1f} epochs of train)",
+              f"model     {c['model']}",
+              f"eval      base, LoRA, QLoRA, merged on {c['eval_rows']} test rows"
+              + (f"\n          note: {c['power']}" if c["power"] else ""),
+              f"stores    MLflow {c['tracking_uri']} (registered model {c['model_name']}); DVC remote {c['dvc_remote']}"
+              + (f"; model stage on pool {c['gpu_pool']}" if c["gpu_pool"] else "; model stage in-process"),
+              "nothing was trained or written."]
+    return "\n".join(lines)

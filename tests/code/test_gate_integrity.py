@@ -1,0 +1,266 @@
+"""Gate integrity (issue 10, item 6): a candidate that fails any gate is never promoted, and `champion` only
+ever moves to a candidate that passed every gate and that the promotion policy found significantly better.
+
+1. The pure decision path, many hypothesis examples: random per-row outcomes of base / LoRA / QLoRA /
+   merged / champion and random thresholds (gates.*, registry.* policy) through the real tasks.gate and
+   tasks.stats.decide, in the order flows/retrain.run_pipeline calls them; every verdict is checked
+   against numbers computed here by hand (counts, ratio, exact McNemar by math.comb).
+2. The real registry path: a hypothesis state machine drives tasks.register.register_and_promote (and
+   tasks.registry_ops.rollback) against a real MLflow SQLite store in a temp dir, and after every step
+   checks the alias invariants on the store itself.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, assume, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis import given
+
+from flows.retrain import gate_decision, policy
+from tasks import gate, stats
+from tasks.config import GateParams, Params, RegistryParams
+
+LABELS = ("a", "b", "c")
+
+
+@st.composite
+def outcomes(draw, n=None):
+    """Per-row answers of every model on the same test rows; correctness = answer == label, as in evaluation."""
+    n = n or draw(st.integers(1, 60))
+    labels = draw(st.lists(st.sampled_from(LABELS), min_size=n, max_size=n))
+
+    def ans():  # a model of random skill: from always wrong-ish to always right, so every gate both passes and fails
+        skill = draw(st.integers(0, 10))
+        return [y if draw(st.integers(0, 9)) < skill else draw(st.sampled_from(LABELS)) for y in labels]
+
+    base, lora, qlora = ans(), ans(), ans()
+    # The merged model mostly repeats QLoRA (a merge changes few answers), sometimes not at all.
+    flips = draw(st.lists(st.booleans() if draw(st.booleans()) else st.just(False), min_size=n, max_size=n))
+    merged = [draw(st.sampled_from(LABELS)) if f else q for f, q in zip(flips, qlora)]
+    champ = ans()
+    right = lambda xs: [x == y for x, y in zip(xs, labels)]  # noqa: E731
+    return {"base": right(base), "lora": right(lora), "qlora": right(qlora), "merged": right(merged),
+            "champion": right(champ), "qlora_answers": qlora, "merged_answers": merged}
+
+
+thresholds = st.builds(
+    lambda conf, gain, ret, dis, pconf, imp, margin: Params(
+        gates=GateParams(confidence=conf, min_gain_over_base=gain, min_retention_vs_lora=ret, max_merge_disagreement=dis),
+        registry=RegistryParams(confidence=pconf, min_improvement=imp, non_inferiority_margin=margin)),
+    st.floats(0.51, 0.99), st.floats(-1, 1), st.floats(0, 1.5), st.floats(0, 1),
+    st.floats(0.51, 0.99), st.floats(0, 0.5), st.floats(0.001, 0.5))
+
+
+# In the registry machine most candidates get lax gates, so that many reach the registry and the policy.
+lax_gates = st.builds(
+    lambda pconf, imp, margin: Params(
+        gates=GateParams(min_gain_over_base=-1, min_retention_vs_lora=0, max_merge_disagreement=1),
+        registry=RegistryParams(confidence=pconf, min_improvement=imp, non_inferiority_margin=margin)),
+    st.floats(0.51, 0.95), st.floats(0, 0.2), st.floats(0.001, 0.5))
+
+
+def model_stage_result(params: Params, o: dict, merge_anyway: bool = False) -> dict:
+    """What flows.model_stage hands back: per-row results of base/LoRA/QLoRA; the merged model's rows and
+    its logged URI only when the pre-merge gates passed (or always, with merge_anyway: a stage that merged
+    regardless must still not get a failing candidate registered)."""
+    rows = {m: {"correct": o[m]} for m in ("base", "lora", "qlora")}
+    rows["qlora"]["answers"] = o["qlora_answers"]
+    ms = {"rows": rows, "model_uri": None}
+    if merge_anyway or gate.passed(gate.pre_merge_gates(params.gates, o["base"], o["lora"], o["qlora"], seed=params.seed)):
+        rows["merged"] = {"correct": o["merged"], "answers": o["merged_answers"]}
+        ms["model_uri"] = "models:/m-planted"
+    return ms
+
+
+def flow_decision(params: Params, o: dict, champion_correct: list[bool] | None,
+                  merge_anyway: bool = False) -> tuple[list[dict], bool]:
+    """The flow's own decision (flows.retrain.gate_decision), then, only for a candidate it lets through,
+    the promotion policy against the champion as flows.retrain.register's decide computes it."""
+    verdicts, passed = gate_decision(params, model_stage_result(params, o, merge_anyway))
+    if not passed:
+        return verdicts, False  # nothing registered, so nothing promoted
+    if champion_correct is None:
+        return verdicts, True  # first champion (tasks.register: no version held the alias)
+    return verdicts, stats.decide(policy(params), o["merged"], champion_correct, seed=params.seed)["promote"]
+
+
+def exact_mcnemar(b01: int, b10: int) -> float:
+    m = b01 + b10
+    return 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, k) for k in range(min(b01, b10) + 1)) / 2 ** m)
+
+
+@settings(max_examples=300, deadline=None)
+@given(o=outcomes(), params=thresholds, has_champion=st.booleans(), merge_anyway=st.booleans())
+def test_no_gate_failure_is_ever_promoted(o, params, has_champion, merge_anyway):
+    n = len(o["base"])
+    verdicts, promoted = flow_decision(params, o, o["champion"] if has_champion else None, merge_anyway)
+    by = {v["name"]: v for v in verdicts}
+    g = params.gates
+
+    # Each verdict agrees with its threshold on numbers computed here, independently of tasks.gate.
+    gain = stats.paired_compare(o["qlora"], o["base"], confidence=g.confidence, seed=params.seed)
+    assert by["gain_over_base"]["passed"] == (gain["ci_low"] >= g.min_gain_over_base)
+    q, l = sum(o["qlora"]) / n, sum(o["lora"]) / n
+    ratio = q / l if l > 0 else (1.0 if q >= l else 0.0)
+    assert by["retention_vs_lora"]["passed"] == (ratio >= g.min_retention_vs_lora)
+    if "merge_disagreement" in by:
+        share = sum(a != b for a, b in zip(o["merged_answers"], o["qlora_answers"])) / n
+        assert by["merge_disagreement"]["passed"] == (share <= g.max_merge_disagreement)
+    else:  # not merged: only when a pre-merge gate failed, and then nothing is registered
+        assert not merge_anyway and not (by["gain_over_base"]["passed"] and by["retention_vs_lora"]["passed"])
+        assert not promoted
+
+    if not all(v["passed"] for v in verdicts):
+        assert not promoted
+        assert gate.explain(verdicts) != "all gates passed"
+    if promoted and has_champion:
+        # The policy's three conditions, by hand: candidate ahead, significantly (exact McNemar), by enough.
+        b01 = sum(c and not h for c, h in zip(o["merged"], o["champion"]))
+        b10 = sum(h and not c for c, h in zip(o["merged"], o["champion"]))
+        assert b01 > b10
+        assert exact_mcnemar(b01, b10) < 1 - params.registry.confidence + 1e-12
+        assert (b01 - b10) / n >= params.registry.min_improvement - 1e-12
+
+
+def test_no_verdicts_is_not_a_pass():
+    assert not gate.passed([])  # a run whose gates were never computed must not count as passing
+
+
+@settings(max_examples=200, deadline=None)
+@given(o=outcomes(), params=thresholds)
+def test_a_candidate_no_better_than_the_champion_is_never_promoted(o, params):
+    """Not ahead on the same rows (or tied): never promoted, whatever the thresholds."""
+    assume(sum(o["merged"]) <= sum(o["champion"]))
+    assert not stats.decide(policy(params), o["merged"], o["champion"], seed=params.seed)["promote"]
+
+
+# ---------------------------------------------------------------- the real registry
+class RegistryMachine(RuleBasedStateMachine):
+    """Candidates arrive; those that pass the gates are registered through tasks.register with the flow's
+    decide; now and then the champion is rolled back. The real store must always agree with the model."""
+
+    N = 24
+    seen: Counter = Counter()  # what the runs exercised, across examples: the test asserts each happened
+
+    def __init__(self):
+        super().__init__()
+        self.name = f"integrity-{uuid.uuid4().hex[:8]}"
+        self.correct: dict[int, list[bool]] = {}  # version -> merged correctness on the shared test rows
+        self.fingerprint: dict[int, str] = {}
+        self.rejected: set[str] = set()  # fingerprints rolled back
+        self.champion: int | None = None
+        self.previous: dict[int, int] = {}  # version -> champion it replaced
+        self.latest: int | None = None
+
+    @initialize()
+    def store(self):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient()
+        exp = self.client.create_experiment(self.name, artifact_location=(self.tmp / self.name).as_uri())
+        run = self.client.create_run(exp)
+        # A logged model without weights: the registry records versions and aliases, not their bytes.
+        self.uri = f"models:/{self.client.create_logged_model(experiment_id=exp, name='model', source_run_id=run.info.run_id).model_id}"
+        assert mlflow.get_tracking_uri().startswith("sqlite:")
+
+    @rule(data=st.data(), params=st.one_of(thresholds, lax_gates, lax_gates), reuse_fp=st.booleans())
+    def candidate(self, data, params, reuse_fp):
+        from tasks.register import register_and_promote
+
+        o = data.draw(outcomes(self.N))
+        fp = (data.draw(st.sampled_from(sorted(self.rejected))) if reuse_fp and self.rejected
+              else uuid.uuid4().hex[:8])
+        verdicts, registrable = flow_decision(params, o, None)
+        if not registrable:
+            self.seen["gate failed"] += 1  # run_pipeline registers nothing: the store must not change
+            return
+        asked: list[tuple[int, bool]] = []
+
+        def decide(champion_v: int) -> tuple[bool, str]:  # what flows.retrain.register's decide computes
+            d = stats.decide(policy(params), o["merged"], self.correct[champion_v], seed=params.seed)
+            asked.append((champion_v, d["promote"]))
+            return d["promote"], d["reason"]
+
+        r = register_and_promote(model_uri=self.uri, model_name=self.name, alias="champion",
+                                 challenger_alias="challenger", decide=decide, lock_path=self.tmp / "registry.lock",
+                                 tags={"fingerprint": fp, "gates": "passed", "gate_reason": gate.explain(verdicts)})
+        v = r["version"]
+        self.correct[v], self.fingerprint[v], self.latest = o["merged"], fp, v
+        self.seen["promoted" if r["promoted"] else "kept"] += 1
+        if fp in self.rejected:
+            self.seen["rejected twin"] += 1
+            assert not r["promoted"] and asked == []  # a rolled-back twin is never auto-promoted
+        elif self.champion is None:
+            assert r["promoted"] and asked == []  # first champion
+        else:
+            assert asked == [(self.champion, r["promoted"])]  # decided against the real champion, obeyed
+        if r["promoted"]:
+            if self.champion is not None:
+                assert sum(o["merged"]) > sum(self.correct[self.champion])  # only ever to a better model
+                self.previous[v] = self.champion
+            self.champion = v
+
+    @precondition(lambda self: self.champion is not None)
+    @rule()
+    def rollback(self):
+        from tasks.register import PromotionError
+        from tasks.registry_ops import rollback
+
+        prev = self.previous.get(self.champion)
+        if prev is None or self.fingerprint[prev] in self.rejected:
+            with pytest.raises(PromotionError):
+                rollback(self.name, "champion", reason="test")
+            return
+        res = rollback(self.name, "champion", reason="test")
+        self.seen["rollback"] += 1
+        assert (res["demoted"], res["champion"]) == (self.champion, prev)
+        self.rejected.add(self.fingerprint[self.champion])
+        self.champion = prev
+
+    @invariant()
+    def store_agrees(self):
+        if not hasattr(self, "client"):
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
+            rm = self.client.get_registered_model(self.name)
+        except MlflowException:
+            assert self.latest is None  # nothing passed the gates yet: no registered model at all
+            return
+        aliases = {k: int(v) for k, v in (rm.aliases or {}).items()}
+        versions = self.client.search_model_versions(f"name = '{self.name}'")
+        assert len(versions) == len(self.correct)  # exactly one version per candidate that passed every gate
+        assert aliases.get("champion") == self.champion and aliases.get("challenger") == self.latest
+        if self.champion is not None:
+            tags = self.client.get_model_version(self.name, str(self.champion)).tags
+            assert tags["gates"] == "passed" and tags["status"] == "ready" and tags["promoted"] == "true"
+            assert tags["fingerprint"] not in self.rejected
+
+
+@pytest.fixture
+def sqlite_store(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    prev = getattr(tracking_utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    yield tmp_path
+    mlflow.set_tracking_uri(prev)
+
+
+def test_registry_alias_invariants_on_a_real_store(sqlite_store):
+    RegistryMachine.tmp = sqlite_store
+    RegistryMachine.seen = Counter()
+    run = settings(max_examples=10, stateful_step_count=12, deadline=None,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])(RegistryMachine)
+    run.TestCase().runTest()
+    # Every path the invariants guard was taken at least once (else they held vacuously).
+    assert {"gate failed", "promoted", "kept", "rollback"} <= set(RegistryMachine.seen), RegistryMachine.seen
