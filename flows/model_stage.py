@@ -62,8 +62,6 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
     p = Params.model_validate(params)
     ws = Path(workspace).resolve()
     sd = state_dir(ws, p)
-    # MLflow prints "View run ... at: <tracking URI>" on every run end, user:password@ included.
-    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if mlflow.get_tracking_uri() != (uri := tracking_uri(ws, p)):
         mlflow.set_tracking_uri(uri)
     exp_id = mlflow.tracking.MlflowClient().get_run(run_id).info.experiment_id  # fails fast on a wrong server

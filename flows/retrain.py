@@ -66,9 +66,6 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     uri = tracking_uri(ws, params)
     remote = uri.startswith(("http://", "https://"))
     runtime.check_services(uri, os.environ.get("PREFECT_API_URL"))
-    # MLflow prints "View run ... at: <tracking URI>" on every run end, user:password@ included; we print
-    # our own line with the URI redacted.
-    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     exp_id = tracking.ensure_experiment(params.registry.experiment, artifact_root(ws, params).as_uri(), remote)
 
@@ -189,9 +186,7 @@ class ModelStageFailed(RuntimeError):
 
 
 def policy(params: Params) -> stats.PromotionPolicy:
-    r = params.registry
-    return stats.PromotionPolicy(confidence=r.confidence, non_inferiority_margin=r.non_inferiority_margin,
-                                 min_improvement=r.min_improvement)
+    return stats.PromotionPolicy.from_registry(params.registry)
 
 
 def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: str, code: dict) -> dict:

@@ -63,8 +63,7 @@ def check(params_path: Path, workspace: Path) -> dict:
     steps = t.max_steps if t.epochs is None else math.ceil(t.epochs * stats["train"] / (t.batch_size * t.grad_accum))
     n_eval = min(stats["test"], params.eval.max_examples or stats["test"])
     r = params.registry
-    policy = PromotionPolicy(confidence=r.confidence, non_inferiority_margin=r.non_inferiority_margin,
-                             min_improvement=r.min_improvement)
+    policy = PromotionPolicy.from_registry(r)
     return {"params": Path(rel).as_posix(), "stage": stage_name(Path(rel).as_posix()), "raw": d.raw, "source": src,
             "stats": stats, "steps": steps, "examples_seen": steps * t.batch_size * t.grad_accum, "model": model,
             "eval_rows": n_eval, "power": power_check(policy, n_eval), "tracking_uri": redact_url(tracking_uri(ws, params)),

@@ -41,6 +41,12 @@ class SplitParams(_Strict):
     seed: int = 42
 
 
+# Our field names per row shape of the raw data: params are validated against it here (early, naming the
+# key) and tasks/data.py reads rows by it.
+FORMAT_FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",),
+                 "prompt_completion": ("prompt", "completion")}
+
+
 class DataParams(_Strict):
     # Alpaca-style JSONL (instruction, input, output). Relative paths are relative to the workspace.
     # With `source` set, `raw` is the DVC-tracked directory each run snapshots the source into.
@@ -75,10 +81,7 @@ class DataParams(_Strict):
 
     @model_validator(mode="after")
     def _columns_and_labels(self):
-        # Field names per row shape; tasks/data.py reads the same table (kept here so params fail early).
-        fields = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",),
-                  "prompt_completion": ("prompt", "completion")}
-        allowed = [f for fmt, fs in fields.items() if self.format in ("auto", fmt) for f in fs]
+        allowed = [f for fmt, fs in FORMAT_FIELDS.items() if self.format in ("auto", fmt) for f in fs]
         for k, v in self.columns.items():
             if k not in allowed:
                 raise ValueError(f"data.columns.{k}: not a field of format {self.format} (fields: {', '.join(allowed)}); "

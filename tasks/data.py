@@ -27,9 +27,9 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from tasks.config import DataParams, Params, ParamsError, load_params
+from tasks.config import FORMAT_FIELDS, DataParams, Params, ParamsError, load_params
 from tasks.paths import ws_path
-from tasks.util import atomic_write_json, atomic_write_text
+from tasks.util import atomic_open, atomic_write_json, atomic_write_text
 
 
 class DataError(ValueError):
@@ -123,7 +123,7 @@ def build_sample(out: Path) -> int:
 
 # ---------------------------------------------------------------- row shapes (data.format, data.columns)
 # Our field names per row shape; data.columns maps them to yours. tasks/config.py checks the same table.
-FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "prompt_completion": ("prompt", "completion")}
+FIELDS = FORMAT_FIELDS
 FIX = 'each line must be a JSON object {"instruction": str, "input": str (optional), "output": str}; see README "Your own data"'
 TABLE_FIX = ('.csv/.parquet files need columns "instruction" and "output" (non-empty strings) and optionally "input"; '
              'a .csv row number counts data rows: row 1 is the first row after the header')
@@ -657,20 +657,11 @@ def _prepare(ds, formats: dict[str, str], params: Params, raw: Path, out: Path) 
 
 def _write_split(path: Path, ds, pairs: list[tuple[str, int]], d: DataParams) -> None:
     """One split as JSONL, streamed to a temp file then renamed (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            rows = _rows(ds, [i for _, i in pairs]) if pairs else iter(())
-            for (ex_id, _), r in zip(pairs, rows):
-                prompt, completion, system, _, _ = _example(r, d)
-                f.write(_jsonl([{"id": ex_id, "system": system, "prompt": prompt, "completion": completion}]))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        rows = _rows(ds, [i for _, i in pairs]) if pairs else iter(())
+        for (ex_id, _), r in zip(pairs, rows):
+            prompt, completion, system, _, _ = _example(r, d)
+            f.write(_jsonl([{"id": ex_id, "system": system, "prompt": prompt, "completion": completion}]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,9 @@ def generate(model, tok, rows: list[dict], batch_size: int, max_new_tokens: int,
     out = []
     with progress(len(rows), desc, unit="rows") as bar:
         for i in range(0, len(rows), batch_size):
-            out += _generate_batch(model, tok, rows[i:i + batch_size], dev, stops, max_new_tokens)
-            bar.update(len(rows[i:i + batch_size]))
+            chunk = rows[i:i + batch_size]
+            out += _generate_batch(model, tok, chunk, dev, stops, max_new_tokens)
+            bar.update(len(chunk))
     return out
 
 

@@ -150,8 +150,7 @@ def write_params(datafile: Path, workspace: Path, out: str | None = None, model:
                         "data.format: auto and data.columns by hand")
     fmt, columns, guessed = next(iter(found.values()))
 
-    policy = PromotionPolicy(**{k: getattr(RegistryParams(), k) for k in ("confidence", "non_inferiority_margin",
-                                                                           "min_improvement")})
+    policy = PromotionPolicy.from_registry(RegistryParams())
     probe = Params(data=DataParams(raw=str(data), format=fmt, columns=columns))
     with tempfile.TemporaryDirectory(prefix="qlora-ops-init-") as tmp:
         stats = prepare(probe, ws, out=Path(tmp))  # every bad row named here, as in a run

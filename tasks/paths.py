@@ -20,6 +20,9 @@ def tracking_uri(workspace: Path, params: Params) -> str:
     """params.registry.tracking_uri, else $MLFLOW_TRACKING_URI (how a deployed worker is pointed at a
     shared server), else a SQLite store in the state dir. A user:password@ in the URI is moved into
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD and the URI returned without it."""
+    # Every flow gets its URI here before set_tracking_uri: MLflow's "View run ... at: <tracking URI>" line
+    # on each run end is off (the summary prints the run id; the URI may carry credentials).
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if params.registry.tracking_uri:
         return _credentials_to_env(params.registry.tracking_uri)
     if os.environ.get("MLFLOW_TRACKING_URI"):

@@ -208,6 +208,12 @@ class PromotionPolicy:
     non_inferiority_margin: float = 0.02
     min_improvement: float = 0.01
 
+    @classmethod
+    def from_registry(cls, r) -> "PromotionPolicy":
+        """The policy params.registry configures (run, promote, check and init all use this one)."""
+        return cls(confidence=r.confidence, non_inferiority_margin=r.non_inferiority_margin,
+                   min_improvement=r.min_improvement)
+
     def __post_init__(self) -> None:
         _check_confidence(self.confidence)
         if not 0.0 < self.non_inferiority_margin < 1.0:

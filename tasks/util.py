@@ -8,23 +8,30 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via temp file + rename so readers never see half a file (crash-safe)."""
+@contextmanager
+def atomic_open(path: Path) -> Iterator[IO[str]]:
+    """A text file written via temp file + fsync + rename, so readers never see half a file (crash-safe);
+    on any error inside the block the temp file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -259,7 +259,9 @@ def sqlite_store(tmp_path, monkeypatch):
 def test_registry_alias_invariants_on_a_real_store(sqlite_store):
     RegistryMachine.tmp = sqlite_store
     RegistryMachine.seen = Counter()
-    run = settings(max_examples=10, stateful_step_count=12, deadline=None,
+    # derandomize: the same sequences every run, so the coverage assertion below cannot flake (a random
+    # draw of 10 x 12 steps sometimes held no successful rollback).
+    run = settings(max_examples=10, stateful_step_count=12, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])(RegistryMachine)
     run.TestCase().runTest()
     # Every path the invariants guard was taken at least once (else they held vacuously).
