@@ -36,7 +36,11 @@ def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
     # Set before Prefect, transformers or MLflow are imported; child processes inherit the environment.
     for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
                  "TOKENIZERS_PARALLELISM": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}.items():
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+                 # Prefect's temporary server (no PREFECT_API_URL) migrates a new SQLite file at first start:
+                 # its 20 s default was seen to expire on a loaded 2-core machine ("Timed out while attempting
+                 # to connect to ephemeral Prefect API server", exit 4 before any work).
+                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
         os.environ.setdefault(k, v)
     from tasks import console
     console.configure(verbose=verbose, debug=debug)
