@@ -16,7 +16,7 @@ are off by default) and --debug (also the full traceback of a failure, otherwise
 
 Exit codes: 0 registered, or skipped because nothing is new; 1 refused by a gate (nothing registered);
 2 bad params or data (the message names the key or file:line); 3 training diverged; 4 a service did not
-answer (tracking server, Prefect API); 5 internal error.
+answer (tracking server, Prefect API); 5 internal error, or a stage past its orchestration.timeouts entry.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import sys
 import traceback
 from pathlib import Path
 
-EXIT = {"registered": 0, "skipped": 0, "rejected": 1, "bad_input": 2, "diverged": 3, "service": 4, "internal": 5}
+EXIT = {"registered": 0, "skipped": 0, "rejected": 1, "bad_input": 2, "diverged": 3, "service": 4, "internal": 5,
+        "timeout": 5}
 
 
 def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
@@ -51,7 +52,7 @@ def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
 
 def classify(exc: BaseException) -> str:
     from flows.retrain import ModelStageFailed
-    from flows.runtime import ServiceUnavailable, is_transient
+    from flows.runtime import ServiceUnavailable, StageTimedOut, is_transient
     from tasks.base_model import BaseModelError
     from tasks.config import ParamsError
     from tasks.data import DataError
@@ -60,6 +61,8 @@ def classify(exc: BaseException) -> str:
 
     if isinstance(exc, (ParamsError, DataError, DvcError, BaseModelError)):
         return "bad_input"
+    if isinstance(exc, StageTimedOut):
+        return "timeout"
     if isinstance(exc, DivergenceError) or (isinstance(exc, ModelStageFailed) and "Diverg" in str(exc)):
         return "diverged"
     # A network fault still there after the stage's retries (DVC remote, data.source, tracking server
@@ -90,7 +93,7 @@ def fail(kind: str, exc: BaseException, label: str | None = None) -> int:
     if console.is_debug():
         traceback.print_exception(exc)
     label = label or {"bad_input": "error", "diverged": "training diverged", "service": "service unavailable",
-                      "internal": "internal error", "rejected": "refused"}[kind]
+                      "internal": "internal error", "rejected": "refused", "timeout": "timed out"}[kind]
     hint = "\n(rerun with --debug for the full traceback)" if kind == "internal" and not console.is_debug() else ""
     print(f"qlora-ops: {label}: {exc}{hint}", file=sys.stderr)
     return EXIT[kind]

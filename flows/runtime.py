@@ -25,6 +25,11 @@ class Rejected(RuntimeError):
     """A gate refused the candidate (a business outcome, never retried)."""
 
 
+class StageTimedOut(RuntimeError):
+    """A stage outlived its `orchestration.timeouts.<stage>` entry: exit 5, never retried (a hung stage
+    must not hold its slot twice). Prefect's own TaskRunTimeoutError names neither the stage nor the key."""
+
+
 def deterministic_errors() -> tuple[type[BaseException], ...]:
     from tasks.base_model import BaseModelError
     from tasks.config import ParamsError
@@ -40,7 +45,7 @@ def is_transient(exc: BaseException) -> bool:
     from prefect.flow_engine import FlowRunTimeoutError
     from prefect.task_engine import TaskRunTimeoutError
 
-    if isinstance(exc, deterministic_errors() + (TaskRunTimeoutError, FlowRunTimeoutError)):
+    if isinstance(exc, deterministic_errors() + (StageTimedOut, TaskRunTimeoutError, FlowRunTimeoutError)):
         return False
     import httpx  # Prefect's client: a dropped read/write is a network fault whatever its class name says
 
@@ -58,10 +63,22 @@ def backoff(params: Params) -> list[float]:
 
 
 def stage(task, params: Params, timeout: str):
-    """`task` with its timeout (params.orchestration.timeouts.<timeout>) and transient-only retries."""
+    """`task` with its timeout (params.orchestration.timeouts.<timeout>) and transient-only retries; a
+    timeout comes back as StageTimedOut naming the stage and the params key to change."""
+    from prefect.task_engine import TaskRunTimeoutError
+
     o = params.orchestration
-    return task.with_options(timeout_seconds=getattr(o.timeouts, timeout), retries=o.retries,
-                             retry_delay_seconds=backoff(params) or 0, retry_condition_fn=_retry_if_transient)
+    limit = getattr(o.timeouts, timeout)
+    t = task.with_options(timeout_seconds=limit, retries=o.retries,
+                          retry_delay_seconds=backoff(params) or 0, retry_condition_fn=_retry_if_transient)
+
+    def run(*a, **k):
+        try:
+            return t(*a, **k)
+        except TaskRunTimeoutError as e:
+            raise StageTimedOut(f"stage {task.name} did not finish within {limit:g} s "
+                                f"(orchestration.timeouts.{timeout}); raise that limit, or find what hangs") from e
+    return run
 
 
 class StageTimer:
@@ -157,7 +174,8 @@ class _ExpectedFailureFilter:
         if exc is not None:
             from tasks.versioning import DvcError
 
-            if isinstance(exc, deterministic_errors() + (ServiceUnavailable, DvcError)) or is_transient(exc):
+            if isinstance(exc, deterministic_errors() + (ServiceUnavailable, StageTimedOut, DvcError)) \
+                    or is_transient(exc):
                 record.exc_info, record.exc_text = None, None
         return True
 
