@@ -216,3 +216,16 @@ def test_experiment_with_worker_local_artifacts_is_refused_on_a_server(mlflow_se
         assert loc.startswith("mlflow-artifacts:"), loc  # the server's store, never the worker-local root
     finally:
         mlflow.set_tracking_uri(prev)
+
+
+def test_worker_local_experiment_is_refused_by_the_cli_with_exit_2(ws, tiny_model_dir, mlflow_server, prefect, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    name = f"strand-{uuid.uuid4().hex[:6]}"
+    MlflowClient(mlflow_server).create_experiment(f"exp-{name}", artifact_location=(tmp_path / "a").as_uri())
+    r = cli(ws, write_params(ws, name, tiny_model_dir, mlflow_server, name), prefect)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("qlora-ops: ")]
+    assert len(lines) == 1 and f"registry.experiment='exp-{name}'" in lines[0] and "only one machine has" in lines[0], lines
+    assert "Traceback" not in r.stdout + r.stderr
+    assert not (ws / f"data/prepared/{name}").exists()  # refused before any work
