@@ -20,6 +20,8 @@ from pathlib import Path
 REPORT = "report/report.html"
 CARD = "report/MODEL_CARD.md"
 CARD_LIMIT = 5000  # MLflow's model-version description column (String(5000) on SQL stores)
+PIPELINE = ("base_model", "train_qlora", "train_lora", "eval_base", "eval_lora", "eval_qlora", "merge", "eval_merged",
+            "log_model", "champion")  # the model stage's steps, in the order flows/model_stage.py runs them
 MAX_CLASSES = 20   # more distinct answers than this is free text: no confusion matrix
 
 
@@ -83,7 +85,10 @@ def stage_table(stage_seconds: dict, stage_peak_mb: dict | None = None):
     """Seconds per stage, with the peak-memory column only when the run recorded it."""
     import pandas as pd
 
-    df = pd.DataFrame({"stage": list(stage_seconds), "seconds": list(stage_seconds.values())})
+    # Pipeline order (summary.json is logged with sorted keys); a stage not listed here goes before the total.
+    order = ["prepare", "model_stage", *(f"ms.{k}" for k in PIPELINE), "register"]
+    names = sorted(stage_seconds, key=lambda k: (k == "total", order.index(k) if k in order else len(order)))
+    df = pd.DataFrame({"stage": names, "seconds": [stage_seconds[k] for k in names]})
     if stage_peak_mb:
         # Model-stage entries are "ms.<stage>" in stage_seconds; their peaks may be keyed either way.
         df["peak MiB"] = [stage_peak_mb.get(s, stage_peak_mb.get(s.removeprefix("ms."))) for s in df["stage"]]
@@ -120,7 +125,8 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
          f"- MLflow run: `{run_id}`; adapter `runs:/{run_id}/adapters/qlora`",
          f"- run report: `{report_uri(run_id)}` (version tag `report_uri`)",
          f"- data version `{summary['data']['version']}` (DVC stage `{summary['data']['stage']}`), rows "
-         f"train/val/test {st.get('train', '?')}/{st.get('val', '?')}/{st.get('test', '?')}",
+         f"train/val/test {st.get('train', '?')}/{st.get('val', '?')}/{st.get('test', '?')}"
+         + (f" (the first {n} test rows evaluated: eval.max_examples)" if st.get("test", n) != n else ""),
          f"- code {str(summary['code']['git_commit'])[:10]} (source sha {summary['code']['source_sha']}), "
          f"fingerprint `{summary['fingerprint']}`", "",
          "## Metrics (test split, exact-match accuracy, Wilson 95% interval)", "", _md(acc), "",
@@ -133,13 +139,14 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
          f"\"{params.get('data.system_prompt', '')}\"), with the short exact answers it was scored on. "
          "Not a general-purpose assistant; not evaluated on anything but this task's test split.", "",
          "## Limits", ""]
-    L.append(f"- QLoRA: trained against a 4-bit NF4-quantized base. Its test accuracy is "
+    L.append(f"- QLoRA: trained against a 4-bit {params.get('quantization.quant_type', 'nf4')}-quantized base. "
+             f"Its test accuracy is "
              f"{models['qlora']['accuracy']:.4f}" + (f", {retention['value']:.1%} of the full-precision LoRA "
                                                       f"baseline's" if retention else "")
              + "; the served model is the adapter merged into the dequantized base"
              + (f", which answers differently from the QLoRA model on {merged['value']:.1%} of test rows." if merged else "."))
-    L.append(f"- Test set: {n} rows. " + (summary.get("power") or "It is large enough for the promotion policy's "
-                                                                  "non-inferiority margin."))
+    power = (summary.get("power") or "").removeprefix(f"test set has {n} rows: ")
+    L.append(f"- Test set: {n} rows; " + (power or "enough for the promotion policy's non-inferiority margin."))
     L.append(f"- Label set: {shown}." if labels else "- Free-text answers (no label set); accuracy is exact match.")
     text = "\n".join(L) + "\n"
     if len(text) > CARD_LIMIT:
@@ -330,7 +337,9 @@ def sample_rows(f: dict, k: int = 8):
 
     tuned = "merged" if "merged" in f["predictions"] else "qlora"
     base = {r["id"]: r for r in f["predictions"]["base"]}
-    rows = [{"id": r["id"], "prompt": f["test"].get(r["id"], {}).get("prompt", ""), "reference": r["reference"],
+    # One line per prompt: pandas' to_html would show its newlines as literal "\n".
+    rows = [{"id": r["id"], "prompt": " ".join(f["test"].get(r["id"], {}).get("prompt", "").split()),
+             "reference": r["reference"],
              "base answer": base[r["id"]]["prediction"], f"{tuned} answer": r["prediction"],
              "base_correct": base[r["id"]]["correct"], "tuned_correct": r["correct"]}
             for r in f["predictions"][tuned] if r["id"] in base]

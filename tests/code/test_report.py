@@ -39,10 +39,11 @@ def test_label_task_detection():
 
 
 def test_stage_table_shows_peak_memory_only_when_recorded():
-    secs = {"prepare": 1.0, "ms.train_qlora": 9.0}
+    secs = {"ms.train_qlora": 9.0, "model_stage": 10.0, "prepare": 1.0, "total": 11.0}  # sorted, as summary.json
     assert list(report.stage_table(secs).columns) == ["stage", "seconds"]
+    assert list(report.stage_table(secs)["stage"]) == ["prepare", "model_stage", "ms.train_qlora", "total"]
     t = report.stage_table(secs, {"train_qlora": 812.5})
-    assert list(t["peak MiB"].fillna(-1)) == [-1, 812.5]
+    assert list(t["peak MiB"].fillna(-1)) == [-1, -1, 812.5, -1]
 
 
 def test_model_card_has_the_facts_and_fits_the_description_column():
@@ -57,7 +58,8 @@ def test_model_card_has_the_facts_and_fits_the_description_column():
                              [f"label{i}" for i in range(2000)], {"version": 3, "promoted": False, "reason": "no gain"})
     assert card.startswith("# m v3") and "smollm2-gguf" in card and "dv1" in card and "318/55/107" in card
     assert "[0.500, 0.700]" in card and "gain_over_base" in card and "Not promoted: no gain" in card
-    assert "test set has 107 rows" in card and "runs:/r1/report/report.html" in card
+    assert "Test set: 107 rows; the policy" not in card and "Test set: 107 rows; ..." in card
+    assert "runs:/r1/report/report.html" in card
     assert len(card) <= report.CARD_LIMIT and "(+1970 more)" in card
     # summary.json is logged with sorted keys: the card read back from MLflow must be the same text
     resorted = {**summary, "models": dict(sorted(summary["models"].items()))}
