@@ -1,7 +1,7 @@
 """The retraining loop, wired: snapshot + version the data (DVC, pushed to the remote) -> skip if
 nothing is new -> model stage (train QLoRA + LoRA baseline, evaluate, merge, evaluate merged; on the
 GPU pool when `orchestration.gpu_pool` is set) -> gates -> register + promote under the registered
-model's global slot.
+model's global slot -> run report (tasks/report.py; never changes the outcome).
 
     qlora-ops run                                # params/default.yaml, embedded SmolLM2, in-process
     qlora-ops run --params params/my-domain.yaml --force
