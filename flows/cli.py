@@ -8,6 +8,7 @@
     qlora-ops status                           # champion, challenger, recent versions and runs
     qlora-ops promote 7 [--force --reason TEXT]
     qlora-ops rollback --reason TEXT
+    qlora-ops report [RUN_ID]                  # rebuild a run's HTML report + model card from MLflow (default: newest run)
     qlora-ops init data/raw/tickets.csv        # writes params/tickets.yaml for that data (format, labels, test size)
     qlora-ops check --params params/tickets.yaml  # validate params + data, say what a run would do; trains nothing
 
@@ -121,7 +122,10 @@ def _main(argv: list[str] | None = None) -> int:
     ini.add_argument("--model", help="model.source to write (default: the embedded smollm2-gguf)")
     ini.add_argument("--force", action="store_true", help="replace an existing --out file")
     chk = sub.add_parser("check", help="validate params + data and say what a run would do, without training")
-    for p in (dep, st, pr, rb, chk):
+    rep = sub.add_parser("report", help="rebuild a run's HTML report and model card from MLflow")
+    rep.add_argument("run_id", nargs="?", help="MLflow run id (default: the newest finished run of the experiment)")
+    rep.add_argument("--out", help="directory to write into (default: <state_dir>/reports/<run id>)")
+    for p in (dep, st, pr, rb, chk, rep):
         p.add_argument("--params", default="params/default.yaml")
         p.add_argument("--workspace", default=".")
     for p in sub.choices.values():  # every subcommand, whoever added it
@@ -134,6 +138,8 @@ def _main(argv: list[str] | None = None) -> int:
         return registry_command(a)
     if a.cmd in ("init", "check"):
         return data_command(a)
+    if a.cmd == "report":
+        return report_command(a)
 
     if a.cmd == "deploy":
         from flows.deploy import deploy_file
@@ -197,6 +203,28 @@ def data_command(a) -> int:
             print(format_check(check(Path(a.params), Path(a.workspace))))
     except (ParamsError, DataError) as e:
         return fail("bad_input", e)
+    return 0
+
+
+def report_command(a) -> int:
+    """`report [RUN_ID]`: the run's report and model card rebuilt from its MLflow record alone."""
+    import mlflow
+
+    from tasks import report
+    from tasks.paths import state_dir
+
+    if isinstance(pre := preflight(a), int):
+        return pre
+    ws, params, uri = pre
+    mlflow.set_tracking_uri(uri)
+    try:
+        run_id = a.run_id or report.newest_run(params.registry.experiment)
+        path = report.build_report(run_id, Path(a.out) if a.out else state_dir(ws, params) / "reports" / run_id)
+    except report.ReportError as e:
+        return fail("bad_input", e)
+    print(f"report: {path}")
+    if path.with_name("MODEL_CARD.md").is_file():
+        print(f"model card: {path.with_name('MODEL_CARD.md')}")
     return 0
 
 

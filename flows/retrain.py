@@ -1,7 +1,7 @@
 """The retraining loop, wired: snapshot + version the data (DVC, pushed to the remote) -> skip if
 nothing is new -> model stage (train QLoRA + LoRA baseline, evaluate, merge, evaluate merged; on the
 GPU pool when `orchestration.gpu_pool` is set) -> gates -> register + promote under the registered
-model's global slot.
+model's global slot -> run report (tasks/report.py; never changes the outcome).
 
     qlora-ops run                                # params/default.yaml, embedded SmolLM2, in-process
     qlora-ops run --params params/my-domain.yaml --force
@@ -25,7 +25,7 @@ from prefect.states import Completed, Failed
 from flows import prefect_tasks as pt
 from flows import runtime
 from flows.model_stage import METRIC, RESULT, champion_rows, key, model_stage
-from tasks import gate, stats, tracking
+from tasks import gate, report, stats, tracking
 from tasks.base_model import base_fingerprint
 from tasks.config import Params, load_params
 from tasks.paths import artifact_root, state_dir, tracking_uri, ws_path
@@ -115,7 +115,7 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         tracking.set_tags(run_id, {"qlora_ops.gates": "passed" if passed else "failed",
                                    "qlora_ops.gate_reason": gate.explain(verdicts)})
         if passed:
-            summary["registry"] = timed("register", register, params, ws, run_id, ms, data, fp, code)
+            summary["registry"] = timed("register", register, params, ws, run_id, ms, data, fp, code, summary)
             tracking.set_tags(run_id, {"qlora_ops.registered_version": summary["registry"]["version"],
                                        "qlora_ops.promoted": summary["registry"]["promoted"]})
             summary["outcome"] = "registered"
@@ -130,7 +130,20 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
+    summary["report"] = publish_report(params, ws, run_id, summary)
     return summary
+
+
+def publish_report(params: Params, ws: Path, run_id: str, summary: dict) -> str | None:
+    """The run report on the run (and the registered version); its failure is one warning line and
+    never changes the run's outcome: the decision is already recorded, the report only shows it."""
+    try:
+        v = summary.get("registry", {}).get("version")
+        return str(report.publish(run_id, state_dir(ws, params) / "reports" / run_id, params.registry.model_name, v))
+    except Exception as e:
+        print(f"warning: run report not written ({type(e).__name__}: {str(e)[:300]}); "
+              f"`qlora-ops report {run_id}` rebuilds it")
+        return None
 
 
 def gate_decision(params: Params, ms: dict) -> tuple[list[dict], bool]:
@@ -189,10 +202,22 @@ def policy(params: Params) -> stats.PromotionPolicy:
     return stats.PromotionPolicy.from_registry(params.registry)
 
 
-def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: str, code: dict) -> dict:
+def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: str, code: dict,
+             summary: dict | None = None) -> dict:
     """Register the logged merged model and decide promotion, one run at a time per registered model."""
     r = params.registry
     models, cand = ms["models"], ms["rows"]["merged"]
+
+    def describe(version: int, promoted: bool, reason: str) -> str | None:
+        # The model card, from the summary this run is about to log (the same renderer as the report's).
+        try:
+            stats_file = Path(data["prepared_dir"]) / "stats.json"
+            counts = read_json(stats_file).get("labels") if stats_file.is_file() else None
+            return report.model_card(summary, tracking.logged_params(params), report.label_set(params.data.labels, counts),
+                                     {"version": version, "promoted": promoted, "reason": reason})
+        except Exception as e:
+            print(f"warning: model card not written ({type(e).__name__}: {str(e)[:300]})")
+            return None
 
     def decide(champion_v: int) -> tuple[bool, str]:
         champ = ms.get("champion")
@@ -208,6 +233,7 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
         return runtime.stage(pt.register_and_promote, params, "registry")(
             model_uri=ms["model_uri"], model_name=r.model_name, alias=r.champion_alias,
             challenger_alias=r.challenger_alias, decide=decide, lock_path=state_dir(ws, params) / "registry.lock",
+            describe=describe if summary else None,
             tags={"data_version": data["data_version"], "mlflow_run_id": run_id, "params_hash": params.digest(),
                   "fingerprint": fp, "code_commit": str(code["git_commit"]), "code_sha": code["source_sha"],
                   "score_key": ms["score_key"], METRIC: repr(models["merged"]["accuracy"]),
@@ -256,6 +282,8 @@ def format_summary(s: dict) -> str:
     else:
         L.append(f"registry: nothing registered ({r['reason']})")
     L.append("stage seconds: " + " | ".join(f"{k} {v}" for k, v in s["stage_seconds"].items() if k != "total"))
+    if s.get("report"):
+        L.append(f"report: {s['report']}")
     L.append(f"total wall time: {s['stage_seconds'].get('total', 0):.1f} s")
     L.append("=" * 72)
     return "\n".join(L)

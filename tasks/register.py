@@ -157,7 +157,8 @@ def _rolled_back_twin(client: MlflowClient, model_name: str, fingerprint: str | 
 
 
 def register_and_promote(*, model_uri: str, model_name: str, alias: str, challenger_alias: str | None,
-                         tags: dict[str, str], decide: Decision, lock_path: Path) -> dict:
+                         tags: dict[str, str], decide: Decision, lock_path: Path,
+                         describe: Callable[[int, bool, str], str | None] | None = None) -> dict:
     """Register `model_uri` as a new version; move `alias` to it only if `decide(champion_version)` says so.
 
     The whole read-compare-write runs under an exclusive lock on `lock_path` (the caller also holds the
@@ -165,7 +166,8 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
     the registry truthful: the version is born `status=incomplete`; the decision's tags follow; then
     `status=ready`; then `challenger_alias`; the champion alias move is the last write. Idempotent per
     MLflow run: a retry finds the version this run already registered (tag mlflow_run_id). A version
-    whose fingerprint was rolled back before is never auto-promoted again.
+    whose fingerprint was rolled back before is never auto-promoted again. `describe(version, promoted,
+    reason)` gives the version's description (its model card), written before `status=ready`.
     """
     client = MlflowClient()
     with registry_lock(lock_path):
@@ -186,6 +188,8 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
                 promote, reason = True, f"first champion: no version held alias '{alias}'"
             else:
                 promote, reason = decide(prev_v)
+            if describe is not None and (card := describe(new_v, promote, reason)):
+                client.update_model_version(model_name, str(new_v), description=card)
             decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000], "status": READY}
             if promote and prev_v is not None:
                 decision["previous_champion"] = str(prev_v)  # what `qlora-ops rollback` returns to

@@ -76,11 +76,16 @@ def log_files(run_id: str, files: list[Path], artifact_path: str) -> None:
         c.log_artifact(run_id, str(f), artifact_path)
 
 
+def logged_params(params: Params) -> dict[str, str]:
+    """The params as the run logs them (flat keys, string values)."""
+    # URLs in params (tracking URI, remotes, sources) may carry a password: never log one.
+    return {k: redact_url(v)[:6000] for k, v in flatten(params.model_dump(mode="json")).items()}
+
+
 def start_run(params: Params, experiment_id: str, tags: dict[str, str], run_name: str) -> str:
     c = MlflowClient()
     run = c.create_run(experiment_id, run_name=run_name, tags=tags)
-    # URLs in params (tracking URI, remotes, sources) may carry a password: never log one.
-    items = [Param(k, redact_url(v)[:6000]) for k, v in flatten(params.model_dump(mode="json")).items()]
+    items = [Param(k, v) for k, v in logged_params(params).items()]
     for i in range(0, len(items), 100):
         c.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id

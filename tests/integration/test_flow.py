@@ -146,6 +146,7 @@ def test_failing_gate_registers_nothing(ws, tiny_model_dir, mlflow_server, prefe
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr  # the summary is printed inside the flow: Prefect routes it to its log stream
     assert "gain_over_base" in out and "FAIL" in out and "nothing registered" in out
+    assert "report: " in out and "report.html" in out  # a rejected run gets its report too
     assert MlflowClient(mlflow_server).search_model_versions(f"name='{name}'") == []
     # A refusal is a failed run named for what happened, with the gate table as its message.
     rejected = [r for r in flow_runs(prefect) if r["state_name"] == "Rejected"]

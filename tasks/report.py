@@ -1,0 +1,437 @@
+"""Run report (one self-contained HTML page, plots inlined as base64 PNG) and model card (markdown).
+
+    qlora-ops report [RUN_ID]    # rebuilds both for any past run, from MLflow alone
+
+`gather` is the one place that reads a run's facts from MLflow (summary.json, model_stage.json,
+gates.json, eval/<model>/predictions.jsonl, the prepared test split, the train-qlora/train-lora child
+runs, the compared champion's version and run); `render_html` and `model_card` only format them. The
+card is also written at registration time from the same summary the run is about to log
+(`model_card(summary, params, labels, decision)`), so the version's description and the
+`report/MODEL_CARD.md` artifact come out of one renderer.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+REPORT = "report/report.html"
+CARD = "report/MODEL_CARD.md"
+CARD_LIMIT = 5000  # MLflow's model-version description column (String(5000) on SQL stores)
+PIPELINE = ("base_model", "train_qlora", "train_lora", "eval_base", "eval_lora", "eval_qlora", "merge", "eval_merged",
+            "log_model", "champion")  # the model stage's steps, in the order flows/model_stage.py runs them
+MAX_CLASSES = 20   # more distinct answers than this is free text: no confusion matrix
+
+
+def ordered(models: dict) -> list[tuple[str, dict]]:
+    """base, LoRA, QLoRA, merged: pipeline order (summary.json is logged with sorted keys)."""
+    rank = {k: i for i, k in enumerate(("base", "lora", "qlora", "merged"))}
+    return sorted(models.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
+
+
+def report_uri(run_id: str) -> str:
+    return f"runs:/{run_id}/{REPORT}"
+
+
+# ---------------------------------------------------------------- pure parts (tests/code/test_report.py)
+
+def is_label_task(references: list[str], labels: list[str] | None = None) -> bool:
+    """`data.labels` set, or few distinct short references (each repeated): a classification task."""
+    if labels:
+        return True
+    distinct = set(references)
+    return 1 < len(distinct) <= MAX_CLASSES and len(distinct) < len(references) / 2 \
+        and all(len(r) <= 40 for r in distinct)
+
+
+def label_set(param_labels: list[str] | None, counts: dict[str, int] | None) -> list[str] | None:
+    """`data.labels`, else the prepared data's answers when they look like labels (few, short, repeated)."""
+    if param_labels:
+        return list(param_labels)
+    if counts and len(counts) <= MAX_CLASSES and min(counts.values()) >= 2 and all(len(k) <= 40 for k in counts):
+        return sorted(counts)
+    return None
+
+
+def confusion(references: list[str], predictions: list[str], labels: list[str] | None = None):
+    """(confusion matrix: reference x predicted counts, per-class accuracy table). Answers are compared
+    as the accuracy metric compares them (normalized); a prediction outside the label set is `(other)`."""
+    import pandas as pd
+
+    from tasks.metrics.label_accuracy.label_accuracy import normalize
+
+    classes = sorted({normalize(x) for x in (labels or references)})
+    ref = pd.Categorical([normalize(r) for r in references], categories=classes)
+    pred = [normalize(p) for p in predictions]
+    pred = pd.Categorical([p if p in classes else "(other)" for p in pred], categories=[*classes, "(other)"])
+    cm = pd.crosstab(pd.Series(ref, name="reference"), pd.Series(pred, name="predicted"), dropna=False)
+    hits = pd.Series([r == p for r, p in zip(ref, pred)])
+    per = (pd.DataFrame({"label": ref, "correct": hits}).groupby("label", observed=False)["correct"]
+           .agg(n="size", correct="sum").reset_index())
+    per["accuracy"] = (per["correct"] / per["n"].where(per["n"] > 0)).round(4)
+    return cm, per
+
+
+def worst_first(rows: list[dict]) -> list[dict]:
+    """Rows with `base_correct` / `tuned_correct`: regressions (base right, tuned wrong) first, then the
+    other rows the tuned model gets wrong, then its fixes, then rows both get right; stable inside each."""
+    rank = {(True, False): 0, (False, False): 1, (False, True): 2, (True, True): 3}
+    return sorted(rows, key=lambda r: rank[(bool(r["base_correct"]), bool(r["tuned_correct"]))])
+
+
+def stage_table(stage_seconds: dict, stage_peak_mb: dict | None = None):
+    """Seconds per stage, with the peak-memory column only when the run recorded it."""
+    import pandas as pd
+
+    # Pipeline order (summary.json is logged with sorted keys); a stage not listed here goes before the total.
+    order = ["prepare", "model_stage", *(f"ms.{k}" for k in PIPELINE), "register"]
+    names = sorted(stage_seconds, key=lambda k: (k == "total", order.index(k) if k in order else len(order)))
+    df = pd.DataFrame({"stage": names, "seconds": [stage_seconds[k] for k in names]})
+    if stage_peak_mb:
+        # Model-stage entries are "ms.<stage>" in stage_seconds; their peaks may be keyed either way.
+        df["peak MiB"] = [stage_peak_mb.get(s, stage_peak_mb.get(s.removeprefix("ms."))) for s in df["stage"]]
+    return df
+
+
+# ---------------------------------------------------------------- the model card
+
+def _md(df) -> str:
+    return df.to_markdown(index=False)
+
+
+def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, decision: dict) -> str:
+    """Markdown card of a registered version. `params`: the run's flat params (as MLflow logs them);
+    `decision`: version, promoted, reason (tasks.register's answer)."""
+    import pandas as pd
+
+    run_id, models, n = summary["mlflow_run_id"], summary["models"], summary["models"]["qlora"]["n"]
+    st = summary["data"].get("stats", {})
+    acc = pd.DataFrame([{"model": k, "accuracy": f"{m['accuracy']:.4f}",
+                         "95% interval": f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else "",
+                         "EOS rate": f"{m['eos_rate']:.2f}", "n": m["n"]} for k, m in ordered(models)])
+    keys = ["seed", "model.source", "model.max_seq_len", "quantization.quant_type", "quantization.double_quant",
+            "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "training.max_steps",
+            "training.batch_size", "training.lr", "training.lr_scheduler", "training.warmup_steps",
+            "data.system_prompt", "data.split", "data.max_input_chars"]
+    par = pd.DataFrame([{"param": k, "value": params[k]} for k in keys if k in params])
+    shown = ", ".join(f"`{x}`" for x in (labels or [])[:30]) + (f" (+{len(labels) - 30} more)" if len(labels or []) > 30 else "")
+    merged = next((g for g in summary["gates"] if g["name"] == "merge_disagreement"), None)
+    retention = next((g for g in summary["gates"] if g["name"] == "retention_vs_lora"), None)
+    L = [f"# {params.get('registry.model_name', 'model')} v{decision['version']}", "",
+         f"QLoRA fine-tune of `{params.get('model.source', '?')}` (4-bit {params.get('quantization.quant_type', 'nf4')} "
+         "base, LoRA adapter merged into the dequantized base weights), registered by qlora-ops.", "",
+         f"- MLflow run: `{run_id}`; adapter `runs:/{run_id}/adapters/qlora`",
+         f"- run report: `{report_uri(run_id)}` (version tag `report_uri`)",
+         f"- data version `{summary['data']['version']}` (DVC stage `{summary['data']['stage']}`), rows "
+         f"train/val/test {st.get('train', '?')}/{st.get('val', '?')}/{st.get('test', '?')}"
+         + (f" (the first {n} test rows evaluated: eval.max_examples)" if st.get("test", n) != n else ""),
+         f"- code {str(summary['code']['git_commit'])[:10]} (source sha {summary['code']['source_sha']}), "
+         f"fingerprint `{summary['fingerprint']}`", "",
+         "## Metrics (test split, exact-match accuracy, Wilson 95% interval)", "", _md(acc), "",
+         "## Gates", "", _md(gate_frame(summary["gates"])), "",
+         "## Promotion", "", f"{'Promoted to champion' if decision['promoted'] else 'Not promoted'}: "
+         f"{decision['reason']}", "",
+         "## Params", "", _md(par), "",
+         "## Intended use", "",
+         f"Answering prompts of the task it was trained on, in the same prompt format (system prompt: "
+         f"\"{params.get('data.system_prompt', '')}\"), with the short exact answers it was scored on. "
+         "Not a general-purpose assistant; not evaluated on anything but this task's test split.", "",
+         "## Limits", ""]
+    L.append(f"- QLoRA: trained against a 4-bit {params.get('quantization.quant_type', 'nf4')}-quantized base. "
+             f"Its test accuracy is "
+             f"{models['qlora']['accuracy']:.4f}" + (f", {retention['value']:.1%} of the full-precision LoRA "
+                                                      f"baseline's" if retention else "")
+             + "; the served model is the adapter merged into the dequantized base"
+             + (f", which answers differently from the QLoRA model on {merged['value']:.1%} of test rows." if merged else "."))
+    power = (summary.get("power") or "").removeprefix(f"test set has {n} rows: ")
+    L.append(f"- Test set: {n} rows; " + (power or "enough for the promotion policy's non-inferiority margin."))
+    L.append(f"- Label set: {shown}." if labels else "- Free-text answers (no label set); accuracy is exact match.")
+    text = "\n".join(L) + "\n"
+    if len(text) > CARD_LIMIT:
+        tail = f"\n\n(card cut at {CARD_LIMIT} characters; the full card is the run's `{CARD}`)\n"
+        text = text[:CARD_LIMIT - len(tail)] + tail
+    return text
+
+
+def gate_frame(verdicts: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame([{"gate": v["name"], "value": f"{v['value']:.4f}",
+                          "95% interval": f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None else "",
+                          "interval of": v.get("ci_of", "") if v.get("ci_low") is not None else "",
+                          "threshold": f"{v['op']} {v['threshold']}", "decided on": v["decided_on"],
+                          "verdict": "PASS" if v["passed"] else "FAIL"} for v in verdicts])
+
+
+# ---------------------------------------------------------------- gathering from MLflow
+
+def _load_json(run_id: str, path: str):
+    import mlflow
+
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{path}"))
+
+
+def _load_jsonl(run_id: str, path: str) -> list[dict]:
+    import mlflow
+
+    return [json.loads(x) for x in mlflow.artifacts.load_text(f"runs:/{run_id}/{path}").splitlines() if x.strip()]
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def newest_run(experiment: str) -> str:
+    """The newest finished retraining run of `experiment` (not its train-* child runs)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    runs = [] if exp is None else MlflowClient().search_runs(
+        [exp.experiment_id], "tags.`qlora_ops.fingerprint` != '' and attributes.status = 'FINISHED'",
+        max_results=1, order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise ReportError(f"experiment {experiment!r} has no finished run to report on")
+    return runs[0].info.run_id
+
+
+def gather(run_id: str) -> dict:
+    """Every fact the report and the card show, read from the run's MLflow record alone."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient()
+    try:
+        run = c.get_run(run_id)
+    except MlflowException as e:
+        raise ReportError(f"no MLflow run {run_id}: {e.message}") from None
+    try:
+        summary = _load_json(run_id, "summary.json")
+    except (MlflowException, OSError) as e:
+        raise ReportError(f"MLflow run {run_id} has no summary.json (it ended {run.info.status} before "
+                          f"its summary was logged): {e}") from None
+    ms = _load_json(run_id, "model_stage.json")
+    f = {"run_id": run_id, "summary": summary, "params": dict(run.data.params), "model_stage": ms,
+         "gates": _load_json(run_id, "gates.json"),
+         "predictions": {m: _load_jsonl(run_id, f"eval/{m}/predictions.jsonl") for m in summary["models"]},
+         "test": {r["id"]: r for r in _load_jsonl(run_id, "data/prepared/test.jsonl")}}
+    try:
+        counts = _load_json(run_id, "data/prepared/stats.json").get("labels")
+    except (MlflowException, OSError, ValueError):
+        counts = None
+    f["labels"] = label_set(json.loads(f["params"].get("data.labels") or "null"), counts)
+    f["curves"] = {}
+    for child in c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"):
+        kind = child.data.tags.get("qlora_ops.kind", child.info.run_name)
+        f["curves"][kind] = {k: [(m.step, m.value) for m in sorted(c.get_metric_history(child.info.run_id, k),
+                                                                   key=lambda m: m.step)]
+                             for k in ("train_loss", "val_loss")}
+    f["champion"] = _champion(c, f["params"].get("registry.model_name"), ms.get("champion"), summary)
+    return f
+
+
+def _champion(c, model_name: str | None, champ: dict | None, summary: dict) -> dict | None:
+    """The champion this run was compared with: its version, rows on this test set, and its run's data."""
+    v = (champ or {}).get("version") or summary.get("registry", {}).get("previous_champion_version")
+    if not v or not model_name:
+        return None
+    out = {"version": int(v), "correct": (champ or {}).get("correct"), "how": (champ or {}).get("how", "")}
+    try:
+        tags = dict(c.get_model_version(model_name, str(v)).tags or {})
+        out["data_version"], out["run_id"] = tags.get("data_version"), tags.get("mlflow_run_id")
+        if out["run_id"]:
+            out["data"] = _load_json(out["run_id"], "summary.json").get("data", {})
+    except Exception as e:  # a deleted version or run: the report says so instead of failing
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+# ---------------------------------------------------------------- rendering
+
+def _png(fig) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)  # Agg on this figure only: no pyplot, no process-wide backend switch
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(id_: str, b64: str, alt: str) -> str:
+    return f'<img id="{id_}" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def loss_plot(curves: dict) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.6))
+    ax = fig.add_subplot()
+    for kind, color in (("qlora", "tab:blue"), ("lora", "tab:orange")):
+        for k, style, lab in (("train_loss", "-", "train"), ("val_loss", "o--", "val")):
+            pts = curves.get(kind, {}).get(k) or []
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, label=f"{kind.upper()} {lab}", alpha=0.9 if lab == "val" else 0.7)
+    ax.set(xlabel="step", ylabel="loss", title="Training: QLoRA vs the LoRA baseline (same data, same schedule)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def accuracy_plot(acc) -> str:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.4))
+    ax = fig.add_subplot()
+    y = acc["accuracy"].to_numpy()
+    # Clipped at 0: a Wilson bound at accuracy 0 or 1 can sit a rounding error past the point.
+    err = np.clip([y - acc["ci_low"].to_numpy(float), acc["ci_high"].to_numpy(float) - y], 0, None)
+    ax.bar(acc["model"], y, yerr=err, capsize=6, color=["tab:gray", "tab:orange", "tab:blue", "tab:green",
+                                                        "tab:purple"][:len(y)])
+    for i, v in enumerate(y):
+        ax.annotate(f"{v:.3f}", (i, v), xytext=(8, 3), textcoords="offset points", fontsize=9)
+    ax.set(ylim=(0, 1.05), ylabel="test accuracy", title="Accuracy on the same test rows, with 95% intervals")
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def confusion_plot(cm, title: str) -> str:
+    from matplotlib.figure import Figure
+
+    k = len(cm.index)
+    fig = Figure(figsize=(1.2 + 0.6 * (k + 1), 1.0 + 0.5 * k))
+    ax = fig.add_subplot()
+    ax.imshow(cm.to_numpy(), cmap="Blues")
+    ax.set_xticks(range(len(cm.columns)), [str(x) for x in cm.columns], rotation=45, ha="right")
+    ax.set_yticks(range(k), [str(x) for x in cm.index])
+    top = max(int(cm.to_numpy().max()), 1)
+    for i in range(k):
+        for j in range(len(cm.columns)):
+            v = int(cm.iat[i, j])
+            if v:
+                ax.text(j, i, v, ha="center", va="center", color="white" if v > top / 2 else "black", fontsize=8)
+    ax.set(xlabel="predicted", ylabel="reference", title=title)
+    return _png(fig)
+
+
+def accuracy_frame(f: dict):
+    import pandas as pd
+
+    from tasks import stats
+
+    conf = float(f["params"].get("gates.confidence", 0.95))
+    rows = [{"model": k, "accuracy": m["accuracy"], "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"),
+             "eos_rate": m["eos_rate"], "n": m["n"]} for k, m in ordered(f["summary"]["models"])]
+    ch = f.get("champion")
+    if ch and ch.get("correct"):
+        lo, hi = stats.accuracy_interval(ch["correct"], conf)
+        rows.append({"model": f"champion v{ch['version']}", "accuracy": sum(ch["correct"]) / len(ch["correct"]),
+                     "ci_low": lo, "ci_high": hi, "eos_rate": None, "n": len(ch["correct"])})
+    return pd.DataFrame(rows)
+
+
+def sample_rows(f: dict, k: int = 8):
+    import pandas as pd
+
+    tuned = "merged" if "merged" in f["predictions"] else "qlora"
+    base = {r["id"]: r for r in f["predictions"]["base"]}
+    # One line per prompt: pandas' to_html would show its newlines as literal "\n".
+    rows = [{"id": r["id"], "prompt": " ".join(f["test"].get(r["id"], {}).get("prompt", "").split()),
+             "reference": r["reference"],
+             "base answer": base[r["id"]]["prediction"], f"{tuned} answer": r["prediction"],
+             "base_correct": base[r["id"]]["correct"], "tuned_correct": r["correct"]}
+            for r in f["predictions"][tuned] if r["id"] in base]
+    df = pd.DataFrame(worst_first(rows)[:k])
+    if len(df):
+        df["base"] = df.pop("base_correct").map({True: "right", False: "wrong"})
+        df[tuned] = df.pop("tuned_correct").map({True: "right", False: "wrong"})
+    return df, tuned
+
+
+def data_frame(f: dict):
+    import pandas as pd
+
+    def col(d: dict | None, version: str | None) -> dict:
+        d = d or {}
+        st = d.get("stats", {})
+        return {"data version": version or d.get("version", "?"), "DVC stage": d.get("stage", "?"),
+                **{f"rows {k}": st.get(k, "?") for k in ("train", "val", "test")},
+                "rows after dedupe": st.get("rows_after_dedupe", "?")}
+
+    out = {"this run": col(f["summary"]["data"], f["summary"]["data"]["version"])}
+    if (ch := f.get("champion")):
+        out[f"champion v{ch['version']}'s run"] = col(ch.get("data"), ch.get("data_version"))
+    return pd.DataFrame(out)
+
+
+def render_html(f: dict) -> str:
+    s, run_id = f["summary"], f["run_id"]
+    table = dict(index=False, border=0, classes="t", na_rep="")
+    parts = [f"<h1>qlora-ops run report</h1><p class='meta'>MLflow run <code>{run_id}</code> · outcome "
+             f"<b>{html.escape(s['outcome'])}</b> · data version <code>{html.escape(s['data']['version'])}</code> · "
+             f"code <code>{html.escape(str(s['code']['git_commit'])[:10])}</code> · fingerprint "
+             f"<code>{html.escape(s['fingerprint'])}</code></p>"]
+    r = s.get("registry", {})
+    parts.append(f"<p id='decision'>{'Registered ' + html.escape(str(r.get('model_name'))) + ' v' + str(r['version']) if r.get('version') else 'Nothing registered'}"
+                 f": {html.escape(str(r.get('reason', '')))}</p>")
+    parts += ["<h2>Training loss</h2>", _img("loss-plot", loss_plot(f["curves"]), "train/val loss, QLoRA vs LoRA")]
+    acc = accuracy_frame(f)
+    parts += ["<h2>Accuracy</h2>", _img("accuracy-plot", accuracy_plot(acc), "accuracy per model with 95% intervals"),
+              acc.round(4).to_html(table_id="accuracy-table", **table)]
+    parts += ["<h2>Gates</h2>", gate_frame(f["gates"]).to_html(table_id="gate-table", **table),
+              "<ul>" + "".join(f"<li>{html.escape(g['name'])}: {html.escape(g['detail'])}</li>" for g in f["gates"]) + "</ul>"]
+    if s.get("power"):
+        parts.append(f"<p class='note'>{html.escape(s['power'])}</p>")
+    tuned = "merged" if "merged" in f["predictions"] else "qlora"
+    preds = f["predictions"][tuned]
+    refs = [p["reference"] for p in preds]
+    if is_label_task(refs, f.get("labels")):
+        cm, per = confusion(refs, [p["prediction"] for p in preds], f.get("labels"))
+        parts += [f"<h2>Per-class accuracy ({tuned})</h2>", per.to_html(table_id="per-class-table", **table),
+                  _img("confusion-matrix", confusion_plot(cm, f"Confusion matrix ({tuned})"), "confusion matrix")]
+    rows, tuned = sample_rows(f)
+    parts += [f"<h2>Test rows, worst first (base vs {tuned})</h2>", rows.to_html(table_id="rows-table", **table)]
+    stages = stage_table(s["stage_seconds"], s.get("stage_peak_mb") or
+                         {f"ms.{k}": v for k, v in (f["model_stage"].get("stage_peak_mb") or {}).items()})
+    parts += ["<h2>Time and peak memory per stage</h2>", stages.to_html(table_id="stage-table", **table)]
+    parts += ["<h2>Data vs the champion's run</h2>", data_frame(f).to_html(table_id="data-table", border=0, classes="t")]
+    if (ch := f.get("champion")) and ch.get("error"):
+        parts.append(f"<p class='note'>champion v{ch['version']}: {html.escape(ch['error'])}</p>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:24px auto;color:#222}"
+             "table.t{border-collapse:collapse;font-size:13px;margin:8px 0}"
+             ".t td,.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}"
+             ".t th{background:#f3f3f3}.meta,.note{color:#555;font-size:13px}img{max-width:100%}h2{margin-top:28px}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>qlora-ops run {run_id}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def build_report(run_id: str, out_dir: Path) -> Path:
+    """Write out_dir/report.html (and MODEL_CARD.md when the run registered a version); returns the report path."""
+    from tasks.util import atomic_write_text
+
+    f = gather(run_id)
+    out_dir = Path(out_dir)
+    path = out_dir / "report.html"
+    atomic_write_text(path, render_html(f))
+    r = f["summary"].get("registry", {})
+    if r.get("version"):
+        atomic_write_text(out_dir / "MODEL_CARD.md", model_card(f["summary"], f["params"], f.get("labels"), r))
+    return path
+
+
+def publish(run_id: str, out_dir: Path, model_name: str | None = None, version: int | None = None) -> Path:
+    """Build the report (+ card), log them on the run under `report/`, and point the registered version
+    at the report (tag `report_uri`). Returns the local report path."""
+    from mlflow.tracking import MlflowClient
+
+    path = build_report(run_id, out_dir)
+    c = MlflowClient()
+    for p in (path, path.with_name("MODEL_CARD.md")):
+        if p.is_file():
+            c.log_artifact(run_id, str(p), "report")
+    if model_name and version:
+        # After `status=ready`: the report is a view of the decision, not part of it.
+        c.set_model_version_tag(model_name, str(version), "report_uri", report_uri(run_id))
+    return path
