@@ -139,10 +139,26 @@ def _main(argv: list[str] | None = None) -> int:
             return EXIT[kind if kind != "internal" else "service"]
         return 0
 
-    from flows.retrain import retrain
+    from flows.runtime import temporary_prefect_server
+    with temporary_prefect_server() as api:  # our child: it dies with us, even on kill -9
+        return run_command(a, api)
+
+
+def run_command(a, api: str | None) -> int:
+    from flows.retrain import retrain  # Prefect is imported here, after PREFECT_API_URL points at `api`
+    from flows.runtime import ServiceUnavailable, WorkspaceBusy, wait_prefect_server, workspace_run_lock
+    try:
+        wait_prefect_server(api)
+    except ServiceUnavailable as e:
+        return fail("service", e)
     if isinstance(pre := preflight(a), int):  # before the flow starts: a bad key or a dead service, in seconds
         return pre
-    state = retrain(params_path=a.params, workspace=a.workspace, force=a.force, return_state=True)
+    ws, params, _ = pre
+    try:  # one run per workspace: wait for the other one (bounded), or refuse naming its pid
+        with workspace_run_lock(ws, params.orchestration.timeouts.workspace):
+            state = retrain(params_path=a.params, workspace=a.workspace, force=a.force, return_state=True)
+    except WorkspaceBusy as e:
+        return fail("service", e)
     if state.name == "Rejected":
         return EXIT["rejected"]
     if state.is_completed():
