@@ -26,7 +26,8 @@ import sys
 import traceback
 from pathlib import Path
 
-EXIT = {"registered": 0, "skipped": 0, "rejected": 1, "bad_input": 2, "diverged": 3, "service": 4, "internal": 5}
+EXIT = {"registered": 0, "skipped": 0, "rejected": 1, "bad_input": 2, "diverged": 3, "service": 4, "internal": 5,
+        "disk_full": 5}
 
 
 def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
@@ -60,6 +61,9 @@ def classify(exc: BaseException) -> str:
         return "diverged"
     # A network fault still there after the stage's retries (DVC remote, data.source, tracking server
     # mid-run) is a service that did not answer, not an internal error.
+    from tasks.util import DiskFull
+    if isinstance(exc, DiskFull):  # exit 5 like any fault of the machine, but said plainly, with the path
+        return "disk_full"
     if isinstance(exc, ServiceUnavailable) or is_transient(exc):
         return "service"
     return "internal"
@@ -86,7 +90,7 @@ def fail(kind: str, exc: BaseException, label: str | None = None) -> int:
     if console.is_debug():
         traceback.print_exception(exc)
     label = label or {"bad_input": "error", "diverged": "training diverged", "service": "service unavailable",
-                      "internal": "internal error", "rejected": "refused"}[kind]
+                      "internal": "internal error", "rejected": "refused", "disk_full": "disk full"}[kind]
     hint = "\n(rerun with --debug for the full traceback)" if kind == "internal" and not console.is_debug() else ""
     print(f"qlora-ops: {label}: {exc}{hint}", file=sys.stderr)
     return EXIT[kind]
@@ -145,20 +149,34 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def run_command(a, api: str | None) -> int:
+    from flows.runtime import WorkspaceBusy, workspace_run_lock
+    from tasks.config import ParamsError, load_params
+    from tasks.paths import ws_path
+
+    ws = Path(a.workspace).resolve()
+    try:
+        wait_s = load_params(ws_path(ws, a.params)).orchestration.timeouts.workspace
+    except ParamsError as e:
+        return fail("bad_input", e)
+    # One run per workspace, taken before the slow start (imports, the Prefect server): a second run
+    # says at once which pid it waits for, and refuses after orchestration.timeouts.workspace.
+    try:
+        with workspace_run_lock(ws, wait_s):
+            return run_locked(a, api)
+    except WorkspaceBusy as e:
+        return fail("service", e)
+
+
+def run_locked(a, api: str | None) -> int:
     from flows.retrain import retrain  # Prefect is imported here, after PREFECT_API_URL points at `api`
-    from flows.runtime import ServiceUnavailable, WorkspaceBusy, wait_prefect_server, workspace_run_lock
+    from flows.runtime import ServiceUnavailable, wait_prefect_server
     try:
         wait_prefect_server(api)
     except ServiceUnavailable as e:
         return fail("service", e)
     if isinstance(pre := preflight(a), int):  # before the flow starts: a bad key or a dead service, in seconds
         return pre
-    ws, params, _ = pre
-    try:  # one run per workspace: wait for the other one (bounded), or refuse naming its pid
-        with workspace_run_lock(ws, params.orchestration.timeouts.workspace):
-            state = retrain(params_path=a.params, workspace=a.workspace, force=a.force, return_state=True)
-    except WorkspaceBusy as e:
-        return fail("service", e)
+    state = retrain(params_path=a.params, workspace=a.workspace, force=a.force, return_state=True)
     if state.name == "Rejected":
         return EXIT["rejected"]
     if state.is_completed():

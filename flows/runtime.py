@@ -35,8 +35,9 @@ def deterministic_errors() -> tuple[type[BaseException], ...]:
     from tasks.config import ParamsError
     from tasks.data import DataError
     from tasks.modeling import DivergenceError
+    from tasks.util import DiskFull  # another try fills the same disk
 
-    return ParamsError, DataError, BaseModelError, DivergenceError, Rejected
+    return ParamsError, DataError, BaseModelError, DivergenceError, Rejected, DiskFull
 
 
 def is_transient(exc: BaseException) -> bool:

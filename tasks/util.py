@@ -15,6 +15,30 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+class DiskFull(OSError):
+    """A write ran out of space (ENOSPC, EFBIG, EDQUOT): names the path it was writing and the free space."""
+
+
+_FULL = ("No space left on device", "os error 28", "File too large", "os error 27", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException, path: Path) -> DiskFull | None:
+    """`exc` as a DiskFull naming `path`, or None if it is not a full disk. safetensors' and torch's
+    writers raise their own types with only "os error 28" in the text, so the text counts too."""
+    import errno
+
+    if isinstance(exc, DiskFull):
+        return exc
+    if not (getattr(exc, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(w in str(exc) for w in _FULL)):
+        return None
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(errno.ENOSPC, f"no space left while writing {path} ({exc}); {free}. Nothing half-written was "
+                                  "kept; free some space and rerun")
+
+
 @contextmanager
 def atomic_open(path: Path) -> Iterator[IO[str]]:
     """A text file written via temp file + fsync + rename, so readers never see half a file (crash-safe);
@@ -28,8 +52,10 @@ def atomic_open(path: Path) -> Iterator[IO[str]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if (full := disk_full(e, path)) is not None and full is not e:
+            raise full from e
         raise
 
 
@@ -55,8 +81,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         write_manifest(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (full := disk_full(e, final)) is not None and full is not e:
+            raise full from e  # the writer's own error rarely names the file (safetensors: "os error 28")
         raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
