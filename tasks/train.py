@@ -382,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    from tasks.util import die_with_parent_if_tied
+    die_with_parent_if_tied()  # started by `qlora-ops run`: never outlive it
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if int(os.environ.get("RANK", "0")) != 0:
         logging.disable(logging.INFO)

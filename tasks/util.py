@@ -181,9 +181,26 @@ def _die_with(parent_pid: int):
     return preexec
 
 
+def child_preexec():
+    """The preexec_fn that ties a child to this process (None off Linux): for Popen and subprocess.run."""
+    return _die_with(os.getpid()) if sys.platform.startswith("linux") else None
+
+
 def popen_child(args, **kw) -> subprocess.Popen:
     """subprocess.Popen whose process is killed when this process dies (Linux; elsewhere a plain Popen).
     Call it from a long-lived thread (the main one): PDEATHSIG fires when the *thread* that forked exits."""
-    if sys.platform.startswith("linux"):
-        kw.setdefault("preexec_fn", _die_with(os.getpid()))
+    kw.setdefault("preexec_fn", child_preexec())
     return subprocess.Popen(args, **kw)
+
+
+TIE_ENV = "QLORA_OPS_DIE_WITH_PARENT"  # set by `qlora-ops run`; inherited by everything it starts
+
+
+def die_with_parent_if_tied() -> None:
+    """For our own entry points (python -m tasks.data / tasks.train) when a `qlora-ops run` started them,
+    perhaps through DVC: die with the parent too, so a chain CLI -> dvc -> stage never leaves the stage
+    running. A user's own `python -m tasks.train` (nohup, a shell) is left alone."""
+    if os.environ.get(TIE_ENV) == "1" and sys.platform.startswith("linux"):
+        if os.getppid() == 1:  # the parent is already gone (we were handed to init)
+            os._exit(1)
+        _die_with(os.getppid())()

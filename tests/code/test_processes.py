@@ -79,3 +79,39 @@ def test_second_run_waits_names_the_holder_then_refuses_and_a_killed_holder_free
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+CHAIN = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from tasks.util import TIE_ENV, popen_child
+    os.environ[TIE_ENV] = sys.argv[1]
+    # like the CLI -> dvc -> `python -m tasks.data`: the middle one is not ours, the last one is
+    grand = ("from tasks.util import die_with_parent_if_tied; die_with_parent_if_tied(); import sys, time; "
+             "open(sys.argv[1], 'w').close(); time.sleep(120)")
+    mid = popen_child([sys.executable, "-c", f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {grand!r}, {sys.argv[2]!r}]); print(p.pid, flush=True); time.sleep(120)"],
+                      stdout=subprocess.PIPE, text=True)
+    print(mid.pid, mid.stdout.readline().strip(), flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.parametrize("tied", ["1", "0"])
+def test_our_entry_point_dies_with_a_middle_process_it_did_not_start(tied, tmp_path):
+    armed = tmp_path / "armed"
+    parent = subprocess.Popen([sys.executable, "-c", CHAIN, tied, str(armed)], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    mid, grand = map(int, parent.stdout.readline().split())
+    try:
+        deadline = time.time() + 30
+        while not armed.exists():  # the grandchild has started (and, tied, set its PDEATHSIG)
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert _gone(mid)
+        # tied (what `qlora-ops run` sets): gone; untied (a user's own shell): left running, as they asked
+        assert _gone(grand, timeout=5 if tied == "1" else 1) is (tied == "1")
+    finally:
+        for pid in (mid, grand):
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGKILL)
