@@ -16,7 +16,11 @@ are off by default) and --debug (also the full traceback of a failure, otherwise
 
 Exit codes: 0 registered, or skipped because nothing is new; 1 refused by a gate (nothing registered);
 2 bad params or data (the message names the key or file:line); 3 training diverged; 4 a service did not
-answer (tracking server, Prefect API); 5 internal error.
+answer (tracking server, Prefect API), or another run kept the workspace (orchestration.timeouts.workspace);
+5 internal error, or a full disk (named with the path).
+
+`run` starts Prefect's temporary API server itself when PREFECT_API_URL is unset, as a child that dies
+with it (even on kill -9), and holds <workspace>/.qlora-ops/run.lock for the whole run.
 """
 from __future__ import annotations
 
@@ -144,6 +148,8 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
 
     from flows.runtime import temporary_prefect_server
+    from tasks.util import TIE_ENV
+    os.environ[TIE_ENV] = "1"  # our own entry points started below us (via DVC too) die with us
     with temporary_prefect_server() as api:  # our child: it dies with us, even on kill -9
         return run_command(a, api)
 
@@ -164,7 +170,7 @@ def run_command(a, api: str | None) -> int:
         with workspace_run_lock(ws, wait_s):
             return run_locked(a, api)
     except WorkspaceBusy as e:
-        return fail("service", e)
+        return fail("service", e, label="workspace busy")
 
 
 def run_locked(a, api: str | None) -> int:
