@@ -186,7 +186,7 @@ def quiet_expected_tracebacks() -> None:
 
 # ---------------------------------------------------------------- the laptop's temporary Prefect server
 @contextmanager
-def temporary_prefect_server(timeout: float = 90) -> Iterator[str | None]:
+def temporary_prefect_server(timeout: float | None = None) -> Iterator[str | None]:
     """With PREFECT_API_URL unset, start the temporary API server Prefect would start by itself
     (prefect.server.api.server.SubprocessASGIServer: the same uvicorn command and settings), but as our
     child with PR_SET_PDEATHSIG (tasks.util.popen_child): a `kill -9` of the CLI takes it down too,
@@ -198,6 +198,9 @@ def temporary_prefect_server(timeout: float = 90) -> Iterator[str | None]:
         return
     from tasks.util import popen_child
 
+    # Prefect's own setting for its temporary server, if set; else longer than its 20 s: a loaded
+    # 2-core machine takes that long to import and migrate.
+    timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -216,6 +219,7 @@ def temporary_prefect_server(timeout: float = 90) -> Iterator[str | None]:
     try:
         yield url
     finally:
+        _drain_prefect_clients()  # logs and events still queued for the server, while it is up
         os.environ.pop("PREFECT_API_URL", None)
         _servers.pop(url, None)
         proc.terminate()
@@ -228,6 +232,18 @@ def temporary_prefect_server(timeout: float = 90) -> Iterator[str | None]:
 
 
 _servers: dict[str, tuple] = {}
+
+
+def _drain_prefect_clients(timeout: float = 30) -> None:
+    """Prefect ships run logs and events from background workers that it drains at interpreter exit;
+    by then our server is stopped ("Error logging to API"). Drain them now."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=timeout, at_exit=False)
 
 
 def wait_prefect_server(url: str | None) -> None:
