@@ -156,18 +156,16 @@ def _main(argv: list[str] | None = None) -> int:
 
 def run_command(a, api: str | None) -> int:
     from flows.runtime import WorkspaceBusy, workspace_run_lock
-    from tasks.config import ParamsError, load_params
-    from tasks.paths import ws_path
 
-    ws = Path(a.workspace).resolve()
-    try:
-        wait_s = load_params(ws_path(ws, a.params)).orchestration.timeouts.workspace
-    except ParamsError as e:
-        return fail("bad_input", e)
+    # Before any work (no lock file yet): a bad key, a dead tracking server or Prefect API, in seconds.
+    # Our own temporary server is still starting: run_locked waits for it.
+    if isinstance(pre := preflight(a, check_prefect=api is None), int):
+        return pre
+    ws, params, _ = pre
     # One run per workspace, taken before the slow start (imports, the Prefect server): a second run
     # says at once which pid it waits for, and refuses after orchestration.timeouts.workspace.
     try:
-        with workspace_run_lock(ws, wait_s):
+        with workspace_run_lock(ws, params.orchestration.timeouts.workspace):
             return run_locked(a, api)
     except WorkspaceBusy as e:
         return fail("service", e, label="workspace busy")
@@ -180,8 +178,6 @@ def run_locked(a, api: str | None) -> int:
         wait_prefect_server(api)
     except ServiceUnavailable as e:
         return fail("service", e)
-    if isinstance(pre := preflight(a), int):  # before the flow starts: a bad key or a dead service, in seconds
-        return pre
     state = retrain(params_path=a.params, workspace=a.workspace, force=a.force, return_state=True)
     if state.name == "Rejected":
         return EXIT["rejected"]
@@ -192,7 +188,7 @@ def run_locked(a, api: str | None) -> int:
     return fail(classify(exc), exc)
 
 
-def preflight(a):
+def preflight(a, check_prefect: bool = True):
     """(workspace, params, tracking URI), or the exit code after one clear line: a bad params file, or a
     service that does not answer (the tracking server, the Prefect API)."""
     from flows.runtime import ServiceUnavailable, check_services
@@ -203,7 +199,7 @@ def preflight(a):
     try:
         params = load_params(ws_path(ws, a.params))
         uri = tracking_uri(ws, params)
-        check_services(uri, os.environ.get("PREFECT_API_URL"))
+        check_services(uri, os.environ.get("PREFECT_API_URL") if check_prefect else None)
     except ParamsError as e:
         return fail("bad_input", e)
     except ServiceUnavailable as e:
