@@ -35,8 +35,10 @@ def disk_full(exc: BaseException, path: Path) -> DiskFull | None:
         free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free there"
     except OSError:
         free = "free space unknown"
-    return DiskFull(errno.ENOSPC, f"no space left while writing {path} ({exc}); {free}. Nothing half-written was "
-                                  "kept; free some space and rerun")
+    full = DiskFull(f"no space left while writing {path} ({exc}); {free} now. Nothing half-written was kept; "
+                    "free some space and rerun")
+    full.errno = errno.ENOSPC  # set apart: OSError(errno, text) would print "[Errno 28]" before the path
+    return full
 
 
 @contextmanager
