@@ -17,7 +17,11 @@ are off by default) and --debug (also the full traceback of a failure, otherwise
 
 Exit codes: 0 registered, or skipped because nothing is new; 1 refused by a gate (nothing registered);
 2 bad params or data (the message names the key or file:line); 3 training diverged; 4 a service did not
-answer (tracking server, Prefect API); 5 internal error, or a stage past its orchestration.timeouts entry.
+answer (tracking server, Prefect API), or another run kept the workspace (orchestration.timeouts.workspace);
+5 internal error, a stage past its orchestration.timeouts entry, or a full disk (named with the path).
+
+`run` starts Prefect's temporary API server itself when PREFECT_API_URL is unset, as a child that dies
+with it (even on kill -9), and holds <workspace>/.qlora-ops/run.lock for the whole run.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import traceback
 from pathlib import Path
 
 EXIT = {"registered": 0, "skipped": 0, "rejected": 1, "bad_input": 2, "diverged": 3, "service": 4, "internal": 5,
-        "timeout": 5}
+        "timeout": 5, "disk_full": 5}
 
 
 def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
@@ -68,6 +72,9 @@ def classify(exc: BaseException) -> str:
         return "diverged"
     # A network fault still there after the stage's retries (DVC remote, data.source, tracking server
     # mid-run) is a service that did not answer, not an internal error.
+    from tasks.util import DiskFull
+    if isinstance(exc, DiskFull):  # exit 5 like any fault of the machine, but said plainly, with the path
+        return "disk_full"
     if isinstance(exc, ServiceUnavailable) or is_transient(exc):
         return "service"
     return "internal"
@@ -94,7 +101,8 @@ def fail(kind: str, exc: BaseException, label: str | None = None) -> int:
     if console.is_debug():
         traceback.print_exception(exc)
     label = label or {"bad_input": "error", "diverged": "training diverged", "service": "service unavailable",
-                      "internal": "internal error", "rejected": "refused", "timeout": "timed out"}[kind]
+                      "internal": "internal error", "rejected": "refused", "timeout": "timed out",
+                      "disk_full": "disk full"}[kind]
     hint = "\n(rerun with --debug for the full traceback)" if kind == "internal" and not console.is_debug() else ""
     print(f"qlora-ops: {label}: {exc}{hint}", file=sys.stderr)
     return EXIT[kind]
@@ -152,9 +160,37 @@ def _main(argv: list[str] | None = None) -> int:
             return EXIT[kind if kind != "internal" else "service"]
         return 0
 
-    from flows.retrain import retrain
-    if isinstance(pre := preflight(a), int):  # before the flow starts: a bad key or a dead service, in seconds
+    from flows.runtime import temporary_prefect_server
+    from tasks.util import TIE_ENV
+    os.environ[TIE_ENV] = "1"  # our own entry points started below us (via DVC too) die with us
+    with temporary_prefect_server() as api:  # our child: it dies with us, even on kill -9
+        return run_command(a, api)
+
+
+def run_command(a, api: str | None) -> int:
+    from flows.runtime import WorkspaceBusy, workspace_run_lock
+
+    # Before any work (no lock file yet): a bad key, a dead tracking server or Prefect API, in seconds.
+    # Our own temporary server is still starting: run_locked waits for it.
+    if isinstance(pre := preflight(a, check_prefect=api is None), int):
         return pre
+    ws, params, _ = pre
+    # One run per workspace, taken before the slow start (imports, the Prefect server): a second run
+    # says at once which pid it waits for, and refuses after orchestration.timeouts.workspace.
+    try:
+        with workspace_run_lock(ws, params.orchestration.timeouts.workspace):
+            return run_locked(a, api)
+    except WorkspaceBusy as e:
+        return fail("service", e, label="workspace busy")
+
+
+def run_locked(a, api: str | None) -> int:
+    from flows.retrain import retrain  # Prefect is imported here, after PREFECT_API_URL points at `api`
+    from flows.runtime import ServiceUnavailable, wait_prefect_server
+    try:
+        wait_prefect_server(api)
+    except ServiceUnavailable as e:
+        return fail("service", e)
     state = retrain(params_path=a.params, workspace=a.workspace, force=a.force, return_state=True)
     if state.name == "Rejected":
         return EXIT["rejected"]
@@ -165,7 +201,7 @@ def _main(argv: list[str] | None = None) -> int:
     return fail(classify(exc), exc)
 
 
-def preflight(a):
+def preflight(a, check_prefect: bool = True):
     """(workspace, params, tracking URI), or the exit code after one clear line: a bad params file, or a
     service that does not answer (the tracking server, the Prefect API)."""
     from flows.runtime import ServiceUnavailable, check_services
@@ -176,7 +212,7 @@ def preflight(a):
     try:
         params = load_params(ws_path(ws, a.params))
         uri = tracking_uri(ws, params)
-        check_services(uri, os.environ.get("PREFECT_API_URL"))
+        check_services(uri, os.environ.get("PREFECT_API_URL") if check_prefect else None)
     except ParamsError as e:
         return fail("bad_input", e)
     except ServiceUnavailable as e:

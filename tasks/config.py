@@ -193,6 +193,8 @@ class TimeoutParams(_Strict):
     evaluate: float = Field(3600, gt=0)
     merge: float = Field(3600, gt=0)
     registry: float = Field(3600, gt=0)  # register + promote
+    # How long `qlora-ops run` waits for another run in the same workspace to finish before refusing (exit 4).
+    workspace: float = Field(1800, gt=0)
     # The whole GPU stage (train both, evaluate, merge, evaluate merged) when it runs on gpu_pool.
     model_stage: float = Field(12 * 3600, gt=0)
 

@@ -673,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", required=True)
     p.add_argument("--workspace", default=".")
     a = ap.parse_args(argv)
+    from tasks.util import die_with_parent_if_tied
+    die_with_parent_if_tied()
     try:
         if a.cmd == "sample":
             print(f"wrote {build_sample(Path(a.out))} rows to {a.out}")

@@ -77,10 +77,14 @@ def load_with_adapter(params: Params, model_dir: Path, adapter_dir: Path | None 
     """A model ready to run, in eval mode.
     base: (model_dir) ; LoRA: (model_dir, adapter) ; QLoRA: (model_dir, adapter, quantized=True) ;
     merged: (merged_dir, as_saved=True), in exactly the dtype it was saved (and is registered) in."""
-    model, tok = load_model(Path(model_dir), params, quantized, dtype=saved_dtype(model_dir) if as_saved else None)
+    from tasks.util import check_manifest
+
+    # A dir we wrote (merged model, adapter, converted base) is loaded only if it matches its manifest.
+    model, tok = load_model(check_manifest(model_dir), params, quantized,
+                            dtype=saved_dtype(model_dir) if as_saved else None)
     if adapter_dir is not None:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = PeftModel.from_pretrained(model, str(check_manifest(adapter_dir)))
     model.eval()
     return model, tok
 

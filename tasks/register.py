@@ -55,7 +55,9 @@ def log_merged_model(merged_dir: Path, serving: dict, artifact_path: str = "mode
     the logged model is created in that run's experiment and linked to it). Returns the
     logged model's URI (``models:/<model_id>``), which `mlflow.register_model` accepts.
     """
-    merged_dir = Path(merged_dir)
+    from tasks.util import check_manifest
+
+    merged_dir = check_manifest(merged_dir)  # a truncated merged dir is never registered
     if not (merged_dir / "config.json").is_file() or not any(merged_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"{merged_dir}: not a safetensors model dir (config.json + *.safetensors expected)")
     missing = {"system_prompt", "max_new_tokens"} - set(serving)
@@ -144,6 +146,9 @@ def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
 # tag of the decision is written, then "ready". A version whose run died halfway stays "incomplete" and
 # is never promoted (status, promote and the skip check all read it). "rejected" = rolled back by hand.
 INCOMPLETE, READY, REJECTED = "incomplete", "ready", "rejected"
+# An "incomplete" version seen by a writer holding the lock has no live writer (every writer holds it
+# from version create to the alias move): its run was killed. It is tagged "abandoned" and stays so.
+ABANDONED = "abandoned"
 
 Decision = Callable[[int], tuple[bool, str]]
 
@@ -173,6 +178,8 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
     with registry_lock(lock_path):
         vtags = {str(k): str(v) for k, v in (tags or {}).items()}
         mv = _version_of_run(client, model_name, vtags.get("mlflow_run_id"))
+        _abandon_incomplete(client, model_name, keep=mv.version if mv is not None else None,
+                            by=vtags.get("mlflow_run_id", ""))
         if mv is None:
             # Creates the registered model if missing, then a new version (max+1, server-side).
             mv = mlflow.register_model(model_uri, model_name, tags={**vtags, "status": INCOMPLETE})
@@ -214,6 +221,24 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
         champ_after = _alias_holder(client, model_name, alias)
     return {"model_name": model_name, "version": new_v, "promoted": promote, "alias": alias,
             "champion_version": champ_after, "previous_champion_version": prev_v, "reason": reason}
+
+
+def _abandon_incomplete(client: MlflowClient, model_name: str, keep: str | None, by: str) -> list[int]:
+    """Tag every `status=incomplete` version (but this run's own, `keep`) `abandoned`; the caller holds
+    the registry lock, so their writers are dead. `status` shows them; nothing promotes them."""
+    from mlflow.exceptions import MlflowException
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and tags.status = '{INCOMPLETE}'")
+    except MlflowException:
+        return []  # no such registered model yet
+    out = []
+    for mv in found:
+        if mv.version != keep:
+            client.set_model_version_tag(model_name, mv.version, "promotion_reason",
+                                         f"abandoned: its run was killed before registration finished (seen by run {by})")
+            client.set_model_version_tag(model_name, mv.version, "status", ABANDONED)
+            out.append(int(mv.version))
+    return out
 
 
 def _version_of_run(client: MlflowClient, model_name: str, run_id: str | None):

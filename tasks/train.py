@@ -31,7 +31,7 @@ from tasks.config import Params, load_params
 from tasks.distributed import Dist, prepare_for_fsdp
 from tasks.modeling import DivergenceError, add_lora, check_finite, compute_dtype, device, load_model
 from tasks.prompting import encode
-from tasks.util import atomic_dir, atomic_write_json, read_json, read_jsonl
+from tasks.util import atomic_dir, atomic_write_json, read_json, read_jsonl, verify_manifest, write_manifest
 
 log = logging.getLogger("qlora_ops.train")
 Kind = Literal["qlora", "lora"]
@@ -166,6 +166,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, extra: dict, 
         check_finite(sd, f"checkpoint at step {step}")  # safetensors happily stores NaN: refuse here
         unwrapped.save_pretrained(tmp, state_dict=full)  # adapter_model.safetensors + adapter_config.json
         atomic_write_json(tmp / "checkpoint.json", {"step": step, "world_size": dist.world, **extra})
+        write_manifest(tmp)  # sha256 + size of every file: a later truncation is caught before resuming
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # atomic: a step-N dir is complete or absent
         for old in sorted(checkpoints(ckpt_root))[:-keep_last]:
@@ -189,6 +190,8 @@ def find_checkpoint(ckpt_root: Path, model, dist: Dist, say) -> tuple[int, dict 
     for step in reversed(checkpoints(ckpt_root)):
         path = ckpt_root / f"step-{step:06d}"
         try:
+            if (bad := verify_manifest(path)) is not None:  # the newest dir may be truncated: never load it
+                raise ValueError(bad)
             meta = read_json(path / "checkpoint.json")
             if meta.get("world_size", 1) != dist.world:
                 raise ValueError(f"written by {meta.get('world_size', 1)} processes, this run has {dist.world}")
@@ -251,8 +254,12 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
     """Train one adapter into out_dir/adapter. Resumes from out_dir/checkpoints; returns result.json's dict."""
     out_dir = Path(out_dir)
     if (out_dir / "result.json").is_file():
-        (on_log or log.info)(f"[{kind}] finished run found in {out_dir}: reusing it")
-        return read_json(out_dir / "result.json")
+        if (bad := verify_manifest(out_dir / "adapter")) is None:
+            (on_log or log.info)(f"[{kind}] finished run found in {out_dir}: reusing it")
+            return read_json(out_dir / "result.json")
+        # A damaged final adapter is never reused: train again (from the last sound checkpoint).
+        (on_log or log.info)(f"[{kind}] final adapter {out_dir / 'adapter'} is damaged ({bad}); rebuilding it")
+        (out_dir / "result.json").unlink()
     tp = params.training
     if tp.threads:
         torch.set_num_threads(tp.threads)
@@ -375,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    from tasks.util import die_with_parent_if_tied
+    die_with_parent_if_tied()  # started by `qlora-ops run`: never outlive it
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if int(os.environ.get("RANK", "0")) != 0:
         logging.disable(logging.INFO)

@@ -48,7 +48,10 @@ def _env() -> dict:
 
 
 def dvc(workspace: Path, *args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=_env(), capture_output=True, text=True)
+    from tasks.util import child_preexec  # dvc dies with us (and its stage command with dvc: tasks.data main)
+
+    r = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=_env(), capture_output=True, text=True,
+                       preexec_fn=child_preexec())
     if r.returncode != 0:
         # Redacted: the text may hold the remote URL (user:password@) and is logged by the flow.
         raise DvcError(redact_url(f"`dvc {' '.join(args)}` failed in {workspace}:\n{(r.stdout + r.stderr).strip()}"))

@@ -258,3 +258,30 @@ def test_planted_candidates_never_move_the_champion(tracking, tiny_model_dir, tm
         assert c.get_model_version_by_alias(name, "champion").version == "1", label
     r = _promote(uri, name, tmp_path, planted(0, 40))  # +8 points on 500 rows: significant
     assert r["promoted"] and r["reason"].startswith("promote") and r["champion_version"] == r["version"]
+
+
+def test_a_version_left_incomplete_by_a_killed_run_is_abandoned_never_champion(tracking, tiny_model_dir, tmp_path):
+    """A run killed between version create and `status=ready` leaves an incomplete version without an
+    alias; the next registration (under the lock: that writer is dead) tags it abandoned, and the skip
+    check does not count it as a decision."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import find_fingerprint
+
+    name = _unique("reg-killed")
+    uri = _log_model(tiny_model_dir, exp := _unique("exp-killed"))
+    half = mlflow.register_model(uri, name, tags={"status": "incomplete", "fingerprint": "fp-1", "mlflow_run_id": "dead"})
+    exp_id = mlflow.get_experiment_by_name(exp).experiment_id
+    assert find_fingerprint(name, exp_id, "fp-1") is None  # decided nothing
+    res = _promote(uri, name, tmp_path, mlflow_run_id="next", fingerprint="fp-1")
+    c = MlflowClient()
+    t = c.get_model_version(name, half.version).tags
+    assert t["status"] == "abandoned" and "abandoned" in t["promotion_reason"] and "next" in t["promotion_reason"]
+    assert res["version"] == int(half.version) + 1 and res["champion_version"] == res["version"]
+    assert not c.get_model_version(name, half.version).aliases
+    assert find_fingerprint(name, exp_id, "fp-1").startswith(f"{name} v{res['version']} ")  # only the complete one counts
+    # a retry of the run that owns an incomplete version keeps it (it finishes it instead)
+    own = mlflow.register_model(uri, name, tags={"status": "incomplete", "mlflow_run_id": "retry"})
+    assert _promote(uri, name, tmp_path, decide=_verdict(False, []), mlflow_run_id="retry")["version"] == int(own.version)
+    assert c.get_model_version(name, own.version).tags["status"] == "ready"

@@ -172,3 +172,35 @@ def test_gradient_checkpointing_and_accumulation_keep_the_math(tiny_model_dir, t
                 tiny_model_dir, toy_data, tmp_path / "acc", "qlora")
     assert abs(ckpt["final_val_loss"] - ref["final_val_loss"]) < 1e-5
     assert abs(acc["final_val_loss"] - ref["final_val_loss"]) < 5e-3
+
+
+def test_truncated_newest_checkpoint_is_skipped_by_hash(tiny_model_dir, toy_data, tmp_path):
+    """HF's "last checkpoint" trap: the highest-numbered dir has a checkpoint.json but a truncated
+    adapter; resume comes from the one before, with one line naming the damaged file."""
+    p = tiny_params(tiny_model_dir, max_steps=6, save_every=2, keep_last=3)
+    run = tmp_path / "run"
+    train(p, tiny_model_dir, toy_data, run, "qlora")
+    assert checkpoints(run / "checkpoints") == [2, 4]
+    (run / "result.json").unlink()  # as if the run died after its step-4 checkpoint
+    w = run / "checkpoints" / "step-000004" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    lines: list[str] = []
+    res = train(p, tiny_model_dir, toy_data, run, "qlora", on_log=lines.append)
+    assert res["resumed_from"] == 2
+    named = [ln for ln in lines if "step 4 unusable" in ln]
+    assert len(named) == 1 and str(w) in named[0], lines
+
+
+def test_damaged_final_adapter_is_rebuilt_not_reused(tiny_model_dir, toy_data, tmp_path):
+    p = tiny_params(tiny_model_dir, max_steps=4, save_every=2)
+    run = tmp_path / "run"
+    first = train(p, tiny_model_dir, toy_data, run, "qlora")
+    good = {k: v.clone() for k, v in adapter(run).items()}  # load_file mmaps: copy before the file is cut
+    w = run / "adapter" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    lines: list[str] = []
+    res = train(p, tiny_model_dir, toy_data, run, "qlora", on_log=lines.append)
+    assert any("damaged" in ln and str(w) in ln for ln in lines), lines
+    assert res["resumed_from"] == 2 and first["resumed_from"] is None
+    again = adapter(run)
+    assert all(torch.allclose(good[k], again[k], atol=1e-5) for k in good)  # rebuilt from the step-2 checkpoint
