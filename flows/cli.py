@@ -50,6 +50,13 @@ def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
         os.environ.setdefault(k, v)
     from tasks import console
     console.configure(verbose=verbose, debug=debug)
+    if not (verbose or debug):
+        # Python prints "Exception ignored in ..." plus a traceback for an exception raised inside a GC
+        # callback or __del__ (seen: Prefect's stage timeout landing in SQLAlchemy's weakref callback);
+        # nothing the user can act on, so it goes to the debug log unless asked for.
+        import logging
+        sys.unraisablehook = lambda u: logging.getLogger("qlora_ops").debug(
+            "exception ignored in %r: %r", u.object, u.exc_value)
     from flows.runtime import quiet_expected_tracebacks
     if not debug:
         quiet_expected_tracebacks()  # exit 2/3/4: one line naming the key or file:line, not a Prefect stack trace
