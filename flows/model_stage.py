@@ -129,6 +129,9 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
         shutil.rmtree(merged_dir, ignore_errors=True)  # the artifact store holds its copy
         out["champion"] = timed("champion", champion_rows, p, eval_key, test_path, work)
     out["stage_seconds"] = times
+    # MiB per stage, each from its own start; a training ran in its own process: that process's peak
+    out["stage_peak_mb"] = {**timed.peak_mb, **{f"train_{k}": round(r["process_peak_bytes"] / 2**20, 1)
+                                                for k, r in results.items() if r.get("process_peak_bytes")}}
     tracking.log_json(run_id, out, RESULT)
     return out
 

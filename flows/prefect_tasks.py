@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import base_model, evaluate, merge, register, train, versioning
+from tasks import base_model, evaluate, merge, register, train_process, versioning
 
 _opts = dict(cache_policy=NO_CACHE, persist_result=False)
 
@@ -29,7 +29,8 @@ def resolve_base(params, workspace: Path) -> str:
 
 @task(name="train", task_run_name="train-{kind}", **_opts)
 def train_adapter(params, base_dir: str, data_dir: str, out_dir: str, kind: str) -> dict:
-    return train.train(params, Path(base_dir), Path(data_dir), Path(out_dir), kind, on_log=print)
+    # a fresh process per training: its peak is its own and its memory goes back to the OS (tasks.train_process)
+    return train_process.train_subprocess(params, Path(base_dir), Path(data_dir), Path(out_dir), kind, on_log=print)
 
 
 @task(name="evaluate", task_run_name="evaluate-{name}", **_opts)

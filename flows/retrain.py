@@ -102,6 +102,8 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         models = ms["models"]
         summary["worker"] = ms.get("worker")
         times.update({f"ms.{k}": v for k, v in ms.get("stage_seconds", {}).items()})  # inside the model stage
+        summary["stage_peak_mb"] = timed.peak_mb  # the register stage's lands here too, as in stage_seconds
+        timed.peak_mb.update({f"ms.{k}": v for k, v in ms.get("stage_peak_mb", {}).items()})
         rows = ms["rows"]
         verdicts, passed = gate_decision(params, ms)
         for name, m in models.items():  # every accuracy with its interval, for the summary and the report
@@ -282,6 +284,8 @@ def format_summary(s: dict) -> str:
     else:
         L.append(f"registry: nothing registered ({r['reason']})")
     L.append("stage seconds: " + " | ".join(f"{k} {v}" for k, v in s["stage_seconds"].items() if k != "total"))
+    if s.get("stage_peak_mb"):
+        L.append("stage peak MiB: " + " | ".join(f"{k} {v:.0f}" for k, v in s["stage_peak_mb"].items()))
     if s.get("report"):
         L.append(f"report: {s['report']}")
     L.append(f"total wall time: {s['stage_seconds'].get('total', 0):.1f} s")

@@ -29,6 +29,7 @@ import torch
 
 from tasks.config import Params, load_params
 from tasks.distributed import Dist, prepare_for_fsdp
+from tasks.memory import process_peak_bytes
 from tasks.modeling import DivergenceError, add_lora, check_finite, compute_dtype, device, load_model
 from tasks.prompting import encode
 from tasks.util import atomic_dir, atomic_write_json, read_json, read_jsonl, verify_manifest, write_manifest
@@ -121,15 +122,38 @@ def make_batch(examples: list, pad_id: int, params: Params) -> dict:
     return collate(examples, pad_id)
 
 
-def batch_order(n_rows: int, micro: int, batch_size: int, seed: int) -> list[int]:
-    """Row indices of micro-batch number `micro`: a pure function of (seed, position), so a
+BUCKET_WINDOW = 16  # batches per window that is sorted by length (wide enough to group, narrow enough to mix)
+
+
+def epoch_order(n_rows: int, epoch: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1) -> list[int]:
+    """One epoch's row order. With `lengths`, length-bucketed: shuffle, sort each window of
+    BUCKET_WINDOW batches by length, cut it into batches and shuffle the batches, so a batch holds
+    rows of similar length (less padding) while the epoch stays a seeded shuffle."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_rows, generator=g).tolist()
+    if not lengths:
+        return perm
+    w = BUCKET_WINDOW * batch_size
+    ordered = [i for a in range(0, n_rows, w) for i in sorted(perm[a:a + w], key=lambda i: -lengths[i])]
+    # Micro-batches run on across epochs: cut where this epoch's batches really start and end, and
+    # shuffle only the whole batches, so the head and tail (shared with the epochs around) stay put.
+    head = (-epoch * n_rows) % batch_size
+    cuts = list(range(head, n_rows - batch_size + 1, batch_size))
+    batches = [ordered[a:a + batch_size] for a in cuts]
+    tail = ordered[cuts[-1] + batch_size:] if cuts else ordered[head:]
+    return ordered[:head] + [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]] + tail
+
+
+def batch_order(n_rows: int, micro: int, batch_size: int, seed: int, lengths: list[int] | None = None) -> list[int]:
+    """Row indices of micro-batch number `micro`: a pure function of (seed, position[, lengths]), so a
     resumed run sees exactly the batches an uninterrupted run would."""
     start = micro * batch_size
-    out = []
+    out, orders = [], {}
     for k in range(start, start + batch_size):
         epoch, off = divmod(k, n_rows)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        out.append(int(torch.randperm(n_rows, generator=g)[off]))
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n_rows, epoch, seed, lengths, batch_size)
+        out.append(orders[epoch][off])
     return out
 
 
@@ -274,6 +298,8 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
 
     torch.manual_seed(params.seed)
     random.seed(params.seed)
+    import psutil
+    after_import_rss = psutil.Process().memory_info().rss  # what the process holds before any model is built
     model, tok = load_model(base_dir, params, quantized, dev)
     weight_bytes = int(model.get_memory_footprint())
     model = add_lora(model, params, quantized)
@@ -281,10 +307,15 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         prepare_for_fsdp(model, getattr(torch, params.quantization.quant_storage) if quantized else compute_dtype(params.quantization, dev))
     n_train, n_all = model.get_nb_trainable_parameters()  # counts packed 4-bit weights at their real size
     msl = params.model.max_seq_len
-    train_rows = [encode(tok, r, msl) for r in read_jsonl(Path(data_dir) / "train.jsonl")]
-    val_rows = [encode(tok, r, msl) for r in read_jsonl(Path(data_dir) / "val.jsonl")]
+    try:
+        train_rows = [encode(tok, r, msl) for r in read_jsonl(Path(data_dir) / "train.jsonl")]
+        val_rows = [encode(tok, r, msl) for r in read_jsonl(Path(data_dir) / "val.jsonl")]
+    except ValueError as e:  # a completion longer than model.max_seq_len: bad data or params (exit 2), not a crash
+        from tasks.data import DataError
+        raise DataError(f"{data_dir}: {e}") from None
     total = tp.max_steps if tp.epochs is None else math.ceil(tp.epochs * len(train_rows) / (tp.batch_size * tp.grad_accum))
     pad = tok.pad_token_id
+    lengths = [len(x) for x, _ in train_rows] if tp.length_bucketing else None
 
     ckpt_root = out_dir / "checkpoints"
     hist_path = out_dir / "history.jsonl"
@@ -317,7 +348,7 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         tot_loss, tokens = 0.0, 0
         for a in range(tp.grad_accum):
             micro = (step - 1) * tp.grad_accum + a
-            idx = dist.shard(batch_order(len(train_rows), micro, tp.batch_size, params.seed))
+            idx = dist.shard(batch_order(len(train_rows), micro, tp.batch_size, params.seed, lengths))
             batch = make_batch([train_rows[i] for i in idx], pad, params)
             loss, _ = batch_loss(model, batch, dev)
             if dist.any(not torch.isfinite(loss).item()):
@@ -366,6 +397,9 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
             "trainable_params": n_train, "total_params": n_all, "trainable_share": n_train / n_all,
             "weight_bytes": weight_bytes, "optimizer": opt_name, "device": dev.type, "processes": dist.world,
             "peak_mem_bytes": max(h["peak_mem_bytes"] for h in hrows),
+            # this process's high-water mark: the training's own peak when it runs in a fresh process
+            "after_import_rss_bytes": after_import_rss,
+            "process_peak_bytes": process_peak_bytes() if dev.type == "cpu" else int(torch.cuda.max_memory_allocated()),
             "mean_tokens_per_s": sum(h["tokens_per_s"] for h in hrows) / len(hrows),
             "train_seconds": time.time() - t0, "history": str(hist_path),
         }
@@ -384,14 +418,20 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from tasks.util import die_with_parent_if_tied
     die_with_parent_if_tied()  # started by `qlora-ops run`: never outlive it
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from tasks import console
+    console.configure()  # as quiet (or verbose) as the parent that started this process
     if int(os.environ.get("RANK", "0")) != 0:
         logging.disable(logging.INFO)
+    from tasks.config import ParamsError
+    from tasks.data import DataError
     try:
         res = train(load_params(a.params), Path(a.base_dir), Path(a.data_dir), Path(a.out), a.kind, on_log=print)
-    except DivergenceError as e:
+    except (DivergenceError, DataError, ParamsError) as e:
+        # exit code and error.json keep the class for a parent (tasks.train_process): 3 diverged, 2 bad input
+        code = 3 if isinstance(e, DivergenceError) else 2
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        atomic_write_json(Path(a.out) / "error.json", {"error": type(e).__name__, "message": str(e)})
+        return code
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in res.items() if k != "history"}))
     return 0

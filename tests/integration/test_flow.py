@@ -82,6 +82,14 @@ def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_
     assert s1["passed"] and set(s1["models"]) == {"base", "lora", "qlora", "merged"}
     r1 = s1["registry"]
     assert r1["version"] == 1 and r1["promoted"] and r1["champion_version"] == 1
+    # peak memory per stage, each from its own start; each training in its own process (its own peak)
+    peaks = s1["stage_peak_mb"]
+    assert {"prepare", "model_stage", "register", "ms.train_qlora", "ms.train_lora", "ms.eval_base", "ms.eval_qlora",
+            "ms.merge", "ms.eval_merged"} <= set(peaks) and all(v > 0 for v in peaks.values()), peaks
+    from flows.retrain import format_summary
+    text = format_summary(s1).splitlines()
+    at = next(i for i, ln in enumerate(text) if ln.startswith("stage seconds: "))
+    assert text[at + 1].startswith("stage peak MiB: prepare ") and "ms.train_lora " in text[at + 1]
 
     # data version comes from dvc.lock of the params file's own stage
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]

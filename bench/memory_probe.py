@@ -1,0 +1,76 @@
+"""Where a training process's memory goes: RSS after imports, after the model load, after adding
+LoRA, and the peak of each forward and each step (a 5 ms psutil sampler), on the default data.
+
+    python bench/memory_probe.py qlora --gc --steps 2      # SmolLM2-135M, default params, batch 8
+    MALLOC_MMAP_THRESHOLD_=65536 python bench/memory_probe.py qlora --no-gc
+
+Runs in this process (start it fresh for each figure). Needs data/prepared/default and the converted
+base (any `qlora-ops run`, or bench/plain_vs_ours.py, makes both). bench/RESULTS.md has its figures.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+P = psutil.Process()
+peak = [0]
+
+
+def sampler() -> None:
+    while True:
+        peak[0] = max(peak[0], P.memory_info().rss)
+        time.sleep(0.005)
+
+
+def mark(tag: str) -> None:
+    time.sleep(0.02)
+    r = P.memory_info().rss
+    print(f"{tag:<28} rss {r / 2**20:7.0f} MiB   peak since last line {peak[0] / 2**20:7.0f} MiB", flush=True)
+    peak[0] = r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind", choices=["qlora", "lora"])
+    ap.add_argument("--gc", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
+    ap.add_argument("--steps", type=int, default=2)
+    a = ap.parse_args()
+    threading.Thread(target=sampler, daemon=True).start()
+    import torch
+
+    from tasks import train as T
+    from tasks.config import Params
+    from tasks.modeling import add_lora, load_model
+    from tasks.prompting import encode
+    from tasks.util import read_jsonl
+    mark("imports")
+    p = Params(training={"gradient_checkpointing": a.gc, "threads": 2})
+    torch.set_num_threads(2)
+    dev = torch.device("cpu")
+    model, tok = load_model(ROOT / ".qlora-ops/cache/base/smollm2-135m-instruct", p, a.kind == "qlora", dev)
+    mark("model loaded")
+    model = add_lora(model, p, a.kind == "qlora")
+    mark("LoRA added")
+    rows = [encode(tok, r, p.model.max_seq_len) for r in read_jsonl(ROOT / "data/prepared/default/train.jsonl")]
+    opt, _ = T.make_optimizer(model, p, dev)
+    model.train()
+    for s in range(a.steps):
+        b = T.make_batch([rows[i] for i in T.batch_order(len(rows), s, 8, p.seed)], tok.pad_token_id, p)
+        t = time.time()
+        loss, _ = T.batch_loss(model, b, dev)
+        mark(f"forward {s} (T={b['input_ids'].shape[1]}, K={b['keep']})")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark(f"step {s} ({time.time() - t:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

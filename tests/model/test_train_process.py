@@ -1,0 +1,35 @@
+"""Training in a fresh process (the flow's train stage): the result comes back, the child's peak is its
+own, and a child's failure comes back as the same error class (exit codes 3 and 2 stay as they were)."""
+import json
+
+import pytest
+
+from tasks.data import DataError
+from tasks.modeling import DivergenceError
+from tasks.train_process import train_subprocess
+from tests.conftest import tiny_params
+
+
+def test_subprocess_training_returns_its_result_and_own_peak(tiny_model_dir, toy_data, tmp_path):
+    lines = []
+    res = train_subprocess(tiny_params(tiny_model_dir, max_steps=2, eval_every=2), tiny_model_dir, toy_data,
+                           tmp_path / "run", "qlora", on_log=lines.append)
+    assert res["steps"] == 2 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert any(ln.startswith("[qlora] step 2/2") for ln in lines), lines  # the child's log reaches the parent
+    assert not any(ln.startswith("{") for ln in lines)
+    # the child's own high-water mark: more than an idle interpreter, far less than this test process
+    # holding torch + transformers would report for itself
+    assert 100 * 2**20 < res["process_peak_bytes"] < 4 * 2**30
+    assert res == json.loads((tmp_path / "run" / "result.json").read_text())
+
+
+def test_child_divergence_and_bad_data_keep_their_error_class(tiny_model_dir, toy_data, tmp_path):
+    with pytest.raises(DivergenceError, match="diverged"):
+        train_subprocess(tiny_params(tiny_model_dir, max_steps=30, lr=1e30, max_grad_norm=1e12, warmup_steps=0), tiny_model_dir, toy_data,
+                         tmp_path / "div", "lora", on_log=lambda s: None)
+    long = json.dumps({"id": "x", "system": "s", "prompt": "p", "completion": "word " * 200})  # > max_seq_len
+    (toy_data / "train.jsonl").write_text(long + "\n")
+    with pytest.raises((DataError, DivergenceError)) as e:
+        train_subprocess(tiny_params(tiny_model_dir, max_steps=1), tiny_model_dir, toy_data, tmp_path / "bad", "lora",
+                         on_log=lambda s: None)
+    assert e.type is DataError and "max_seq_len" in str(e.value), e.value
