@@ -167,26 +167,24 @@ def _main(argv: list[str] | None = None) -> int:
             return EXIT[kind if kind != "internal" else "service"]
         return 0
 
-    from flows.runtime import temporary_prefect_server
     from tasks.util import TIE_ENV
     os.environ[TIE_ENV] = "1"  # our own entry points started below us (via DVC too) die with us
-    with temporary_prefect_server() as api:  # our child: it dies with us, even on kill -9
-        return run_command(a, api)
+    return run_command(a)
 
 
-def run_command(a, api: str | None) -> int:
-    from flows.runtime import WorkspaceBusy, workspace_run_lock
+def run_command(a) -> int:
+    from flows.runtime import WorkspaceBusy, temporary_prefect_server, workspace_run_lock
 
     # Before any work (no lock file yet): a bad key, a dead tracking server or Prefect API, in seconds.
-    # Our own temporary server is still starting: run_locked waits for it.
-    if isinstance(pre := preflight(a, check_prefect=api is None), int):
+    if isinstance(pre := preflight(a), int):
         return pre
     ws, params, _ = pre
     # One run per workspace, taken before the slow start (imports, the Prefect server): a second run
     # says at once which pid it waits for, and refuses after orchestration.timeouts.workspace.
     try:
         with workspace_run_lock(ws, params.orchestration.timeouts.workspace):
-            return run_locked(a, api)
+            with temporary_prefect_server() as api:  # our child: it dies with us, even on kill -9
+                return run_locked(a, api)
     except WorkspaceBusy as e:
         return fail("service", e, label="workspace busy")
 
@@ -208,7 +206,7 @@ def run_locked(a, api: str | None) -> int:
     return fail(classify(exc), exc)
 
 
-def preflight(a, check_prefect: bool = True):
+def preflight(a):
     """(workspace, params, tracking URI), or the exit code after one clear line: a bad params file, or a
     service that does not answer (the tracking server, the Prefect API)."""
     from flows.runtime import ServiceUnavailable, check_services
@@ -219,7 +217,7 @@ def preflight(a, check_prefect: bool = True):
     try:
         params = load_params(ws_path(ws, a.params))
         uri = tracking_uri(ws, params)
-        check_services(uri, os.environ.get("PREFECT_API_URL") if check_prefect else None)
+        check_services(uri, os.environ.get("PREFECT_API_URL"))
     except ParamsError as e:
         return fail("bad_input", e)
     except ServiceUnavailable as e:

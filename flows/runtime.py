@@ -209,6 +209,42 @@ def quiet_expected_tracebacks() -> None:
 
 
 # ---------------------------------------------------------------- the laptop's temporary Prefect server
+class _Server:
+    """A temporary uvicorn Prefect API on `port`, our child (PR_SET_PDEATHSIG), stderr in a file (a pipe
+    nobody reads would block it)."""
+
+    def __init__(self, port: int, timeout: float):
+        import importlib.util
+        import tempfile
+
+        self.port, self.timeout, self.url = port, timeout, f"http://127.0.0.1:{port}/api"
+        self.err = tempfile.TemporaryFile()
+        app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent  # no `import prefect` yet
+        self.args = [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
+                     "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                     "--log-level", "error", "--lifespan", "on"]
+        self.start()
+
+    def start(self) -> None:
+        from tasks.util import popen_child
+
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self.proc = popen_child(self.args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=self.err)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.err.close()
+
+
+_servers: dict[str, _Server] = {}
+
+
 @contextmanager
 def temporary_prefect_server(timeout: float | None = None) -> Iterator[str | None]:
     """With PREFECT_API_URL unset, start the temporary API server Prefect would start by itself
@@ -220,42 +256,22 @@ def temporary_prefect_server(timeout: float | None = None) -> Iterator[str | Non
     if os.environ.get("PREFECT_API_URL"):
         yield None
         return
-    from tasks.util import popen_child
-
     # Prefect's own setting for its temporary server, if set; else longer than its 20 s: a loaded
     # 2-core machine takes that long to import and migrate.
     timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    import importlib.util
-    import tempfile
-
-    app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent  # no `import prefect` yet
-    proc = popen_child([sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
-                        "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-                        "--log-level", "error", "--lifespan", "on"],
-                       env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(err := tempfile.TemporaryFile()))
-    url = f"http://127.0.0.1:{port}/api"
-    os.environ["PREFECT_API_URL"] = url
-    _servers[url] = (proc, timeout, err)  # stderr in a file: a pipe nobody reads would block the server
+    server = _Server(port, timeout)
+    os.environ["PREFECT_API_URL"] = server.url
+    _servers[server.url] = server
     try:
-        yield url
+        yield server.url
     finally:
         _drain_prefect_clients()  # logs and events still queued for the server, while it is up
         os.environ.pop("PREFECT_API_URL", None)
-        _servers.pop(url, None)
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        err.close()
-
-
-_servers: dict[str, tuple] = {}
+        _servers.pop(server.url, None)
+        server.stop()
 
 
 def _drain_prefect_clients(timeout: float = 30) -> None:
@@ -270,22 +286,29 @@ def _drain_prefect_clients(timeout: float = 30) -> None:
         service.drain_all(timeout=timeout, at_exit=False)
 
 
-def wait_prefect_server(url: str | None) -> None:
-    """Block until the temporary server at `url` answers /health (ServiceUnavailable if it exits or
-    takes longer than its timeout)."""
+def wait_prefect_server(url: str | None, attempts: int = 3) -> None:
+    """Block until the temporary server at `url` answers /health. A server that exits while starting is
+    started again on the same port (the URL is already in Prefect's settings), as Prefect does: two runs
+    starting at once on one PREFECT_HOME race for its SQLite database while migrating. ServiceUnavailable
+    after `attempts` exits, or after its timeout."""
     if url is None or url not in _servers:
         return
-    proc, timeout, err = _servers[url]
-    deadline = time.monotonic() + timeout
+    server = _servers[url]
+    deadline = time.monotonic() + server.timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err.seek(0)
-            raise ServiceUnavailable(f"the temporary Prefect server exited with {proc.returncode}: "
-                                     f"{err.read().decode(errors='replace')[-2000:]}")
+        if server.proc.poll() is not None:
+            attempts -= 1
+            if attempts <= 0:
+                server.err.seek(0)
+                raise ServiceUnavailable(f"the temporary Prefect server exited with {server.proc.returncode}: "
+                                         f"{server.err.read().decode(errors='replace')[-2000:]}")
+            time.sleep(1)
+            server.start()
+            continue
         if _probe(url.rstrip("/") + "/health", 2) is None:
             return
         time.sleep(0.1)
-    raise ServiceUnavailable(f"the temporary Prefect server at {url} did not answer within {timeout:g} s")
+    raise ServiceUnavailable(f"the temporary Prefect server at {url} did not answer within {server.timeout:g} s")
 
 
 # ---------------------------------------------------------------- one run per workspace

@@ -46,6 +46,33 @@ def write_params(ws: Path, name: str, model_dir: Path, wait_s: float) -> str:
     return rel
 
 
+STARTED: list["Run"] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_what_a_test_started():
+    """A failed assertion must not leave a run (or, when the code under test is broken, its orphaned
+    server) behind: SIGKILL every process tree a test started that is still there."""
+    yield
+    while STARTED:
+        run = STARTED.pop()
+        if run.proc.poll() is None:
+            procs = run.tree()
+            for q in procs:
+                try:
+                    q.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(procs, timeout=10)
+        for q in run.seen:  # children seen before a kill, orphaned if the code under test is broken
+            try:
+                q.kill()
+            except psutil.NoSuchProcess:
+                pass
+        run.proc.wait()
+        run.fh.close()
+
+
 class Run:
     """`qlora-ops run` as a real subprocess (python -m flows.cli), stdout + stderr into a file."""
 
@@ -60,6 +87,8 @@ class Run:
                                       "--workspace", str(ws)], cwd=ws, env=env, stdout=self.fh, stderr=subprocess.STDOUT,
                                      preexec_fn=preexec)
         self.pid = self.proc.pid
+        self.seen: list[psutil.Process] = []  # psutil checks create time: a reused pid is never hit
+        STARTED.append(self)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -81,7 +110,9 @@ class Run:
 
     def tree(self) -> list[psutil.Process]:
         p = psutil.Process(self.pid)
-        return [p, *p.children(recursive=True)]
+        procs = [p, *p.children(recursive=True)]
+        self.seen += procs[1:]
+        return procs
 
     def kill_9(self) -> list[int]:
         """SIGKILL the CLI (no handler runs); the pids of its tree that are still alive 10 s later."""
@@ -177,7 +208,9 @@ def test_kill_9_in_training_leaves_no_orphan_and_the_waiting_run_finishes(ws):
     assert f"another qlora-ops run (pid {holder.pid})" in text and "Traceback" not in text, text
 
     kill_inside(holder, "train_qlora", max_offset=3.0)
+    waiter.wait_for(r"^\d\d:\d\d:\d\d prepare \.\.\.$")  # it has the lock and its temporary server
     tree = waiter.tree()
+    assert len(tree) > 1
     rc, text = waiter.finish()
     assert rc == 0, text[-4000:]
     assert f"registry: {MODEL} v1 registered" in text
