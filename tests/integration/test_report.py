@@ -142,7 +142,7 @@ def test_cli_report_rebuilds_it_from_mlflow(run, mlflow_server, tmp_path):
     assert report.newest_run(f"exp-{run['name']}") == run_id  # what `qlora-ops report` with no RUN_ID rebuilds
 
 
-def test_report_failure_never_changes_the_outcome(run, caplog):
+def test_report_failure_never_changes_the_outcome(run, caplog, mlflow_server, tmp_path):
     from flows.retrain import retrain
 
     reports = run["ws"] / ".qlora-ops" / "reports"  # holds the first run's report
@@ -161,3 +161,16 @@ def test_report_failure_never_changes_the_outcome(run, caplog):
     # In-process, Prefect's log_prints turns the flow's prints into records of its run logger.
     warns = [r.getMessage() for r in caplog.records if "warning: run report not written" in r.getMessage()]
     assert len(warns) == 1 and f"qlora-ops report {s['mlflow_run_id']}" in warns[0]
+
+    # What the warning says works: rebuilt from MLflow, now with the champion it was compared with.
+    import mlflow
+
+    from tasks import report
+
+    mlflow.set_tracking_uri(mlflow_server)
+    page = report.build_report(s["mlflow_run_id"], tmp_path / "later")
+    dom = rendered(page, tmp_path)
+    v1 = run["summary"]["registry"]["version"]
+    assert f"champion v{v1}" in dom.tables["accuracy-table"] and f"champion v{v1}'s run" in dom.tables["data-table"]
+    assert_png(dom.imgs["accuracy-plot"])
+    assert "Not promoted" in (tmp_path / "later" / "MODEL_CARD.md").read_text()
