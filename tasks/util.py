@@ -158,11 +158,22 @@ class DamagedArtifact(RuntimeError):
 
 
 def check_manifest(root: Path) -> Path:
-    """`root`, if it has no manifest (a model dir the user gave) or matches its manifest; else DamagedArtifact."""
+    """`root`, if it has no manifest (a model dir the user gave) or matches its manifest; else DamagedArtifact.
+    Hashed once per process while no file's size or mtime changes: evaluate, merge and register load the
+    same multi-GB base several times in one run."""
     root = Path(root)
-    if (root / MANIFEST).exists() and (bad := verify_manifest(root)) is not None:
+    if not (root / MANIFEST).exists():
+        return root
+    state = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file())
+    if _verified.get(root) == state:
+        return root
+    if (bad := verify_manifest(root)) is not None:
         raise DamagedArtifact(f"{root} does not match its manifest ({bad}); not loading it")
+    _verified[root] = state
     return root
+
+
+_verified: dict[Path, tuple] = {}
 
 
 # ---------------------------------------------------------------- children that die with us

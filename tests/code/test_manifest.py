@@ -53,3 +53,14 @@ def test_a_failed_block_leaves_no_dir_and_no_manifest(tmp_path):
             _write(tmp, {"a.bin": b"half"})
             raise OSError(28, "No space left on device")
     assert not final.exists() and not list(tmp_path.iterdir())
+
+
+def test_check_is_hashed_once_until_a_file_changes(tmp_path):
+    final = tmp_path / "model"
+    with atomic_dir(final) as tmp:
+        _write(tmp, {"model.safetensors": b"w" * 1000})
+    check_manifest(final)
+    check_manifest(final)  # the second call trusts the first while sizes and mtimes are unchanged
+    (final / "model.safetensors").write_bytes(b"w" * 999)
+    with pytest.raises(DamagedArtifact, match="999 bytes"):
+        check_manifest(final)
