@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -15,3 +17,37 @@ def test_throughput_bench_runs_and_compares_both_kinds():
     out = json.loads((ROOT / "bench" / "out" / "throughput.json").read_text())
     assert out["qlora"]["weight_bytes"] < out["lora"]["weight_bytes"]
     assert out["qlora"]["steps"] == out["lora"]["steps"] == 2
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r
+
+
+@pytest.mark.slow
+def test_plain_vs_ours_bench_measures_every_run():
+    r = _bench("bench/plain_vs_ours.py", "--tiny", "--steps", "2", "--configs", "default")
+    assert "ours_over_plain_tokens_per_s_qlora" in r.stdout and "plain_lora" in r.stdout
+    res = json.loads((ROOT / "bench" / "out" / "plain_vs_ours.json").read_text())["results"]["default"]
+    for run in ("ours_qlora", "plain_qlora", "ours_lora", "plain_lora"):
+        assert res[run]["peak"] > res[run]["after_import"] > 0 and res[run]["tokens_per_s"] > 0, run
+
+
+def test_footprint_bench_is_at_the_nf4_limit():
+    r = _bench("bench/footprint.py")
+    assert "4.1270 bits per quantized parameter" in r.stdout
+    rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if ln[:3] in ("135", "1B ", "7B ", "70B")}
+    assert set(rows) == {"135M", "1B", "7B", "70B"}, r.stdout
+    bits = {k: float(v[-3]) for k, v in rows.items()}  # bits/param of the whole model, bf16 parts included
+    assert bits["135M"] > bits["1B"] > bits["7B"] > bits["70B"] > 4.127  # the bigger, the closer to the limit
+    assert bits["70B"] < 4.3
+
+
+@pytest.mark.slow
+def test_pipeline_costs_bench_runs_twice_and_the_rerun_is_skipped():
+    r = _bench("bench/pipeline_costs.py", "--tiny")
+    res = json.loads((ROOT / "bench" / "out" / "pipeline_costs.json").read_text())
+    assert res["rerun_skipped"] and res["rerun_s"] < res["first_run_s"], r.stdout
+    assert 0 < res["sum_of_stages_s"] < res["first_run_s"] and res["first_training_step_s"] > 0
+    assert res["stage_peak_mb"]["ms.train_qlora"] > 0
