@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("kind", choices=["qlora", "lora"])
     ap.add_argument("--gc", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--trim", action="store_true", help="malloc_trim after every step (tasks.memory.release_memory)")
     a = ap.parse_args()
     threading.Thread(target=sampler, daemon=True).start()
     import torch
@@ -69,6 +70,9 @@ def main() -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if a.trim:
+            from tasks.memory import release_memory
+            release_memory()
         mark(f"step {s} ({time.time() - t:.0f} s)")
 
 
