@@ -22,9 +22,12 @@ from tasks.config import Params
 
 ERROR_FILE = "error.json"
 # glibc's dynamic mmap threshold grows to the largest freed block, after which activations come from
-# the heap and are never returned between steps (RSS climbs step by step): a fixed 64 KiB threshold
-# keeps large tensors in their own mappings, freed back to the OS when released.
-CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# the heap and are never returned between steps (RSS climbs step by step). A fixed threshold keeps
+# large tensors in their own mappings, freed back to the OS when released. 1 MiB, not 64 KiB: on the
+# default config (bench/RESULTS.md, 10 steps each, idle machine) 64 KiB held step peaks at ~850 MiB but
+# took 6-9 s a step (a fresh zeroed mapping for every mid-size tensor); 1 MiB took 3-6 s with peaks
+# flat at ~1.2 GB, under the process's own load peak and the 1.5 GB target. Set the variable to choose.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: str,
