@@ -29,10 +29,10 @@ from tasks import gate, register, registry_ops, tracking
 from tasks.base_model import base_identity
 from tasks.config import Params
 from tasks.data import DataError
-from tasks.evaluate import per_row
+from tasks.evaluate import cached_metrics, per_row
 from tasks.modeling import compute_dtype, device
 from tasks.paths import state_dir, tracking_uri
-from tasks.util import read_json, sha256_file
+from tasks.util import sha256_file
 from tasks.versioning import code_version, source_hash
 
 RESULT = "model_stage.json"
@@ -97,8 +97,8 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
 
     def evaluate(name: str, model_dir: str, **kw) -> dict:
         out = dirs[name]
-        if name != "merged" and (out / "metrics.json").is_file():
-            m = {**read_json(out / "metrics.json"), "cached": True}
+        if name != "merged" and (m := cached_metrics(out)) is not None:
+            m = {**m, "cached": True}
         else:
             m = timed(f"eval_{name}", stage(pt.evaluate_model, p, "evaluate"), p, name, model_dir, str(test_path),
                       str(out), **kw)

@@ -7,6 +7,7 @@ padding: one forward per prompt token block instead of one per example.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from tasks.config import Params
 from tasks.modeling import load_with_adapter
 from tasks.progress import progress
 from tasks.prompting import format_prompt, stop_ids
-from tasks.util import atomic_write_json, atomic_write_text, read_jsonl
+from tasks.util import atomic_write_json, atomic_write_text, read_json, read_jsonl
+
+log = logging.getLogger("qlora_ops.evaluate")
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "label_accuracy"
 
@@ -66,6 +69,23 @@ def per_row(eval_dir: Path) -> dict:
     preds = read_jsonl(Path(eval_dir) / "predictions.jsonl")
     return {"ids": [r["id"] for r in preds], "correct": [bool(r["correct"]) for r in preds],
             "answers": [r["prediction"] for r in preds]}
+
+
+def cached_metrics(eval_dir: Path) -> dict | None:
+    """An earlier evaluation's metrics, or None when there is none or it is damaged (unparsable, or
+    predictions that do not match its row count): a damaged cache is evaluated again, never trusted.
+    Both files are written atomically, so damage means the disk, not a crash of ours."""
+    d = Path(eval_dir)
+    if not (d / "metrics.json").is_file():
+        return None
+    try:
+        m = read_json(d / "metrics.json")
+        if len(per_row(d)["ids"]) != m["n"]:
+            raise ValueError(f"{m['n']} rows in metrics.json, other count in predictions.jsonl")
+        return m
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("damaged eval cache %s (%s): evaluating again", d, e)
+        return None
 
 
 def test_rows(params: Params, test_path: Path) -> list[dict]:

@@ -153,6 +153,20 @@ def test_default_sample_stage_output_is_pushed_with_the_prepare_stage(tmp_path):
     assert lock_md5s(ws, "prepare") | lock_md5s(ws, "sample") <= remote_md5s(remote)  # upstream sample too
 
 
+def test_a_truncated_prepared_split_is_rebuilt_by_the_next_prepare(tmp_path):
+    """A split damaged on disk after it was versioned is not trained or scored on: DVC sees the output
+    differ from dvc.lock, the next prepare rebuilds it, byte for byte, under the same data version."""
+    ws = make_workspace(tmp_path / "ws")
+    pfile = ws / "params" / "default.yaml"
+    first = prepare_via_dvc(ws, pfile, load_params(pfile))
+    test = Path(first["prepared_dir"]) / "test.jsonl"
+    good = test.read_bytes()
+    test.write_bytes(good[: len(good) // 3])  # cut mid-row, as a full disk or a bad copy leaves it
+    again = prepare_via_dvc(ws, pfile, load_params(pfile))
+    assert test.read_bytes() == good
+    assert again["data_version"] == first["data_version"]
+
+
 def test_source_params_are_checked_before_any_work(tmp_path):
     ws, drops = workspace_with_drops(tmp_path, **{"a.jsonl": drop_rows(0, 40)})
     cases = [({"source": str(drops)}, "built-in sample"),  # data.raw left at the sample path
