@@ -62,7 +62,10 @@ def tiny_params(ws: Path, work: Path) -> str:
 def run(ws: Path, params: str) -> tuple[float, str]:
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", params, "--workspace", str(ws)],
-                       cwd=ws, env={**os.environ, "PYTHONPATH": str(ws), "QLORA_OPS_PROGRESS": "off",
+                       # nothing of the caller's MLflow/Prefect settings (a test process may hold another
+                       # store's MLFLOW_TRACKING_URI): the fresh workspace's own local stores, as on a laptop
+                       cwd=ws, env={**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))},
+                                    "PYTHONPATH": str(ws), "QLORA_OPS_PROGRESS": "off",
                                     "PREFECT_HOME": str(ws.parent / "prefect-home"),
                                     # a loaded machine starts Prefect's temporary server slowly: wait, don't fail
                                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"},
