@@ -5,8 +5,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # Headless Chromium: tests/integration/test_report.py renders the HTML run report in it. Checked before the
 # pyproject stamp so a machine with a current venv but no browser still gets it; a no-op once installed.
-if ! command -v chromium >/dev/null 2>&1; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+# jemalloc: the training child's allocator (tasks/train_process.py; glibc's heap holds ~500 MB more).
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+ls /usr/lib/*/libjemalloc.so.2 /usr/lib*/libjemalloc.so.2 >/dev/null 2>&1 || need+=(libjemalloc2)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 stamp=.venv/.qlora-ops-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)

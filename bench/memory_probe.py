@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--gc", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--trim", action="store_true", help="malloc_trim after every step (tasks.memory.release_memory)")
+    ap.add_argument("--nf4", action=argparse.BooleanOptionalAction, default=True,
+                    help="QLoRA loads the cached 4-bit copy of the base, as the flow does (--no-nf4: quantize on load)")
     a = ap.parse_args()
     threading.Thread(target=sampler, daemon=True).start()
     import torch
@@ -55,7 +57,15 @@ def main() -> None:
     p = Params(training={"gradient_checkpointing": a.gc, "threads": 2})
     torch.set_num_threads(2)
     dev = torch.device("cpu")
-    model, tok = load_model(ROOT / ".qlora-ops/cache/base/smollm2-135m-instruct", p, a.kind == "qlora", dev)
+    base = ROOT / ".qlora-ops/cache/base/smollm2-135m-instruct"
+    if a.kind == "qlora" and a.nf4:
+        from tasks.base_model import quantized_base
+        from tasks.memory import release_memory
+        base = quantized_base(p, ROOT, base)  # made once (its own peak), then only read
+        release_memory()
+        peak[0] = 0
+        mark("4-bit copy ready")
+    model, tok = load_model(base, p, a.kind == "qlora", dev)
     mark("model loaded")
     model = add_lora(model, p, a.kind == "qlora")
     mark("LoRA added")
@@ -73,7 +83,7 @@ def main() -> None:
         if a.trim:
             from tasks.memory import release_memory
             release_memory()
-        mark(f"step {s} ({time.time() - t:.0f} s)")
+        mark(f"step {s} ({time.time() - t:.1f} s)")
 
 
 if __name__ == "__main__":

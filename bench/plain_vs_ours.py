@@ -11,7 +11,10 @@ Every run is its own process (ours through tasks.train_process, exactly as the f
 each peak is that run's alone: ru_maxrss on CPU, CUDA max allocated on GPU. "increment" is the peak
 minus the process's RSS after imports, before any model is built. The plain loop is the usual recipe:
 prepare_model_for_kbit_training (gradient checkpointing on, its default), right padding, labels with
--100 on the prompt, the model's own loss over full-vocabulary logits at every position, torch AdamW.
+-100 on the prompt, the model's own loss over full-vocabulary logits at every position, torch AdamW,
+glibc's allocator; it trains on the very rows ours trains on at each step (tasks.train.batch_order).
+Ours runs as the flow runs it: QLoRA on the 4-bit copy of the base (made once, before the runs), the
+child's allocator chosen by tasks.train_process.child_env (jemalloc where the machine has it).
 Ours and plain run one after the other for each kind, so their tokens/s ratio shares the machine's
 conditions; absolute tokens/s on a shared machine are noise. Writes bench/out/plain_vs_ours.json.
 """
@@ -54,10 +57,12 @@ def cls_data(d: Path, n: int, words: int, seed: int = 0) -> Path:
 
 def default_data() -> Path:
     from tasks.config import Params
-    from tasks.data import prepare
+    from tasks.data import build_sample, prepare
 
     d = ROOT / "data" / "prepared" / "default"
     if not (d / "train.jsonl").is_file():
+        if not (raw := ROOT / Params().data.raw).is_file():  # a fresh clone: the dvc `sample` stage's output
+            build_sample(raw)
         prepare(Params(), ROOT)
     return d
 
@@ -77,10 +82,15 @@ def run_ours(p: dict, model: Path, data: Path, kind: str, out: Path) -> dict:
     from tasks.config import Params
     from tasks.train_process import train_subprocess
 
-    res = train_subprocess(Params.model_validate(p), model, data, out, kind, on_log=lambda s: None)
+    params = Params.model_validate(p)
+    if kind == "qlora":  # as the flow runs it: on the 4-bit copy of the base, made once beforehand
+        from tasks.base_model import quantized_base
+        model = quantized_base(params, out.parent, model)
+    res = train_subprocess(params, model, data, out, kind, on_log=lambda s: None)
     hist = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     return {"peak": res["process_peak_bytes"], "after_import": res["after_import_rss_bytes"],
-            "tokens_per_s": steady([h["tokens_per_s"] for h in hist]), "final_train_loss": res["final_train_loss"]}
+            "tokens_per_s": steady([h["tokens_per_s"] for h in hist]), "final_train_loss": res["final_train_loss"],
+            "allocator": res.get("allocator")}
 
 
 def run_plain(p: dict, model: Path, data: Path, kind: str, out: Path) -> dict:
@@ -102,6 +112,7 @@ def plain_child(out: Path, kind: str, model_dir: Path, data: Path) -> None:
 
     from tasks.memory import process_peak_bytes
     from tasks.prompting import encode
+    from tasks.train import batch_order
     from tasks.util import read_jsonl
 
     after_import = psutil.Process().memory_info().rss
@@ -130,8 +141,7 @@ def plain_child(out: Path, kind: str, model_dir: Path, data: Path) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows = [encode(tok, r, msl) for r in read_jsonl(data / "train.jsonl")]
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-3)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(42)).tolist() * 50
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p["training"].get("lr", 1e-3))  # the default training.lr
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.train()
@@ -139,7 +149,7 @@ def plain_child(out: Path, kind: str, model_dir: Path, data: Path) -> None:
     bs = tp["batch_size"]
     for step in range(tp["max_steps"]):
         t = time.time()
-        batch = [rows[i] for i in order[step * bs:(step + 1) * bs]]
+        batch = [rows[i] for i in batch_order(len(rows), step, bs, 42)]  # the very rows ours trains on per step
         T = max(len(x) for x, _ in batch)
         ids = torch.tensor([x + [pad] * (T - len(x)) for x, _ in batch], device=dev)
         labels = torch.tensor([y + [-100] * (T - len(y)) for _, y in batch], device=dev)
@@ -152,14 +162,14 @@ def plain_child(out: Path, kind: str, model_dir: Path, data: Path) -> None:
         tps.append(int(mask.sum()) / (time.time() - t))
     peak = int(torch.cuda.max_memory_allocated()) if cuda else process_peak_bytes()
     (out / "plain.json").write_text(json.dumps({"peak": peak, "after_import": after_import, "tokens_per_s": steady(tps),
-                                                "final_train_loss": float(loss)}))
+                                                "final_train_loss": float(loss), "allocator": "glibc"}))
 
 
 def done(cname: str, run: str, r: dict) -> None:
     """One line per finished run, as it finishes (a long bench leaves its figures even if stopped)."""
     x = r[run]
     print(f"done {cname} {run}: peak {x['peak'] / 2**20:.0f} MiB, after imports {x['after_import'] / 2**20:.0f} MiB, "
-          f"{x['tokens_per_s']:.1f} tokens/s, loss {x['final_train_loss']:.3f}", flush=True)
+          f"{x['tokens_per_s']:.1f} tokens/s, loss {x['final_train_loss']:.3f}, allocator {x.get('allocator')}", flush=True)
 
 
 CONFIGS = {"default": {"max_seq_len": 128, "batch_size": 8, "r": 16, "threads": 2},
@@ -173,6 +183,7 @@ def main() -> None:
     ap.add_argument("--cls-steps", type=int, default=5, help="steps per run, cls256")
     ap.add_argument("--configs", default="default,cls256")
     ap.add_argument("--plain-on", default="default,cls256", help="configs that also run the plain loop")
+    ap.add_argument("--kinds", default="qlora,lora")
     ap.add_argument("--plain-child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--kind", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -201,7 +212,7 @@ def main() -> None:
             steps = a.steps if cname == "default" else a.cls_steps
             p = params_for(model, cfg, steps)
             r = results[cname] = {"steps": steps, **{k: v for k, v in cfg.items()}}
-            for kind in ("qlora", "lora"):  # ours then plain, per kind: the tokens/s ratio shares conditions
+            for kind in a.kinds.split(","):  # ours then plain, per kind: the tokens/s ratio shares conditions
                 r[f"ours_{kind}"] = run_ours(p, model, data, kind, work / f"{cname}-ours-{kind}")
                 done(cname, f"ours_{kind}", r)
                 if cname in a.plain_on.split(","):
@@ -217,6 +228,8 @@ def main() -> None:
             x = r[run]
             print(f"{cname:<9}{run:<13}{x['peak'] / mib:>10.0f}{x['after_import'] / mib:>14.0f}"
                   f"{(x['peak'] - x['after_import']) / mib:>11.0f}{x['tokens_per_s']:>10.1f}{x['final_train_loss']:>8.3f}")
+        if "ours_qlora" not in r or "ours_lora" not in r:
+            continue
         q, l = r["ours_qlora"], r["ours_lora"]
         r["ratios"] = {"qlora_over_lora_peak": q["peak"] / l["peak"],
                        "qlora_over_lora_increment": (q["peak"] - q["after_import"]) / (l["peak"] - l["after_import"]),

@@ -76,6 +76,8 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
     times = timed.seconds
 
     base = timed("base_model", stage(pt.resolve_base, p, "base_model"), p, ws)
+    # QLoRA's base, quantized once: a QLoRA training then never reads the full-precision file (its peak)
+    qbase = timed("quantize_base", stage(pt.quantize_base, p, "base_model"), p, ws, base)
     base_id = base_identity(Path(base))
     data_hash = key(sha256_file(prepared / "train.jsonl"), sha256_file(prepared / "val.jsonl"))
     train_code = source_hash("train.py", "modeling.py", "prompting.py", "config.py")
@@ -83,7 +85,7 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
 
     results = {}
     for kind in ("qlora", "lora"):
-        results[kind] = timed(f"train_{kind}", stage(pt.train_adapter, p, "train"), p, base, str(prepared),
+        results[kind] = timed(f"train_{kind}", stage(pt.train_adapter, p, "train"), p, qbase if kind == "qlora" else base, str(prepared),
                               str(sd / "runs" / f"train-{kind}-{train_key}"), kind)
         tracking.log_training(run_id, exp_id, results[kind])
         tracking.log_dir(run_id, Path(results[kind]["adapter_dir"]), f"adapters/{kind}")
@@ -108,7 +110,7 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
     models = {
         "base": evaluate("base", base),
         "lora": evaluate("lora", base, adapter_dir=results["lora"]["adapter_dir"]),
-        "qlora": evaluate("qlora", base, adapter_dir=results["qlora"]["adapter_dir"], quantized=True),
+        "qlora": evaluate("qlora", qbase, adapter_dir=results["qlora"]["adapter_dir"], quantized=True),
     }
     out = {"models": models, "model_uri": None, "champion": None, "score_key": eval_key, "code": code_version(),
            "worker": {"host": socket.gethostname(), "workspace": str(ws), "pid": os.getpid()},
@@ -121,7 +123,7 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
     if gate.passed(gate.pre_merge_gates(p.gates, rows["base"]["correct"], rows["lora"]["correct"],
                                         rows["qlora"]["correct"], seed=p.seed)):
         merged_dir = work / "merged"
-        timed("merge", stage(pt.merge_adapter, p, "merge"), p, base, results["qlora"]["adapter_dir"], str(merged_dir))
+        timed("merge", stage(pt.merge_adapter, p, "merge"), p, base, results["qlora"]["adapter_dir"], str(merged_dir), qbase)
         models["merged"] = evaluate("merged", str(merged_dir), as_saved=True)
         rows["merged"] = per_row(dirs["merged"])
         serving = {"system_prompt": p.data.system_prompt, "max_new_tokens": models["merged"]["max_new_tokens"]}

@@ -27,6 +27,11 @@ def resolve_base(params, workspace: Path) -> str:
     return str(base_model.resolve_base_model(params, workspace))
 
 
+@task(name="quantize-base", **_opts)
+def quantize_base(params, workspace: Path, base_dir: str) -> str:
+    return str(base_model.quantized_base(params, workspace, Path(base_dir)))
+
+
 @task(name="train", task_run_name="train-{kind}", **_opts)
 def train_adapter(params, base_dir: str, data_dir: str, out_dir: str, kind: str) -> dict:
     # a fresh process per training: its peak is its own and its memory goes back to the OS (tasks.train_process)
@@ -41,8 +46,8 @@ def evaluate_model(params, name: str, model_dir: str, test_path: str, out_dir: s
 
 
 @task(name="merge", **_opts)
-def merge_adapter(params, base_dir: str, adapter_dir: str, out_dir: str) -> dict:
-    return merge.merge(params, Path(base_dir), Path(adapter_dir), Path(out_dir))
+def merge_adapter(params, base_dir: str, adapter_dir: str, out_dir: str, qbase_dir: str) -> dict:
+    return merge.merge(params, Path(base_dir), Path(adapter_dir), Path(out_dir), qbase_dir=Path(qbase_dir))
 
 
 @task(name="log-model", **_opts)

@@ -53,6 +53,29 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
+def quantized_base(params: Params, workspace: Path, base_dir: Path) -> Path:
+    """The 4-bit copy of `base_dir` that QLoRA trains, evaluates and merges against, made once per
+    (base, quantization params, device, compute dtype) in the state dir and checked against its
+    manifest on every use. Quantizing is deterministic: the copy holds exactly the tensors a
+    quantize-on-load produces (tests/model/test_modeling.py compares them)."""
+    import hashlib
+    import json
+    from importlib.metadata import version
+
+    from tasks.modeling import compute_dtype, device, save_quantized
+
+    dev = device()
+    ident = json.dumps([base_identity(base_dir, with_mtime=False), params.quantization.model_dump(mode="json"),
+                        dev.type, str(compute_dtype(params.quantization, dev)),
+                        version("bitsandbytes"), version("transformers")], sort_keys=True)  # the format's writers
+    out = state_dir(workspace, params) / "cache" / "base-nf4" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+    if out.is_dir():
+        if (bad := verify_manifest(out)) is None:
+            return out
+        logging.getLogger("qlora_ops.base_model").warning("4-bit base %s is damaged (%s); quantizing again", out, bad)
+    return save_quantized(base_dir, params, out, dev)
+
+
 def check_model_dir(path: Path) -> Path:
     if not (path / "config.json").is_file():
         raise BaseModelError(f"{path}: no config.json; model.source must be a Hugging Face model directory")

@@ -19,14 +19,15 @@ from tasks.prompting import bake_system_prompt, stop_ids
 from tasks.util import atomic_dir
 
 
-def dequantized_base(params: Params, base_dir: Path):
-    """Full-precision model whose linear weights are exactly the dequantized NF4 weights QLoRA saw."""
+def dequantized_base(params: Params, base_dir: Path, qbase_dir: Path | None = None):
+    """Full-precision model whose linear weights are exactly the dequantized NF4 weights QLoRA saw
+    (those of `qbase_dir`, the 4-bit copy QLoRA trained on, when given; else quantized from base_dir)."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
     fp, tok = load_model(base_dir, params, quantized=False, dev=torch.device("cpu"))
     fp = fp.float()
-    q, _ = load_model(base_dir, params, quantized=True)
+    q, _ = load_model(qbase_dir or base_dir, params, quantized=True)
     fp_mods = dict(fp.named_modules())
     n = 0
     for name, mod in q.named_modules():
@@ -41,12 +42,12 @@ def dequantized_base(params: Params, base_dir: Path):
 
 
 def merge(params: Params, base_dir: Path, adapter_dir: Path, out_dir: Path,
-          into: Literal["dequantized", "original"] = "dequantized") -> dict:
+          into: Literal["dequantized", "original"] = "dequantized", qbase_dir: Path | None = None) -> dict:
     from peft import PeftModel
 
     t0 = time.time()
     if into == "dequantized":
-        model, tok = dequantized_base(params, base_dir)
+        model, tok = dequantized_base(params, base_dir, qbase_dir)
     else:
         model, tok = load_model(base_dir, params, quantized=False, dev=torch.device("cpu"))
         model = model.float()
@@ -71,7 +72,8 @@ def merge(params: Params, base_dir: Path, adapter_dir: Path, out_dir: Path,
 
 @torch.no_grad()
 def logit_drift(params: Params, base_dir: Path, adapter_dir: Path, merged_dir: Path, texts: list[str]) -> float:
-    """Max |logit difference| between the unmerged QLoRA model and the merged one on `texts`."""
+    """Max |logit difference| between the unmerged QLoRA model and the merged one on `texts`
+    (`base_dir`: the base QLoRA trained on, full precision or its 4-bit copy)."""
     q, tok = load_with_adapter(params, base_dir, adapter_dir, quantized=True)
     m, _ = load_with_adapter(params, merged_dir)
     worst = 0.0

@@ -20,7 +20,7 @@ from pathlib import Path
 REPORT = "report/report.html"
 CARD = "report/MODEL_CARD.md"
 CARD_LIMIT = 5000  # MLflow's model-version description column (String(5000) on SQL stores)
-PIPELINE = ("base_model", "train_qlora", "train_lora", "eval_base", "eval_lora", "eval_qlora", "merge", "eval_merged",
+PIPELINE = ("base_model", "quantize_base", "train_qlora", "train_lora", "eval_base", "eval_lora", "eval_qlora", "merge", "eval_merged",
             "log_model", "champion")  # the model stage's steps, in the order flows/model_stage.py runs them
 MAX_CLASSES = 20   # more distinct answers than this is free text: no confusion matrix
 

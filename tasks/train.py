@@ -298,7 +298,9 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
 
     torch.manual_seed(params.seed)
     random.seed(params.seed)
-    import psutil
+    import peft  # noqa: F401  (the libraries the loop uses, imported before the baseline is taken, as in
+    import psutil  # bench/plain_vs_ours.py's plain loop: the increment is the training's, not the imports')
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     after_import_rss = psutil.Process().memory_info().rss  # what the process holds before any model is built
     model, tok = load_model(base_dir, params, quantized, dev)
     weight_bytes = int(model.get_memory_footprint())
@@ -398,7 +400,7 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
             "weight_bytes": weight_bytes, "optimizer": opt_name, "device": dev.type, "processes": dist.world,
             "peak_mem_bytes": max(h["peak_mem_bytes"] for h in hrows),
             # this process's high-water mark: the training's own peak when it runs in a fresh process
-            "after_import_rss_bytes": after_import_rss,
+            "after_import_rss_bytes": after_import_rss, "allocator": allocator(),
             "process_peak_bytes": process_peak_bytes() if dev.type == "cpu" else int(torch.cuda.max_memory_allocated()),
             "mean_tokens_per_s": sum(h["tokens_per_s"] for h in hrows) / len(hrows),
             "train_seconds": time.time() - t0, "history": str(hist_path),
@@ -406,6 +408,15 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         atomic_write_json(out_dir / "result.json", result)  # written last: its presence means "finished"
     dist.barrier()
     return result if dist.main else read_json(out_dir / "result.json")
+
+
+def allocator() -> str:
+    """Which allocator this process runs on (tasks.train_process.child_env chose it)."""
+    pre = os.environ.get("LD_PRELOAD", "")
+    if "jemalloc" in pre:
+        return f"jemalloc, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')}"
+    t = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    return f"glibc, MALLOC_MMAP_THRESHOLD_={t}" if t else "glibc"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,13 +21,40 @@ from typing import Callable
 from tasks.config import Params
 
 ERROR_FILE = "error.json"
-# glibc's dynamic mmap threshold grows to the largest freed block, after which activations come from
-# the heap and are never returned between steps (RSS climbs step by step). A fixed threshold keeps
-# large tensors in their own mappings, freed back to the OS when released. 1 MiB, not 64 KiB: on the
-# default config (bench/RESULTS.md, 10 steps each, idle machine) 64 KiB held step peaks at ~850 MiB but
-# took 6-9 s a step (a fresh zeroed mapping for every mid-size tensor); 1 MiB took 3-6 s with peaks
-# flat at ~1.2 GB, under the process's own load peak and the 1.5 GB target. Set the variable to choose.
-CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+# The training's allocator. glibc keeps a training's freed mid-size tensors in fragmented heap arenas
+# (the RSS grows ~500 MB over the live set; with its dynamic mmap threshold a cls256 QLoRA training
+# peaked at 4.4 GB), and a fixed low mmap threshold that returns them costs a zeroed mapping per
+# tensor (1.7-2x slower steps). jemalloc, preloaded as PyTorch's own CPU launcher does
+# (torch.backends.xeon.run_cpu --enable-jemalloc), keeps fragmentation low; told never to purge
+# (decay -1) and to serve big tensors from the same arenas (oversize_threshold 0: by default those go
+# to an arena that returns pages at once, so every 12 MB activation was page-faulted again), a step
+# reuses the last step's pages: heap speed at a peak near the live set. The process only trains and
+# exits, which is when its memory goes back. bench/RESULTS.md has the measurements. Without
+# libjemalloc.so.2 on the machine: glibc with a fixed 1 MiB threshold. Either is skipped when the
+# environment already sets LD_PRELOAD / MALLOC_MMAP_THRESHOLD_: the caller has chosen.
+JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+GLIBC_FALLBACK = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
+def jemalloc(env: dict[str, str] | None = None) -> str | None:
+    for p in ((env or os.environ).get("QLORA_OPS_JEMALLOC"), *JEMALLOC_PATHS):
+        if p and os.path.isfile(p):
+            return p
+    return None
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The training child's environment: `base` (default os.environ) plus the allocator choice above.
+    QLORA_OPS_JEMALLOC=off keeps glibc; QLORA_OPS_JEMALLOC=/path/libjemalloc.so.2 names another library."""
+    env = dict(os.environ if base is None else base)
+    if "LD_PRELOAD" in env or "MALLOC_MMAP_THRESHOLD_" in env:
+        return env
+    lib = jemalloc(env) if env.get("QLORA_OPS_JEMALLOC") != "off" else None
+    if lib:
+        return {**env, "LD_PRELOAD": lib, "MALLOC_CONF": env.get("MALLOC_CONF", JEMALLOC_CONF)}
+    return {**env, **GLIBC_FALLBACK}
 
 
 def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: str,
@@ -44,7 +71,7 @@ def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Pa
     pfile = out_dir / "params.json"  # JSON is YAML: load_params validates it exactly as a params file
     atomic_write_json(pfile, params.model_dump(mode="json"))
     (out_dir / ERROR_FILE).unlink(missing_ok=True)
-    env = {**os.environ, **{k: v for k, v in CHILD_ENV.items() if k not in os.environ}}
+    env = child_env()
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "tasks.train", "--params", str(pfile), "--kind", kind, "--base-dir", str(base_dir),

@@ -6,7 +6,7 @@ import pytest
 
 from tasks.data import DataError
 from tasks.modeling import DivergenceError
-from tasks.train_process import train_subprocess
+from tasks.train_process import JEMALLOC_CONF, child_env, jemalloc, train_subprocess
 from tests.conftest import tiny_params
 
 
@@ -21,6 +21,22 @@ def test_subprocess_training_returns_its_result_and_own_peak(tiny_model_dir, toy
     # holding torch + transformers would report for itself
     assert 100 * 2**20 < res["process_peak_bytes"] < 4 * 2**30
     assert res == json.loads((tmp_path / "run" / "result.json").read_text())
+    # the allocator the child was given (.ci/setup.sh installs libjemalloc2; without it, glibc at 1 MiB)
+    want = f"jemalloc, MALLOC_CONF={JEMALLOC_CONF}" if jemalloc() else "glibc, MALLOC_MMAP_THRESHOLD_=1048576"
+    assert res["allocator"] == want, res["allocator"]
+
+
+def test_child_allocator_is_jemalloc_unless_the_caller_chose(tmp_path):
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    env = child_env({"QLORA_OPS_JEMALLOC": str(lib), "PATH": "/bin"})
+    assert env["LD_PRELOAD"] == str(lib) and "MALLOC_MMAP_THRESHOLD_" not in env
+    assert "dirty_decay_ms:-1" in env["MALLOC_CONF"] and "oversize_threshold:0" in env["MALLOC_CONF"]
+    assert child_env({"QLORA_OPS_JEMALLOC": str(lib), "MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"
+    off = child_env({"QLORA_OPS_JEMALLOC": "off"})
+    assert "LD_PRELOAD" not in off and off["MALLOC_MMAP_THRESHOLD_"] == "1048576"
+    for chosen in ({"LD_PRELOAD": "/x.so"}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
+        assert child_env({**chosen, "QLORA_OPS_JEMALLOC": str(lib)}) == {**chosen, "QLORA_OPS_JEMALLOC": str(lib)}
 
 
 def test_child_divergence_and_bad_data_keep_their_error_class(tiny_model_dir, toy_data, tmp_path):
