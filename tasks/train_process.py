@@ -32,7 +32,12 @@ ERROR_FILE = "error.json"
 # exits, which is when its memory goes back. bench/RESULTS.md has the measurements. Without
 # libjemalloc.so.2 on the machine: glibc with a fixed 1 MiB threshold. Either is skipped when the
 # environment already sets LD_PRELOAD / MALLOC_MMAP_THRESHOLD_: the caller has chosen.
+# Never purging is safe only with gradient checkpointing (the default): a step then holds one layer's
+# activations at a time and the retained pages stay near the live set (40 default steps: 1006 MiB).
+# Without it the step's activations vary by hundreds of MB with the batch width and never-purge kept
+# 7-10 GB after 8-12 steps; a 30 s decay then held it at 2.2 GB. bench/RESULTS.md.
 JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+JEMALLOC_CONF_NO_CHECKPOINTING = "oversize_threshold:0,dirty_decay_ms:30000,muzzy_decay_ms:30000"
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 GLIBC_FALLBACK = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -45,7 +50,7 @@ def jemalloc(env: dict[str, str] | None = None) -> str | None:
     return None
 
 
-def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(base: dict[str, str] | None = None, checkpointing: bool = True) -> dict[str, str]:
     """The training child's environment: `base` (default os.environ) plus the allocator choice above.
     QLORA_OPS_JEMALLOC=off keeps glibc; QLORA_OPS_JEMALLOC=/path/libjemalloc.so.2 names another library."""
     env = dict(os.environ if base is None else base)
@@ -53,7 +58,8 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
         return env
     lib = jemalloc(env) if env.get("QLORA_OPS_JEMALLOC") != "off" else None
     if lib:
-        return {**env, "LD_PRELOAD": lib, "MALLOC_CONF": env.get("MALLOC_CONF", JEMALLOC_CONF)}
+        conf = JEMALLOC_CONF if checkpointing else JEMALLOC_CONF_NO_CHECKPOINTING
+        return {**env, "LD_PRELOAD": lib, "MALLOC_CONF": env.get("MALLOC_CONF", conf)}
     return {**env, **GLIBC_FALLBACK}
 
 
@@ -71,7 +77,7 @@ def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Pa
     pfile = out_dir / "params.json"  # JSON is YAML: load_params validates it exactly as a params file
     atomic_write_json(pfile, params.model_dump(mode="json"))
     (out_dir / ERROR_FILE).unlink(missing_ok=True)
-    env = child_env()
+    env = child_env(checkpointing=params.training.gradient_checkpointing)
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, "-m", "tasks.train", "--params", str(pfile), "--kind", kind, "--base-dir", str(base_dir),

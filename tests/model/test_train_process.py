@@ -33,6 +33,8 @@ def test_child_allocator_is_jemalloc_unless_the_caller_chose(tmp_path):
     assert env["LD_PRELOAD"] == str(lib) and "MALLOC_MMAP_THRESHOLD_" not in env
     assert "dirty_decay_ms:-1" in env["MALLOC_CONF"] and "oversize_threshold:0" in env["MALLOC_CONF"]
     assert child_env({"QLORA_OPS_JEMALLOC": str(lib), "MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"
+    # never purging only with checkpointing: without it that retained 7-10 GB (bench/RESULTS.md)
+    assert "dirty_decay_ms:30000" in child_env({"QLORA_OPS_JEMALLOC": str(lib)}, checkpointing=False)["MALLOC_CONF"]
     off = child_env({"QLORA_OPS_JEMALLOC": "off"})
     assert "LD_PRELOAD" not in off and off["MALLOC_MMAP_THRESHOLD_"] == "1048576"
     for chosen in ({"LD_PRELOAD": "/x.so"}, {"MALLOC_MMAP_THRESHOLD_": "65536"}):
