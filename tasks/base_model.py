@@ -65,7 +65,9 @@ def quantized_base(params: Params, workspace: Path, base_dir: Path) -> Path:
     from tasks.modeling import compute_dtype, device, save_quantized
 
     dev = device()
-    ident = json.dumps([base_identity(base_dir, with_mtime=False), params.quantization.model_dump(mode="json"),
+    # base_identity with mtimes: weights replaced by same-size files (a retrained checkpoint of the same
+    # architecture) must not reuse the old copy
+    ident = json.dumps([base_identity(base_dir), params.quantization.model_dump(mode="json"),
                         dev.type, str(compute_dtype(params.quantization, dev)),
                         version("bitsandbytes"), version("transformers")], sort_keys=True)  # the format's writers
     out = state_dir(workspace, params) / "cache" / "base-nf4" / hashlib.sha256(ident.encode()).hexdigest()[:16]

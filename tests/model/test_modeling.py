@@ -4,6 +4,7 @@ was made with other quantization settings."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,22 @@ def test_quantized_base_is_made_once_and_rebuilt_when_damaged(tiny_model_dir, tm
     assert quantized_base(p, ws, tiny_model_dir) == d
     assert weights.stat().st_size > 1000
     assert json.loads((d / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+
+def test_a_replaced_base_gets_a_new_4bit_copy(tiny_model_dir, tmp_path):
+    """Same file names and sizes (a retrained checkpoint of the same architecture), new weights."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    p = tiny_params(base)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    first = quantized_base(p, ws, base)
+    w = base / "model.safetensors"
+    st = w.stat()
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert quantized_base(p, ws, base) != first
 
 
 def test_training_and_merging_on_the_4bit_copy_match_the_full_precision_base(tiny_model_dir, nf4_dir, tmp_path):
