@@ -3,6 +3,7 @@ LoRA, and the peak of each forward and each step (a 5 ms psutil sampler), on the
 
     python bench/memory_probe.py qlora --gc --steps 2      # SmolLM2-135M, default params, batch 8
     MALLOC_MMAP_THRESHOLD_=65536 python bench/memory_probe.py qlora --no-gc
+    python bench/memory_probe.py qlora --tiny --steps 2   # smoke run (tests use this): tiny random Llama
 
 Runs in this process (start it fresh for each figure). Needs data/prepared/default and the converted
 base (any `qlora-ops run`, or bench/plain_vs_ours.py, makes both). bench/RESULTS.md has its figures.
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--gc", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--trim", action="store_true", help="malloc_trim after every step (tasks.memory.release_memory)")
+    ap.add_argument("--tiny", action="store_true", help="tiny random Llama and synthetic rows in a temp dir")
     ap.add_argument("--nf4", action=argparse.BooleanOptionalAction, default=True,
                     help="QLoRA loads the cached 4-bit copy of the base, as the flow does (--no-nf4: quantize on load)")
     a = ap.parse_args()
@@ -57,11 +59,22 @@ def main() -> None:
     p = Params(training={"gradient_checkpointing": a.gc, "threads": 2})
     torch.set_num_threads(2)
     dev = torch.device("cpu")
-    base = ROOT / ".qlora-ops/cache/base/smollm2-135m-instruct"
+    base, ws, data = ROOT / ".qlora-ops/cache/base/smollm2-135m-instruct", ROOT, ROOT / "data/prepared/default"
+    if a.tiny:
+        import tempfile
+
+        sys.path.insert(0, str(ROOT / "bench"))
+        from plain_vs_ours import cls_data
+        from train_throughput import TINY, build_model
+        import atexit
+        import shutil
+        ws = Path(tempfile.mkdtemp(prefix="memory-probe-"))
+        atexit.register(shutil.rmtree, ws, ignore_errors=True)
+        base, data = build_model(TINY, ws / "model"), cls_data(ws / "data", 64, 20)
     if a.kind == "qlora" and a.nf4:
         from tasks.base_model import quantized_base
         from tasks.memory import release_memory
-        base = quantized_base(p, ROOT, base)  # made once (its own peak), then only read
+        base = quantized_base(p, ws, base)  # made once (its own peak), then only read
         release_memory()
         peak[0] = 0
         mark("4-bit copy ready")
@@ -69,7 +82,7 @@ def main() -> None:
     mark("model loaded")
     model = add_lora(model, p, a.kind == "qlora")
     mark("LoRA added")
-    rows = [encode(tok, r, p.model.max_seq_len) for r in read_jsonl(ROOT / "data/prepared/default/train.jsonl")]
+    rows = [encode(tok, r, p.model.max_seq_len) for r in read_jsonl(data / "train.jsonl")]
     opt, _ = T.make_optimizer(model, p, dev)
     model.train()
     for s in range(a.steps):

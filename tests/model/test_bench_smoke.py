@@ -26,6 +26,12 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     return r
 
 
+def test_memory_probe_bench_reports_load_and_steps():
+    r = _bench("bench/memory_probe.py", "qlora", "--tiny", "--steps", "2")
+    for line in ("imports", "4-bit copy ready", "model loaded", "LoRA added", "forward 1", "step 1"):
+        assert any(ln.startswith(line) and "MiB" in ln for ln in r.stdout.splitlines()), (line, r.stdout)
+
+
 @pytest.mark.slow
 def test_plain_vs_ours_bench_measures_every_run():
     r = _bench("bench/plain_vs_ours.py", "--tiny", "--steps", "2", "--configs", "default")
