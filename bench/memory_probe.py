@@ -52,6 +52,7 @@ def main() -> None:
 
     from tasks import train as T
     from tasks.config import Params
+    from tasks.memory import release_memory
     from tasks.modeling import add_lora, load_model
     from tasks.prompting import encode
     from tasks.util import read_jsonl
@@ -61,19 +62,18 @@ def main() -> None:
     dev = torch.device("cpu")
     base, ws, data = ROOT / ".qlora-ops/cache/base/smollm2-135m-instruct", ROOT, ROOT / "data/prepared/default"
     if a.tiny:
+        import atexit
+        import shutil
         import tempfile
 
         sys.path.insert(0, str(ROOT / "bench"))
         from plain_vs_ours import cls_data
         from train_throughput import TINY, build_model
-        import atexit
-        import shutil
         ws = Path(tempfile.mkdtemp(prefix="memory-probe-"))
         atexit.register(shutil.rmtree, ws, ignore_errors=True)
         base, data = build_model(TINY, ws / "model"), cls_data(ws / "data", 64, 20)
     if a.kind == "qlora" and a.nf4:
         from tasks.base_model import quantized_base
-        from tasks.memory import release_memory
         base = quantized_base(p, ws, base)  # made once (its own peak), then only read
         release_memory()
         peak[0] = 0
@@ -94,7 +94,6 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if a.trim:
-            from tasks.memory import release_memory
             release_memory()
         mark(f"step {s} ({time.time() - t:.1f} s)")
 

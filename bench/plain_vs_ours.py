@@ -110,6 +110,7 @@ def plain_child(out: Path, kind: str, model_dir: Path, data: Path) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from tasks.config import Params
     from tasks.memory import process_peak_bytes
     from tasks.prompting import encode
     from tasks.train import batch_order
@@ -118,6 +119,7 @@ def plain_child(out: Path, kind: str, model_dir: Path, data: Path) -> None:
     after_import = psutil.Process().memory_info().rss
     p = json.loads((out / "params.json").read_text())
     tp, msl = p["training"], p["model"]["max_seq_len"]
+    defaults = Params.model_validate(p)  # lr and seed as ours gets them (params_for leaves them at their defaults)
     if tp.get("threads"):
         torch.set_num_threads(tp["threads"])
     cuda = torch.cuda.is_available()
@@ -141,7 +143,7 @@ def plain_child(out: Path, kind: str, model_dir: Path, data: Path) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows = [encode(tok, r, msl) for r in read_jsonl(data / "train.jsonl")]
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p["training"].get("lr", 1e-3))  # the default training.lr
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=defaults.training.lr)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.train()
@@ -149,7 +151,7 @@ def plain_child(out: Path, kind: str, model_dir: Path, data: Path) -> None:
     bs = tp["batch_size"]
     for step in range(tp["max_steps"]):
         t = time.time()
-        batch = [rows[i] for i in batch_order(len(rows), step, bs, 42)]  # the very rows ours trains on per step
+        batch = [rows[i] for i in batch_order(len(rows), step, bs, defaults.seed)]  # the very rows ours trains on per step
         T = max(len(x) for x, _ in batch)
         ids = torch.tensor([x + [pad] * (T - len(x)) for x, _ in batch], device=dev)
         labels = torch.tensor([y + [-100] * (T - len(y)) for _, y in batch], device=dev)
