@@ -140,7 +140,7 @@ def _main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="rebuild a run's HTML report and model card from MLflow")
     rep.add_argument("run_id", nargs="?", help="MLflow run id (default: the newest finished run of the experiment)")
     rep.add_argument("--out", help="directory to write into (default: <state_dir>/reports/<run id>)")
-    for p in (dep, st, pr, rb, chk, rep):
+    for p in (dep, st, pr, rb, chk, rep, *add_serving_parsers(sub)):
         p.add_argument("--params", default="params/default.yaml")
         p.add_argument("--workspace", default=".")
     for p in sub.choices.values():  # every subcommand, whoever added it
@@ -155,6 +155,8 @@ def _main(argv: list[str] | None = None) -> int:
         return data_command(a)
     if a.cmd == "report":
         return report_command(a)
+    if a.cmd in SERVING_COMMANDS:
+        return serving_command(a)
 
     if a.cmd == "deploy":
         from flows.deploy import deploy_file
@@ -308,6 +310,84 @@ def registry_command(a) -> int:
         return 0 if res["promoted"] else EXIT["rejected"]
     print(f"rolled back: '{r.champion_alias}' -> v{res['champion']}; v{res['demoted']} tagged rejected ({res['reason']})")
     return 0
+
+
+# ---------------------------------------------------------------- serve, verify-serving, export-gguf
+SERVING_COMMANDS = ("serve", "verify-serving", "export-gguf")
+
+
+def add_serving_parsers(sub) -> list:
+    sv = sub.add_parser("serve", help="serve a registered version over HTTP (MLflow scoring server), its bytes checked "
+                                      "against the version's weights_digest")
+    sv.add_argument("--port", type=int, default=5001, help="(default: %(default)s)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    sv.add_argument("--dtype", help="serve in this torch dtype instead of the evaluated one (e.g. bfloat16); "
+                                    "verify-serving then says whether the answers still match")
+    vs = sub.add_parser("verify-serving", help="replay VERSION's test rows through a live endpoint and compare with "
+                                               "the evaluated answers; only a pass moves the 'serving' alias")
+    vs.add_argument("url", help="the endpoint's base URL, e.g. http://127.0.0.1:5001")
+    eg = sub.add_parser("export-gguf", help="write VERSION as GGUF (f16, q8_0, with its chat template) and its LoRA "
+                                            "adapter as a GGUF adapter, logged on its run")
+    eg.add_argument("--out", help="also keep the files in this directory")
+    eg.add_argument("--no-parity", action="store_true", help="skip the llama.cpp parity run (llama-cpp-python)")
+    for p, need in ((sv, False), (vs, True), (eg, False)):
+        g = p.add_mutually_exclusive_group(required=need)
+        g.add_argument("--version", type=int, help="registered version number")
+        if p is not vs:
+            g.add_argument("--alias", help="or the version holding this alias (default: the champion alias)")
+    return [sv, vs, eg]
+
+
+def serving_command(a) -> int:
+    """`serve`, `verify-serving`, `export-gguf`: exit 0 done (check passed), 1 check failed, 2 a version that
+    cannot be served or checked (named), 4 the tracking server or the endpoint did not answer."""
+    import mlflow
+
+    from tasks import serving_ops as so
+    from tasks.paths import state_dir
+
+    if isinstance(pre := preflight(a), int):
+        return pre
+    ws, params, uri = pre
+    mlflow.set_tracking_uri(uri)
+    r, work = params.registry, state_dir(ws, params) / "serving"
+    try:
+        v = so.resolve_version(r.model_name, a.version, getattr(a, "alias", None) or r.champion_alias)
+        if a.cmd == "verify-serving":
+            res = so.verify_serving(a.url, r.model_name, v, params.gates.max_serving_disagreement,
+                                    params.gates.confidence, work / f"verify-v{v}")
+            print(so.explain(res))
+            print(f"'{res['alias']}' -> v{v}" if res["alias_moved"] else f"'{res['alias']}' not moved")
+            return 0 if res["passed"] else EXIT["rejected"]
+        if a.cmd == "export-gguf":
+            from tasks import gguf_export
+            res = gguf_export.export_version(r.model_name, v, work / f"gguf-v{v}", out=Path(a.out) if a.out else None,
+                                             run_parity=not a.no_parity)
+            print(gguf_export.explain(res))
+            return 0
+        local, digest = so.fetch_model(r.model_name, v, work / f"v{v}")
+    except so.EndpointUnavailable as e:
+        return fail("service", e)
+    except so.ServingError as e:
+        return fail("bad_input", e)
+    return serve_foreground(so, local, digest, a, f"{r.model_name} v{v}")
+
+
+def serve_foreground(so, local: Path, digest: str, a, what: str) -> int:
+    from tasks.util import popen_child
+
+    proc = popen_child(so.server_command(local, a.host, a.port), env=so.server_env(digest, a.dtype),
+                       start_new_session=True)
+    url = f"http://{a.host}:{a.port}"
+    try:
+        so.wait_ready(url, proc, timeout=600)
+        print(f"serving {what} at {url}/invocations (weights {digest[:16]}..., {a.dtype or 'evaluated dtype'})\n"
+              f"check it: qlora-ops verify-serving {url} --version {what.rsplit('v', 1)[-1]}", flush=True)
+        return proc.wait()
+    except so.ServingError as e:
+        return fail("bad_input", e)
+    finally:
+        so.stop(proc)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
         timed("merge", stage(pt.merge_adapter, p, "merge"), p, base, results["qlora"]["adapter_dir"], str(merged_dir), qbase)
         models["merged"] = evaluate("merged", str(merged_dir), as_saved=True)
         rows["merged"] = per_row(dirs["merged"])
-        serving = {"system_prompt": p.data.system_prompt, "max_new_tokens": models["merged"]["max_new_tokens"]}
+        serving = {"system_prompt": p.data.system_prompt, "max_new_tokens": models["merged"]["max_new_tokens"],
+                   "batch_size": p.eval.batch_size}  # served in the batches it was evaluated in
         out["model_uri"] = timed("log_model", stage(pt.log_model, p, "registry"), str(merged_dir), serving, run_id)
         shutil.rmtree(merged_dir, ignore_errors=True)  # the artifact store holds its copy
         out["champion"] = timed("champion", champion_rows, p, eval_key, test_path, work)

@@ -164,6 +164,9 @@ class GateParams(_Strict):
     # Share of test rows where the merged model and QLoRA answer differently may not exceed this
     # (flips in both directions count; a net accuracy delta would let them cancel).
     max_merge_disagreement: float = Field(0.05, ge=0, le=1)
+    # (serve) Share of test rows whose SERVED answer (`qlora-ops verify-serving`, a live endpoint) differs
+    # from the answer evaluated for that version may not exceed this; only a passed check moves `serving`.
+    max_serving_disagreement: float = Field(0.02, ge=0, le=1)
 
 
 class RegistryParams(_Strict):
