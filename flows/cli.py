@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -323,6 +324,16 @@ def add_serving_parsers(sub) -> list:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     sv.add_argument("--dtype", help="serve in this torch dtype instead of the evaluated one (e.g. bfloat16); "
                                     "verify-serving then says whether the answers still match")
+    sv.add_argument("--openai", action="store_true",
+                    help="serve the version's exported GGUF (export-gguf) with llama-cpp-python's OpenAI-compatible "
+                         "server (/v1/chat/completions; the `gguf` extra) instead of MLflow's scoring server")
+    sv.add_argument("--gguf", choices=("f16", "q8_0"), default="f16", help="--openai: which GGUF (default: %(default)s)")
+    sv.add_argument("--follow", action="store_true",
+                    help="serve the 'serving' alias and follow it: receive MLflow's webhook when the champion "
+                         "moves, check the new champion's parity, move 'serving' and restart on it "
+                         "(secret: $QLORA_OPS_WEBHOOK_SECRET)")
+    sv.add_argument("--hook-port", type=int, default=5002, help="--follow: the webhook receiver's port (default: %(default)s)")
+    sv.add_argument("--hook-url", help="--follow: the URL MLflow calls (default: http://HOST:HOOK_PORT/)")
     vs = sub.add_parser("verify-serving", help="replay VERSION's test rows through a live endpoint and compare with "
                                                "the evaluated answers; only a pass moves the 'serving' alias")
     vs.add_argument("url", help="the endpoint's base URL, e.g. http://127.0.0.1:5001")
@@ -365,15 +376,36 @@ def serving_command(a) -> int:
                                              run_parity=not a.no_parity)
             print(gguf_export.explain(res))
             return 0
+        if getattr(a, "follow", False):
+            return serve_follow(so, a, params, work)
+        if getattr(a, "openai", False):
+            return serve_openai(so, so.fetch_gguf(r.model_name, v, a.gguf, work / f"gguf-v{v}"), a, r.model_name, v)
         local, digest = so.fetch_model(r.model_name, v, work / f"v{v}")
     except so.EndpointUnavailable as e:
         return fail("service", e)
     except so.ServingError as e:
         return fail("bad_input", e)
-    return serve_foreground(so, local, digest, a, f"{r.model_name} v{v}")
+    proc = start_server(so, local, digest, a, r.model_name, v)
+    if isinstance(proc, int):
+        return proc
+    try:
+        return proc.wait()
+    finally:
+        so.stop(proc)
 
 
-def serve_foreground(so, local: Path, digest: str, a, what: str) -> int:
+def _show_new(receiver, shown: tuple[int, int], so) -> tuple[int, int]:
+    """Print the receiver's checks and errors not printed yet; returns how many of each are printed."""
+    for res in receiver.handled[shown[0]:]:
+        print(so.explain(res) + f"\n'{res['alias']}' {'-> v' + str(res['version']) if res['alias_moved'] else 'not moved'}",
+              flush=True)
+    for err in receiver.errors[shown[1]:]:
+        print(f"qlora-ops: webhook: {err}", file=sys.stderr, flush=True)
+    return len(receiver.handled), len(receiver.errors)
+
+
+def start_server(so, local: Path, digest: str, a, name: str, v: int):
+    """The scoring server of a checked local copy, ready; or the exit code after one line naming why not."""
     from tasks.util import popen_child
 
     proc = popen_child(so.server_command(local, a.host, a.port), env=so.server_env(digest, a.dtype),
@@ -381,13 +413,87 @@ def serve_foreground(so, local: Path, digest: str, a, what: str) -> int:
     url = f"http://{a.host}:{a.port}"
     try:
         so.wait_ready(url, proc, timeout=600)
-        print(f"serving {what} at {url}/invocations (weights {digest[:16]}..., {a.dtype or 'evaluated dtype'})\n"
-              f"check it: qlora-ops verify-serving {url} --version {what.rsplit('v', 1)[-1]}", flush=True)
-        return proc.wait()
     except so.ServingError as e:
+        so.stop(proc)
         return fail("bad_input", e)
+    print(f"serving {name} v{v} at {url}/invocations (weights {digest[:16]}..., {a.dtype or 'evaluated dtype'})\n"
+          f"check it: qlora-ops verify-serving {url} --version {v}", flush=True)
+    return proc
+
+
+def serve_openai(so, gguf: Path, a, name: str, v: int) -> int:
+    from tasks.util import popen_child
+
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError as e:
+        return fail("bad_input", RuntimeError(f"--openai needs llama-cpp-python's server: pip install 'qlora-ops[gguf]' ({e})"))
+    proc = popen_child(so.openai_server_command(gguf, a.host, a.port), start_new_session=True)
+    url = f"http://{a.host}:{a.port}"
+    try:
+        deadline = time.time() + 600
+        while so.is_openai(url, timeout=2) is None:
+            if proc.poll() is not None or time.time() > deadline:
+                return fail("bad_input", RuntimeError(f"llama_cpp.server for {gguf.name} did not come up at {url}"))
+            time.sleep(0.5)
+        print(f"serving {name} v{v} ({gguf.name}) at {url}/v1/chat/completions\n"
+              f"check it: qlora-ops verify-serving {url} --version {v}", flush=True)
+        return proc.wait()
     finally:
         so.stop(proc)
+
+
+def serve_follow(so, a, params, work: Path) -> int:
+    """`serve --follow`: serve the version holding 'serving' and restart on each version a champion webhook
+    moves it to (tasks.webhook). With no 'serving' yet, the champion is checked first."""
+    import queue
+
+    from mlflow.tracking import MlflowClient
+
+    from tasks import webhook
+
+    r, g = params.registry, params.gates
+    secret = os.environ.get(webhook.SECRET_ENV, "")
+    if not secret:
+        return fail("bad_input", ValueError(f"--follow needs the webhook secret in ${webhook.SECRET_ENV}"))
+    moved: queue.Queue = queue.Queue()
+    check = webhook.champion_checker(r.model_name, r.champion_alias, threshold=g.max_serving_disagreement,
+                                     confidence=g.confidence, work=work / "follow",
+                                     on_serving=lambda v, local, digest: moved.put((v, local, digest)))
+    try:
+        v = int(MlflowClient().get_model_version_by_alias(r.model_name, so.SERVING_ALIAS).version)
+        moved.put((v, *so.fetch_model(r.model_name, v, work / f"v{v}")))
+    except so.ServingError:
+        raise
+    except Exception:  # no 'serving' yet: the champion earns it by a passed check
+        res = check(r.model_name, r.champion_alias, so.resolve_version(r.model_name, alias=r.champion_alias))
+        print(so.explain(res), flush=True)
+        if not res["alias_moved"]:
+            return EXIT["rejected"]
+    receiver = webhook.Receiver(secret, check, port=a.hook_port, host=a.host)
+    with receiver:
+        hook = webhook.ensure_webhook(MlflowClient(), a.hook_url or receiver.url, secret, r.model_name)
+        print(f"following {r.model_name}@{r.champion_alias}: MLflow webhook {hook.webhook_id} -> "
+              f"{a.hook_url or receiver.url}", flush=True)
+        proc, shown = None, (0, 0)
+        try:
+            while True:
+                try:
+                    v, local, digest = moved.get(timeout=1)
+                except queue.Empty:
+                    if proc is not None and proc.poll() is not None:
+                        return proc.returncode or EXIT["internal"]
+                    shown = _show_new(receiver, shown, so)
+                    continue
+                shown = _show_new(receiver, shown, so)
+                if proc is not None:
+                    so.stop(proc)  # the port is taken until the old server is gone: a restart costs one model load
+                proc = start_server(so, local, digest, a, r.model_name, v)
+                if isinstance(proc, int):
+                    return proc
+        finally:
+            if proc is not None and not isinstance(proc, int):
+                so.stop(proc)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,58 @@ def stop(proc) -> None:
         pass
 
 
+# ---------------------------------------------------------------- the OpenAI-compatible endpoint (GGUF)
+# /v1/chat/completions without a server of ours: llama-cpp-python's own server (the `gguf` extra) on the
+# version's exported GGUF. Chosen over vLLM (needs a GPU; CPU builds are not on PyPI) and over MLflow's
+# scoring server (its chat schema is served at /invocations, not /v1/chat/completions). verify-serving
+# checks such an endpoint like any other: its answers against the evaluated ones.
+
+def fetch_gguf(model_name: str, version: int, kind: str, dst: Path) -> Path:
+    """The version's exported GGUF (`export-gguf`), downloaded and checked against its recorded sha256."""
+    import mlflow
+
+    from tasks.util import sha256_file
+
+    tags = _version_tags(model_name, version)
+    if not (uri := tags.get(f"gguf_{kind}")):
+        raise ServingError(f"{model_name} v{version} has no {kind} GGUF: run qlora-ops export-gguf --version {version}")
+    digests = dict(x.split("=", 1) for x in tags.get("gguf_digests", "").split())
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
+    if sha256_file(local) != digests.get(local.name):
+        raise ServingError(f"{local}: sha256 is not the one recorded by export-gguf (tag gguf_digests); refusing to serve")
+    return local
+
+
+def openai_server_command(gguf: Path, host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host, "--port", str(port),
+            "--n_ctx", "4096", "--seed", "0"]
+
+
+def is_openai(url: str, timeout: float = 10) -> str | None:
+    """The model id an OpenAI-compatible endpoint serves (GET /v1/models), or None."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=timeout) as r:
+            return str(json.loads(r.read())["data"][0]["id"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def ask_openai(url: str, rows: list[dict], system: str | None, max_new_tokens: int, timeout: float = 600) -> list[str]:
+    """Answers of /v1/chat/completions, greedy (temperature 0, top_k 1, no repeat penalty: llama.cpp's server
+    applies 1.1 unless told), the system turn always sent as tasks.prompting renders it."""
+    out = []
+    for r in rows:
+        msgs = [{"role": "system", "content": r.get("system") or system or ""}, {"role": "user", "content": r["prompt"]}]
+        body = {"messages": msgs, "temperature": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0,
+                "max_tokens": int(max_new_tokens), "seed": 0}
+        res = _post(f"{url.rstrip('/')}/v1/chat/completions", body, timeout)
+        try:
+            out.append(str(res["choices"][0]["message"]["content"] or "").strip())
+        except (KeyError, IndexError, TypeError):
+            raise EndpointUnavailable(f"{url}/v1/chat/completions returned {str(res)[:200]!r}") from None
+    return out
+
+
 # ---------------------------------------------------------------- what was evaluated
 
 def evaluated(model_name: str, version: int, dst: Path) -> dict:
@@ -288,6 +340,10 @@ def describe(url: str, timeout: float = 60) -> dict | None:
 
 def causes(ev: dict, served: dict | None) -> list[str]:
     """Each way the endpoint differs from the evaluated setup, named."""
+    if served is not None and served.get("api") == "openai":
+        return [f"an OpenAI-compatible endpoint (model {served['model']}): if it runs the version's GGUF, llama.cpp's "
+                "numerics (f16/q8_0 kernels, one row at a time) differ from the evaluated transformers model; "
+                "export-gguf's parity shows by how much"]
     if served is None:
         return ["the endpoint does not describe itself (not a qlora-ops scoring server?): compare its model, "
                 "dtype and system prompt by hand"]
@@ -312,11 +368,15 @@ def check(url: str, model_name: str, version: int, threshold: float, confidence:
     from tasks.stats import agreement
 
     ev = evaluated(model_name, version, work)
-    records = [{"prompt": r["prompt"]} if r.get("system") in (None, ev["system_prompt"]) else
-               {"prompt": r["prompt"], "system": r["system"]} for r in ev["rows"]]
-    served_desc = describe(url)
     t0 = time.time()
-    served = ask(url, records, ev["batch_size"])
+    if (openai_model := is_openai(url)) is not None:
+        served_desc = {"api": "openai", "model": openai_model}
+        served = ask_openai(url, ev["rows"], ev["system_prompt"], int(ev["max_new_tokens"] or 32))
+    else:
+        records = [{"prompt": r["prompt"]} if r.get("system") in (None, ev["system_prompt"]) else
+                   {"prompt": r["prompt"], "system": r["system"]} for r in ev["rows"]]
+        served_desc = describe(url)
+        served = ask(url, records, ev["batch_size"])
     agr = agreement(ev["answers"], served, confidence=confidence)
     scores = metric_scores(ev["metric"], served, ev["references"])
     differ = [i for i, (a, b) in enumerate(zip(ev["answers"], served)) if a != b]

@@ -89,6 +89,18 @@ def merged_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def evaluated_merged(merged_model_dir, tmp_path_factory) -> dict:
+    """merged_model_dir evaluated by tasks.evaluate on the toy test split, as a run saves it:
+    {"test": test.jsonl, "eval": dir with predictions.jsonl + metrics.json}."""
+    from tasks.evaluate import evaluate_model
+
+    d = tmp_path_factory.mktemp("evaluated")
+    data = write_toy_splits(d / "data")
+    evaluate_model(tiny_params(merged_model_dir), "merged", merged_model_dir, data / "test.jsonl", d / "eval", as_saved=True)
+    return {"test": data / "test.jsonl", "eval": d / "eval"}
+
+
 COPY = ["dvc.yaml", "params/default.yaml", "tasks", "flows", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
 
 

@@ -134,7 +134,8 @@ _PREDICT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_champion_loads_in_fresh_process_and_answers_exactly_as_evaluated(tracking, merged_model_dir, toy_data, tmp_path):
+def test_champion_loads_in_fresh_process_and_answers_exactly_as_evaluated(tracking, merged_model_dir, evaluated_merged,
+                                                                          tmp_path):
     """The registered format: a pyfunc whose loader is the installed module tasks.serving (no code or
     pickle in the artifact), the manifest inside, its digest on the version; loaded through the registry
     in a fresh process, the champion gives the very answers the evaluation saved for the same rows."""
@@ -144,15 +145,11 @@ def test_champion_loads_in_fresh_process_and_answers_exactly_as_evaluated(tracki
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from tasks.evaluate import evaluate_model
     from tasks.register import log_merged_model
     from tasks.util import read_jsonl
-    from tests.conftest import tiny_params
 
-    evaluate_model(tiny_params(merged_model_dir), "merged", merged_model_dir, toy_data / "test.jsonl", tmp_path / "eval",
-                   as_saved=True)
-    evaluated = read_jsonl(tmp_path / "eval" / "predictions.jsonl")
-    rows = read_jsonl(toy_data / "test.jsonl")
+    evaluated = read_jsonl(evaluated_merged["eval"] / "predictions.jsonl")  # tasks.evaluate's saved answers
+    rows = read_jsonl(evaluated_merged["test"])
     assert len({r["prediction"] for r in evaluated}) > 3  # answers that can differ: the comparison means something
 
     name = _unique("reg-serve")
