@@ -26,7 +26,9 @@ async def _render(template: dict) -> dict:
     from prefect_kubernetes import worker as kworker
 
     values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
-    cfg = await kworker.KubernetesWorkerJobConfiguration.from_template_and_values(template, values)
+    # A client that is never called: the template holds no block or variable references to resolve, and
+    # without one Prefect would start a temporary local server just to resolve nothing.
+    cfg = await kworker.KubernetesWorkerJobConfiguration.from_template_and_values(template, values, client=mock.AsyncMock())
     cfg.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="render-check"))
     created: list[dict] = []
 
