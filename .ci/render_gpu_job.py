@@ -46,7 +46,15 @@ async def _render(template: dict) -> dict:
 
 
 def render(template_path: Path = TEMPLATE) -> dict:
-    return asyncio.run(_render(json.loads(Path(template_path).read_text())))
+    """The worker's Prefect client settings come from this process's environment, read now (a process
+    that imported prefect earlier keeps the settings of that moment otherwise)."""
+    import os
+
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    updates = {s: os.environ.get(s.name) for s in (PREFECT_API_URL, PREFECT_API_AUTH_STRING)}
+    with temporary_settings(updates=updates):
+        return asyncio.run(_render(json.loads(Path(template_path).read_text())))
 
 
 if __name__ == "__main__":
