@@ -275,3 +275,46 @@ def test_mlflow_roles_against_a_real_basic_auth_server(mlflow_auth_server, tmp_p
     promoter.delete_registered_model_alias("qlora-ops-smollm2", "previous")
     assert denied(lambda: promoter.create_run(exp_id))
     assert denied(lambda: get_app("basic-auth", tracking_uri=uri).create_user("mallory", "mallory-pw-0123456789"))
+
+
+# ---------------------------------------------------------------- worker health (`docker compose ps`, k8s probes)
+@pytest.mark.timeout(400)
+def test_compose_worker_healthcheck_passes_only_for_a_polling_worker(tmp_path):
+    """The worker service's own healthcheck command, run against a real `prefect worker start
+    --with-healthcheck` (the compose command) on a real Prefect server: failing before the worker is up,
+    passing once it polls its pool. (8080 in compose; a free port here, since the machine is shared.)"""
+    import time
+
+    import yaml
+
+    from tests.conftest import PREFECT_CLI, start_prefect_server
+
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    svc = compose["services"]["worker"]
+    test_cmd = svc["healthcheck"]["test"]
+    assert test_cmd[0] == "CMD" and ":8080/health" in test_cmd[-1]
+    worker_cmd = svc["command"]
+    assert worker_cmd[:3] == ["prefect", "worker", "start"] and "--with-healthcheck" in worker_cmd
+    port = free_port()
+    check = [sys.executable if a == "python" else a for a in test_cmd[1:]]
+    check[-1] = check[-1].replace(":8080/", f":{port}/")
+
+    def healthy() -> bool:
+        return subprocess.run(check, capture_output=True, timeout=30).returncode == 0
+
+    assert not healthy()  # nothing listening yet: the check can fail
+    with start_prefect_server(tmp_path / "prefect") as server:
+        log = tmp_path / "worker.log"
+        args = [PREFECT_CLI, *worker_cmd[1:]]
+        args[args.index("--pool") + 1] = "health-probe"
+        with open(log, "w") as fh:
+            worker = subprocess.Popen(args, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                      env=server.client_env(PREFECT_WORKER_WEBSERVER_PORT=str(port),
+                                                            PREFECT_WORKER_QUERY_SECONDS="2"))
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and worker.poll() is None and not healthy():
+                time.sleep(2)
+            assert healthy(), tail(log)
+        finally:
+            stop_process_group(worker)
