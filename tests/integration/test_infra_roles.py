@@ -318,3 +318,36 @@ def test_compose_worker_healthcheck_passes_only_for_a_polling_worker(tmp_path):
             assert healthy(), tail(log)
         finally:
             stop_process_group(worker)
+
+
+# ---------------------------------------------------------------- the CPU worker's DVC metadata after a restart
+@pytest.mark.timeout(900)
+def test_a_fresh_worker_container_rebuilds_the_same_data_version(tmp_path):
+    """The DVC metadata a parent run writes into its checkout (data/raw/<x>.dvc, dvc.lock, the prepare stage,
+    .dvc/config.local) lives in the image's filesystem and is gone after a rebuild or a new pod. The next run
+    rebuilds it from the drops and reaches the same data version: with the DVC cache volume kept (no work
+    redone), and with that volume lost too."""
+    from tests.data.test_versioning import drop_rows, run, workspace_with_drops, write_params
+
+    ws, drops = workspace_with_drops(tmp_path, **{"week-01.jsonl": drop_rows(0, 60)})
+    write_params(ws, "team", data={"source": str(drops), "raw": "data/raw/team", "prepared": "data/prepared/team"},
+                 storage={"dvc_remote": str(tmp_path / "remote")})
+    subprocess.run(["git", "add", "-A"], cwd=ws, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "team params"], cwd=ws, check=True)
+    first = run(ws, "team")
+    assert (ws / "data" / "raw" / "team.dvc").is_file() and (ws / "dvc.lock").is_file()
+
+    def fresh_container(*keep: str) -> None:
+        """The image again: everything the run wrote into the checkout is gone, the volumes in `keep` stay."""
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=ws, check=True)
+        subprocess.run(["git", "clean", "-qfdx", *[f"--exclude={k}" for k in keep]], cwd=ws, check=True)
+        assert not (ws / "dvc.lock").exists() and not (ws / "data" / "raw" / "team.dvc").exists()
+
+    fresh_container(".dvc/cache", ".qlora-ops")  # compose volumes dvc-cache and qlora-state
+    again = run(ws, "team")
+    assert again["data_version"] == first["data_version"]
+    assert not again["reran"]  # the run cache on the volume restored the prepared splits
+
+    fresh_container()  # the volumes lost as well
+    rebuilt = run(ws, "team")
+    assert rebuilt["data_version"] == first["data_version"]
