@@ -618,3 +618,21 @@ def test_kustomization_lists_every_manifest_and_image():
             for o_c in o["spec"]["template"]["spec"]["containers"] + o["spec"]["template"]["spec"].get("initContainers", [])
             if o_c["image"].startswith("registry.example.com/")}
     assert ours == {i["name"] for i in kust["images"]}
+
+
+def test_every_documented_cli_call_uses_the_venv_and_the_stack():
+    """docs/deploy.md: every `prefect`/`qlora-ops` call in a shell block is the venv's (or runs inside a
+    container/pod that has the stack's env), and the doc exports PREFECT_API_URL and the auth string
+    before the first one; without them the CLI talks to a temporary local server."""
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", deploy, re.S)
+    calls = [line for b in blocks for line in b.splitlines()
+             if re.search(r"(^|[;&|(]\s*|\s--\s)(\S*/)?(prefect|qlora-ops)\s", line.strip())
+             and not line.lstrip().startswith("#")]  # the command word, not a namespace or a file name
+    assert len(calls) >= 8
+    for line in calls:
+        assert re.search(r"\.venv/bin/(prefect|qlora-ops) ", line) or re.search(r"kubectl .* exec |docker compose", line), line
+    first_call = min(deploy.index(line) for line in calls if ".venv/bin/" in line)
+    assert deploy.index("export PREFECT_API_URL=") < first_call
+    assert deploy.index('export PREFECT_API_AUTH_STRING="$(sed') < first_call
+    assert "one shared secret with no roles" in deploy
