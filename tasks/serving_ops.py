@@ -219,9 +219,9 @@ def openai_server_command(gguf: Path, host: str, port: int) -> list[str]:
 def is_openai(url: str, timeout: float = 10) -> str | None:
     """The model id an OpenAI-compatible endpoint serves (GET /v1/models), or None."""
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=timeout) as r:
+        with urllib.request.urlopen(f"{http_url(url)}/v1/models", timeout=timeout) as r:
             return str(json.loads(r.read())["data"][0]["id"])
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+    except (OSError, ValueError, KeyError, IndexError, TypeError, ServingError):
         return None
 
 
@@ -303,7 +303,18 @@ def metric_scores(name: str, predictions: list[str], references: list[str]) -> l
 
 # ---------------------------------------------------------------- the live endpoint
 
+def http_url(url: str) -> str:
+    """`url` if it is http(s)://host...; else ServingError (urllib would also open file:// and the like)."""
+    from urllib.parse import urlsplit
+
+    p = urlsplit(url)
+    if p.scheme not in ("http", "https") or not p.hostname:
+        raise ServingError(f"endpoint URL {url!r}: expected http(s)://host[:port]")
+    return url.rstrip("/")
+
+
 def _post(url: str, body: dict, timeout: float) -> dict:
+    url = http_url(url)
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -367,6 +378,7 @@ def check(url: str, model_name: str, version: int, threshold: float, confidence:
     """Replay the version's test rows through `url` and compare with its evaluated answers."""
     from tasks.stats import agreement
 
+    url = http_url(url)
     ev = evaluated(model_name, version, work)
     t0 = time.time()
     if (openai_model := is_openai(url)) is not None:
