@@ -369,12 +369,14 @@ def serving_command(a) -> int:
                                     params.gates.confidence, work / f"verify-v{v}")
             print(so.explain(res))
             print(f"'{res['alias']}' -> v{v}" if res["alias_moved"] else f"'{res['alias']}' not moved")
+            refresh_report(ws, params, res["run_id"], r.model_name, v)
             return 0 if res["passed"] else EXIT["rejected"]
         if a.cmd == "export-gguf":
             from tasks import gguf_export
             res = gguf_export.export_version(r.model_name, v, work / f"gguf-v{v}", out=Path(a.out) if a.out else None,
                                              run_parity=not a.no_parity)
             print(gguf_export.explain(res))
+            refresh_report(ws, params, res["run_id"], r.model_name, v)
             return 0
         if getattr(a, "follow", False):
             return serve_follow(so, a, params, work)
@@ -392,6 +394,23 @@ def serving_command(a) -> int:
         return proc.wait()
     finally:
         so.stop(proc)
+
+
+def refresh_report(ws: Path, params, run_id: str, model_name: str, v: int) -> None:
+    """The run's report and the version's card rebuilt with what was just recorded (served metric and
+    agreement, GGUF agreement); a failure is one warning line: the check's result is already recorded."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks import report
+    from tasks.paths import state_dir
+
+    try:
+        path = report.publish(run_id, state_dir(ws, params) / "reports" / run_id, model_name, v)
+        if (card := path.with_name("MODEL_CARD.md")).is_file():
+            MlflowClient().update_model_version(model_name, str(v), description=card.read_text()[:report.CARD_LIMIT])
+        print(f"report: {path}")
+    except Exception as e:
+        print(f"warning: report not rebuilt ({type(e).__name__}: {str(e)[:200]}); `qlora-ops report {run_id}` rebuilds it")
 
 
 def _show_new(receiver, shown: tuple[int, int], so) -> tuple[int, int]:

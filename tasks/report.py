@@ -510,4 +510,7 @@ def with_serving(card: str, s: dict | None) -> str:
         return card
     section = "\n## Serving and GGUF\n\n" + _md(pd.DataFrame(rows)) + "\n"
     text = card.rstrip("\n") + "\n" + section
-    return text if len(text) <= CARD_LIMIT else card
+    if len(text) > CARD_LIMIT:  # the serving facts stay; the card's tail gives way
+        note = f"\n\n(card cut at {CARD_LIMIT} characters; the full card is the run's `{CARD}`)\n"
+        text = card[:CARD_LIMIT - len(section) - len(note)] + note + section
+    return text

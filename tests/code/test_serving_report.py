@@ -31,3 +31,10 @@ def test_card_and_html_carry_the_section_and_say_when_unchecked():
     html = "".join(serving_html(unchecked))
     assert "serving-table" in html and "not checked on a live endpoint yet" in html
     assert with_serving("card\n", None) == "card\n" and serving_html(None) == []
+
+
+def test_a_long_card_keeps_the_serving_section_within_mlflows_limit():
+    from tasks.report import CARD_LIMIT
+
+    card = with_serving("# m v3\n" + "x" * (CARD_LIMIT + 100), FACTS)
+    assert len(card) <= CARD_LIMIT and card.rstrip().endswith("|") and "## Serving and GGUF" in card
