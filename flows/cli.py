@@ -355,7 +355,9 @@ def serving_command(a) -> int:
     import mlflow
 
     from tasks import serving_ops as so
+    from tasks.gguf_export import GGUFExportError
     from tasks.paths import state_dir
+    from tasks.register import PromotionError
 
     if isinstance(pre := preflight(a), int):
         return pre
@@ -374,7 +376,7 @@ def serving_command(a) -> int:
         if a.cmd == "export-gguf":
             from tasks import gguf_export
             res = gguf_export.export_version(r.model_name, v, work / f"gguf-v{v}", out=Path(a.out) if a.out else None,
-                                             run_parity=not a.no_parity)
+                                             run_parity=not a.no_parity, confidence=params.gates.confidence)
             print(gguf_export.explain(res))
             refresh_report(ws, params, res["run_id"], r.model_name, v)
             return 0
@@ -385,7 +387,7 @@ def serving_command(a) -> int:
         local, digest = so.fetch_model(r.model_name, v, work / f"v{v}")
     except so.EndpointUnavailable as e:
         return fail("service", e)
-    except so.ServingError as e:
+    except (so.ServingError, GGUFExportError, PromotionError) as e:  # PromotionError: refused bytes (download_hf_model)
         return fail("bad_input", e)
     proc = start_server(so, local, digest, a, r.model_name, v)
     if isinstance(proc, int):

@@ -60,9 +60,15 @@ def resolve_version(model_name: str, version: int | None = None, alias: str | No
 
 
 def _version_tags(model_name: str, version: int) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    return dict(MlflowClient().get_model_version(model_name, str(version)).tags or {})
+    try:
+        return dict(MlflowClient().get_model_version(model_name, str(version)).tags or {})
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ServingError(f"{model_name} has no version {version} (qlora-ops status lists them)") from None
 
 
 def check_mlmodel(model_dir: Path) -> Path:

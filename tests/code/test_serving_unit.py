@@ -1,8 +1,12 @@
-"""The report's and card's serving section: evaluated metric, served metric and agreement (when checked),
-GGUF agreement (when exported), and the digests, from the facts verify-serving and export-gguf record."""
+"""Fast checks of the serving side: the loader stands alone, and the report's and card's serving section
+(evaluated metric, served metric and agreement when checked, GGUF agreement when exported, the digests)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from tasks.report import serving_html, serving_rows, with_serving
+from tests.conftest import ROOT
 
 FACTS = {"version": 3, "weights_digest": "ab" * 32, "evaluated": 0.6075, "tags": {},
          "parity": {"url": "http://127.0.0.1:5001", "passed": False, "metric": "exact_match", "served_metric": 0.5,
@@ -38,3 +42,14 @@ def test_a_long_card_keeps_the_serving_section_within_mlflows_limit():
 
     card = with_serving("# m v3\n" + "x" * (CARD_LIMIT + 100), FACTS)
     assert len(card) <= CARD_LIMIT and card.rstrip().endswith("|") and "## Serving and GGUF" in card
+
+
+def test_the_loader_module_stands_alone():
+    """What `mlflow models serve` imports to load a model: tasks.serving and what it needs (tasks.prompting,
+    tasks.util), nothing from flows/ or the training core, and no torch before a model is loaded."""
+    code = ("import sys, tasks.serving; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('tasks', 'flows', 'torch', 'transformers', 'prefect')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['tasks', 'tasks.prompting', 'tasks.serving', 'tasks.util']"
