@@ -51,6 +51,8 @@ def test_written_gguf_reads_back_as_the_same_model(written, merged_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.gguf_export import permute_qk
+
     ref_tok = AutoTokenizer.from_pretrained(merged_model_dir)
     ref = AutoModelForCausalLM.from_pretrained(merged_model_dir, dtype=torch.float32).state_dict()
     for kind, path in written.items():
@@ -66,14 +68,18 @@ def test_written_gguf_reads_back_as_the_same_model(written, merged_model_dir):
         assert types["blk.0.attn_q.weight"] == {"f16": "F16", "q8_0": "Q8_0"}[kind]
         assert "output.weight" in types  # the untied head
 
+        if kind == "q8_0":  # its blocks dequantized by gguf itself, against the (permuted) source weights
+            q = next(t for t in r.tensors if t.name == "blk.1.attn_k.weight")
+            got = gguf.quants.dequantize(q.data, q.tensor_type)
+            want = permute_qk(ref["model.layers.1.self_attn.k_proj.weight"].numpy(), 2)
+            assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
+            continue
+        # f16: transformers' own GGUF loader (it undoes the q/k permutation) gives back every weight and the tokenizer
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
         assert set(model) == set(ref)
-        tol = {"f16": 2e-3, "q8_0": 2e-2}[kind]  # relative to each tensor's largest value
         for k, w in ref.items():
             err = (model[k] - w).abs().max().item() / max(w.abs().max().item(), 1e-6)
-            assert err < tol, (kind, k, err)
-        if kind != "f16":
-            continue  # the same vocabulary in both files (read above); converting it back once is enough
+            assert err < 2e-3, (kind, k, err)  # relative to the tensor's largest value: f16 rounding
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         text = "<|im_start|>system\nAnswer.<|im_end|>\n<|im_start|>user\nItem 3: wörld 1234\t ok?<|im_end|>"
         assert tok(text, add_special_tokens=False).input_ids == ref_tok(text, add_special_tokens=False).input_ids
