@@ -144,6 +144,10 @@ class TrainParams(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
+# The names of tasks.metrics.METRICS (a test checks they agree): a Literal, so a typo is named with the choices.
+MetricName = Literal["exact_match", "token_f1", "rouge_l", "chrf", "json_match", "nll"]
+
+
 class EvalParams(_Strict):
     batch_size: int = Field(16, ge=1)
     # null = the longest reference answer in tokens + 1 (the turn end): a fixed cap silently scores
@@ -151,6 +155,11 @@ class EvalParams(_Strict):
     max_new_tokens: int | None = Field(None, ge=1)
     # Evaluate on the first N test rows only (null = all). Same N for every model.
     max_examples: int | None = Field(None, ge=1)
+    # The gate metric of the domain test split (tasks/metrics says what each measures); `qlora-ops init`
+    # picks it from the answers. The gate thresholds are in its units.
+    metric: MetricName = "exact_match"
+    # Also computed and reported, never gated on (exact match is always computed too).
+    report_metrics: list[MetricName] = []
 
 
 class GateParams(_Strict):

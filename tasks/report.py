@@ -60,7 +60,7 @@ def confusion(references: list[str], predictions: list[str], labels: list[str] |
     as the accuracy metric compares them (normalized); a prediction outside the label set is `(other)`."""
     import pandas as pd
 
-    from tasks.metrics.label_accuracy.label_accuracy import normalize
+    from tasks.metrics import normalize
 
     classes = sorted({normalize(x) for x in (labels or references)})
     ref = pd.Categorical([normalize(r) for r in references], categories=classes)
