@@ -15,6 +15,10 @@ from tests.conftest import tiny_params, write_toy_splits
 def evaluated(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("evm")
     data = write_toy_splits(d / "data", n_train=8, n_val=2, n_test=10)
+    # Prompts and answers of different lengths: a batch is left-padded, which the nll must not feel.
+    (data / "test.jsonl").write_text("".join(json.dumps(
+        {"id": f"t{i}", "system": "Answer briefly.", "prompt": "Item " + "very " * (3 * i) + f"long {i}?",
+         "completion": " ".join(["word"] * (1 + i % 4)) + f" {i}"}) + "\n" for i in range(10)))
     p = tiny_params(tiny_model_dir).model_copy(update={"eval": tiny_params(tiny_model_dir).eval.model_copy(
         update={"metric": "rouge_l", "report_metrics": ["token_f1", "nll"], "batch_size": 4})})
     res = evaluate_model(p, "base", tiny_model_dir, data / "test.jsonl", d / "ev")
@@ -54,7 +58,7 @@ def test_nll_is_the_training_loss_of_each_row(evaluated, tiny_model_dir):
             loss, n = batch_loss(model, collate([encode(tok, r, p.model.max_seq_len)], tok.pad_token_id), torch.device("cpu"))
             want.append(float(loss))
     got = per_row(ev)["scores"]["nll"]
-    assert got == pytest.approx(want, rel=1e-4)
+    assert got == pytest.approx(want, rel=1e-5)  # unpadded vs left-padded batches: equal up to float noise
     assert len(set(round(x, 4) for x in got)) > 1  # rows differ: not one batch mean copied to every row
 
 
