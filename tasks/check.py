@@ -19,8 +19,9 @@ from tasks import metrics as M
 from tasks.config import ParamsError, load_params
 from tasks.data import DataError, prepare
 from tasks.paths import tracking_uri, ws_path
+from tasks.redact import redact_url
 from tasks.samples import build_sample
-from tasks.sources import is_url, redact_url, snapshot
+from tasks.sources import is_url, snapshot
 from tasks.stats import PromotionPolicy, power_check
 from tasks.util import read_jsonl
 from tasks.versioning import SAMPLES, remote_url, stage_name
