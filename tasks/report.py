@@ -136,6 +136,7 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
          f"## Metrics (test split{f': {metric} (the gate metric) and' if gated else ','} exact-match accuracy, Wilson "
          "95% interval)", "", _md(acc), "",
          "## Gates", "", _md(gate_frame(summary["gates"])), "",
+         *suite_card(summary),
          "## Promotion", "", f"{'Promoted to champion' if decision['promoted'] else 'Not promoted'}: "
          f"{decision['reason']}", "",
          "## Params", "", _md(par), "",
@@ -165,6 +166,16 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
         tail = f"\n\n(card cut at {CARD_LIMIT} characters; the full card is the run's `{CARD}`)\n"
         text = text[:CARD_LIMIT - len(tail)] + tail
     return text
+
+
+def suite_card(summary: dict) -> list[str]:
+    """The card's Suites section (nothing when the run has no suites): each suite's mean per model."""
+    from tasks import report_scores as rs
+
+    tables = rs.suite_tables(summary, summary.get("gates", []))
+    if not tables:
+        return []
+    return ["## Suites", ""] + [x for _, head, df in tables for x in (f"{head}:", "", _md(df.round(4)), "")]
 
 
 def gate_frame(verdicts: list[dict]):

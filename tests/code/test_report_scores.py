@@ -57,3 +57,18 @@ def test_scored_sections_render_distributions_lost_rows_and_suites():
     assert 'id="lost-to-lora-table"' in html and 'id="lost-to-base-table"' in html and "Close the socket." in html
     assert "general: non_inferior on chrf (threshold 0.02) - general:non_inferior FAIL" in html and "0.35" in html
     assert "Suites" not in "".join(report.scored_sections(run(), {}))  # no suites: no suite section
+
+
+def test_model_card_names_the_gate_metric_and_lists_suites():
+    gates = [{"name": "general:non_inferior", "suite": "general", "value": -0.06, "op": ">=", "threshold": -0.02,
+              "passed": False, "detail": "", "ci_low": None, "ci_high": None, "ci_of": "value", "decided_on": "point estimate"}]
+    m = {"accuracy": 0.05, "ci_low": 0.01, "ci_high": 0.1, "eos_rate": 1.0, "n": 4, "metric": "rouge_l",
+         "metrics": {"rouge_l": 0.4123, "exact_match": 0.05}}
+    summary = {"mlflow_run_id": "r1", "models": {"base": m, "qlora": m, "merged": m}, "gates": gates, "fingerprint": "fp",
+               "code": {"git_commit": "abc", "source_sha": "s"}, "data": {"version": "dv", "stage": "prepare-x", "stats": {}},
+               "suites": {"general": {"metric": "chrf", "role": "non_inferior", "threshold": 0.02,
+                                      "models": {"base": {"n": 10, "metrics": {"chrf": 0.41}}}}}}
+    card = report.model_card(summary, {"eval.metric": "rouge_l", "registry.model_name": "m"}, None,
+                             {"version": 1, "promoted": True, "reason": "ok"})
+    assert "rouge_l (the gate metric)" in card and "0.4123" in card and "gated on rouge_l: ROUGE-L" in card
+    assert "## Suites" in card and "general: non_inferior on chrf (threshold 0.02) - general:non_inferior FAIL" in card
