@@ -22,7 +22,6 @@ import yaml
 from safetensors.torch import load_file
 
 from tasks.config import ParamsError
-from tasks.distributed import check_launch, prepare_for_fsdp
 from tasks.modeling import add_lora, load_model
 from tasks.train import checkpoints, train
 from tests.conftest import ROOT, free_port, tiny_params, write_toy_splits
@@ -159,6 +158,8 @@ def test_fsdp_dtype_rules_on_the_4bit_model(tiny_model_dir):
     every other frozen float (norms, embeddings) is cast to bf16; LoRA keeps fp32 (units of its own)."""
     import bitsandbytes as bnb
 
+    from tasks.distributed import prepare_for_fsdp
+
     p = tiny_params(tiny_model_dir)
     p = p.model_copy(update={"quantization": p.quantization.model_copy(update={"quant_storage": "bfloat16"})})
     model, _ = load_model(tiny_model_dir, p, quantized=True)
@@ -175,6 +176,7 @@ def test_fsdp_dtype_rules_on_the_4bit_model(tiny_model_dir):
 def test_fsdp_with_uint8_storage_is_refused_before_any_model_is_loaded(tiny_model_dir, tmp_path, monkeypatch):
     """The environment `accelerate launch` gives an FSDP config; the default quant_storage (uint8)."""
     import tasks.train as T
+    from tasks.distributed import check_launch
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the launch was checked")
