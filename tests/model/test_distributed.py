@@ -176,7 +176,6 @@ def test_fsdp_dtype_rules_on_the_4bit_model(tiny_model_dir):
 def test_fsdp_with_uint8_storage_is_refused_before_any_model_is_loaded(tiny_model_dir, tmp_path, monkeypatch):
     """The environment `accelerate launch` gives an FSDP config; the default quant_storage (uint8)."""
     import tasks.train as T
-    from tasks.distributed import check_launch
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the launch was checked")
@@ -188,6 +187,8 @@ def test_fsdp_with_uint8_storage_is_refused_before_any_model_is_loaded(tiny_mode
     assert p.quantization.quant_storage == "uint8"
     with pytest.raises(ParamsError, match=r"quantization\.quant_storage=uint8 .*FSDP.*bfloat16"):
         train(p, tiny_model_dir, tmp_path / "data", tmp_path / "run", "qlora")
+    from tasks.distributed import check_launch
+
     check_launch(p, "lora")  # the LoRA baseline stores no 4-bit weights: nothing to refuse
     float_storage = p.model_copy(update={"quantization": p.quantization.model_copy(update={"quant_storage": "bfloat16"})})
     check_launch(float_storage, "qlora")
