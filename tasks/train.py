@@ -462,6 +462,7 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
             "final_train_loss": hrows[-1]["train_loss"], "final_val_loss": vl if vl is not None else hrows[-1].get("val_loss"),
             "trainable_params": n_train, "total_params": n_all, "trainable_share": n_train / n_all,
             "weight_bytes": weight_bytes, "optimizer": opt_name, "device": dev.type, "processes": dist.world,
+            "compute_dtype": str(compute_dtype(params.quantization, dev)),
             "peak_mem_bytes": max(h["peak_mem_bytes"] for h in hrows),
             # this process's high-water mark: the training's own peak when it runs in a fresh process
             "after_import_rss_bytes": after_import_rss, "allocator": allocator(),
