@@ -191,9 +191,11 @@ class Dist:
         if self.fsdp:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-            handles = [m._handle for m in FSDP.fsdp_modules(model) if m._handle is not None]
-            out.update(fsdp_units=len(handles), local_numel=sum(h.flat_param.numel() for h in handles),
-                       full_numel=sum(h.flat_param._unpadded_unsharded_size.numel() for h in handles))
+            # FSDP1's flat parameters (private attributes: recorded only where this torch has them)
+            flat = [h.flat_param for m in FSDP.fsdp_modules(model) if (h := getattr(m, "_handle", None)) is not None]
+            out.update(fsdp_units=len(flat), local_numel=sum(f.numel() for f in flat))
+            if all(hasattr(f, "_unpadded_unsharded_size") for f in flat):
+                out["full_numel"] = sum(f._unpadded_unsharded_size.numel() for f in flat)
         return out
 
 
