@@ -74,7 +74,7 @@ def test_relay_image_is_pinned_unprivileged_and_holds_what_the_relay_imports():
     text = DOCKERFILE.read_text()
     base = re.search(r"^FROM (\S+)", text, re.M).group(1)
     # The server's Prefect release, the one this venv runs: client and server agree on the events API.
-    assert base.startswith(f"prefecthq/prefect:{prefect.__version__}-"), base
+    assert base.startswith(f"docker.io/prefecthq/prefect:{prefect.__version__}-"), base
     assert re.search(r"^USER (\d+):(\d+)$", text, re.M) and not re.search(r"^USER 0", text, re.M)
     assert "HEALTHCHECK" in text and "RUN pip" not in text
     copied = re.search(r"^COPY (.+) flows/$", text, re.M).group(1).split()
