@@ -47,7 +47,8 @@ def create_app(token: str):
         # Constant-time comparison of the whole header: no timing hint about the token.
         if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
             return PlainTextResponse("unauthorized\n", status_code=401)
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        length = request.headers.get("content-length") or "0"
+        if not length.isdigit() or int(length) > MAX_BODY:
             return PlainTextResponse("body too large\n", status_code=413)
         body = b""
         async for chunk in request.stream():
