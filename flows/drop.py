@@ -28,7 +28,8 @@ from flows.events import EventsUnavailable, api_url, drop_event, is_data_key, lo
 from tasks.config import Params, ParamsError
 from tasks.data import DataError, open_rows
 from tasks.paths import ws_path
-from tasks.sources import _open_fs, is_network_error, is_url, redact_url
+from tasks.redact import redact_url
+from tasks.sources import _open_fs, is_network_error, is_url
 
 
 class DropNotAnnounced(EventsUnavailable):
