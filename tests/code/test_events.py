@@ -173,6 +173,17 @@ def test_good_file_lands_whole_in_a_directory_source(tmp_path, dropbox):
     assert (dropbox / "week07.csv").read_bytes() == good.read_bytes()
 
 
+def test_directory_drop_whose_event_is_not_taken_exits_4_with_the_file_in_place(tmp_path, dropbox):
+    good = tmp_path / "week07.jsonl"
+    good.write_text('{"instruction": "a", "output": "b"}\n')
+    r = _cli(tmp_path, "drop", str(good), "--params", "params/dir.yaml", PREFECT_API_URL="http://127.0.0.1:9/api",
+             PREFECT_CLIENT_MAX_RETRIES="0")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "dropped, not announced" in r.stderr and "http://127.0.0.1:9/api" in r.stderr
+    assert "next scheduled run picks it up" in r.stderr
+    assert (dropbox / "week07.jsonl").read_bytes() == good.read_bytes()
+
+
 @pytest.mark.parametrize("source,why", [(None, "data.source is null"), ("incoming/all.jsonl", "is one file"),
                                         ("s3://b/drops/all.parquet", "is one file")])
 def test_drop_needs_a_directory_or_prefix_source(tmp_path, source, why):
