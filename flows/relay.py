@@ -1,10 +1,10 @@
 """MinIO bucket notification -> Prefect event: the relay of the team stack (infra/relay/).
 
-    QLORA_RELAY_TOKEN=<token MinIO sends> PREFECT_API_URL=http://prefect-server:4200/api \\
+    QLORA_RELAY_SECRET=<token MinIO sends> PREFECT_API_URL=http://prefect-server:4200/api \\
     PREFECT_API_AUTH_STRING=<user:secret> python -m flows.relay --host 0.0.0.0 --port 8080
 
 MinIO's webhook target (MINIO_NOTIFY_WEBHOOK_*_QLORA, `mc event add ... --event put`) POSTs one
-notification per created object to /minio with `Authorization: Bearer <QLORA_RELAY_TOKEN>`; the relay
+notification per created object to /minio with `Authorization: Bearer <QLORA_RELAY_SECRET>`; the relay
 turns each data object in it into a `qlora-ops.data.dropped` event (flows/events.py) and posts that to
 the Prefect events API with the auth string only it holds. So droppers need an S3 key that can put under
 drops/ and nothing else: no Prefect secret.
@@ -38,7 +38,7 @@ def create_app(token: str):
     from starlette.routing import Route
 
     if not token:
-        raise ValueError("QLORA_RELAY_TOKEN is empty: the relay never runs unauthenticated")
+        raise ValueError("QLORA_RELAY_SECRET is empty: the relay never runs unauthenticated")
     expected = f"Bearer {token}".encode()
 
     async def minio(request):
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print("relay: PREFECT_API_URL is not set (e.g. http://prefect-server:4200/api)", file=sys.stderr)
         return 2
     try:
-        app = create_app(os.environ.get("QLORA_RELAY_TOKEN", ""))
+        app = create_app(os.environ.get("QLORA_RELAY_SECRET", ""))
     except ValueError as e:
         print(f"relay: {e}", file=sys.stderr)
         return 2

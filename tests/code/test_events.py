@@ -241,5 +241,5 @@ def test_relay_refuses_what_minio_did_not_send(relay):
 def test_relay_will_not_start_without_a_token():
     from flows.relay import create_app
 
-    with pytest.raises(ValueError, match="QLORA_RELAY_TOKEN"):
+    with pytest.raises(ValueError, match="QLORA_RELAY_SECRET"):
         create_app("")

@@ -51,9 +51,9 @@ def test_compose_relay_is_locked_down_and_agrees_with_minio(compose):
     # The relay holds the same auth string the server checks, and the same token MinIO sends.
     assert env["PREFECT_API_AUTH_STRING"] == s["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-    assert REQUIRED_REF.fullmatch(env["QLORA_RELAY_TOKEN"])
+    assert REQUIRED_REF.fullmatch(env["QLORA_RELAY_SECRET"])
     menv = minio["environment"]
-    assert menv["MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_QLORA"] == env["QLORA_RELAY_TOKEN"]
+    assert menv["MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_QLORA"] == env["QLORA_RELAY_SECRET"]
     assert menv["MINIO_NOTIFY_WEBHOOK_ENABLE_QLORA"] == "on"
     assert menv["MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_QLORA"].startswith("/")
     route, port = _route_and_port()
@@ -65,7 +65,7 @@ def test_compose_relay_is_locked_down_and_agrees_with_minio(compose):
     ev = s["minio-events"]
     assert ev["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     assert (INFRA / ev["volumes"][0].split(":")[0].removeprefix("./")).is_file()
-    assert "QLORA_RELAY_TOKEN=\n" in (INFRA / ".env.example").read_text()
+    assert "QLORA_RELAY_SECRET=\n" in (INFRA / ".env.example").read_text()
 
 
 def test_relay_image_is_pinned_unprivileged_and_holds_what_the_relay_imports():
@@ -114,7 +114,7 @@ def test_k8s_relay_follows_the_stack_security_style(k8s):
     assert relay["livenessProbe"]["httpGet"]["path"] == relay["readinessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e for e in relay["env"]}
     assert env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["key"] == "PREFECT_AUTH_STRING"
-    assert env["QLORA_RELAY_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "QLORA_RELAY_TOKEN"
+    assert env["QLORA_RELAY_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "QLORA_RELAY_SECRET"
     assert not any(k.startswith("AWS_") for k in env)
     svc = k8s[("Service", "relay")]["spec"]
     assert svc.get("type", "ClusterIP") == "ClusterIP" and svc["ports"][0]["port"] == port
@@ -124,16 +124,28 @@ def test_k8s_relay_follows_the_stack_security_style(k8s):
     menv = {e["name"]: e for e in minio["env"]}
     ep = urlsplit(menv["MINIO_NOTIFY_WEBHOOK_ENDPOINT_QLORA"]["value"])
     assert (ep.hostname, ep.port, ep.path) == (k8s[("Service", "relay")]["metadata"]["name"], port, route)
-    assert menv["MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_QLORA"]["valueFrom"]["secretKeyRef"]["key"] == "QLORA_RELAY_TOKEN"
-    assert "QLORA_RELAY_TOKEN" in yaml.safe_load((INFRA / "k8s" / "secret.yaml.example").read_text())["stringData"]
-    # Only MinIO may call the relay; the relay may call only the Prefect API (and DNS).
+    assert menv["MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_QLORA"]["valueFrom"]["secretKeyRef"]["key"] == "QLORA_RELAY_SECRET"
+    assert "QLORA_RELAY_SECRET" in yaml.safe_load((INFRA / "k8s" / "secret.yaml.example").read_text())["stringData"]
+    # Only MinIO may call the relay (and MinIO may call it, under the namespace's default-deny); the relay
+    # reaches the Prefect API as a labelled Prefect client, the Job MinIO as a labelled MinIO client.
     np = k8s[("NetworkPolicy", "relay")]["spec"]
-    assert np["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "relay"}
-    assert set(np["policyTypes"]) == {"Ingress", "Egress"}
+    assert np["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "relay"} and np["policyTypes"] == ["Ingress"]
     assert [f["podSelector"]["matchLabels"] for f in np["ingress"][0]["from"]] == [{"app.kubernetes.io/name": "minio"}]
     assert np["ingress"][0]["ports"] == [{"protocol": "TCP", "port": port}]
-    assert np["egress"][0]["to"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prefect-server"}
-    assert np["egress"][0]["ports"] == [{"protocol": "TCP", "port": 4200}]
+    out = k8s[("NetworkPolicy", "minio-to-relay")]["spec"]
+    assert out["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "minio"} and out["policyTypes"] == ["Egress"]
+    assert out["egress"] == [{"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "relay"}}}],
+                              "ports": [{"protocol": "TCP", "port": port}]}]
+    pod_labels = k8s[("Deployment", "relay")]["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["qlora-ops/prefect-client"] == "true"
+    assert k8s[("Job", "minio-events")]["spec"]["template"]["metadata"]["labels"]["qlora-ops/minio-client"] == "true"
+    policies = [o for o in yaml.safe_load_all((INFRA / "k8s" / "networkpolicy.yaml").read_text()) if o]
+    selectors = {p["metadata"]["name"]: p["spec"]["podSelector"].get("matchLabels") for p in policies}
+    assert selectors["prefect-clients"] == {"qlora-ops/prefect-client": "true"}
+    assert selectors["minio-clients"] == {"qlora-ops/minio-client": "true"}
+    kust = yaml.safe_load((INFRA / "k8s" / "kustomization.yaml").read_text())
+    assert "relay.yaml" in kust["resources"]
+    assert relay["image"].split(":")[0] in {i["name"] for i in kust["images"]}
 
 
 def test_k8s_minio_events_script_is_a_copy(k8s):

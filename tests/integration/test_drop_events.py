@@ -110,7 +110,7 @@ def stack(tmp_path_factory, tiny_model_dir, mlflow_server):
             procs = []
             with open(root / "relay.log", "w") as fh:
                 procs.append(subprocess.Popen([sys.executable, "-m", "flows.relay", "--port", str(relay_port)], cwd=ws,
-                                              env={**env, "QLORA_RELAY_TOKEN": TOKEN}, stdout=fh, stderr=subprocess.STDOUT,
+                                              env={**env, "QLORA_RELAY_SECRET": TOKEN}, stdout=fh, stderr=subprocess.STDOUT,
                                               start_new_session=True))
             wait_http(f"http://127.0.0.1:{relay_port}/healthz", procs[0], timeout=120)
             with open(root / "worker.log", "w") as fh:
