@@ -101,9 +101,11 @@ class DataParams(_Strict):
 class QuantParams(_Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    # auto: bf16 on CUDA that supports it, else fp16 on CUDA, float32 on CPU.
+    # auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs (T4, V100), float32
+    # on CPU. fp16 trains with a gradient scaler (tasks.train).
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Storage dtype of the packed 4-bit weights; set to the model dtype (e.g. bfloat16) for FSDP.
+    # Storage dtype of the packed 4-bit weights. FSDP needs a float one (the compute dtype, e.g. bfloat16):
+    # a QLoRA run launched with FSDP and uint8 is refused before loading (tasks.distributed.check_launch).
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
 
 
