@@ -230,6 +230,11 @@ class OrchestrationParams(_Strict):
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(10, ge=0)
     timeouts: TimeoutParams = TimeoutParams()
+    # Event-driven retraining (flows/triggers.py; needs data.source): a drop into data.source starts
+    # qlora-retrain/<deployment> once no further drop has arrived for this many seconds, so a burst of
+    # uploads is one run that sees all of them. At least 10: Prefect's minimum for the Proactive trigger
+    # that implements it. The cron `schedule` stays as the safety net.
+    debounce_s: float = Field(300, ge=10)
 
 
 class Params(_Strict):
