@@ -259,11 +259,11 @@ def parity(gguf_path: Path, model_dir: Path, ev: dict, confidence: float = 0.95)
     t0 = time.time()
     got = llama_answers(gguf_path, model_dir, ev["rows"], int(ev["max_new_tokens"]), ev["system_prompt"])
     agr = agreement(ev["answers"], got["answers"], confidence=confidence)
-    scores = metric_scores(ev["metric"], got["answers"], ev["references"])
+    metric, scores = metric_scores(ev["metric"], got["answers"], ev["references"])
     differ = [i for i, (a, b) in enumerate(zip(ev["answers"], got["answers"])) if a != b]
     return {"n": agr["n"], "differ": agr["differ"], "agreement": 1 - agr["share"], "ci_low": 1 - agr["ci_high"],
-            "ci_high": 1 - agr["ci_low"], "metric": ev["metric"], "gguf_metric": sum(scores) / len(scores),
-            "evaluated_metric": ev["metric_value"], "prompt_tokens_equal": got["prompt_tokens_equal"],
+            "ci_high": 1 - agr["ci_low"], "metric": metric, "gguf_metric": sum(scores) / len(scores),
+            "evaluated_metric": ev["metrics"].get(metric), "prompt_tokens_equal": got["prompt_tokens_equal"],
             "seconds": round(time.time() - t0, 1),
             "examples": [{"id": ev["ids"][i], "evaluated": ev["answers"][i], "gguf": got["answers"][i]}
                          for i in differ[:5]]}
@@ -321,6 +321,10 @@ def export_version(model_name: str, version: int, work: Path, *, out: Path | Non
     return res
 
 
+def _f(x) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "?"
+
+
 def explain(res: dict) -> str:
     L = [f"GGUF of {res['model_name']} v{res['version']} on run {res['run_id']} under gguf/:"]
     for f in res["files"]:
@@ -328,7 +332,7 @@ def explain(res: dict) -> str:
     for kind, p in (res.get("parity") or {}).items():
         L.append(f"  llama.cpp {kind}: agreement with the evaluated merged model {p['agreement']:.4f} "
                  f"[{p['ci_low']:.4f}, {p['ci_high']:.4f}] on {p['n']} rows; {p['metric']} {p['gguf_metric']:.4f} "
-                 f"(evaluated {p['evaluated_metric']:.4f}); prompt tokens equal on {p['prompt_tokens_equal']}/{p['n']}")
+                 f"(evaluated {_f(p['evaluated_metric'])}); prompt tokens equal on {p['prompt_tokens_equal']}/{p['n']}")
     if res.get("parity_skipped"):
         L.append(f"  parity not run: {res['parity_skipped']}")
     return "\n".join(L)

@@ -281,30 +281,20 @@ def evaluated(model_name: str, version: int, dst: Path) -> dict:
     metric = metrics.get("metric") or params.get("eval.metric") or "exact_match"
     return {"run_id": run_id, "rows": [test[p["id"]] for p in preds], "ids": [p["id"] for p in preds],
             "answers": [p["prediction"] for p in preds], "references": [p["reference"] for p in preds],
-            "metric": metric, "metric_value": (metrics.get("metrics") or {}).get(metric, metrics.get("accuracy")),
+            "metric": metric, "metrics": {"exact_match": metrics.get("accuracy"), **(metrics.get("metrics") or {})},
             "system_prompt": params.get("data.system_prompt"), "batch_size": int(params.get("eval.batch_size") or 16),
             "max_new_tokens": metrics.get("max_new_tokens"), "weights_digest": tags.get(WEIGHTS_DIGEST),
             "dtype": str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")}
 
 
-def metric_scores(name: str, predictions: list[str], references: list[str]) -> list[float]:
-    """Per-row scores of the gate metric. SEAM: tasks.metrics.score (design contract A) when it is there;
-    until then exact match with the label normalisation every evaluation uses (tasks/metrics/label_accuracy)."""
-    try:
-        from tasks.metrics import score  # contract A
-    except ImportError:
-        score = None
-    if score is not None:
-        return [float(x) for x in score(name, predictions, references)]
-    if name != "exact_match":
-        raise ServingError(f"metric {name!r}: this qlora-ops has only exact_match (tasks.metrics not installed)")
-    import importlib.util
+def metric_scores(name: str, predictions: list[str], references: list[str]) -> tuple[str, list[float]]:
+    """(metric, per-row scores) of answers with the gate metric (tasks.metrics, design contract A). A
+    likelihood metric (nll) scores the reference under the model, not an answer: exact match is used then."""
+    from tasks import metrics as M
 
-    path = Path(__file__).with_name("metrics") / "label_accuracy" / "label_accuracy.py"
-    spec = importlib.util.spec_from_file_location("label_accuracy", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # only normalize(); the module is ours (tasks/metrics), not the artifact's
-    return [float(mod.normalize(p) == mod.normalize(r)) for p, r in zip(predictions, references)]
+    if M.get(name).kind != "generation":
+        name = "exact_match"
+    return name, [float(x) for x in M.score(name, predictions, references)]
 
 
 # ---------------------------------------------------------------- the live endpoint
@@ -396,12 +386,12 @@ def check(url: str, model_name: str, version: int, threshold: float, confidence:
         served_desc = describe(url)
         served = ask(url, records, ev["batch_size"])
     agr = agreement(ev["answers"], served, confidence=confidence)
-    scores = metric_scores(ev["metric"], served, ev["references"])
+    metric, scores = metric_scores(ev["metric"], served, ev["references"])
     differ = [i for i, (a, b) in enumerate(zip(ev["answers"], served)) if a != b]
     res = {"model_name": model_name, "version": int(version), "url": _redact(url), "run_id": ev["run_id"],
            "n": agr["n"], "differ": agr["differ"], "share": agr["share"], "ci_low": agr["ci_low"],
            "ci_high": agr["ci_high"], "confidence": confidence, "threshold": threshold,
-           "passed": agr["share"] <= threshold, "metric": ev["metric"], "evaluated_metric": ev["metric_value"],
+           "passed": agr["share"] <= threshold, "metric": metric, "evaluated_metric": ev["metrics"].get(metric),
            "served_metric": sum(scores) / len(scores), "seconds": round(time.time() - t0, 1),
            "examples": [{"id": ev["ids"][i], "evaluated": ev["answers"][i], "served": served[i]} for i in differ[:5]],
            "causes": causes(ev, served_desc) if differ else [], "endpoint": served_desc,
@@ -416,12 +406,16 @@ def _redact(url: str) -> str:
     return urlunsplit(p._replace(netloc=p.hostname + (f":{p.port}" if p.port else ""))) if p.password else url
 
 
+def _f(x) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "?"
+
+
 def explain(res: dict) -> str:
     head = (f"serving parity of {res['model_name']} v{res['version']} at {res['url']}: {res['differ']}/{res['n']} "
             f"answers differ ({res['share']:.4f}, {res['confidence']:.0%} interval [{res['ci_low']:.4f}, "
             f"{res['ci_high']:.4f}]) {'<=' if res['passed'] else '>'} gates.max_serving_disagreement "
             f"{res['threshold']}: {'PASS' if res['passed'] else 'FAIL'}; {res['metric']} served "
-            f"{res['served_metric']:.4f}, evaluated {res['evaluated_metric']:.4f}")
+            f"{res['served_metric']:.4f}, evaluated {_f(res['evaluated_metric'])}")
     lines = [head] + [f"  cause: {c}" for c in res["causes"]]
     lines += [f"  row {e['id']}: evaluated {e['evaluated']!r}, served {e['served']!r}" for e in res["examples"]]
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import sys
 from tasks.report import serving_html, serving_rows, with_serving
 from tests.conftest import ROOT
 
-FACTS = {"version": 3, "weights_digest": "ab" * 32, "evaluated": 0.6075, "tags": {},
+FACTS = {"version": 3, "weights_digest": "ab" * 32, "metric": "exact_match", "evaluated": 0.6075, "tags": {},
          "parity": {"url": "http://127.0.0.1:5001", "passed": False, "metric": "exact_match", "served_metric": 0.5,
                     "share": 0.25, "ci_low": 0.1, "ci_high": 0.45, "n": 16, "endpoint": {"weights_digest": "cd" * 32}},
          "gguf": {"files": [{"kind": "f16", "file": "model-f16.gguf", "sha256": "ef" * 32},
@@ -21,7 +21,7 @@ def test_serving_rows_name_every_number_and_digest():
     rows = serving_rows(FACTS)
     assert [r["what"] for r in rows] == ["registered (evaluated)", "served at http://127.0.0.1:5001 (FAIL)",
                                          "GGUF model-f16.gguf", "GGUF adapter-f32.gguf"]
-    assert rows[0]["metric"] == "0.6075" and rows[0]["digest"] == "weights_digest " + "ab" * 8
+    assert rows[0]["metric"] == "exact_match 0.6075" and rows[0]["digest"] == "weights_digest " + "ab" * 8
     assert rows[1]["metric"] == "exact_match 0.5000" and rows[1]["agreement"] == "0.7500 [0.5500, 0.9000] on 16 rows"
     assert rows[1]["digest"] == "endpoint " + "cd" * 8
     assert rows[2]["agreement"] == "0.9700 [0.9300, 0.9900] on 107 rows" and rows[2]["digest"] == "sha256 " + "ef" * 8
