@@ -26,14 +26,15 @@ import yaml
 from tasks.config import Params, ParamsError
 from tasks.data import DATA_SUFFIXES
 from tasks.paths import state_dir, ws_path
-from tasks.sources import is_network_error, is_url, redact_url, snapshot
+from tasks.redact import redact_url
+from tasks.sources import is_network_error, is_url, snapshot
 
 SAMPLE_RAW = "data/raw/stdlib_docstrings.jsonl"  # produced by the `sample` stage of dvc.yaml
 DEFAULT_PARAMS = "params/default.yaml"
 REMOTE = "qlora-ops"  # the DVC remote every run pushes to, configured in .dvc/config.local
 
 __all__ = ["DvcError", "REMOTE", "code_version", "configure_remote", "dvc", "ensure_stage", "prepare_via_dvc",
-           "redact_url", "remote_url", "source_hash", "stage_name"]
+           "remote_url", "source_hash", "stage_name"]
 
 
 class DvcError(RuntimeError):
