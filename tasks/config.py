@@ -163,6 +163,7 @@ class GateParams(_Strict):
     # Share of the LoRA baseline's gain over the base that QLoRA keeps, (qlora - base) / (lora - base) in the
     # metric's direction (point estimate; the paired interval of QLoRA vs LoRA is reported beside it). A LoRA
     # baseline no better than the base fails the gate: there is no gain to retain, so QLoRA cannot be checked.
+    # 0 turns the gate off (reported, never refusing).
     min_retention_vs_lora: float = Field(0.9, ge=0)
     # Merged vs QLoRA, flips in both directions counted (a net difference would let them cancel). 0/1 metric
     # (exact match): share of rows whose normalised answers differ; continuous metric: mean |merged - QLoRA|

@@ -10,7 +10,7 @@ gate passed.
 
 What each gate decides on (docs/gates.md says why):
 - gain_over_base     interval lower bound of the gain QLoRA - base                   >= gates.min_gain_over_base
-- retention_vs_lora  (QLoRA - base) / (LoRA - base), point; LoRA no better than base -> FAIL
+- retention_vs_lora  (QLoRA - base) / (LoRA - base), point; LoRA no better than base -> FAIL; 0 = gate off
                                                                                     >= gates.min_retention_vs_lora
 - merge_disagreement 0/1 metric: share of rows whose normalised answers differ;
                      continuous: mean |merged - QLoRA| per-row score                <= gates.max_merge_disagreement
@@ -30,11 +30,13 @@ _NOT = {">=": "<", ">": "<=", "<=": ">"}
 
 def _verdict(name: str, value: float, op: str, threshold: float, detail: str, *, metric: Metric, confidence: float,
              ci: tuple[float, float] | None = None, decided_on: float | None = None, p_value: float | None = None,
-             ci_of: str = "value", suite: str | None = None, fail: str | None = None) -> dict:
-    """One gate's verdict. `fail` forces FAIL with that reason as what it was decided on (no number can pass)."""
+             ci_of: str = "value", suite: str | None = None, fail: str | None = None,
+             waived: str | None = None) -> dict:
+    """One gate's verdict. `fail` forces FAIL with that reason as what it was decided on (no number can pass);
+    `waived` passes it with that reason (the params turned the gate off; the numbers are still reported)."""
     x = value if decided_on is None else decided_on
-    ok = fail is None and _OPS[op](x, threshold)
-    how = fail or ("interval lower bound" if decided_on is not None else "point estimate")
+    ok = fail is None and (waived is not None or _OPS[op](x, threshold))
+    how = fail or waived or ("interval lower bound" if decided_on is not None else "point estimate")
     return {"name": name, "value": round(value, 6), "op": op, "threshold": threshold, "passed": bool(ok),
             "detail": detail, "ci_low": None if ci is None else round(ci[0], 6),
             "ci_high": None if ci is None else round(ci[1], 6), "ci_of": ci_of, "p_value": p_value,
@@ -89,21 +91,24 @@ def pre_merge_gates(g: GateParams, metric: Metric | str, base: Sequence[float], 
         ci=(gain["gain_low"], gain["gain_high"]), decided_on=gain["gain_low"], p_value=gain["p_value"], **common)]
     beside = f"QLoRA vs LoRA {_num(m, ret['gain'])}, {conf} CI {_ci(m, ret['gain_low'], ret['gain_high'])}, {_test(ret)}"
     of = "QLoRA - LoRA" if m.higher_is_better else "LoRA - QLoRA"
+    # min_retention_vs_lora = 0 turns the gate off (reported, never refusing): the tests' untrained tiny models.
+    off = g.min_retention_vs_lora <= 0
     if lora_gain <= 0:
-        verdicts.append(_verdict(
-            "retention_vs_lora", 0.0, ">=", g.min_retention_vs_lora,
-            f"LoRA {l:.4f} is no better than base {b:.4f} (gain {_num(m, lora_gain)}): the baseline learned nothing, "
-            f"so there is no gain for QLoRA to retain and QLoRA cannot be checked against it; fix the training "
-            f"(data, steps, lr) before trusting either model; {beside}",
-            ci=(ret["gain_low"], ret["gain_high"]), p_value=ret["p_value"], ci_of=of,
-            fail="LoRA gain over base <= 0", **common))
+        # No gain to retain: the ratio is undefined, and QLoRA cannot be checked against a baseline that
+        # learned nothing. FAIL (whatever the ratio would say), named, unless the gate is off.
+        value, why = 0.0, (f"LoRA {l:.4f} is no better than base {b:.4f} (gain {_num(m, lora_gain)}): the baseline "
+                           "learned nothing, so there is no gain for QLoRA to retain and QLoRA cannot be checked "
+                           "against it; " + ("" if off else "fix the training (data, steps, lr) before trusting "
+                                                            "either model; "))
     else:
-        retention = gain["gain"] / lora_gain
-        verdicts.append(_verdict(
-            "retention_vs_lora", retention, ">=", g.min_retention_vs_lora,
-            f"(QLoRA {q:.4f} - base {b:.4f}) / (LoRA {l:.4f} - base {b:.4f}) = {retention:.4f} of LoRA's gain kept; "
-            f"{beside}",
-            ci=(ret["gain_low"], ret["gain_high"]), p_value=ret["p_value"], ci_of=of, **common))
+        value = gain["gain"] / lora_gain
+        why = f"(QLoRA {q:.4f} - base {b:.4f}) / (LoRA {l:.4f} - base {b:.4f}) = {value:.4f} of LoRA's gain kept; "
+    verdicts.append(_verdict(
+        "retention_vs_lora", value, ">=", g.min_retention_vs_lora,
+        why + ("not required (gates.min_retention_vs_lora = 0); " if off else "") + beside,
+        ci=(ret["gain_low"], ret["gain_high"]), p_value=ret["p_value"], ci_of=of,
+        fail="LoRA gain over base <= 0" if lora_gain <= 0 and not off else None,
+        waived="not required (gates.min_retention_vs_lora = 0)" if off else None, **common))
     return verdicts
 
 
@@ -174,7 +179,8 @@ def gate_scores(model_rows: dict, metric: Metric) -> list:
     if metric.name in scores:
         return scores[metric.name]
     if metric.name != "exact_match":
-        raise ValueError(f"no per-row {metric.name} scores in these results (have: {sorted(scores) or 'exact match only'})")
+        have = sorted(scores) or "exact match only"
+        raise ValueError(f"no per-row {metric.name} scores in these results (have: {have})")
     return model_rows["correct"]
 
 

@@ -637,7 +637,8 @@ class _Shape:
 
         def spread(z: float) -> float:
             m = min(max((float(special.ndtr(z)) - self.p0) / (1 - self.p0 - self.p1), 0.0), 1.0)
-            return (1 - (1 - m) ** (1 / self.b)) ** (1 / self.a) * math.exp(-(z - shift) ** 2 / 2) / math.sqrt(2 * math.pi)
+            density = math.exp(-(z - shift) ** 2 / 2) / math.sqrt(2 * math.pi)
+            return (1 - (1 - m) ** (1 / self.b)) ** (1 / self.a) * density
 
         return float(stats.norm.sf(z1 - shift)) + integrate.quad(spread, z0, z1, epsabs=1e-12, epsrel=1e-12)[0]
 

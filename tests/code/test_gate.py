@@ -62,17 +62,29 @@ def test_retention_is_of_the_gain_over_the_base():
     assert "(QLoRA 0.6000 - base 0.2000) / (LoRA 0.8000 - base 0.2000)" in vs["retention_vs_lora"]["detail"]
 
 
-@pytest.mark.parametrize("threshold", [0.9, 0.0])
+@pytest.mark.parametrize("threshold", [0.9, 0.01])
 def test_lora_no_better_than_base_fails_retention_and_says_why(threshold):
     """Issue 17: with LoRA at 0 the old `q / l if l > 0 else (1.0 if q >= l else 0.0)` passed automatically
     (its 0.0 branch could never run). A baseline that learned nothing cannot vouch for QLoRA: FAIL, named,
-    whatever the threshold."""
+    whatever the retention threshold (QLoRA at 0.50 would have "kept" any share of a zero gain)."""
     g = GateParams(min_gain_over_base=0.0, min_retention_vs_lora=threshold)
     for base, lora in ((rows(0.0), rows(0.0)), (rows(0.30), rows(0.30, shift=50))):  # LoRA at 0; LoRA = base
         v = by_name(gate.pre_merge_gates(g, EM, base=base, lora=lora, qlora=rows(0.50)))["retention_vs_lora"]
         assert v["passed"] is False and v["decided_on"] == "LoRA gain over base <= 0"
         assert "no better than base" in v["detail"] and "learned nothing" in v["detail"]
         assert "retention_vs_lora: LoRA gain over base <= 0" in gate.explain([v])
+
+
+def test_retention_threshold_zero_turns_the_gate_off():
+    """The integration tests' untrained tiny models set min_retention_vs_lora: 0 to switch the gate off: it
+    passes, says it was not required, and still reports what it saw (here: LoRA learned nothing; QLoRA
+    below the base, a negative share)."""
+    g = GateParams(min_gain_over_base=-1.0, min_retention_vs_lora=0.0)
+    v = by_name(gate.pre_merge_gates(g, EM, rows(0.0), rows(0.0), rows(0.0)))["retention_vs_lora"]
+    assert v["passed"] and v["decided_on"] == "not required (gates.min_retention_vs_lora = 0)"
+    assert "learned nothing" in v["detail"] and "not required" in v["detail"]
+    v = by_name(gate.pre_merge_gates(g, EM, rows(0.10), rows(0.20), rows(0.05)))["retention_vs_lora"]
+    assert v["passed"] and v["value"] == pytest.approx(-0.5)
 
 
 def test_merge_gate_counts_flips_in_both_directions():

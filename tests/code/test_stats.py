@@ -406,7 +406,8 @@ def test_synthetic_scores_are_rouge_shaped_with_the_true_difference():
     d = cand - champ
     assert d.mean() == pytest.approx(0.0, abs=0.002)
     assert np.median(d[d != 0]) > 0.02 and np.mean(d < -0.4) > 0.03  # small wins, big losses: skewed
-    assert ASSUMED_SD >= (synthetic_scores(2000, 0.0, draws=20, seed=5)[0] - synthetic_scores(2000, 0.0, draws=20, seed=5)[1]).std()
+    cand, champ = synthetic_scores(2000, 0.0, draws=20, seed=5)
+    assert 0.2 < (cand - champ).std() <= ASSUMED_SD  # the assumption errs towards "more rows"
 
 
 def test_continuous_simulation_runs_the_real_decide():
