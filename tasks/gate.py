@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from tasks import stats
 from tasks.config import GateParams, Params
-from tasks.metrics import Metric, get
+from tasks.metrics import Metric, get, normalize
 
 _OPS = {">=": lambda x, t: x >= t, ">": lambda x, t: x > t, "<=": lambda x, t: x <= t}
 _NOT = {">=": "<", ">": "<=", "<=": ">"}
@@ -114,8 +114,7 @@ def pre_merge_gates(g: GateParams, metric: Metric | str, base: Sequence[float], 
 
 def _normalise(answer: str) -> str:
     """exact_match's own answer normalisation (case, quotes, trailing period): answers that score the same
-    count as the same answer. Imported on first use: its evaluate module loads `datasets`."""
-    from tasks.metrics.label_accuracy.label_accuracy import normalize
+    count as the same answer (tasks.metrics.normalize loads its evaluate module on first use)."""
     return normalize(answer)
 
 
@@ -168,8 +167,8 @@ def level(confidence: float) -> str:
 
 
 def gate_metric(params: Params) -> Metric:
-    """The domain split's gate metric: eval.metric (exact_match while EvalParams has no such key)."""
-    return get(getattr(params.eval, "metric", "exact_match"))
+    """The domain split's gate metric (eval.metric)."""
+    return get(params.eval.metric)
 
 
 def gate_scores(model_rows: dict, metric: Metric) -> list:
