@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.model_stage import model_stage
-from flows.retrain import MODEL_STAGE_FLOW, retrain
+from flows.remote_stage import MODEL_STAGE_FLOW
+from flows.retrain import retrain
 from flows.registry_slot import ensure_registry_limit
 from tasks.config import Params
 

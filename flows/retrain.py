@@ -14,7 +14,6 @@ passes between them (versions, URIs, small JSON) and the run's final state.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -23,17 +22,15 @@ from prefect import flow
 from prefect.states import Completed, Failed
 
 from flows import prefect_tasks as pt
-from flows import runtime
-from flows.model_stage import METRIC, RESULT, champion_rows, key, model_stage
+from flows import registry_slot, runtime
+from flows.model_stage import METRIC, champion_rows, key, model_stage
+from flows.remote_stage import MODEL_STAGE_FLOW, ModelStageFailed, remote_model_stage  # noqa: F401 (re-exported)
 from tasks import gate, report, stats, tracking
 from tasks.base_model import base_fingerprint
 from tasks.config import Params, load_params
 from tasks.paths import artifact_root, state_dir, tracking_uri, ws_path
 from tasks.util import read_json, sha256_file
 from tasks.versioning import code_version
-
-MODEL_STAGE_FLOW = "qlora-model-stage"
-
 
 def fingerprint(data_version: str, params: Params, code_sha: str, base_fp: str) -> str:
     """Everything that decides the model and its verdict: a run with the same one has nothing new to do."""
@@ -66,6 +63,7 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     uri = tracking_uri(ws, params)
     remote = uri.startswith(("http://", "https://"))
     runtime.check_services(uri, os.environ.get("PREFECT_API_URL"))
+    registry_slot.check_binding(uri, params.registry.model_name)  # a shared registry: its writers' lock, before any work
     mlflow.set_tracking_uri(uri)
     exp_id = tracking.ensure_experiment(params.registry.experiment, artifact_root(ws, params).as_uri(), remote)
 
@@ -166,38 +164,6 @@ def call_model_stage(params: Params, ws: Path, run_id: str, data_uri: str, local
         return model_stage.with_options(timeout_seconds=params.orchestration.timeouts.model_stage)(
             **args, data_uri=local_data, workspace=str(ws))
     return remote_model_stage(params, run_id, {**args, "data_uri": data_uri})
-
-
-def remote_model_stage(params: Params, run_id: str, args: dict) -> dict:
-    """Run the GPU deployment and read its result from the run's artifacts. A lost worker (Crashed) or
-    a transient failure starts it again with backoff (Prefect never retries a Crashed run by itself);
-    anything else ends here with the child's own message."""
-    import mlflow
-    from prefect.deployments import run_deployment
-
-    name = f"{MODEL_STAGE_FLOW}/{params.orchestration.deployment}"
-    delays = runtime.backoff(params)
-    for attempt in range(len(delays) + 1):
-        fr = run_deployment(name, parameters=args, timeout=params.orchestration.timeouts.model_stage,
-                            flow_run_name=f"model-stage-{run_id[:8]}-{attempt + 1}")
-        st = fr.state
-        if st is not None and st.is_completed():
-            text = mlflow.artifacts.load_text(f"runs:/{run_id}/{RESULT}")
-            return json.loads(text)
-        msg = f"{name} run {fr.id} ended {st.name if st else 'without a state'}: {st.message if st else ''}"
-        if st is not None and not st.is_final():
-            raise TimeoutError(f"{name} run {fr.id} still {st.name} after "
-                               f"{params.orchestration.timeouts.model_stage:g} s (orchestration.timeouts.model_stage)")
-        retry = st is not None and (st.is_crashed() or runtime.is_transient(RuntimeError(st.message or "")))
-        if not retry or attempt == len(delays):
-            raise ModelStageFailed(msg)
-        print(f"{msg}; starting it again in {delays[attempt]:g} s")
-        time.sleep(delays[attempt])
-    raise AssertionError("unreachable")
-
-
-class ModelStageFailed(RuntimeError):
-    pass
 
 
 def policy(params: Params) -> stats.PromotionPolicy:
