@@ -71,7 +71,8 @@ def classify(exc: BaseException) -> str:
     from tasks.modeling import DivergenceError
     from tasks.versioning import DvcError
 
-    if isinstance(exc, (ParamsError, DataError, DvcError, BaseModelError)):
+    if isinstance(exc, (ParamsError, DataError, DvcError, BaseModelError)) or \
+            (isinstance(exc, ModelStageFailed) and "orchestration.gpu_required" in str(exc)):  # no GPU on the GPU pool
         return "bad_input"
     if isinstance(exc, StageTimedOut):
         return "timeout"

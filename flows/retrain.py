@@ -23,7 +23,7 @@ from prefect.states import Completed, Failed
 
 from flows import prefect_tasks as pt
 from flows import registry_slot, runtime
-from flows.model_stage import METRIC, champion_rows, key, model_stage
+from flows.model_stage import METRIC, key, model_stage
 from flows.remote_stage import MODEL_STAGE_FLOW, ModelStageFailed, remote_model_stage  # noqa: F401 (re-exported)
 from tasks import gate, report, stats, tracking
 from tasks.base_model import base_fingerprint
@@ -118,7 +118,7 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
             summary["registry"] = timed("register", register, params, ws, run_id, ms, data, fp, code, summary)
             tracking.set_tags(run_id, {"qlora_ops.registered_version": summary["registry"]["version"],
                                        "qlora_ops.promoted": summary["registry"]["promoted"]})
-            summary["outcome"] = "registered"
+            summary["outcome"] = "deferred" if summary["registry"].get("deferred") else "registered"
         else:
             summary["registry"] = {"registered": False, "reason": gate.explain(verdicts)}
             summary["outcome"] = "rejected"
@@ -189,9 +189,8 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
 
     def decide(champion_v: int) -> tuple[bool, str]:
         champ = ms.get("champion")
-        if not champ or champ["version"] != champion_v:  # the champion moved after the model stage ran
-            work = state_dir(ws, params) / "model-stage" / run_id / "late-champion"
-            champ = champion_rows(params, ms["score_key"], Path(data["prepared_dir"]) / "test.jsonl", work)
+        if not champ or champ["version"] != champion_v:  # the champion moved while the model stage ran
+            champ = moved_champion(params, ms, champion_v, state_dir(ws, params) / "model-stage" / run_id / "late-champion")
         if champ["ids"] != cand["ids"]:
             raise RuntimeError(f"champion v{champion_v} was scored on other rows than the candidate; not comparable")
         d = stats.decide(policy(params), cand["correct"], champ["correct"], seed=params.seed)
@@ -208,6 +207,32 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
                   "qlora_accuracy": str(models["qlora"]["accuracy"]), "base_accuracy": str(models["base"]["accuracy"]),
                   # The adapter (what multi-LoRA servers load) travels with the version.
                   "adapter_uri": f"runs:/{run_id}/adapters/qlora"})
+
+
+def moved_champion(params: Params, ms: dict, champion_v: int, work: Path) -> dict:
+    """The per-row results of a champion that moved while the model stage ran, only where they were scored
+    as the candidate was (same score key: test rows, eval code, device, dtype): its own saved predictions.
+    Otherwise the decision is deferred (register.Deferred), not re-scored here: this is the parent's CPU
+    inside the registry slot, so the champion would be scored on other hardware than the GPU candidate
+    (under the candidate's score key), and a GPU re-score would hold every registry writer for a model
+    stage. The champion stays; the version is registered `deferred` and the next run decides."""
+    from tasks.register import Deferred
+    from tasks.registry_ops import version_rows
+
+    was = (ms.get("champion") or {}).get("version")
+    moved = f"the champion moved from {f'v{was}' if was else 'none'} to v{champion_v} while this run's model stage ran"
+    try:
+        champ_key, rows = version_rows(params.registry.model_name, champion_v, work)
+    except Exception as e:  # no saved predictions (or no run) to compare with
+        champ_key, rows, why = None, None, f"its saved predictions could not be read ({type(e).__name__}: {str(e)[:200]})"
+    else:
+        why = f"its saved predictions were scored under another score key ({champ_key or 'none'} != {ms['score_key']})"
+    if champ_key != ms["score_key"]:
+        raise Deferred(f"not decided: {moved}, and {why}; re-scoring it here would not score it where the candidate "
+                       f"was scored. '{params.registry.champion_alias}' stays on v{champion_v}; the next run decides "
+                       "(this version does not count as a decision), or `qlora-ops promote` by hand")
+    return {"version": champion_v, "how": "its own saved predictions (same score key; it moved during the model stage)",
+            **rows}
 
 
 def gate_table(verdicts: list[dict]) -> str:

@@ -19,7 +19,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from tasks import stats
-from tasks.register import READY, REJECTED, PromotionError, _alias_holder
+from tasks.register import DEFERRED, READY, REJECTED, PromotionError, _alias_holder
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def promote(model_name: str, version: int, alias: str, policy: stats.PromotionPo
     c = MlflowClient()
     by = by or whoami(mlflow.get_tracking_uri())
     t = _tags(c, model_name, version)
-    if t.get("status") != READY:
+    if t.get("status") not in (READY, DEFERRED):  # deferred: complete, its run could not decide; a person may
         raise PromotionError(f"{model_name} v{version} has status {t.get('status', 'unknown')!r}, not 'ready': "
                              "an incomplete or rolled-back version is never promoted")
     champ = _alias_holder(c, model_name, alias)
