@@ -91,12 +91,12 @@ def check_writer(tracking_uri: str, model_name: str) -> None:
                                       f"tracking server) without its lock: {where}; {_how_to(model_name)}")
 
 
-def _check_binding(model_name: str, limit, take: bool) -> None:
+def _check_binding(tracking_uri: str, model_name: str, limit, take: bool) -> None:
     """The registered model's recorded slot is this API's slot (recording it when `take` and none is)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    c, mine = MlflowClient(), str(limit.id)
+    c, mine = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), str(limit.id)
     try:
         tags = dict(c.get_registered_model(model_name).tags or {})
     except MlflowException as e:
@@ -129,7 +129,7 @@ def check_binding(tracking_uri: str, model_name: str) -> None:
     its other writers use (read-only; registry_writer records it under the slot)."""
     check_writer(tracking_uri, model_name)
     if is_remote(tracking_uri):
-        _check_binding(model_name, _registry_limit(model_name), take=False)
+        _check_binding(tracking_uri, model_name, _registry_limit(model_name), take=False)
 
 
 @contextmanager
@@ -158,7 +158,7 @@ def registry_writer(tracking_uri: str, model_name: str, timeout_s: float) -> Ite
               f"holds it (up to {timeout_s:g} s, orchestration.timeouts.registry)", flush=True)
     with concurrency(limit.name, occupy=1, timeout_seconds=timeout_s, strict=True):
         if is_remote(tracking_uri):
-            _check_binding(model_name, limit, take=True)
+            _check_binding(tracking_uri, model_name, limit, take=True)
         yield
 
 

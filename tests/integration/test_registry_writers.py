@@ -163,7 +163,7 @@ def test_writers_on_the_team_api_take_turns_and_another_api_is_refused(auth_serv
 
     name = "turns"
     make_model(auth_server, name)
-    ws = workspace(tmp_path, auth_server, name)
+    ws = workspace(tmp_path, auth_server, name, data={"raw": "data/raw/missing.jsonl"})
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ALICE[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ALICE[1])
     import mlflow
@@ -191,8 +191,9 @@ def test_writers_on_the_team_api_take_turns_and_another_api_is_refused(auth_serv
             assert MlflowClient(auth_server).get_registered_model(name).tags[LOCK_TAG] == str(limit.id)
             # Another Prefect API (a laptop's own `prefect server start`, or a rebuilt one) has another slot:
             c.delete_global_concurrency_limit_by_name(limit.name)
-    r = cli(ws, env(prefect=prefect), "rollback", "--reason", "from another Prefect API")
-    assert r.returncode == 4 and LOCK_TAG in r.stderr and "export PREFECT_API_URL" in r.stderr, r.stdout + r.stderr
+    for args in (["rollback", "--reason", "from another Prefect API"], ["run"]):  # `run`: before any work (no data)
+        r = cli(ws, env(prefect=prefect), *args)
+        assert r.returncode == 4 and LOCK_TAG in r.stderr and "export PREFECT_API_URL" in r.stderr, r.stdout + r.stderr
     assert aliases(auth_server, name) == {"champion": "2"}
 
 

@@ -184,6 +184,13 @@ def test_a_dead_gpu_worker_is_seen_crashed_and_the_stage_restarts_on_the_other(s
         b, b_log = worker("gpu-b")
         kill_tree(a)  # the worker, its flow run (Prefect starts it in a session of its own), the training
         killed = time.time()
+        with server.settings(), get_client(sync_client=True) as c:  # seen Crashed within a bounded time
+            dep = c.read_deployment_by_name("qlora-model-stage/hb")
+            first = next(fr for fr in c.read_flow_runs() if fr.deployment_id == dep.id)
+            while c.read_flow_run(first.id).state.type.value != "CRASHED":
+                assert time.time() - killed < HB["heartbeat_timeout_s"] + 120, \
+                    f"run still {c.read_flow_run(first.id).state.name} {time.time() - killed:.0f} s after its worker died"
+                time.sleep(2)
         rc = run.wait(timeout=1200)
     finally:
         for p in (run, a, b):
@@ -193,14 +200,14 @@ def test_a_dead_gpu_worker_is_seen_crashed_and_the_stage_restarts_on_the_other(s
     assert rc == 0 and "registry: hb-model v1 registered" in text, text[-4000:] + "\n" + tail(b_log)
 
     with server.settings(), get_client(sync_client=True) as c:
-        dep = c.read_deployment_by_name("qlora-model-stage/hb")
         runs = sorted((fr for fr in c.read_flow_runs() if fr.deployment_id == dep.id), key=lambda fr: fr.name)
         assert [fr.state.type.value for fr in runs] == ["CRASHED", "COMPLETED"], [(fr.name, fr.state) for fr in runs]
         crashed = c.read_flow_run_states(runs[0].id)[-1]
     assert "missing heartbeats" in (crashed.message or ""), crashed  # the automation, not a worker, said so
     seen_after = crashed.timestamp.timestamp() - killed
-    # the last heartbeat came at most heartbeat_s before the kill; the trigger fires heartbeat_timeout_s after it
-    assert seen_after < HB["heartbeat_timeout_s"] + 60, seen_after
+    # The trigger fires heartbeat_timeout_s after the last heartbeat, which came before the kill: the bound
+    # is that window plus the server's evaluation and a loaded machine's slack.
+    assert seen_after < HB["heartbeat_timeout_s"] + 120, seen_after
     assert str(runs[1].id) in b_log.read_text(errors="replace")  # the restart ran on the other worker
     c = MlflowClient(f"sqlite:///{ws}/.qlora-ops/mlflow.db")
     assert [str(v.version) for v in c.search_model_versions("name = 'hb-model'")] == ["1"]
