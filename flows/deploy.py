@@ -7,6 +7,8 @@ from params.
   registration; the cron schedule; one run at a time, later ones queued (ENQUEUE).
 - qlora-model-stage/<orchestration.deployment> on orchestration.gpu_pool (only when set): training,
   evaluation and merge, started by the parent with run_deployment.
+- with data.source set, a trigger on the retraining deployment: a drop into the source starts a run
+  orchestration.debounce_s after the last drop of a burst (flows/triggers.py).
 - Their runs send flow-run heartbeats every orchestration.heartbeat_s (PREFECT_FLOWS_HEARTBEAT_FREQUENCY
   in the deployments' env), and the automation "qlora-ops: crash <deployment> runs without heartbeats"
   marks a run of either deployment Crashed after orchestration.heartbeat_timeout_s without one: a worker
@@ -32,7 +34,7 @@ SCHEDULE_SLUG = "qlora-ops-schedule"
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 
 
-def deploy(params: Params, params_rel: str) -> dict[str, str]:
+def deploy(params: Params, params_rel: str, workspace: Path = Path(".")) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
@@ -61,6 +63,8 @@ def deploy(params: Params, params_rel: str) -> dict[str, str]:
                 description=(fl.__doc__ or "").strip().splitlines()[0] if fl.__doc__ else None)
             made[f"{fl.name}/{o.deployment}"] = str(dep_id)
             ids.append(str(dep_id))
+            if parent:
+                made.update(deploy_drop_trigger(c, params, workspace, dep_id, f"{fl.name}/{o.deployment}"))
     made["global concurrency limit"] = ensure_registry_limit(params.registry.model_name)
     made["automation"] = crash_zombies(o.deployment, ids, o.heartbeat_timeout_s)
     assert MODEL_STAGE_FLOW == model_stage.name  # the parent finds the GPU stage by this name
@@ -118,4 +122,18 @@ def deploy_file(params_path: Path, workspace: Path) -> dict[str, str]:
     except ValueError:
         raise ParamsError(f"{params_path}: deployed params must live inside the checkout {workspace} "
                           "(workers read them from their own checkout)") from None
-    return deploy(params, rel)
+    return deploy(params, rel, workspace)
+
+
+def deploy_drop_trigger(client, params: Params, workspace: Path, deployment_id, name: str) -> dict[str, str]:
+    """Event-driven retraining: (re)install the retraining deployment's drop trigger (flows/triggers.py)."""
+    from flows.triggers import install_triggers, retrain_triggers, source_url
+
+    triggers = retrain_triggers(params, workspace, name)
+    made = install_triggers(client, deployment_id, triggers)
+    if made is None:
+        return {"drop trigger": "not installed: this Prefect server has no automations API"}
+    if not triggers:
+        return {"drop trigger": "none (data.source is null: only the schedule starts runs)"}
+    return {"drop trigger": f"{made[0]} (runs {params.orchestration.debounce_s:g} s after the last drop into "
+                            f"{source_url(params, workspace)})"}

@@ -37,7 +37,8 @@ from tasks.util import sha256_file
 from tasks.versioning import code_version, source_hash
 
 RESULT = "model_stage.json"
-METRIC_CODE = "metrics/label_accuracy/label_accuracy.py"
+# Every metric module decides scores (tasks/metrics/__init__.py and each local `evaluate` module).
+METRIC_CODE = ("metrics/__init__.py", *(f"metrics/{m}/{m}.py" for m in ("exact_match", "token_f1", "rouge_l", "chrf", "json_match")))
 METRIC = "test_accuracy"
 
 
@@ -122,8 +123,9 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
     # Per-row results: every gate and the promotion decision are paired comparisons on these rows.
     out["rows"] = rows = {name: per_row(dirs[name]) for name in models}
     # Merging is only worth doing for a candidate the pre-merge gates accept; the parent decides again.
-    if gate.passed(gate.pre_merge_gates(p.gates, rows["base"]["correct"], rows["lora"]["correct"],
-                                        rows["qlora"]["correct"], seed=p.seed)):
+    m = gate.gate_metric(p)
+    sc = {name: gate.gate_scores(rows[name], m) for name in ("base", "lora", "qlora")}
+    if gate.passed(gate.pre_merge_gates(p.gates, m, sc["base"], sc["lora"], sc["qlora"], seed=p.seed)):
         merged_dir = work / "merged"
         timed("merge", stage(pt.merge_adapter, p, "merge"), p, base, results["qlora"]["adapter_dir"], str(merged_dir), qbase)
         models["merged"] = evaluate("merged", str(merged_dir), as_saved=True)
@@ -144,7 +146,7 @@ def score_key(p: Params, test_hash: str) -> str:
     """Everything a score depends on: test rows, decoding + metric code, eval params, device and dtype.
     Two models' results are compared row by row only when their score keys match."""
     dev = device()
-    return key(test_hash, source_hash("evaluate.py", "modeling.py", "prompting.py", METRIC_CODE),
+    return key(test_hash, source_hash("evaluate.py", "modeling.py", "prompting.py", *METRIC_CODE),
                p.digest("eval", "quantization"), dev.type, str(compute_dtype(p.quantization, dev)))
 
 

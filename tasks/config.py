@@ -101,9 +101,11 @@ class DataParams(_Strict):
 class QuantParams(_Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    # auto: bf16 on CUDA that supports it, else fp16 on CUDA, float32 on CPU.
+    # auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs (T4, V100), float32
+    # on CPU. fp16 trains with a gradient scaler (tasks.train).
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Storage dtype of the packed 4-bit weights; set to the model dtype (e.g. bfloat16) for FSDP.
+    # Storage dtype of the packed 4-bit weights. FSDP needs a float one (the compute dtype, e.g. bfloat16):
+    # a QLoRA run launched with FSDP and uint8 is refused before loading (tasks.distributed.check_launch).
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
 
 
@@ -144,6 +146,10 @@ class TrainParams(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
+# The names of tasks.metrics.METRICS (a test checks they agree): a Literal, so a typo is named with the choices.
+MetricName = Literal["exact_match", "token_f1", "rouge_l", "chrf", "json_match", "nll"]
+
+
 class EvalParams(_Strict):
     batch_size: int = Field(16, ge=1)
     # null = the longest reference answer in tokens + 1 (the turn end): a fixed cap silently scores
@@ -151,18 +157,28 @@ class EvalParams(_Strict):
     max_new_tokens: int | None = Field(None, ge=1)
     # Evaluate on the first N test rows only (null = all). Same N for every model.
     max_examples: int | None = Field(None, ge=1)
+    # The gate metric of the domain test split (tasks/metrics says what each measures); `qlora-ops init`
+    # picks it from the answers. The gate thresholds are in its units.
+    metric: MetricName = "exact_match"
+    # Also computed and reported, never gated on (exact match is always computed too).
+    report_metrics: list[MetricName] = []
 
 
 class GateParams(_Strict):
-    # Every gate is computed on the saved per-row predictions (paired), with a `confidence` interval.
+    # Every gate is computed on the saved per-row scores of the gate metric (paired), with a `confidence`
+    # interval; numbers are in that metric's units, oriented so that + is better (docs/gates.md).
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    # The interval's LOWER bound of (QLoRA - base) accuracy must reach this (absolute points, 0..1).
+    # The interval's LOWER bound of the gain QLoRA - base must reach this (metric units; accuracy: 0..1
+    # points; nll: the reduction in nats per token).
     min_gain_over_base: float = 0.2
-    # QLoRA accuracy / LoRA-baseline accuracy must reach this (point estimate; the paired interval of
-    # QLoRA - LoRA is reported beside it).
+    # Share of the LoRA baseline's gain over the base that QLoRA keeps, (qlora - base) / (lora - base) in the
+    # metric's direction (point estimate; the paired interval of QLoRA vs LoRA is reported beside it). A LoRA
+    # baseline no better than the base fails the gate: there is no gain to retain, so QLoRA cannot be checked.
+    # 0 turns the gate off (reported, never refusing).
     min_retention_vs_lora: float = Field(0.9, ge=0)
-    # Share of test rows where the merged model and QLoRA answer differently may not exceed this
-    # (flips in both directions count; a net accuracy delta would let them cancel).
+    # Merged vs QLoRA, flips in both directions counted (a net difference would let them cancel). 0/1 metric
+    # (exact match): share of rows whose normalised answers differ; continuous metric: mean |merged - QLoRA|
+    # per-row score (exact answer agreement reported beside it).
     max_merge_disagreement: float = Field(0.05, ge=0, le=1)
 
 
@@ -180,6 +196,12 @@ class RegistryParams(_Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     min_improvement: float = Field(0.01, ge=0, lt=1)
     non_inferiority_margin: float = Field(0.02, gt=0, lt=1)
+    # Error rates above are per decision. A schedule deciding weekly on one reused test set lets an equally
+    # good retrain take champion at least once a year far more often (docs/gates.md, "Over a year"). Set this
+    # to cap that chance per year: each decision then runs at a one-sided alpha of
+    # yearly_false_promotion / decisions_per_year (never looser than `confidence`), at the cost of power.
+    yearly_false_promotion: float | None = Field(None, gt=0, lt=0.5)
+    decisions_per_year: int = Field(52, ge=1)
 
 
 class StorageParams(_Strict):
@@ -219,6 +241,11 @@ class OrchestrationParams(_Strict):
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(10, ge=0)
     timeouts: TimeoutParams = TimeoutParams()
+    # Event-driven retraining (flows/triggers.py; needs data.source): a drop into data.source starts
+    # qlora-retrain/<deployment> once no further drop has arrived for this many seconds, so a burst of
+    # uploads is one run that sees all of them. At least 10: Prefect's minimum for the Proactive trigger
+    # that implements it. The cron `schedule` stays as the safety net.
+    debounce_s: float = Field(300, ge=10)
     # The model stage refuses to train without a CUDA device (a CPU fallback takes hours and is not the run
     # that was meant). null = required exactly when gpu_pool is set; false = CPU is intended there too.
     gpu_required: bool | None = None
