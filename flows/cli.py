@@ -65,7 +65,7 @@ def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
 
 
 def classify(exc: BaseException) -> str:
-    from flows.retrain import ModelStageFailed
+    from flows.remote_stage import ModelStageFailed
     from flows.runtime import ServiceUnavailable, StageTimedOut, is_transient
     from tasks.base_model import BaseModelError
     from tasks.config import ParamsError
@@ -73,7 +73,8 @@ def classify(exc: BaseException) -> str:
     from tasks.modeling import DivergenceError
     from tasks.versioning import DvcError
 
-    if isinstance(exc, (ParamsError, DataError, DvcError, BaseModelError)):
+    if isinstance(exc, (ParamsError, DataError, DvcError, BaseModelError)) or \
+            (isinstance(exc, ModelStageFailed) and "orchestration.gpu_required" in str(exc)):  # no GPU on the GPU pool
         return "bad_input"
     if isinstance(exc, StageTimedOut):
         return "timeout"
@@ -185,7 +186,12 @@ def run_command(a) -> int:
     # Before any work (no lock file yet): a bad key, a dead tracking server or Prefect API, in seconds.
     if isinstance(pre := preflight(a), int):
         return pre
-    ws, params, _ = pre
+    ws, params, uri = pre
+    from flows.registry_slot import RegistryLockUnavailable, check_writer
+    try:  # a shared registry's writer needs the team's Prefect API: refused now, not after training
+        check_writer(uri, params.registry.model_name)
+    except RegistryLockUnavailable as e:
+        return fail("service", e)
     # One run per workspace, taken before the slow start (imports, the Prefect server): a second run
     # says at once which pid it waits for, and refuses after orchestration.timeouts.workspace.
     try:
@@ -318,7 +324,7 @@ def drop_command(a) -> int:
 def registry_command(a) -> int:
     import mlflow
 
-    from flows.runtime import registry_slot
+    from flows.registry_slot import RegistryLockUnavailable, registry_writer
     from tasks import registry_ops
     from tasks.paths import state_dir
     from tasks.register import PromotionError, registry_lock
@@ -332,27 +338,29 @@ def registry_command(a) -> int:
         print(registry_ops.format_status(registry_ops.status(r.model_name, (r.champion_alias, r.challenger_alias),
                                                              r.experiment)))
         return 0
-    from contextlib import nullcontext
-
-    from flows.retrain import policy
-    # The same serialization as automatic promotion: the model's global slot when a Prefect API is
-    # configured, and the workspace's file lock.
-    slot = registry_slot(r.model_name, params.orchestration.timeouts.registry) if os.environ.get("PREFECT_API_URL") \
-        else nullcontext()
+    from tasks.stats import PromotionPolicy  # not flows.retrain: that imports torch, seconds for nothing here
+    # The same serialization as automatic promotion (flows.registry_slot): the model's global slot, which a
+    # shared tracking server requires (refused without it), and the workspace's file lock.
     try:
-        with slot, registry_lock(state_dir(ws, params) / "registry.lock"):
+        by = registry_ops.whoami(uri)  # recorded on the version: the user the tracking server authenticated
+        with registry_writer(uri, r.model_name, params.orchestration.timeouts.registry), \
+                registry_lock(state_dir(ws, params) / "registry.lock"):
             if a.cmd == "promote":
-                res = registry_ops.promote(r.model_name, a.version, r.champion_alias, policy(params),
-                                           state_dir(ws, params) / "promote", force=a.force, reason=a.reason)
+                res = registry_ops.promote(r.model_name, a.version, r.champion_alias, PromotionPolicy.from_registry(r),
+                                           state_dir(ws, params) / "promote", force=a.force, reason=a.reason, by=by)
             else:
-                res = registry_ops.rollback(r.model_name, r.champion_alias, reason=a.reason)
+                res = registry_ops.rollback(r.model_name, r.champion_alias, reason=a.reason, by=by)
     except PromotionError as e:
         print(f"qlora-ops: refused: {e}", file=sys.stderr)
         return EXIT["rejected"]
+    except RegistryLockUnavailable as e:
+        return fail("service", e)
     if a.cmd == "promote":
-        print(f"{'promoted' if res['promoted'] else 'not promoted'}: v{res['version']} ({res['reason']})")
+        print(f"{'promoted' if res['promoted'] else 'not promoted'}: v{res['version']} ({res['reason']})"
+              + (f"; recorded as done by {by.user} ({by.auth})" if res["promoted"] else ""))
         return 0 if res["promoted"] else EXIT["rejected"]
-    print(f"rolled back: '{r.champion_alias}' -> v{res['champion']}; v{res['demoted']} tagged rejected ({res['reason']})")
+    print(f"rolled back: '{r.champion_alias}' -> v{res['champion']}; v{res['demoted']} tagged rejected ({res['reason']}); "
+          f"recorded as done by {by.user} ({by.auth})")
     return 0
 
 

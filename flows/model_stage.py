@@ -24,6 +24,7 @@ from prefect import flow
 
 from flows import prefect_tasks as pt
 from flows import runtime
+from flows.device_check import require_cuda
 from flows.runtime import stage
 from tasks import gate, register, registry_ops, tracking
 from tasks.base_model import base_identity
@@ -61,6 +62,7 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
     import mlflow
 
     p = Params.model_validate(params)
+    require_cuda(p)  # on the GPU pool without a GPU: refuse, naming the pool and the image, before any work
     ws = Path(workspace).resolve()
     sd = state_dir(ws, p)
     if mlflow.get_tracking_uri() != (uri := tracking_uri(ws, p)):

@@ -14,7 +14,6 @@ passes between them (versions, URIs, small JSON) and the run's final state.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -23,17 +22,15 @@ from prefect import flow
 from prefect.states import Completed, Failed
 
 from flows import prefect_tasks as pt
-from flows import runtime
-from flows.model_stage import METRIC, RESULT, champion_rows, key, model_stage
+from flows import registry_slot, runtime
+from flows.model_stage import METRIC, key, model_stage
+from flows.remote_stage import MODEL_STAGE_FLOW, ModelStageFailed, remote_model_stage  # noqa: F401 (re-exported)
 from tasks import gate, report, stats, tracking
 from tasks.base_model import base_fingerprint
 from tasks.config import Params, load_params
 from tasks.paths import artifact_root, state_dir, tracking_uri, ws_path
 from tasks.util import read_json, sha256_file
 from tasks.versioning import code_version
-
-MODEL_STAGE_FLOW = "qlora-model-stage"
-
 
 def fingerprint(data_version: str, params: Params, code_sha: str, base_fp: str) -> str:
     """Everything that decides the model and its verdict: a run with the same one has nothing new to do."""
@@ -66,6 +63,7 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     uri = tracking_uri(ws, params)
     remote = uri.startswith(("http://", "https://"))
     runtime.check_services(uri, os.environ.get("PREFECT_API_URL"))
+    registry_slot.check_binding(uri, params.registry.model_name)  # a shared registry: its writers' lock, before any work
     mlflow.set_tracking_uri(uri)
     exp_id = tracking.ensure_experiment(params.registry.experiment, artifact_root(ws, params).as_uri(), remote)
 
@@ -121,7 +119,7 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
             summary["registry"] = timed("register", register, params, ws, run_id, ms, data, fp, code, summary)
             tracking.set_tags(run_id, {"qlora_ops.registered_version": summary["registry"]["version"],
                                        "qlora_ops.promoted": summary["registry"]["promoted"]})
-            summary["outcome"] = "registered"
+            summary["outcome"] = "deferred" if summary["registry"].get("deferred") else "registered"
         else:
             summary["registry"] = {"registered": False, "reason": gate.explain(verdicts)}
             summary["outcome"] = "rejected"
@@ -183,38 +181,6 @@ def call_model_stage(params: Params, ws: Path, run_id: str, data_uri: str, local
     return remote_model_stage(params, run_id, {**args, "data_uri": data_uri})
 
 
-def remote_model_stage(params: Params, run_id: str, args: dict) -> dict:
-    """Run the GPU deployment and read its result from the run's artifacts. A lost worker (Crashed) or
-    a transient failure starts it again with backoff (Prefect never retries a Crashed run by itself);
-    anything else ends here with the child's own message."""
-    import mlflow
-    from prefect.deployments import run_deployment
-
-    name = f"{MODEL_STAGE_FLOW}/{params.orchestration.deployment}"
-    delays = runtime.backoff(params)
-    for attempt in range(len(delays) + 1):
-        fr = run_deployment(name, parameters=args, timeout=params.orchestration.timeouts.model_stage,
-                            flow_run_name=f"model-stage-{run_id[:8]}-{attempt + 1}")
-        st = fr.state
-        if st is not None and st.is_completed():
-            text = mlflow.artifacts.load_text(f"runs:/{run_id}/{RESULT}")
-            return json.loads(text)
-        msg = f"{name} run {fr.id} ended {st.name if st else 'without a state'}: {st.message if st else ''}"
-        if st is not None and not st.is_final():
-            raise TimeoutError(f"{name} run {fr.id} still {st.name} after "
-                               f"{params.orchestration.timeouts.model_stage:g} s (orchestration.timeouts.model_stage)")
-        retry = st is not None and (st.is_crashed() or runtime.is_transient(RuntimeError(st.message or "")))
-        if not retry or attempt == len(delays):
-            raise ModelStageFailed(msg)
-        print(f"{msg}; starting it again in {delays[attempt]:g} s")
-        time.sleep(delays[attempt])
-    raise AssertionError("unreachable")
-
-
-class ModelStageFailed(RuntimeError):
-    pass
-
-
 def policy(params: Params) -> stats.PromotionPolicy:
     return stats.PromotionPolicy.from_registry(params.registry)
 
@@ -238,9 +204,8 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
 
     def decide(champion_v: int) -> tuple[bool, str]:
         champ = ms.get("champion")
-        if not champ or champ["version"] != champion_v:  # the champion moved after the model stage ran
-            work = state_dir(ws, params) / "model-stage" / run_id / "late-champion"
-            champ = champion_rows(params, ms["score_key"], Path(data["prepared_dir"]) / "test.jsonl", work)
+        if not champ or champ["version"] != champion_v:  # the champion moved while the model stage ran
+            champ = moved_champion(params, ms, champion_v, state_dir(ws, params) / "model-stage" / run_id / "late-champion")
         if champ["ids"] != cand["ids"]:
             raise RuntimeError(f"champion v{champion_v} was scored on other rows than the candidate; not comparable")
         m = gate.gate_metric(params)
@@ -259,6 +224,32 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
                   "qlora_accuracy": str(models["qlora"]["accuracy"]), "base_accuracy": str(models["base"]["accuracy"]),
                   # The adapter (what multi-LoRA servers load) travels with the version.
                   "adapter_uri": f"runs:/{run_id}/adapters/qlora"})
+
+
+def moved_champion(params: Params, ms: dict, champion_v: int, work: Path) -> dict:
+    """The per-row results of a champion that moved while the model stage ran, only where they were scored
+    as the candidate was (same score key: test rows, eval code, device, dtype): its own saved predictions.
+    Otherwise the decision is deferred (register.Deferred), not re-scored here: this is the parent's CPU
+    inside the registry slot, so the champion would be scored on other hardware than the GPU candidate
+    (under the candidate's score key), and a GPU re-score would hold every registry writer for a model
+    stage. The champion stays; the version is registered `deferred` and the next run decides."""
+    from tasks.register import Deferred
+    from tasks.registry_ops import version_rows
+
+    was = (ms.get("champion") or {}).get("version")
+    moved = f"the champion moved from {f'v{was}' if was else 'none'} to v{champion_v} while this run's model stage ran"
+    try:
+        champ_key, rows = version_rows(params.registry.model_name, champion_v, work)
+    except Exception as e:  # no saved predictions (or no run) to compare with
+        champ_key, rows, why = None, None, f"its saved predictions could not be read ({type(e).__name__}: {str(e)[:200]})"
+    else:
+        why = f"its saved predictions were scored under another score key ({champ_key or 'none'} != {ms['score_key']})"
+    if champ_key != ms["score_key"]:
+        raise Deferred(f"not decided: {moved}, and {why}; re-scoring it here would not score it where the candidate "
+                       f"was scored. '{params.registry.champion_alias}' stays on v{champion_v}; the next run decides "
+                       "(this version does not count as a decision), or `qlora-ops promote` by hand")
+    return {"version": champion_v, "how": "its own saved predictions (same score key; it moved during the model stage)",
+            **rows}
 
 
 def gate_table(verdicts: list[dict]) -> str:

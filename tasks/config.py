@@ -249,6 +249,21 @@ class OrchestrationParams(_Strict):
     # uploads is one run that sees all of them. At least 10: Prefect's minimum for the Proactive trigger
     # that implements it. The cron `schedule` stays as the safety net.
     debounce_s: float = Field(300, ge=10)
+    # The model stage refuses to train without a CUDA device (a CPU fallback takes hours and is not the run
+    # that was meant). null = required exactly when gpu_pool is set; false = CPU is intended there too.
+    gpu_required: bool | None = None
+    # Deployed runs send a heartbeat every heartbeat_s (Prefect's PREFECT_FLOWS_HEARTBEAT_FREQUENCY, >= 30);
+    # `qlora-ops deploy` installs the automation that marks a run Crashed after heartbeat_timeout_s without
+    # one (its worker or node died), and the parent starts the model stage again.
+    heartbeat_s: int = Field(60, ge=30)
+    heartbeat_timeout_s: int = Field(180, ge=60)
+
+    @model_validator(mode="after")
+    def _heartbeat_window(self):
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_s:
+            raise ValueError(f"orchestration.heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be at least twice "
+                             f"orchestration.heartbeat_s ({self.heartbeat_s}): one late heartbeat must not crash a live run")
+        return self
 
 
 class Params(_Strict):

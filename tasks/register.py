@@ -213,8 +213,16 @@ INCOMPLETE, READY, REJECTED = "incomplete", "ready", "rejected"
 # An "incomplete" version seen by a writer holding the lock has no live writer (every writer holds it
 # from version create to the alias move): its run was killed. It is tagged "abandoned" and stays so.
 ABANDONED = "abandoned"
+# "deferred": complete, but no decision was possible (decide raised Deferred); the champion stays, the
+# version does not count as a decision on its inputs (the next run decides), and may be promoted by hand.
+DEFERRED = "deferred"
 
 Decision = Callable[[int], tuple[bool, str]]
+
+
+class Deferred(Exception):
+    """Raised by a `decide` that cannot compare the candidate with this champion; its text is the reason
+    recorded on the version."""
 
 
 def _rolled_back_twin(client: MlflowClient, model_name: str, fingerprint: str | None) -> str | None:
@@ -233,7 +241,7 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
     The whole read-compare-write runs under an exclusive lock on `lock_path` (the caller also holds the
     registered model's Prefect global concurrency slot). Write order, so that a crash anywhere leaves
     the registry truthful: the version is born `status=incomplete`; the decision's tags follow; then
-    `status=ready`; then `challenger_alias`; the champion alias move is the last write. Idempotent per
+    `status=ready` (`deferred` when `decide` raised Deferred: registered, not decided); then `challenger_alias`; the champion alias move is the last write. Idempotent per
     MLflow run: a retry finds the version this run already registered (tag mlflow_run_id). A version
     whose fingerprint was rolled back before is never auto-promoted again. `describe(version, promoted,
     reason)` gives the version's description (its model card), written before `status=ready`.
@@ -249,6 +257,7 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
             # Creates the registered model if missing, then a new version (max+1, server-side).
             mv = mlflow.register_model(model_uri, model_name, tags={**vtags, "status": INCOMPLETE})
         new_v = int(mv.version)
+        status = READY
         try:
             prev_v = _alias_holder(client, model_name, alias)
             if prev_v == new_v:  # an earlier attempt of this run already moved the alias, then faulted
@@ -259,10 +268,13 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
             elif prev_v is None:
                 promote, reason = True, f"first champion: no version held alias '{alias}'"
             else:
-                promote, reason = decide(prev_v)
+                try:
+                    promote, reason = decide(prev_v)
+                except Deferred as d:
+                    promote, reason, status = False, str(d), DEFERRED
             if describe is not None and (card := describe(new_v, promote, reason)):
                 client.update_model_version(model_name, str(new_v), description=card)
-            decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000], "status": READY}
+            decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000], "status": status}
             if promote and prev_v is not None:
                 decision["previous_champion"] = str(prev_v)  # what `qlora-ops rollback` returns to
             for k, v in decision.items():  # `status=ready` last of the tags: it vouches for the others
@@ -284,8 +296,9 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
                 pass  # keep the original error
             raise
         champ_after = _alias_holder(client, model_name, alias)
-    return {"model_name": model_name, "version": new_v, "promoted": promote, "alias": alias,
-            "champion_version": champ_after, "previous_champion_version": prev_v, "reason": reason}
+    return {"model_name": model_name, "version": new_v, "promoted": promote, "alias": alias, "status": status,
+            "deferred": status == DEFERRED, "champion_version": champ_after, "previous_champion_version": prev_v,
+            "reason": reason}
 
 
 def _abandon_incomplete(client: MlflowClient, model_name: str, keep: str | None, by: str) -> list[int]:
