@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flows.model_stage import model_stage
 from flows.retrain import MODEL_STAGE_FLOW, retrain
-from flows.runtime import ensure_registry_limit
+from flows.registry_slot import ensure_registry_limit
 from tasks.config import Params
 
 PULL = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $QLORA_OPS_HOME }}"}}]

@@ -27,8 +27,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows import prefect_tasks as pt
-from flows import runtime
-from flows.runtime import stage
+from flows.stage_timer import StageTimer
+from flows.stages import stage
 from tasks import keys, register, tracking, verdict
 from tasks.config import Params, SuiteParams
 from tasks.data import DataError
@@ -95,7 +95,7 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
                          suite_hashes or {})
     nonce = run_id if force else ""  # a forced run trains and evaluates into new dirs (keys.train_key, eval_key)
 
-    timed = runtime.StageTimer()
+    timed = StageTimer()
     times = timed.seconds
 
     base = timed("base_model", stage(pt.resolve_base, p, "base_model"), p, ws)

@@ -3,7 +3,7 @@
 NO_CACHE and no result persistence: Prefect's default cache key includes the flow run id and
 pickles results; our stages cache themselves on content (data hash + params hash + code hash ->
 run dir with result.json) and pass only paths, URIs and small JSON between each other.
-Timeouts and retries are set per call from params (flows.runtime.stage).
+Timeouts and retries are set per call from params (flows.stages.stage).
 """
 from __future__ import annotations
 

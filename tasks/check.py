@@ -17,7 +17,8 @@ from pathlib import Path
 from tasks.config import ParamsError, load_params
 from tasks.data import build_sample, prepare
 from tasks.paths import tracking_uri, ws_path
-from tasks.sources import is_url, redact_url, snapshot
+from tasks.redact import redact_url
+from tasks.sources import is_url, snapshot
 from tasks.stats import PromotionPolicy, power_check
 from tasks.versioning import SAMPLE_RAW, remote_url, stage_name
 

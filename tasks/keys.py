@@ -84,6 +84,9 @@ NOT_DECIDING: tuple[str, ...] = (
     "tasks/__init__.py", "flows/__init__.py", "tasks/metrics/__init__.py",
     "tasks/report.py", "tasks/console.py", "tasks/progress.py", "flows/cli.py",  # what is shown
     "flows/retrain.py", "flows/runtime.py", "flows/deploy.py",  # orchestration, states, summary text
+    "flows/faults.py", "flows/stages.py", "flows/stage_timer.py", "flows/registry_slot.py", "flows/services.py",
+    "flows/tracebacks.py", "flows/prefect_server.py", "flows/workspace_lock.py",  # retries, timeouts, locks
+    "tasks/redact.py",  # what a log shows of a URL
     "tasks/register.py", "tasks/registry_ops.py", "tasks/tracking.py", "tasks/serving.py",  # records, serving
     "tasks/paths.py", "tasks/util.py", "tasks/memory.py", "tasks/keys.py",  # where and how, not what
     "tasks/init_params.py", "tasks/check.py",  # write or check a params file; the params are covered

@@ -27,25 +27,11 @@ from pathlib import Path, PurePosixPath
 
 from tasks.config import ParamsError
 from tasks.data import DATA_SUFFIXES, is_data_name
+from tasks.redact import redact_url
 
 _KINDS = "*.jsonl, *.csv, *.parquet or *.arrow (a datasets save_to_disk directory)"
 _FIX = (f"set data.source to an existing directory, file or URL (e.g. s3://bucket/drops/) holding {_KINDS} "
         "drops, or to null to use data.raw as it is")
-
-# ---------------------------------------------------------------- redaction (anything logged goes through it)
-_USERINFO = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@/\s]*@")
-_SECRET_QUERY = re.compile(
-    r"(?P<pre>[?&;](?:[^=&;#\s]*(?:secret|token|passw|pwd|signature|credential|sig|apikey|api_key|"
-    r"access_key|auth)[^=&;#\s]*)=)[^&;#\s]*", re.I)
-
-
-def redact_url(url: str) -> str:
-    """`url` (or any text holding URLs) safe to log: user:password@ -> user:***@, and the values of query
-    parameters named like secrets (token, password, secret, signature, credential, ...) -> ***."""
-    if not url:
-        return url
-    return _SECRET_QUERY.sub(r"\g<pre>***", _USERINFO.sub(r"\g<pre>:***@", str(url)))
-
 
 # ---------------------------------------------------------------- source access
 def is_url(source: str) -> bool:
@@ -80,7 +66,7 @@ def _open_fs(source: str, options: dict[str, str] | None):
 
 # Network-level failure texts as the clients we use word them (botocore/s3fs via DVC and sources,
 # requests/urllib3 via MLflow, httpx via Prefect). Matched on the message too, because MLflow wraps
-# them in MlflowException. The one classifier of "another try may cure it" (flows.runtime uses it).
+# them in MlflowException. The one classifier of "another try may cure it" (flows.faults uses it).
 _NETWORK = re.compile(r"(could not|cannot|can't|unable to) connect|connect call failed|"
                       r"connect(ion)?[ _-]?(refused|reset|aborted|timeout|error)|timed out|"
                       r"name or service not known|name resolution|\b(500|502|503|504)\b|service ?unavailable|"
@@ -254,4 +240,4 @@ def _mirror(fs, root: str, source: str, data: dict, ignored: list[str], single: 
             "source": redact_url(source)}
 
 
-__all__ = ["DATA_SUFFIXES", "is_url", "redact_url", "snapshot"]
+__all__ = ["DATA_SUFFIXES", "is_url", "snapshot"]

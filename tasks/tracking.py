@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.config import Params, ParamsError
 from tasks.register import ABANDONED, INCOMPLETE
-from tasks.sources import redact_url
+from tasks.redact import redact_url
 from tasks.util import read_jsonl
 
 

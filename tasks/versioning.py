@@ -26,14 +26,15 @@ from tasks.config import Params, ParamsError
 from tasks.data import DATA_SUFFIXES
 from tasks.keys import data_version
 from tasks.paths import state_dir, ws_path
-from tasks.sources import is_network_error, is_url, redact_url, snapshot
+from tasks.redact import redact_url
+from tasks.sources import is_network_error, is_url, snapshot
 
 SAMPLE_RAW = "data/raw/stdlib_docstrings.jsonl"  # produced by the `sample` stage of dvc.yaml
 DEFAULT_PARAMS = "params/default.yaml"
 REMOTE = "qlora-ops"  # the DVC remote every run pushes to, configured in .dvc/config.local
 
-__all__ = ["DvcError", "REMOTE", "configure_remote", "dvc", "ensure_stage", "prepare_via_dvc", "redact_url",
-           "remote_url", "stage_name"]
+__all__ = ["DvcError", "REMOTE", "configure_remote", "dvc", "ensure_stage", "prepare_via_dvc", "remote_url",
+           "stage_name"]
 
 
 class DvcError(RuntimeError):

@@ -13,7 +13,8 @@ import pytest
 
 from tasks.config import ParamsError
 from tasks.data import DataError, load_raw
-from tasks.sources import redact_url, snapshot
+from tasks.redact import redact_url
+from tasks.sources import snapshot
 from tests.conftest import S3_ENV, free_port, make_bucket, start_moto
 
 BUCKET = "drops-bucket"
