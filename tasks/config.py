@@ -272,6 +272,11 @@ class OrchestrationParams(_Strict):
     timeouts: TimeoutParams = TimeoutParams()
 
 
+# Where the registry is and what things are called there: not part of any verdict (RegistryParams' other
+# fields are the promotion policy, which is).
+_REGISTRY_PLACES = ("tracking_uri", "experiment", "model_name", "champion_alias", "challenger_alias")
+
+
 class Params(_Strict):
     seed: int = 42
     # Caches, run dirs, checkpoints, default MLflow store. Relative to the workspace.
@@ -300,7 +305,7 @@ class Params(_Strict):
         from tasks.keys import params_digest
 
         d = self.model_dump(mode="json")
-        d["registry"] = {k: d["registry"][k] for k in ("confidence", "min_improvement", "non_inferiority_margin")}
+        d["registry"] = {k: v for k, v in d["registry"].items() if k not in _REGISTRY_PLACES}
         return params_digest(d, "seed", "model", "data", "quantization", "lora", "training", "eval", "gates", "registry")
 
 

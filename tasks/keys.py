@@ -87,6 +87,9 @@ NOT_DECIDING: tuple[str, ...] = (
     "flows/faults.py", "flows/stages.py", "flows/stage_timer.py", "flows/registry_slot.py", "flows/services.py",
     "flows/tracebacks.py", "flows/prefect_server.py", "flows/workspace_lock.py",  # retries, timeouts, locks
     "tasks/redact.py",  # what a log shows of a URL
+    "flows/remote_stage.py", "flows/drop.py", "flows/events.py", "flows/relay.py", "flows/triggers.py",  # when, where
+    "tasks/report_scores.py",  # the report's score tables
+    "tasks/samples.py",  # builds the embedded raw data, which the data version covers
     "tasks/register.py", "tasks/registry_ops.py", "tasks/tracking.py", "tasks/serving.py",  # records, serving
     "tasks/paths.py", "tasks/util.py", "tasks/memory.py", "tasks/keys.py",  # where and how, not what
     "tasks/init_params.py", "tasks/check.py",  # write or check a params file; the params are covered
