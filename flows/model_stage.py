@@ -34,7 +34,7 @@ from tasks.config import Params, SuiteParams
 from tasks.data import DataError
 from tasks.evaluate import cached_metrics, per_row
 from tasks.paths import state_dir, tracking_uri
-from tasks.suites import eval_params, rows_file
+from tasks.suites import eval_params, hashed, rows_path
 from tasks.util import DamagedArtifact, atomic_write_json, read_json, verify_manifest
 
 RESULT = "model_stage.json"
@@ -126,8 +126,7 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
         if cached and (m := cached_metrics(out)) is not None:
             m = {**m, "cached": True}
         else:
-            m = timed(f"eval_{suite.prefix}{name}", stage(pt.evaluate_model, p, "evaluate"), eval_params(p, suite.params),
-                      name, model_dir, str(suite.rows), str(out), **kw)
+            m = timed(f"eval_{suite.prefix}{name}", run_eval(p, suite), name, model_dir, str(out), **kw)
         atomic_write_json(out / "evaluated.json", {"score_key": suite.score_key, "content": list(content), "eval_key": ekey})
         tracking.log_files(run_id, [out / "predictions.jsonl", out / "metrics.json", out / "evaluated.json"],
                            f"{suite.artifact}/{name}")
@@ -187,9 +186,24 @@ def suite_specs(p: Params, test_path: Path, suites_dir: Path | None, hashes: dic
         if suites_dir is None or s.name not in hashes:
             raise DataError(f"suite {s.name!r}: the parent run handed over no rows for it; run the parent flow "
                             "(flows/retrain.py), which prepares every suite")
-        f = _checked(rows_file(suites_dir, s.name), hashes[s.name], f"suite {s.name!r}")
-        out.append(Suite(s.name, f, keys.score_key(p, hashes[s.name], s), s))
+        _checked(hashed(suites_dir, s), hashes[s.name], f"suite {s.name!r}")
+        out.append(Suite(s.name, rows_path(suites_dir, s), keys.score_key(p, hashes[s.name], s), s))
     return out
+
+
+def run_eval(p: Params, suite: Suite):
+    """fn(name, model_dir, out_dir, **model kw) evaluating one model on `suite`: the domain split with its
+    gate and reported metrics; an extra suite with its own metric and rows; an lm-eval suite by its task."""
+    s = suite.params
+    if s is None:
+        return lambda name, model_dir, out, **kw: stage(pt.evaluate_model, p, "evaluate")(
+            p, name, model_dir, str(suite.rows), out, **kw)
+    if s.lm_eval is not None:
+        return lambda name, model_dir, out, **kw: stage(pt.evaluate_lm_eval, p, "evaluate")(
+            p, name, model_dir, str(suite.rows), out, **kw, metrics=[s.metric], system_prompt=s.system_prompt,
+            max_examples=s.max_examples)
+    return lambda name, model_dir, out, **kw: stage(pt.evaluate_model, p, "evaluate")(
+        eval_params(p, s), name, model_dir, str(suite.rows), out, **kw, metrics=[s.metric])
 
 
 def train_checked(timed, p: Params, base_dir: str, prepared: Path, out_dir: Path, kind: str) -> dict:
@@ -238,8 +252,7 @@ def champion_results(p: Params, suites: list[Suite], work: Path, cache: Path, no
             content = keys.content_hash(model_dir())
             d = cache / f"{s.prefix}champion-{keys.eval_key(s.score_key, content, nonce=nonce)}"
             if cached_metrics(d) is None:
-                stage(pt.evaluate_model, p, "evaluate")(eval_params(p, s.params), "champion", str(model_dir()),
-                                                        str(s.rows), str(d), as_saved=True)
+                run_eval(p, s)("champion", str(model_dir()), str(d), as_saved=True)
             how = f"re-evaluated on these rows ({'forced' if force else 'its saved predictions have another score key'})"
         out["how"][s.name], out["models"][s.name], out["rows"][s.name] = how, read_json(d / "metrics.json"), per_row(d)
     shutil.rmtree(work / "champion", ignore_errors=True)

@@ -271,10 +271,11 @@ def data_hash(prepared: Path) -> str:
 
 
 def rows_hash(path: Path) -> str:
-    """The rows of one suite file (the test split, or an extra suite): what score keys name."""
-    from tasks.util import sha256_file
+    """The rows of one suite (the test split's file, an extra suite's file, or an lm-eval task's folder:
+    its YAML and data files): what score keys name."""
+    from tasks.util import sha256_dir, sha256_file
 
-    return sha256_file(path)[:16]
+    return (sha256_dir(path) if Path(path).is_dir() else sha256_file(path))[:16]
 
 
 # ---------------------------------------------------------------- cache keys
@@ -306,7 +307,8 @@ def score_key(params: "Params", rows: str, suite: Any = None) -> str:
     ev = params.eval.model_dump(mode="json", exclude={"suites"})  # another suite does not change how this one scores
     if suite is not None:  # its own metric and rows (cut at prepare); the domain split's choices are not its
         ev = {k: v for k, v in ev.items() if k not in ("metric", "report_metrics", "max_examples")}
-        ev["suite"] = suite.model_dump(mode="json", include={"metric", "lm_eval"})
+        own = {"metric", "lm_eval"} | ({"system_prompt", "max_examples"} if suite.lm_eval else set())  # else in its rows
+        ev["suite"] = suite.model_dump(mode="json", include=own)
     return digest(rows, code_hash(*EVAL_CODE), ev, params.quantization.model_dump(mode="json"),
                   lib_versions("model", "metrics"), hardware(), _dtype(params))
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 from tasks.config import DataParams, Params, ParamsError, SuiteParams
 from tasks.paths import state_dir, ws_path
 
-__all__ = ["check", "prepare", "rows_file"]
+__all__ = ["check", "data_params", "eval_params", "hashed", "prepare", "rows_file", "rows_path"]
 
 
 def rows_file(suites_dir: Path, name: str) -> Path:
@@ -35,13 +36,28 @@ def check(params: Params, workspace: Path, params_file: Path) -> None:
                 raise ParamsError(f"{key}.lm_eval: lm-evaluation-harness suites need tasks/lm_eval_suite.py, which "
                                   "this installation does not have; give the suite's rows as `path` (a JSONL/CSV/"
                                   "Parquet file) instead, or remove the suite")
-            raise ParamsError(f"{key}.lm_eval: lm-evaluation-harness suites are not wired into the flow yet; give "
-                              "the suite's rows as `path` (a JSONL/CSV/Parquet file) instead, or remove the suite")
+            if not ws_path(workspace, s.lm_eval).is_file():
+                raise ParamsError(f"{key}.lm_eval={s.lm_eval!r}: no such task YAML (relative paths are relative to the "
+                                  f"workspace {workspace}); point it at a local lm-eval task file, or remove the suite")
+            continue
         p = ws_path(workspace, s.path)
         if not p.exists():
             raise ParamsError(f"{key}.path={s.path!r}: no such file or directory (relative paths are relative to the "
                               f"workspace {workspace}); point it at a JSONL/CSV/Parquet file of alpaca, chat or "
                               "prompt/completion rows, or remove the suite")
+
+
+def rows_path(suites_dir: Path, s: SuiteParams) -> Path:
+    """What a suite's evaluation reads in a prepared suites dir: its rows file, or its lm-eval task YAML
+    inside the copy of the YAML's folder (the task's local data files travel with it)."""
+    if s.lm_eval is None:
+        return rows_file(suites_dir, s.name)
+    return Path(suites_dir) / s.name / Path(s.lm_eval).name
+
+
+def hashed(suites_dir: Path, s: SuiteParams) -> Path:
+    """The file or folder whose hash stands for a suite's rows (keys.rows_hash)."""
+    return rows_file(suites_dir, s.name) if s.lm_eval is None else Path(suites_dir) / s.name
 
 
 def data_params(params: Params, s: SuiteParams) -> DataParams:
@@ -59,19 +75,25 @@ def prepare(params: Params, workspace: Path) -> tuple[Path | None, dict[str, str
 
     if not params.eval.suites:
         return None, {}
-    texts = {}
+    from tasks.keys import digest, rows_hash
+
+    texts, folders, hashes = {}, {}, {}
     for s in params.eval.suites:
+        if s.lm_eval is not None:  # the task YAML's folder, as it is: the harness reads it
+            folders[s.name] = ws_path(workspace, s.lm_eval).parent
+            hashes[s.name] = rows_hash(folders[s.name])
+            continue
         rows = prepared_rows(ws_path(workspace, s.path), data_params(params, s), limit=s.max_examples)
         texts[s.name] = "".join(json.dumps(r) + "\n" for r in rows)
-    hashes = {n: hashlib.sha256(t.encode()).hexdigest()[:16] for n, t in texts.items()}  # = keys.rows_hash(file)
-    from tasks.keys import digest
-
+        hashes[s.name] = hashlib.sha256(texts[s.name].encode()).hexdigest()[:16]  # = keys.rows_hash(its file)
     out = state_dir(workspace, params) / "suites" / digest(hashes)
     if out.is_dir() and verify_manifest(out) is None:
         return out, hashes
     with atomic_dir(out) as tmp:
         for n, t in texts.items():
             rows_file(tmp, n).write_text(t)
+        for n, d in folders.items():
+            shutil.copytree(d, tmp / n)
     return out, hashes
 
 
