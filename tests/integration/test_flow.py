@@ -302,3 +302,49 @@ def test_a_damaged_adapter_is_rebuilt_and_a_changed_one_scored_again(ws, tiny_mo
     assert changed in ev["content"]  # the answers the merge gate compared are this adapter's
     v = c.get_model_version(name, str(s2["registry"]["version"]))
     assert v.tags["adapter_digest"] == changed
+
+
+def test_a_candidate_that_forgets_a_non_inferior_suite_is_refused_naming_it(ws, tiny_model_dir, mlflow_server, prefect):
+    """Issue 16's forgetting guard, on the real flow. The domain task is to answer "json" to every item: the
+    tuned models learn it in a few steps and the random base never says it, so the candidate passes the domain
+    gain gate on a real threshold. The suite holds general sentences scored by `nll` (the reference's mean
+    per-token negative log-likelihood): tuning the model to say one word moves probability off every other
+    text, so on that suite the candidate is predictably worse than the base, by more than the margin. The run
+    ends Rejected (exit 1), registers nothing, and the refusal names the suite."""
+    from mlflow.tracking import MlflowClient
+
+    raw = ws / "data" / "raw" / "always-json.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text("".join(json.dumps({"instruction": "Which label?", "input": f"Item {i} of the catalogue.",
+                                       "output": "json"}) + "\n" for i in range(80)))
+    general = ws / "data" / "suites" / "general.jsonl"
+    general.parent.mkdir(parents=True, exist_ok=True)
+    general.write_text("".join(json.dumps({"prompt": f"What did you do on day {i} of the trip?",
+                                           "completion": "We walked along the river and ate bread in the old town."})
+                               + "\n" for i in range(16)))
+    name = f"forget-{uuid.uuid4().hex[:6]}"
+    rel = write_params(ws, "forget", tiny_model_dir, mlflow_server, name, data={"raw": "data/raw/always-json.jsonl"},
+                       training={"max_steps": 12, "lr": 0.02, "eval_every": 6, "save_every": 6},
+                       # one new token: "json" is one token, and the tiny model never learns to stop after it
+                       eval={"max_new_tokens": 1, "suites": [{"name": "general", "path": "data/suites/general.jsonl",
+                                                              "metric": "nll", "role": "non_inferior",
+                                                              "threshold": 0.05}]},
+                       gates={"min_gain_over_base": 0.5, "min_retention_vs_lora": 0.5})
+    r = cli(ws, rel, prefect)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-4000:]
+    lines = out.splitlines()
+    assert any(ln.startswith("gain_over_base") and "PASS" in ln for ln in lines), out[-4000:]  # the domain improved
+    assert any(ln.startswith("general:non_inferior") and "FAIL" in ln for ln in lines), out[-4000:]
+    assert "suite general: nll, non-inferior, margin 0.05" in out and "nothing registered" in out
+    c = MlflowClient(mlflow_server)
+    assert c.search_model_versions(f"name='{name}'") == []
+    rejected = [x for x in flow_runs(prefect) if x["state_name"] == "Rejected"]
+    assert "general:non_inferior" in rejected[-1]["state"]["message"]
+    run = c.search_runs([c.get_experiment_by_name(f"exp-{name}").experiment_id])[0]
+    m = run.data.metrics
+    assert m["suite.general.qlora.nll"] > m["suite.general.base.nll"] + 0.05 and m["gate.general.non_inferior.passed"] == 0
+    assert run.data.tags["qlora_ops.suite.general"] and run.data.tags["qlora_ops.outcome"] == "rejected"
+    with tempfile.TemporaryDirectory() as d:  # the exact rows the suite was judged on travel with the run
+        got = Path(c.download_artifacts(run.info.run_id, "data/suites/general.jsonl", d)).read_text()
+    assert len(got.splitlines()) == 16 and "walked along the river" in got
