@@ -10,13 +10,17 @@ conf="${MLFLOW_AUTH_CONFIG_PATH:-/tmp/mlflow-auth/basic_auth.ini}"
 umask 077
 mkdir -p "$(dirname "$conf")"
 # default_permission READ: every team member with a login reads every run and model; writing needs a
-# grant (the workers' user creates the experiment and the registered model, so it manages them).
+# grant, which infra/mlflow-setup.py gives per role (workers EDIT, promoters MANAGE).
+# auth_cache_ttl_seconds: every request checks a PBKDF2 password hash, which costs CPU per request; a
+# positive TTL caches a successful check for that long per server worker process, so a changed or
+# revoked password may still be accepted for up to that long. Off (0) unless MLFLOW_AUTH_CACHE_TTL_SECONDS says.
 # configparser reads `%` as interpolation: the generated (hex) passwords have none.
 cat > "$conf" <<INI
 [mlflow]
 default_permission = READ
 database_uri = ${MLFLOW_AUTH_DATABASE_URI}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_SECONDS:-0}
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$conf"
 exec "$@"

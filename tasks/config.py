@@ -99,9 +99,11 @@ class DataParams(_Strict):
 class QuantParams(_Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    # auto: bf16 on CUDA that supports it, else fp16 on CUDA, float32 on CPU.
+    # auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs (T4, V100), float32
+    # on CPU. fp16 trains with a gradient scaler (tasks.train).
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Storage dtype of the packed 4-bit weights; set to the model dtype (e.g. bfloat16) for FSDP.
+    # Storage dtype of the packed 4-bit weights. FSDP needs a float one (the compute dtype, e.g. bfloat16):
+    # a QLoRA run launched with FSDP and uint8 is refused before loading (tasks.distributed.check_launch).
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
 
 
@@ -142,6 +144,10 @@ class TrainParams(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
+# The names of tasks.metrics.METRICS (a test checks they agree): a Literal, so a typo is named with the choices.
+MetricName = Literal["exact_match", "token_f1", "rouge_l", "chrf", "json_match", "nll"]
+
+
 class SuiteParams(_Strict):
     """An extra evaluation suite (the domain test split is the implicit suite "test"): rows read from a file
     exactly like data.raw (same formats and row shapes), scored with `metric`, gated by `role`:
@@ -152,7 +158,7 @@ class SuiteParams(_Strict):
     # A JSONL/CSV/Parquet file or a directory of them, relative to the workspace (alpaca, chat or
     # prompt_completion rows); logged on every run and hashed into its fingerprint.
     path: str | None = None
-    metric: str = "exact_match"
+    metric: MetricName = "exact_match"
     role: Literal["gain", "non_inferior", "report"] = "report"
     threshold: float = 0.0
     # null = data.system_prompt (a chat row's own system turn wins, as in the data).
@@ -163,14 +169,6 @@ class SuiteParams(_Strict):
     columns: dict[str, str] | None = None
     # A local lm-evaluation-harness task YAML (with its data files) instead of `path`.
     lm_eval: str | None = None
-
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, v: str) -> str:
-        from tasks.metrics import get  # raises ValueError naming the valid metrics
-
-        get(v)
-        return v
 
     @model_validator(mode="after")
     def _source_and_threshold(self):
@@ -190,6 +188,11 @@ class EvalParams(_Strict):
     max_new_tokens: int | None = Field(None, ge=1)
     # Evaluate on the first N test rows only (null = all). Same N for every model.
     max_examples: int | None = Field(None, ge=1)
+    # The gate metric of the domain test split (tasks/metrics says what each measures); `qlora-ops init`
+    # picks it from the answers. The gate thresholds are in its units.
+    metric: MetricName = "exact_match"
+    # Also computed and reported, never gated on (exact match is always computed too).
+    report_metrics: list[MetricName] = []
     # Extra suites beside the domain test split, each evaluated for base / LoRA / QLoRA / merged /
     # champion and gated by its role (SuiteParams).
     suites: list[SuiteParams] = []

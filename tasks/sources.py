@@ -91,7 +91,7 @@ def _hidden(rel: str) -> bool:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
+    h = hashlib.md5(usedforsecurity=False)  # compared with S3 ETags (an integrity check), not a security hash
     with open(path, "rb") as f:
         while b := f.read(1 << 20):
             h.update(b)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,6 +25,7 @@ BUCKET = "qlora-ops"
 SECRET_KEY = re.compile(r"PASSWORD|SECRET|AUTH_STRING|ACCESS_KEY|ROOT_USER")
 # A URL with user:password@ in it.
 USERINFO = re.compile(r"://[^:/@\s]+:(?P<password>[^@\s]+)@")
+K8S_WORKER_SECRET_SETTING = "PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_"
 REQUIRED_REF = re.compile(r"\$\{([A-Z0-9_]+):\?[^}]+\}")
 ANY_REF = re.compile(r"\$\{([A-Z0-9_]+)")
 
@@ -59,8 +61,13 @@ def _env_example_keys() -> dict[str, str]:
     return out
 
 
+def _k8s_files() -> list[Path]:
+    """Every Kubernetes manifest: infra/k8s/ (kubectl apply -k) and its optional subdirectories."""
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
 def _k8s_objects() -> list[dict]:
-    return [o for p in sorted(K8S.glob("*.yaml")) for o in yaml.safe_load_all(p.read_text()) if o]
+    return [o for p in _k8s_files() for o in yaml.safe_load_all(p.read_text()) if o]
 
 
 def test_compose_services_and_ports(compose):
@@ -107,7 +114,7 @@ def test_env_example_lists_every_variable_and_no_values_for_secrets(compose):
     assert "openssl rand" in text and "cp infra/.env.example infra/.env" in text
     # k8s reads the same keys from the Secret made of infra/.env.
     k8s_keys = set(re.findall(r"secretKeyRef: \{name: qlora-ops-secrets, key: ([A-Z0-9_]+)\}",
-                              " ".join(p.read_text() for p in K8S.glob("*.yaml"))))
+                              " ".join(p.read_text() for p in _k8s_files())))
     tmpl = json.loads((INFRA / "prefect" / "work-pool-gpu-kubernetes.json").read_text())
     k8s_keys |= {e["valueFrom"]["secretKeyRef"]["key"]
                  for e in tmpl["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -152,9 +159,12 @@ def test_prefect_server_requires_auth_and_clients_send_it(compose):
         # Same .env variable on both sides, or the clients get 401.
         assert env["PREFECT_API_AUTH_STRING"] == server["PREFECT_SERVER_API_AUTH_STRING"], name
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
         assert env["QLORA_OPS_HOME"] == "/app"
+    for name in ("worker", "gpu-worker"):
+        env = services[name]["environment"]
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        # The MLflow *worker* user, never the admin (infra/mlflow-setup.py gives it EDIT on its own resources).
+        assert env["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_WORKER_USERNAME:?set MLFLOW_WORKER_USERNAME in infra/.env}"
     assert "WORKDIR /app" in (INFRA / "Dockerfile").read_text()
 
 
@@ -244,13 +254,18 @@ def test_k8s_manifests():
     for name in ("qlora-ops-worker", "qlora-ops-worker-gpu"):
         env = {e["name"]: e for e in container(name)["env"]}
         assert env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["key"] == "PREFECT_AUTH_STRING"
-        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
+        assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["key"] == "MLFLOW_WORKER_USERNAME"
+    # Only the CPU worker (DVC remote, drops) holds an S3 key, and it is the worker's.
+    cpu_env = {e["name"]: e for e in container("qlora-ops-worker")["env"]}
+    assert cpu_env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["key"] == "QLORA_S3_WORKER_ACCESS_KEY"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & {e["name"] for e in container("qlora-ops-worker-gpu")["env"]}
     # No literal credential anywhere: every secret-looking env var is a secretKeyRef or built from one.
     for o in objs:
         spec = o.get("spec", {}).get("template", {}).get("spec", {})
-        for c in spec.get("containers", []):
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
             for e in c.get("env", []):
-                if SECRET_KEY.search(e["name"]):
+                # (the k8s worker's *_SECRET_NAME/_KEY settings name the Secret, they hold no secret)
+                if SECRET_KEY.search(e["name"]) and not e["name"].startswith(K8S_WORKER_SECRET_SETTING):
                     assert "secretKeyRef" in e.get("valueFrom", {}), (o["metadata"]["name"], e)
                 if m := USERINFO.search(e.get("value", "")):
                     assert re.fullmatch(r"\$\([A-Z0-9_]+\)", m.group("password")), (o["metadata"]["name"], e)
@@ -260,6 +275,7 @@ def test_k8s_init_scripts_are_copies():
     cm = next(o for o in _k8s_objects() if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "qlora-ops-init")
     assert cm["data"]["postgres-init.sh"] == (INFRA / "postgres-init.sh").read_text()
     assert cm["data"]["minio-init.sh"] == (INFRA / "minio-init.sh").read_text()
+    assert cm["data"]["mlflow-setup.py"] == (INFRA / "mlflow-setup.py").read_text()
 
 
 def test_team_params_validate_and_point_at_the_stack():
@@ -303,3 +319,320 @@ def test_docs_describe_the_stack():
     assert arch.count("```mermaid") == 1
     for s in ("qlora-ops-gpu", "qlora-retrain", "qlora-model-stage", "MinIO", "Postgres", "dvc push", "drops"):
         assert s in arch, s
+
+
+# ---------------------------------------------------------------- issue 18: least privilege, hardening, the operator's path
+SERVICE_SECRETS = {  # compose service -> the infra/.env secrets it may hold, and no other
+    "postgres": {"POSTGRES_PASSWORD", "PREFECT_DB_PASSWORD", "MLFLOW_DB_PASSWORD"},
+    "minio": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"},
+    "minio-init": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "QLORA_S3_MLFLOW_ACCESS_KEY", "QLORA_S3_MLFLOW_SECRET_KEY",
+                   "QLORA_S3_WORKER_ACCESS_KEY", "QLORA_S3_WORKER_SECRET_KEY", "QLORA_S3_DROP_ACCESS_KEY", "QLORA_S3_DROP_SECRET_KEY"},
+    "mlflow": {"MLFLOW_DB_PASSWORD", "MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY",
+               "QLORA_S3_MLFLOW_ACCESS_KEY", "QLORA_S3_MLFLOW_SECRET_KEY"},
+    "mlflow-setup": {"MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_WORKER_USERNAME", "MLFLOW_WORKER_PASSWORD",
+                     "MLFLOW_PROMOTER_USERNAME", "MLFLOW_PROMOTER_PASSWORD"},
+    "prefect-server": {"PREFECT_DB_PASSWORD", "PREFECT_AUTH_STRING"},
+    "worker": {"PREFECT_AUTH_STRING", "MLFLOW_WORKER_USERNAME", "MLFLOW_WORKER_PASSWORD", "QLORA_S3_WORKER_ACCESS_KEY",
+               "QLORA_S3_WORKER_SECRET_KEY"},
+    "gpu-worker": {"PREFECT_AUTH_STRING", "MLFLOW_WORKER_USERNAME", "MLFLOW_WORKER_PASSWORD"},
+    "setup": {"PREFECT_AUTH_STRING"},
+}
+CREDENTIAL = re.compile(SECRET_KEY.pattern + "|USERNAME")  # a login name is half a credential
+K8S_VERSION = "1.33.0"
+# Containers allowed a writable root filesystem, and why (each carries a checkov.io/skip annotation).
+WRITABLE_ROOT = {"qlora-ops-worker"}  # the parent flow writes DVC metadata into its checkout in the image
+
+
+def test_each_compose_service_holds_only_its_own_secrets(compose):
+    for name, svc in compose["services"].items():
+        held = {v for text in _strings(svc.get("environment") or {}) for v in ANY_REF.findall(text) if CREDENTIAL.search(v)}
+        assert held == SERVICE_SECRETS[name], (name, held ^ SERVICE_SECRETS[name])
+    # Nobody runs as the MLflow admin or holds the dropper's key but the setup jobs.
+    for name in ("worker", "gpu-worker", "setup"):
+        assert not {"MLFLOW_ADMIN_PASSWORD", "QLORA_S3_DROP_SECRET_KEY", "MINIO_ROOT_PASSWORD"} & SERVICE_SECRETS[name]
+
+
+def test_k8s_containers_hold_only_their_own_secrets():
+    """Same matrix on Kubernetes: each container's secretKeyRefs, never the whole Secret (envFrom)."""
+    expect = {"postgres": SERVICE_SECRETS["postgres"], "minio": SERVICE_SECRETS["minio"], "mc": SERVICE_SECRETS["minio-init"],
+              "mlflow": SERVICE_SECRETS["mlflow"], "setup": SERVICE_SECRETS["mlflow-setup"],
+              "prefect-server": SERVICE_SECRETS["prefect-server"]}
+    for o in _k8s_objects():
+        pod = o.get("spec", {}).get("template", {}).get("spec")
+        if not pod:
+            continue
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            keys = {e["valueFrom"]["secretKeyRef"]["key"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+            assert not any("secretRef" in f for f in c.get("envFrom", [])), (o["metadata"]["name"], c["name"])
+            if o["metadata"]["name"] == "qlora-ops-worker":
+                assert keys == SERVICE_SECRETS["worker"], keys
+            elif o["metadata"]["name"] == "qlora-ops-worker-gpu":
+                assert keys == SERVICE_SECRETS["gpu-worker"], keys
+            elif o["metadata"]["name"] == "qlora-ops-k8s-worker":
+                assert keys == {"PREFECT_AUTH_STRING"}, keys
+            elif c["name"] == "db-upgrade":
+                assert keys in ({"MLFLOW_DB_PASSWORD"}, {"PREFECT_DB_PASSWORD"}), keys
+            else:
+                assert keys == expect[c["name"]], (c["name"], keys)
+
+
+def _pods() -> list[tuple[str, dict, dict]]:
+    """(name, owner object, pod spec) of every pod template in infra/k8s, plus the GPU Job the k8s worker renders."""
+    out = [(o["metadata"]["name"], o, o["spec"]["template"]["spec"]) for o in _k8s_objects()
+           if o["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet")]
+    job = _render_gpu_job({})
+    out.append(("gpu-model-stage-job", job, job["spec"]["template"]["spec"]))
+    return out
+
+
+def _render_gpu_job(worker_env: dict[str, str]) -> dict:
+    """.ci/render_gpu_job.py: the Job prefect-kubernetes' worker would create, from the pool template."""
+    import importlib.util
+    import os
+    from unittest import mock
+
+    spec = importlib.util.spec_from_file_location("render_gpu_job", ROOT / ".ci" / "render_gpu_job.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = {"PREFECT_API_URL": "http://prefect-server:4200/api", "PREFECT_API_AUTH_STRING": "admin:planted-secret-4711"}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    with mock.patch.dict(os.environ, {**clean, **base, **worker_env}, clear=True):
+        from prefect.settings.context import get_current_settings  # noqa: F401  (settings are read per call)
+        return mod.render()
+
+
+def test_every_pod_is_hardened():
+    """The helm chart's bar, on every pod: non-root, seccomp RuntimeDefault, no privilege escalation, no
+    capabilities, read-only root (but the one listed exception), limits and requests, own ServiceAccount
+    without an API token (but the worker that creates Jobs), fully qualified pinned images."""
+    pods = _pods()
+    assert {"postgres", "minio", "minio-init", "mlflow", "mlflow-setup", "prefect-server", "qlora-ops-worker",
+            "qlora-ops-worker-gpu", "qlora-ops-k8s-worker", "gpu-model-stage-job"} <= {n for n, _, _ in pods}
+    assert any(n.startswith("prefect-db-upgrade-") for n, _, _ in pods)  # the migrations Job, as in the chart
+    for name, owner, pod in pods:
+        sc = pod.get("securityContext", {})
+        assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) > 0, name
+        assert sc.get("seccompProfile") == {"type": "RuntimeDefault"}, name
+        sa = pod.get("serviceAccountName")
+        assert sa and sa != "default", name
+        token = pod.get("automountServiceAccountToken")
+        assert token is (name == "qlora-ops-k8s-worker"), (name, token)
+        for c in pod["containers"] + pod.get("initContainers", []):
+            csc = c.get("securityContext", {})
+            assert csc.get("allowPrivilegeEscalation") is False, (name, c["name"])
+            assert csc.get("capabilities") == {"drop": ["ALL"]}, (name, c["name"])
+            assert csc.get("readOnlyRootFilesystem") is (name not in WRITABLE_ROOT), (name, c["name"])
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(kind, {})), (name, c["name"], kind)
+            image = c["image"]
+            registry, _, rest = image.partition("/")
+            assert "." in registry and ":" in rest, f"{name}: {image} is not registry-qualified and tagged"
+            assert not image.endswith(":latest"), image
+        if owner["kind"] == "Deployment":
+            for c in pod["containers"]:
+                assert c.get("livenessProbe") and c.get("readinessProbe"), (name, c["name"])
+    for name in WRITABLE_ROOT:  # the exception is declared to the scanner, with its reason
+        obj = next(o for o in _k8s_objects() if o["metadata"]["name"] == name and o["kind"] == "Deployment")
+        assert obj["metadata"]["annotations"]["checkov.io/skip1"].startswith("CKV_K8S_22=")
+    ns = next(o for o in _k8s_objects() if o["kind"] == "Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_workers_run_their_healthcheck_and_are_probed():
+    compose_doc = yaml.safe_load(COMPOSE.read_text())
+    for name in ("worker", "gpu-worker"):
+        svc = compose_doc["services"][name]
+        assert "--with-healthcheck" in svc["command"], name
+        assert "http://localhost:8080/health" in " ".join(svc["healthcheck"]["test"]), name
+    for o in _k8s_objects():
+        if o["kind"] == "Deployment" and "worker" in o["metadata"]["name"]:
+            c = o["spec"]["template"]["spec"]["containers"][0]
+            cmd = c.get("command", []) + c.get("args", [])
+            assert "--with-healthcheck" in cmd, o["metadata"]["name"]
+            assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "health"}
+            assert {"name": "health", "containerPort": 8080} in c["ports"]
+
+
+def test_network_policy_default_deny_and_labelled_flows():
+    objs = _k8s_objects()
+    pols = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "NetworkPolicy"}
+    assert pols["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    servers = {"postgres": 5432, "minio": 9000, "mlflow": 5000, "prefect-server": 4200}
+    for server, port in servers.items():
+        ingress = pols[server]["ingress"]
+        # Only pods of this namespace that carry the client label: no namespaceSelector, no ipBlock.
+        assert ingress == [{"from": [{"podSelector": {"matchLabels": {f"qlora-ops/{server.split('-')[0]}-client": "true"}}}],
+                            "ports": [{"protocol": "TCP", "port": port}]}], server
+    labels = {name: owner_labels for name, owner_labels in
+              ((o["metadata"]["name"], o["spec"]["template"]["metadata"]["labels"]) for o in objs
+               if o["kind"] in ("Deployment", "Job"))}
+    need = {"mlflow": {"postgres", "minio"}, "prefect-server": {"postgres"}, "qlora-ops-worker": {"prefect", "mlflow", "minio"},
+            "qlora-ops-worker-gpu": {"prefect", "mlflow"}, "minio-init": {"minio"}, "mlflow-setup": {"mlflow"},
+            "qlora-ops-k8s-worker": {"prefect", "kubernetes-api"}, "postgres": set(), "minio": set()}
+    for name, want in need.items():
+        got = {k.split("/")[1].removesuffix("-client") for k, v in labels[name].items() if k.startswith("qlora-ops/") and v == "true"}
+        assert got == want, (name, got)
+    job = _render_gpu_job({})
+    got = {k.split("/")[1].removesuffix("-client") for k in job["spec"]["template"]["metadata"]["labels"] if k.startswith("qlora-ops/")}
+    assert got == {"prefect", "mlflow"}
+    postgres_doc = (K8S / "postgres.yaml").read_text()
+    assert "nothing outside the namespace's pods reaches it" not in postgres_doc and "networkpolicy.yaml" in postgres_doc
+
+
+def test_k8s_manifests_validate_against_the_kubernetes_api_schema():
+    import kubernetes_validate
+    from kubernetes_validate.utils import ValidationError
+
+    objs = _k8s_objects() + [_render_gpu_job({})]
+    for o in objs:
+        kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+    # The validator can fail: a pod-spec field in the wrong place (the GPU template once had Job fields in
+    # its pod spec) and a typo are both rejected.
+    bad = json.loads(json.dumps(objs[-1]))
+    bad["spec"]["template"]["spec"]["completions"] = 1
+    with pytest.raises(ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+    with pytest.raises(ValidationError):
+        kubernetes_validate.validate({**objs[0], "spce": {}}, K8S_VERSION, strict=True)
+
+
+def test_compose_validates_against_the_compose_spec(tmp_path):
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "check-jsonschema")
+    r = subprocess.run([cli, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = yaml.safe_load(COMPOSE.read_text())
+    doc["services"]["worker"]["helthcheck"] = {"test": ["CMD", "true"]}  # a typo compose would refuse
+    bad = tmp_path / "compose.yml"
+    bad.write_text(yaml.safe_dump(doc))
+    r = subprocess.run([cli, "--builtin-schema", "vendor.compose-spec", str(bad)], capture_output=True, text=True)
+    assert r.returncode != 0 and "helthcheck" in r.stdout + r.stderr
+
+
+def test_compose_without_gpus_starts_by_default(compose):
+    """No GPU worker unless COMPOSE_PROFILES=gpu is set on purpose: .env.example leaves it commented."""
+    gpu_services = [n for n, s in compose["services"].items() if "deploy" in s]
+    assert gpu_services == ["gpu-worker"] and compose["services"]["gpu-worker"]["profiles"] == ["gpu"]
+    active = _env_example_keys()
+    assert "COMPOSE_PROFILES" not in active
+    assert "# COMPOSE_PROFILES=gpu" in ENV_EXAMPLE.read_text()
+
+
+def test_the_docs_empty_value_check_flags_exactly_the_unfilled_values(tmp_path):
+    """Run the docs' own `grep` on .env.example as copied (every secret listed) and filled (nothing)."""
+    import subprocess
+
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    m = re.search(r"^(grep [^\n#]*infra/\.env)\s", deploy, re.M)
+    assert m, "docs/deploy.md has no grep check of infra/.env"
+    assert m.group(1) in ENV_EXAMPLE.read_text()  # .env.example tells the same command
+    work = tmp_path / "repo"
+    (work / "infra").mkdir(parents=True)
+    env_file = work / "infra" / ".env"
+    env_file.write_text(ENV_EXAMPLE.read_text())
+    r = subprocess.run(["bash", "-c", m.group(1)], cwd=work, capture_output=True, text=True)
+    flagged = {line.split(":", 1)[1].split("=")[0] for line in r.stdout.splitlines()}
+    assert flagged == {k for k, v in _env_example_keys().items() if v == ""} and flagged, r.stdout
+    assert all(SECRET_KEY.search(k) or k.endswith("USERNAME") for k in flagged)
+    env_file.write_text("".join(f"{line}0123abcd\n" if re.fullmatch(r"[A-Z0-9_]+=", line) else f"{line}\n"
+                                for line in ENV_EXAMPLE.read_text().splitlines()))
+    r = subprocess.run(["bash", "-c", m.group(1)], cwd=work, capture_output=True, text=True)
+    assert r.stdout == "", r.stdout
+
+
+def test_images_are_pinned_and_fully_qualified(compose):
+    for name, svc in compose["services"].items():
+        image = svc["image"]
+        assert ":" in image and not image.endswith(":latest"), (name, image)
+        if "build" not in svc and svc.get("pull_policy") != "never":  # pulled from a registry: fully qualified
+            assert image.split("/")[0] in ("docker.io", "ghcr.io", "quay.io"), (name, image)
+    for dockerfile in INFRA.glob("Dockerfile*"):
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("FROM "):
+                image = line.split()[1]
+                assert image.split("/")[0] in ("docker.io", "ghcr.io") and re.search(r":v?\d", image), (dockerfile.name, image)
+            if line.startswith("USER "):
+                assert not line.split()[1].startswith(("0", "root")), line
+        assert re.search(r"^USER \d+", dockerfile.read_text(), re.M) or dockerfile.name.endswith("dockerignore"), dockerfile.name
+
+
+def test_mlflow_setup_names_the_team_params_resources(compose):
+    from tasks.config import load_params
+
+    p = load_params(ROOT / "params" / "team.yaml")
+    env = compose["services"]["mlflow-setup"]["environment"]
+    assert (env["QLORA_MLFLOW_EXPERIMENT"], env["QLORA_MLFLOW_MODEL"]) == (p.registry.experiment, p.registry.model_name)
+    job = next(o for o in _k8s_objects() if o["kind"] == "Job" and o["metadata"]["name"] == "mlflow-setup")
+    kenv = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (kenv["QLORA_MLFLOW_EXPERIMENT"], kenv["QLORA_MLFLOW_MODEL"]) == (p.registry.experiment, p.registry.model_name)
+
+
+def test_kubernetes_worker_never_puts_the_auth_string_into_a_job():
+    """prefect-kubernetes' worker copies its own PREFECT_API_AUTH_STRING into every Job (and drops the
+    template's Secret reference for it) unless its auth-string-secret settings are set: the k8s worker
+    manifest sets them, and the Job then carries only the reference."""
+    dep = next(o for o in _k8s_objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == "qlora-ops-k8s-worker")
+    settings = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+                if e["name"].startswith(K8S_WORKER_SECRET_SETTING)}
+    assert settings == {K8S_WORKER_SECRET_SETTING + "NAME": "qlora-ops-secrets", K8S_WORKER_SECRET_SETTING + "KEY": "PREFECT_AUTH_STRING"}
+
+    def auth_entries(job):
+        return [e for e in job["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "PREFECT_API_AUTH_STRING"]
+
+    without = _render_gpu_job({})  # what an unconfigured worker would create: the plain value
+    assert [e.get("value") for e in auth_entries(without)] == ["admin:planted-secret-4711"]
+    job = _render_gpu_job(settings)
+    assert "planted-secret-4711" not in json.dumps(job)
+    assert auth_entries(job) == [{"name": "PREFECT_API_AUTH_STRING",
+                                  "valueFrom": {"secretKeyRef": {"name": "qlora-ops-secrets", "key": "PREFECT_AUTH_STRING"}}}]
+
+
+def test_gpu_job_template_survives_scale_up_and_keeps_state():
+    tmpl = json.loads((INFRA / "prefect" / "work-pool-gpu-kubernetes.json").read_text())
+    props = tmpl["variables"]["properties"]
+    # A GPU node scaled from zero plus a multi-GB image pull take many minutes; 60 s would crash the run.
+    assert props["pod_watch_timeout_seconds"]["default"] >= 900
+    job = _render_gpu_job({})
+    pod = job["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    state = volumes[mounts["/app/.qlora-ops"]]  # checkpoints, converted base, merged model
+    claim = state["persistentVolumeClaim"]["claimName"]
+    pvcs = {o["metadata"]["name"] for o in _k8s_objects() if o["kind"] == "PersistentVolumeClaim"}
+    assert claim in pvcs
+    assert "/tmp" in mounts and pod["serviceAccountName"] == props["service_account_name"]["default"]
+    # The Job's env: no S3 key (the model stage talks to MLflow only), the MLflow worker user by reference.
+    names = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert "AWS_ACCESS_KEY_ID" not in names
+    assert names["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "MLFLOW_WORKER_PASSWORD"
+
+
+def test_kustomization_lists_every_manifest_and_image():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kust["namespace"] == "qlora-ops"
+    assert sorted(kust["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    ours = {o_c["image"].rsplit(":", 1)[0] for o in _k8s_objects() if o["kind"] in ("Deployment", "Job")
+            for o_c in o["spec"]["template"]["spec"]["containers"] + o["spec"]["template"]["spec"].get("initContainers", [])
+            if o_c["image"].startswith("registry.example.com/")}
+    assert ours == {i["name"] for i in kust["images"]}
+
+
+def test_every_documented_cli_call_uses_the_venv_and_the_stack():
+    """docs/deploy.md: every `prefect`/`qlora-ops` call in a shell block is the venv's (or runs inside a
+    container/pod that has the stack's env), and the doc exports PREFECT_API_URL and the auth string
+    before the first one; without them the CLI talks to a temporary local server."""
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", deploy, re.S)
+    calls = [line for b in blocks for line in b.splitlines()
+             if re.search(r"(^|[;&|(]\s*|\s--\s)(\S*/)?(prefect|qlora-ops)\s", line.strip())
+             and not line.lstrip().startswith("#")]  # the command word, not a namespace or a file name
+    assert len(calls) >= 8
+    for line in calls:
+        assert re.search(r"\.venv/bin/(prefect|qlora-ops) ", line) or re.search(r"kubectl .* exec |docker compose", line), line
+    first_call = min(deploy.index(line) for line in calls if ".venv/bin/" in line)
+    assert deploy.index("export PREFECT_API_URL=") < first_call
+    assert deploy.index('export PREFECT_API_AUTH_STRING="$(sed') < first_call
+    assert "one shared secret with no roles" in deploy

@@ -304,14 +304,32 @@ def test_a_damaged_adapter_is_rebuilt_and_a_changed_one_scored_again(ws, tiny_mo
     assert v.tags["adapter_digest"] == changed
 
 
-def test_a_candidate_that_forgets_a_non_inferior_suite_is_refused_naming_it(ws, tiny_model_dir, mlflow_server, prefect):
+def test_a_candidate_that_forgets_a_non_inferior_suite_is_refused_naming_it(ws, smol_tokenizer_dir, mlflow_server,
+                                                                           prefect, tmp_path):
     """Issue 16's forgetting guard, on the real flow. The domain task is to answer "json" to every item: the
-    tuned models learn it in a few steps and the random base never says it, so the candidate passes the domain
-    gain gate on a real threshold. The suite holds general sentences scored by `nll` (the reference's mean
-    per-token negative log-likelihood): tuning the model to say one word moves probability off every other
-    text, so on that suite the candidate is predictably worse than the base, by more than the margin. The run
-    ends Rejected (exit 1), registers nothing, and the refusal names the suite."""
+    tuned models learn it and the random base never says it, so the candidate passes the domain gain gate on a
+    real threshold. The suite's references are what the base itself answers to general questions (a random
+    Llama with its own output head answers with words), so the base is right on every row; the tuned model,
+    which learned to answer the domain's way, is not. It loses more than the margin on that non_inferior
+    suite: the run ends Rejected (exit 1), registers nothing, and the refusal names the suite."""
+    import torch
     from mlflow.tracking import MlflowClient
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.config import load_params
+    from tasks.data import prepared_rows
+    from tasks.evaluate import evaluate_model
+    from tasks.suites import data_params, eval_params
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)  # tied, a random Llama echoes the prompt's last token: "\n"
+    torch.manual_seed(0)
+    model_dir = tmp_path / "untied-llama"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
 
     raw = ws / "data" / "raw" / "always-json.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
@@ -319,32 +337,42 @@ def test_a_candidate_that_forgets_a_non_inferior_suite_is_refused_naming_it(ws, 
                                        "output": "json"}) + "\n" for i in range(80)))
     general = ws / "data" / "suites" / "general.jsonl"
     general.parent.mkdir(parents=True, exist_ok=True)
-    general.write_text("".join(json.dumps({"prompt": f"What did you do on day {i} of the trip?",
-                                           "completion": "We walked along the river and ate bread in the old town."})
-                               + "\n" for i in range(16)))
+    questions = [f"What did you do on day {i} of the trip?" for i in range(16)]
+    general.write_text("".join(json.dumps({"prompt": q, "completion": "?"}) + "\n" for q in questions))
     name = f"forget-{uuid.uuid4().hex[:6]}"
-    rel = write_params(ws, "forget", tiny_model_dir, mlflow_server, name, data={"raw": "data/raw/always-json.jsonl"},
-                       training={"max_steps": 12, "lr": 0.02, "eval_every": 6, "save_every": 6},
-                       # one new token: "json" is one token, and the tiny model never learns to stop after it
-                       eval={"max_new_tokens": 1, "suites": [{"name": "general", "path": "data/suites/general.jsonl",
-                                                              "metric": "nll", "role": "non_inferior",
-                                                              "threshold": 0.05}]},
+    suite = {"name": "general", "path": "data/suites/general.jsonl", "role": "non_inferior", "threshold": 0.1}
+    rel = write_params(ws, "forget", model_dir, mlflow_server, name, data={"raw": "data/raw/always-json.jsonl"},
+                       training={"max_steps": 60, "lr": 0.03, "eval_every": 30, "save_every": 30},
+                       eval={"max_new_tokens": 2, "suites": [suite]},
                        gates={"min_gain_over_base": 0.5, "min_retention_vs_lora": 0.5})
+    # The base's own answers, computed exactly as the flow will (same rows, prompts, decoding), become the
+    # references: the base scores 1.0 on the suite by construction.
+    p = load_params(ws / rel)
+    s = p.eval.suites[0]
+    draft = tmp_path / "draft.jsonl"
+    draft.write_text("".join(json.dumps(r) + "\n" for r in prepared_rows(general, data_params(p, s))))
+    evaluate_model(eval_params(p, s), "base", model_dir, draft, tmp_path / "base-eval", metrics=["exact_match"])
+    answers = [json.loads(x)["prediction"] for x in (tmp_path / "base-eval" / "predictions.jsonl").read_text().splitlines()]
+    assert all(answers), answers  # words, not an empty echo: the construction holds
+    general.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in zip(questions, answers)))
+
     r = cli(ws, rel, prefect)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-4000:]
     lines = out.splitlines()
     assert any(ln.startswith("gain_over_base") and "PASS" in ln for ln in lines), out[-4000:]  # the domain improved
     assert any(ln.startswith("general:non_inferior") and "FAIL" in ln for ln in lines), out[-4000:]
-    assert "suite general: nll, non-inferior, margin 0.05" in out and "nothing registered" in out
+    assert "suite general: exact_match, non-inferior, margin 0.1" in out and "nothing registered" in out
     c = MlflowClient(mlflow_server)
     assert c.search_model_versions(f"name='{name}'") == []
     rejected = [x for x in flow_runs(prefect) if x["state_name"] == "Rejected"]
     assert "general:non_inferior" in rejected[-1]["state"]["message"]
-    run = c.search_runs([c.get_experiment_by_name(f"exp-{name}").experiment_id])[0]
+    run = next(x for x in c.search_runs([c.get_experiment_by_name(f"exp-{name}").experiment_id])
+               if "mlflow.parentRunId" not in x.data.tags)  # the flow's run, not a training's
     m = run.data.metrics
-    assert m["suite.general.qlora.nll"] > m["suite.general.base.nll"] + 0.05 and m["gate.general.non_inferior.passed"] == 0
+    assert m["suite.general.base.exact_match"] == 1.0 and m["suite.general.qlora.exact_match"] < 0.9
+    assert m["gate.general.non_inferior.passed"] == 0 and m["gate.gain_over_base.passed"] == 1
     assert run.data.tags["qlora_ops.suite.general"] and run.data.tags["qlora_ops.outcome"] == "rejected"
     with tempfile.TemporaryDirectory() as d:  # the exact rows the suite was judged on travel with the run
         got = Path(c.download_artifacts(run.info.run_id, "data/suites/general.jsonl", d)).read_text()
-    assert len(got.splitlines()) == 16 and "walked along the river" in got
+    assert [json.loads(x)["completion"] for x in got.splitlines()] == answers

@@ -1,6 +1,7 @@
 """The deployment path, for real: a `prefect server` process, a process work pool built from
-infra/prefect/work-pool.json, `prefect deploy` of infra/prefect/prefect.yaml, and a `prefect worker`
-process that runs a deployment from this checkout in this venv.
+infra/prefect/work-pool.json, `qlora-ops deploy --params params/team.yaml` (the one way to deploy: there is
+no prefect.yaml to drift from it), and a `prefect worker` process that runs a deployment from this
+checkout in this venv.
 
 No mocks. The server gets its own PREFECT_HOME and SQLite file under tmp_path, so nothing here
 touches ~/.prefect or another test's server. The deployment that actually runs is a probe flow
@@ -10,13 +11,10 @@ The retraining deployment itself is created on the server and read back, but not
 """
 from __future__ import annotations
 
-import ast
-import asyncio
 import json
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ import yaml
 
 from tests.conftest import PREFECT_CLI, ROOT, PrefectServer, start_prefect_server, stop_process_group, tail
 
-PREFECT_YAML = ROOT / "infra" / "prefect" / "prefect.yaml"
+QLORA_OPS_CLI = str(Path(sys.executable).parent / "qlora-ops")
 WORK_POOL_JSON = ROOT / "infra" / "prefect" / "work-pool.json"
 GPU_WORK_POOL_JSON = ROOT / "infra" / "prefect" / "work-pool-gpu.json"
 COMPOSE = ROOT / "infra" / "docker-compose.yml"
@@ -72,21 +70,21 @@ def test_worker_runs_deployment_from_local_source(prefect_server, tmp_path):
 
     server = prefect_server
     expected_digest = load_params(ROOT / "params" / "default.yaml").digest()
+    team = load_params(ROOT / "params" / "team.yaml").orchestration
 
-    # 1. The pools, exactly as docs/deploy.md creates them (prefect.yaml's GPU stage needs its pool to exist).
+    # 1. The pools, exactly as docs/deploy.md creates them (the GPU stage's deployment needs its pool to exist).
     for name, template in ((POOL, WORK_POOL_JSON), (GPU_POOL, GPU_WORK_POOL_JSON)):
         r = server.cli("work-pool", "create", name, "--type", "process", "--base-job-template", str(template))
         assert r.returncode == 0, r.stdout + r.stderr
 
-    # 2. The retraining deployment, exactly as docs/deploy.md creates it (from the repo root). QLORA_OPS_HOME
+    # 2. The retraining deployments, exactly as docs/deploy.md creates them (from the repo root). QLORA_OPS_HOME
     #    unset here, so the pull step keeps its placeholder and each worker resolves its own checkout.
     deploy_env = server.client_env()
     deploy_env.pop("QLORA_OPS_HOME", None)
-    r = subprocess.run([PREFECT_CLI, "--no-prompt", "deploy", "--prefect-file", str(PREFECT_YAML.relative_to(ROOT)), "--all"],
-                       cwd=ROOT, env=deploy_env, capture_output=True, text=True, timeout=180)
+    r = subprocess.run([QLORA_OPS_CLI, "deploy", "--params", "params/team.yaml"],
+                       cwd=ROOT, env=deploy_env, capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
-    assert "successfully created" in out, out
-    assert r.returncode == 0, out  # exits 1 on fastapi >= 0.151 (hence the pin in pyproject.toml)
+    assert r.returncode == 0, out
 
     with server.settings(), get_client(sync_client=True) as client:
         pool = client.read_work_pool(POOL)
@@ -96,12 +94,12 @@ def test_worker_runs_deployment_from_local_source(prefect_server, tmp_path):
         dep = client.read_deployment_by_name("qlora-retrain/weekly-retrain")
         assert dep.entrypoint == "flows/retrain.py:retrain"
         assert dep.work_pool_name == POOL
-        assert dep.parameters == {"params_path": "params/default.yaml", "workspace": "."}
+        assert dep.parameters == {"params_path": "params/team.yaml", "workspace": "."}
         # Prefect 3.8 stores a deployment's limit as a global concurrency limit; `concurrency_limit` reads None.
         assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
         assert dep.concurrency_options is not None
         assert dep.concurrency_options.collision_strategy.value == "ENQUEUE"
-        assert [s.schedule.cron for s in dep.schedules] == ["0 2 * * 1"]
+        assert [s.schedule.cron for s in dep.schedules] == [team.schedule] == ["0 2 * * 1"]
         assert all(s.active for s in dep.schedules)
         assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $QLORA_OPS_HOME }}"}}]
 
@@ -162,80 +160,15 @@ def test_worker_runs_deployment_from_local_source(prefect_server, tmp_path):
     assert any("AwaitingConcurrencySlot" in names for names in history.values()), history
 
 
-def _decorator_names(fn: ast.FunctionDef) -> set[str]:
-    names = set()
-    for d in fn.decorator_list:
-        target = d.func if isinstance(d, ast.Call) else d
-        names.add(target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", ""))
-    return names
-
-
-def test_prefect_yaml_deployment_is_valid():
-    """Static checks of infra/prefect/prefect.yaml: no server, no imports of the training stack."""
-    from prefect.cli.deploy._models import PrefectYamlModel  # the schema `prefect deploy` itself applies
-    from prefect.server.schemas.schedules import CronSchedule  # the class the server's scheduler uses
-
-    doc = yaml.safe_load(PREFECT_YAML.read_text())
-    model = PrefectYamlModel.model_validate(doc)
-    assert len(model.deployments) == 2
-    by_entry = {d["entrypoint"]: d for d in doc["deployments"]}
-    d = by_entry["flows/retrain.py:retrain"]
-
-    # Entrypoint: a file in this repo with a top-level @flow function of that name taking the parameters.
-    path, func = d["entrypoint"].split(":")
-    assert (path, func) == ("flows/retrain.py", "retrain")
-    src = ROOT / path
-    assert src.is_file()
-    fns = {n.name: n for n in ast.parse(src.read_text()).body if isinstance(n, ast.FunctionDef)}
-    assert func in fns, f"{src} has no top-level function {func!r}"
-    assert "flow" in _decorator_names(fns[func]), f"{func} is not decorated with @flow"
-    args = [a.arg for a in fns[func].args.args]
-    assert set(d["parameters"]) <= set(args), (d["parameters"], args)
-    assert d["parameters"] == {"params_path": "params/default.yaml", "workspace": "."}
-    assert (ROOT / d["parameters"]["params_path"]).is_file()
-    assert d.get("enforce_parameter_schema") is True
-
-    # Schedule: one cron, parsed by the server's own schedule class, firing weekly.
-    assert len(d["schedules"]) == 1
-    s = d["schedules"][0]
-    sched = CronSchedule(cron=s["cron"], timezone=s.get("timezone", "UTC"))
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    dates = asyncio.run(sched.get_dates(n=3, start=start))
-    assert len(dates) == 3
-    assert all(b - a == timedelta(days=7) for a, b in zip(dates, dates[1:])), dates
-    assert s.get("active", True) is True
-
-    # One run at a time, queued rather than dropped.
-    assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
-
-    # The pool name is the one the docs, compose and k8s create and start workers on.
-    assert d["work_pool"]["name"] == POOL
+def test_one_way_to_deploy():
+    """`qlora-ops deploy --params params/team.yaml` is the only deploy path: a second file (the old
+    infra/prefect/prefect.yaml) drifted from it (default params, no registry slot, CPU pool training)."""
+    assert not (ROOT / "infra" / "prefect" / "prefect.yaml").exists()
     docs = DOCS.read_text()
-    assert f"prefect work-pool create {POOL}" in docs
-    assert f"--pool {POOL}" in docs
-    assert "--prefect-file infra/prefect/prefect.yaml" in docs
+    assert "--prefect-file" not in docs and "prefect.yaml" not in docs
+    assert "qlora-ops deploy --params params/team.yaml" in docs
     compose = yaml.safe_load(COMPOSE.read_text())
-    assert f"--pool {POOL}" in " ".join(map(str, _as_list(compose["services"]["worker"]["command"])))
-    k8s_text = " ".join(p.read_text() for p in sorted(K8S.glob("*.yaml")))
-    assert f"--pool {POOL}" in k8s_text or f'"--pool", "{POOL}"' in k8s_text or f"- {POOL}" in k8s_text
-
-    # The GPU stage: a @flow named qlora-model-stage, deployed under the parent's deployment name (the parent
-    # runs qlora-model-stage/<orchestration.deployment>), on the GPU pool, never scheduled.
-    g = by_entry["flows/model_stage.py:model_stage"]
-    src = ROOT / "flows" / "model_stage.py"
-    fns = {n.name: n for n in ast.parse(src.read_text()).body if isinstance(n, ast.FunctionDef)}
-    assert "flow" in _decorator_names(fns["model_stage"])
-    assert set(g["parameters"]) <= {a.arg for a in fns["model_stage"].args.args}
-    assert 'name="qlora-model-stage"' in src.read_text()
-    assert g["name"] == d["name"] == "weekly-retrain"
-    assert g["work_pool"]["name"] == "qlora-ops-gpu"
-    assert not g.get("schedules")
-    assert g.get("enforce_parameter_schema") is True
-    assert "--pool qlora-ops-gpu" in docs
-
-    # Code comes from the worker's checkout: no build/push, one working-directory pull step.
-    assert doc.get("build") is None and doc.get("push") is None
-    assert [next(iter(step)) for step in doc["pull"]] == ["prefect.deployments.steps.set_working_directory"]
+    assert "qlora-ops deploy --params params/team.yaml" in " ".join(map(str, _as_list(compose["services"]["setup"]["command"])))
 
 
 def _as_list(cmd) -> list:
@@ -270,6 +203,8 @@ def test_work_pool_template_and_manifests_parse():
     kinds: dict[str, list[str]] = {}
     gpu_limits = []
     for p in sorted(K8S.glob("*.yaml")):
+        if p.name == "kustomization.yaml":  # kustomize's own file, not a Kubernetes object
+            continue
         for obj in yaml.safe_load_all(p.read_text()):
             if not obj:
                 continue
