@@ -26,6 +26,7 @@ from flows import prefect_tasks as pt
 from flows import runtime
 from flows.model_stage import METRIC, RESULT, TEST, Suite, champion_results, model_stage
 from tasks import gate, keys, report, stats, suites, tracking, verdict
+from tasks.verdict import gate_decision  # noqa: F401  (the flow's decision; tests import it from here)
 from tasks.config import Params, load_params
 from tasks.paths import artifact_root, state_dir, tracking_uri, ws_path
 from tasks.util import read_json
@@ -108,7 +109,7 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         summary["stage_peak_mb"] = timed.peak_mb  # the register stage's lands here too, as in stage_seconds
         timed.peak_mb.update({f"ms.{k}": v for k, v in ms.get("stage_peak_mb", {}).items()})
         rows = ms["rows"]
-        verdicts, passed = verdict.gate_decision(params, ms)
+        verdicts, passed = gate_decision(params, ms)
         # every score with its interval, for the summary and the report
         verdict.with_intervals(params, models, rows)
         summary["suites"] = suite_summary(params, ms)
