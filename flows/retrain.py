@@ -113,7 +113,8 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         # every score with its interval, for the summary and the report
         verdict.with_intervals(params, models, rows)
         summary["suites"] = suite_summary(params, ms)
-        summary["power"] = stats.power_check(policy(params), len(rows["qlora"]["correct"]))
+        summary["power"] = power_line(params, ms)
+        summary["confidence"] = params.gates.confidence
         summary.update(models=models, gates=verdicts, passed=passed)
         tracking.log_metrics(run_id, {f"{m}.{k}": v[k] for m, v in models.items() for k in ("accuracy", "eos_rate")})
         tracking.log_metrics(run_id, {f"suite.{n}.{m}.{s['metric']}": v["score"] for n, s in summary["suites"].items()
@@ -167,6 +168,19 @@ def suite_summary(params: Params, ms: dict) -> dict:
         out[s.name] = {"metric": s.metric, "role": s.role, "threshold": s.threshold, "n": len(r["rows"]["base"]["ids"]),
                        "models": models}
     return out
+
+
+def power_line(params: Params, ms: dict) -> str | None:
+    """The promotion policy's power on this test set, at the noise measured on this run's rows: merged vs
+    champion when the champion was scored on the same rows, else QLoRA vs LoRA (two models trained on the
+    same data, the nearest pair to two retrains) -- not an assumed discordance."""
+    rows, m, champ = ms["rows"], gate.gate_metric(params), ms.get("champion")
+    if champ and "merged" in rows and champ.get("ids") == rows["merged"].get("ids"):
+        pair, what = (rows["merged"], champ), f"merged vs champion v{champ['version']}"
+    else:
+        pair, what = (rows["qlora"], rows["lora"]), "QLoRA vs LoRA"
+    a, b = (gate.gate_scores(r, m) for r in pair)
+    return stats.power_check(policy(params), len(a), **stats.paired_noise(a, b, binary=m.binary), measured=what)
 
 
 def call_model_stage(params: Params, ws: Path, run_id: str, data_uri: str, local_data: str, handoff: dict,
@@ -282,7 +296,9 @@ def score_label(models: dict) -> str:
 
 
 def gate_table(verdicts: list[dict]) -> str:
-    L = [f"{'gate':<20}{'value':>8}  {'95% interval':<17}{'op':<3}{'threshold':>9}  verdict"]
+    levels = {v.get("confidence") for v in verdicts}
+    head = f"{stats.level(levels.pop())} interval" if len(levels) == 1 and None not in levels else "interval"
+    L = [f"{'gate':<20}{'value':>8}  {head:<17}{'op':<3}{'threshold':>9}  verdict"]
     for v in verdicts:
         # The interval of the gate's own value; retention's (of QLoRA - LoRA) is in its detail line.
         ci = f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None and v["ci_of"] == "value" else ""
@@ -304,7 +320,8 @@ def format_summary(s: dict) -> str:
           *([f"rows train/val/test {st['train']}/{st['val']}/{st['test']}, inputs truncated to "
              f"{st['max_input_chars']} chars: {st['inputs_truncated']}"]
             if (st := s["data"].get("stats")) and "inputs_truncated" in st else []),
-          "", f"{'model':<10}{score_label(s['models']):>10}  {'95% interval':<17}{'eos_rate':>8}{'n':>6}{'eval_s':>9}"]
+          "", f"{'model':<10}{score_label(s['models']):>10}  {stats.level(s.get('confidence', 0.95)) + ' interval':<17}"
+          f"{'eos_rate':>8}{'n':>6}{'eval_s':>9}"]
     for name, m in s["models"].items():
         ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else ""
         L.append(f"{name:<10}{m.get('score', m['accuracy']):>10.4f}  {ci:<17}{m['eos_rate']:>8.2f}{m['n']:>6}"

@@ -4,19 +4,13 @@ suite's), each model's score with its interval, and the comparison with the cham
 Plain functions of (params, model-stage result): flows/model_stage.py asks `merge_worthwhile` before
 merging, flows/retrain.py asks `gate_decision` before registering and `promotion` inside the registry
 slot. The statistics are tasks.stats and tasks.gate; this module only decides which rows go where: the
-gate metric's per-row scores for the domain split, each suite's own metric for its suite, and the
-candidate that would be registered (the merged model once it exists, QLoRA before).
+gate metric's (eval.metric) per-row scores for the domain split, each suite's own metric for its suite,
+and the candidate a suite judges (the merged model, the bytes registered, once it exists; QLoRA before).
 """
 from __future__ import annotations
 
 from tasks import gate, stats
 from tasks.config import Params
-
-TEST = "test"
-
-
-def _correct(rows: dict) -> list[bool]:
-    return rows["correct"]
 
 
 def candidate(ms: dict) -> str:
@@ -25,32 +19,23 @@ def candidate(ms: dict) -> str:
 
 
 def suite_gates(params: Params, ms: dict, cand: str) -> list[dict]:
-    """One verdict per gated suite (role gain or non_inferior), `cand` against the base on the suite's rows."""
+    """One verdict per gated suite (role gain or non_inferior): `cand` against the base on the suite's rows."""
+    from tasks.metrics import get
+
     out = []
     for s in params.eval.suites:
         if s.role == "report":
             continue
-        r = ms["suites"][s.name]["rows"]
-        out.append(gate.suite_gate(s.name, s.role, _metric(s.metric), _scores(r["base"], s.metric),
-                                   _scores(r[cand], s.metric), threshold=s.threshold,
-                                   confidence=params.gates.confidence, seed=params.seed))
+        m, r = get(s.metric), ms["suites"][s.name]["rows"]
+        out.append(gate.suite_gate(s.name, s.role, m, gate.gate_scores(r["base"], m), gate.gate_scores(r[cand], m),
+                                   threshold=s.threshold, confidence=params.gates.confidence, seed=params.seed))
     return out
 
 
-def _metric(name: str):
-    from tasks.metrics import get
-
-    return get(name)
-
-
-def _scores(rows: dict, metric: str) -> list[float]:
-    return rows["scores"][metric]
-
-
 def pre_merge(params: Params, ms: dict) -> list[dict]:
-    rows = ms["rows"]
-    return gate.pre_merge_gates(params.gates, _correct(rows["base"]), _correct(rows["lora"]), _correct(rows["qlora"]),
-                                seed=params.seed)
+    m, rows = gate.gate_metric(params), ms["rows"]
+    base, lora, qlora = (gate.gate_scores(rows[k], m) for k in ("base", "lora", "qlora"))
+    return gate.pre_merge_gates(params.gates, m, base, lora, qlora, seed=params.seed)
 
 
 def merge_worthwhile(params: Params, ms: dict) -> bool:
@@ -60,49 +45,46 @@ def merge_worthwhile(params: Params, ms: dict) -> bool:
 
 def gate_decision(params: Params, ms: dict) -> tuple[list[dict], bool]:
     """Every gate on the model stage's saved per-row results, and whether the candidate may be registered:
-    all gates passed AND a merged model was logged (the stage merges only after the pre-merge gates pass)."""
-    rows = ms["rows"]
+    all gates passed AND a merged model was logged (the stage merges only after the pre-merge gates pass).
+    The merge gate compares the merged model with the QLoRA answers of the adapter that was logged and
+    merged: the evaluation is keyed on that adapter's content (tasks/keys.py)."""
+    rows, m = ms["rows"], gate.gate_metric(params)
     verdicts = pre_merge(params, ms)
     if "merged" in rows:
-        verdicts.append(gate.merge_gate(params.gates, rows["qlora"]["answers"], rows["merged"]["answers"]))
+        verdicts.append(gate.merge_gate(params.gates, m, gate.gate_scores(rows["qlora"], m),
+                                        gate.gate_scores(rows["merged"], m), rows["qlora"]["answers"],
+                                        rows["merged"]["answers"], seed=params.seed))
     verdicts += suite_gates(params, ms, candidate(ms))
     return verdicts, gate.passed(verdicts) and ms.get("model_uri") is not None
 
 
+def _score(params: Params, metric, m: dict, rows: dict) -> None:
+    sc = gate.gate_scores(rows, metric)
+    m["metric"], m["score"] = metric.name, sum(sc) / len(sc)
+    m["ci_low"], m["ci_high"] = stats.mean_interval(sc, params.gates.confidence, binary=metric.binary, seed=params.seed)
+
+
 def with_intervals(params: Params, models: dict, rows: dict) -> None:
-    """Each model's score with its interval at gates.confidence, written into its metrics dict."""
+    """Each model's score on the gate metric with its interval at gates.confidence, into its metrics dict
+    (exact match: accuracy with its Wilson interval, as before)."""
+    metric = gate.gate_metric(params)
     for name, m in models.items():
-        m["metric"], m["score"] = "exact_match", m["accuracy"]
-        m["ci_low"], m["ci_high"] = stats.accuracy_interval(_correct(rows[name]), params.gates.confidence)
+        _score(params, metric, m, rows[name])
 
 
 def with_suite_intervals(params: Params, suite, models: dict, rows: dict) -> None:
     """The same for one suite's models, in the suite's metric."""
+    from tasks.metrics import get
+
     for name, m in models.items():
-        sc = _scores(rows[name], suite.metric)
-        m["metric"], m["score"] = suite.metric, sum(sc) / len(sc)
-        m["ci_low"], m["ci_high"] = mean_interval(sc, params.gates.confidence, seed=params.seed)
-
-
-def mean_interval(scores: list[float], confidence: float, seed: int = 0) -> tuple[float, float]:
-    """Interval of a mean score: Wilson for 0/1 scores (as accuracy always had), else a seeded percentile
-    bootstrap (scipy), which assumes nothing about the shape of per-row scores (many exact 0s and 1s)."""
-    import numpy as np
-    from scipy.stats import bootstrap
-
-    x = np.asarray(scores, dtype=float)
-    if np.isin(x, (0.0, 1.0)).all():
-        return stats.accuracy_interval(x.astype(bool), confidence)
-    if np.ptp(x) == 0:
-        return float(x[0]), float(x[0])
-    r = bootstrap((x,), np.mean, confidence_level=confidence, method="percentile", n_resamples=10_000,
-                  random_state=np.random.default_rng(seed))
-    return float(r.confidence_interval.low), float(r.confidence_interval.high)
+        _score(params, get(suite.metric), m, rows[name])
 
 
 def promotion(params: Params, cand: dict, champ: dict) -> dict:
-    """stats.decide on the candidate's and the champion's per-row results on the same rows."""
+    """stats.decide on the gate metric's per-row scores of the candidate and the champion, same rows."""
     if champ["ids"] != cand["ids"]:
         raise RuntimeError(f"champion v{champ.get('version')} was scored on other rows than the candidate; not comparable")
-    return stats.decide(stats.PromotionPolicy.from_registry(params.registry), _correct(cand), _correct(champ),
-                        seed=params.seed)
+    m = gate.gate_metric(params)
+    return stats.decide(stats.PromotionPolicy.from_registry(params.registry), gate.gate_scores(cand, m),
+                        gate.gate_scores(champ, m), seed=params.seed, higher_is_better=m.higher_is_better,
+                        binary=m.binary, metric_name=m.name)
