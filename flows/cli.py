@@ -2,7 +2,7 @@
 
     qlora-ops run                              # the whole loop on params/default.yaml
     qlora-ops run --params params/other.yaml   # another params file (inside the workspace)
-    qlora-ops run --force                      # retrain even if nothing changed since the last decision
+    qlora-ops run --force                      # retrain and re-evaluate even if nothing changed (new caches)
     qlora-ops run --workspace /path/to/clone   # a workspace other than the current directory
     qlora-ops deploy --params params/team.yaml # deployments + schedule on the Prefect server (PREFECT_API_URL)
     qlora-ops status                           # champion, challenger, recent versions and runs
@@ -124,7 +124,8 @@ def _main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the full loop")
     run.add_argument("--params", default="params/default.yaml", help="params YAML (default: %(default)s)")
     run.add_argument("--workspace", default=".", help="directory with dvc.yaml, params/ and data/ (default: cwd)")
-    run.add_argument("--force", action="store_true", help="retrain even when data, params, code and base are unchanged")
+    run.add_argument("--force", action="store_true", help="retrain both adapters and re-evaluate every model into new caches even when nothing is new "
+                     "(same data, params, code, base and libraries); reuses only the verified converted and 4-bit base")
     dep = sub.add_parser("deploy", help="create/update the Prefect deployments and schedule from params")
     st = sub.add_parser("status", help="champion, challenger, recent versions and runs with verdicts")
     pr = sub.add_parser("promote", help="move the champion alias to VERSION (same policy as automatic promotion)")
