@@ -168,20 +168,20 @@ def test_data_version_recipe_is_unchanged():
 
 def test_a_champion_that_moved_is_never_scored_under_another_score_key(monkeypatch, tmp_path):
     """The champion moved while a (GPU) model stage ran: this (CPU) parent must not score it and compare it
-    with the candidate's GPU scores; with the same score key it may (then both were scored alike)."""
+    with the candidate's GPU scores. Its own saved predictions under the same score key may be used (both were
+    scored alike); otherwise the decision is deferred (tasks.register.Deferred), never re-scored here."""
     from flows import retrain
+    from tasks import evaluate, registry_ops
+    from tasks.register import Deferred
 
-    test = tmp_path / "test.jsonl"
-    test.write_text('{"id": "a"}\n')
     rows = {"ids": ["a", "b", "c"], "correct": [True, True, False], "answers": ["x", "y", "z"]}
     ms = {"rows": {"merged": rows}, "champion": {"version": 1, "how": "saved", **rows}, "score_key": "gpu-stage-key"}
-    monkeypatch.setattr(retrain, "champion_results", lambda *a, **k: pytest.fail("scored under another score key"))
-    ok, why = retrain.decide_promotion(Params(), tmp_path, "run", ms, test, champion_v=2)
-    assert not ok and "moved to v2" in why and "gpu-stage-key" in why and "qlora-ops promote" in why
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: pytest.fail("the parent scored the champion"))
+    monkeypatch.setattr(registry_ops, "version_rows", lambda *a, **k: ("cpu-key", rows))
+    with pytest.raises(Deferred, match="score key"):
+        retrain.decide_promotion(Params(), tmp_path, "run", ms, champion_v=2)
 
-    monkeypatch.setattr(retrain.keys, "score_key", lambda *a, **k: "gpu-stage-key")
-    seen = []
-    monkeypatch.setattr(retrain, "champion_results", lambda p, suites, *a, **k: seen.append(suites[0].score_key) or
-                        {"version": 2, "how": {"test": "re-evaluated"}, "rows": {"test": {**rows, "correct": [False] * 3}}})
-    ok, why = retrain.decide_promotion(Params(), tmp_path, "run", ms, test, champion_v=2)
-    assert seen == ["gpu-stage-key"] and "champion v2: re-evaluated" in why
+    saved = {**rows, "correct": [False] * 3}
+    monkeypatch.setattr(registry_ops, "version_rows", lambda *a, **k: ("gpu-stage-key", saved))
+    ok, why = retrain.decide_promotion(Params(), tmp_path, "run", ms, champion_v=2)
+    assert "champion v2: its own saved predictions" in why, why
