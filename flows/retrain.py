@@ -227,6 +227,8 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
             tags={"data_version": data["data_version"], "mlflow_run_id": run_id, "params_hash": params.digest(),
                   "fingerprint": fp, "code_commit": str(code["git_commit"]), "code_sha": code["source_sha"],
                   "score_key": ms["score_key"], METRIC: repr(models["merged"]["accuracy"]),
+                  # the metric `promote` and the next runs decide on, and the merged model's score on it
+                  "gate_metric": params.eval.metric, "gate_score": repr(models["merged"].get("score", models["merged"]["accuracy"])),
                   "qlora_accuracy": str(models["qlora"]["accuracy"]), "base_accuracy": str(models["base"]["accuracy"]),
                   # The adapter (what multi-LoRA servers load) travels with the version, with the content
                   # hash its scores were keyed on (tasks/keys.py) and the merged weights' own.

@@ -138,7 +138,17 @@ def promote(model_name: str, version: int, alias: str, policy: stats.PromotionPo
             raise PromotionError(f"v{version} and champion v{champ} were scored under different score keys (test "
                                  "set or eval settings differ), so they cannot be compared row by row; retrain on the "
                                  "current data or use --force --reason")
-        d = stats.decide(policy, cand["correct"], prev["correct"])
+        # The gate metric each version was decided on (exact match for versions registered before it was tagged).
+        names = {t.get("gate_metric", "exact_match"), _tags(c, model_name, champ).get("gate_metric", "exact_match")}
+        if len(names) > 1:
+            raise PromotionError(f"v{version} and champion v{champ} were judged on different gate metrics "
+                                 f"({' vs '.join(sorted(names))}); retrain with one eval.metric or use --force --reason")
+        from tasks.gate import gate_scores
+        from tasks.metrics import get
+
+        m = get(names.pop())
+        d = stats.decide(policy, gate_scores(cand, m), gate_scores(prev, m), higher_is_better=m.higher_is_better,
+                         binary=m.binary, metric_name=m.name)
         if not d["promote"]:
             return {"version": version, "promoted": False, "reason": d["reason"]}
         why, decision_tags = f"manual: {d['reason']}", {}

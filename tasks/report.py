@@ -556,11 +556,13 @@ def serving_html(s: dict | None) -> list[str]:
 
 
 def with_serving(card: str, s: dict | None) -> str:
-    """The card with its serving section (before the 5000-character cut's note, if any)."""
+    """The card with its serving section (before the 5000-character cut's note, if any). Only facts that
+    arrive after the run (a live endpoint checked, a GGUF exported) add it: until then the card stays
+    exactly the description written at registration."""
     import pandas as pd
 
     rows = serving_rows(s)
-    if not rows:
+    if not rows or not (s.get("parity") or s.get("gguf")):
         return card
     section = "\n## Serving and GGUF\n\n" + _md(pd.DataFrame(rows)) + "\n"
     text = card.rstrip("\n") + "\n" + section

@@ -35,6 +35,8 @@ def test_card_and_html_carry_the_section_and_say_when_unchecked():
     html = "".join(serving_html(unchecked))
     assert "serving-table" in html and "not checked on a live endpoint yet" in html
     assert with_serving("card\n", None) == "card\n" and serving_html(None) == []
+    # nothing checked or exported yet: the card is the registration-time description, unchanged
+    assert with_serving("card\n", unchecked) == "card\n"
 
 
 def test_a_long_card_keeps_the_serving_section_within_mlflows_limit():

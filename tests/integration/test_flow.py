@@ -66,7 +66,8 @@ def _restore_mlflow_env(monkeypatch):
 
 
 def flow_runs(server) -> list[dict]:
-    req = urllib.request.Request(f"{server.api}/flow_runs/filter", data=b"{}", method="POST",
+    """All flow runs, oldest first (the API's default order is by id: random for UUIDs)."""
+    req = urllib.request.Request(f"{server.api}/flow_runs/filter", data=b'{"sort": "EXPECTED_START_TIME_ASC"}', method="POST",
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
