@@ -24,8 +24,9 @@
 # https://download.pytorch.org/whl/cpu/torch/ (its page carries the sha256 of each wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-UV_VERSION=0.13.9
 PY=${PYTHON:-python3}
+# uv's version: its pin in pyproject's [tool.qlora-ops] no-deps (.ci/setup.sh installs the same one).
+UV_VERSION=$("$PY" -c 'import tomllib; print(*[r.split("==")[1] for r in tomllib.load(open("pyproject.toml", "rb"))["tool"]["qlora-ops"]["no-deps"] if r.startswith("uv==")])')
 upgrade=()
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -70,23 +70,34 @@ if [ -x .venv/bin/python ] && ! .venv/bin/python -c 'import sys; sys.exit(sys.ve
   exit 1
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip() { .venv/bin/python -m pip "$@"; }
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+entry() { awk -v re="$1" '/^[^ #]/ {t = ($0 ~ re)} t' "$2"; }  # a package's lines (pin + hashes) of a lock
+# The installer, uv (pinned with its hashes in locks/no-deps.txt), bootstrapped with pip: it installs the
+# ~250 locked wheels in parallel, in seconds where pip takes minutes of CPU.
+entry '^uv==' locks/no-deps.txt > "$tmp/uv.txt"
+uv_pin=$(sed -n 's/^uv==\([^ ;\\]*\).*/\1/p' "$tmp/uv.txt")
+if [ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("uv"))' 2>/dev/null)" != "$uv_pin" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r "$tmp/uv.txt"
+fi
+uvi() { .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps "$@"; }
 
-# torch first and alone: its locked CPU build (X+cpu) is not on PyPI. Taken from pip's own sources when
-# they have it (a wheelhouse, a mirror), else from TORCH_INDEX_URL; only torch is looked up there.
-awk '/^[^ #]/ {t = ($0 ~ /^torch==/)} t' "$lock" > "$tmp/torch.txt"
+# torch first and alone: its locked CPU build (X+cpu) is not on PyPI. From pip's find-links when they have
+# it (an offline wheelhouse), else from TORCH_INDEX_URL; only torch is looked up there.
+entry '^torch==' "$lock" > "$tmp/torch.txt"
 awk '/^[^ #]/ {t = ($0 ~ /^torch==/)} !t' "$lock" > "$tmp/rest.txt"
 torch_pin=$(sed -n 's/^torch==\([^ ;\\]*\).*/\1/p' "$tmp/torch.txt")
 if [ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null)" != "$torch_pin" ]; then
-  if ! pip install -q --disable-pip-version-check --no-deps --require-hashes -r "$tmp/torch.txt" 2>/dev/null; then
-    pip install -q --disable-pip-version-check --no-deps --require-hashes \
-      --extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" -r "$tmp/torch.txt"
+  links=()
+  for d in ${PIP_FIND_LINKS:-} $(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true); do
+    links+=(--find-links "$d")
+  done
+  if ! { [ ${#links[@]} -gt 0 ] && uvi --require-hashes "${links[@]}" -r "$tmp/torch.txt" 2>/dev/null; }; then
+    uvi --require-hashes --extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" -r "$tmp/torch.txt"
   fi
 fi
-pip install -q --disable-pip-version-check --no-deps --require-hashes -r "$tmp/rest.txt" -r locks/no-deps.txt
-# The project itself (editable; its build backend, setuptools, came with the lock).
-pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+uvi --require-hashes -r "$tmp/rest.txt" -r locks/no-deps.txt
+# The project itself, editable; its build backend (setuptools) came with the lock.
+uvi --no-build-isolation -e .
 # Fail here, not mid-run: every locked version installed, and the stack imports.
 .venv/bin/python -m tasks.lockfile installed "$lock"
 .venv/bin/python -c "import tasks.config, torch, prefect, mlflow, dvc"
