@@ -46,12 +46,11 @@ fi
 
 sha() { if command -v sha256sum >/dev/null; then sha256sum; else shasum -a 256; fi; }
 stamp=.venv/.qlora-ops-installed
-want=$(cat "$lock" locks/no-deps.txt pyproject.toml .ci/setup.sh | sha | cut -c1-16)
-run_line="locks/$plat.txt $want"
-test_line="locks/$plat-test.txt $want"
+# What was installed, and from which inputs: a test install serves a run too (its lock holds the run's).
+want=$(cat locks/"$plat"*.txt locks/no-deps.txt pyproject.toml .ci/setup.sh | sha | cut -c1-16)
 if [ -f "$stamp" ]; then
   have=$(cat "$stamp")
-  if [ "$have" = "$test_line" ] || { [ "$mode" = run ] && [ "$have" = "$run_line" ]; }; then exit 0; fi
+  if [ "$have" = "test $want" ] || [ "$have" = "$mode $want" ]; then exit 0; fi
 fi
 
 # The lock's torch is for CPython 3.11 (its CPU build is locked for that Python only).
@@ -101,4 +100,4 @@ uvi --no-build-isolation -e .
 # Fail here, not mid-run: every locked version installed, and the stack imports.
 .venv/bin/python -m tasks.lockfile installed "$lock"
 .venv/bin/python -c "import tasks.config, torch, prefect, mlflow, dvc"
-if [ "$mode" = test ]; then echo "$test_line"; else echo "$run_line"; fi > "$stamp"
+echo "$mode $want" > "$stamp"
