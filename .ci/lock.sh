@@ -106,10 +106,18 @@ compile linux-x86_64-cpu-test x86_64-manylinux_2_28 pyproject.toml ${extras[@]+"
 # 2. Linux CPU, running only: the same pins, fewer packages.
 seed "$in/linux-x86_64-cpu.txt" "$in/linux-x86_64-cpu-test.txt"
 compile linux-x86_64-cpu x86_64-manylinux_2_28 pyproject.toml -c "$in/torch-cpu.txt" --find-links "$links"
-# 3. Linux GPU: torch from PyPI (its Linux x86_64 wheel is the CUDA build). 4. macOS arm64 (torch's wheel needs 14.0).
+# 3. Linux GPU: torch from PyPI (its Linux x86_64 wheel is the CUDA 13 build). For drivers older than CUDA
+#    13 needs, TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128 pins that index's torch==X+cu128
+#    instead (the images then build with TORCH_INDEX_URL set to the same index; docs/deploy.md).
+# 4. macOS arm64 (torch's wheel needs 14.0).
 grep -v '^torch==' "$in/linux-x86_64-cpu.txt" > "$in/pins-but-torch.txt"
 seed "$in/linux-x86_64-cuda.txt" $(keep locks/linux-x86_64-cuda.txt) "$in/pins-but-torch.txt"
-compile linux-x86_64-cuda x86_64-manylinux_2_28 pyproject.toml
+cuda=()
+if [ -n "${TORCH_CUDA_INDEX:-}" ]; then
+  echo "torch==$torch_version+$(basename "${TORCH_CUDA_INDEX%/}")" > "$in/torch-cuda.txt"
+  cuda=(-c "$in/torch-cuda.txt" --find-links "${TORCH_CUDA_INDEX%/}/torch/")
+fi
+compile linux-x86_64-cuda x86_64-manylinux_2_28 pyproject.toml ${cuda[@]+"${cuda[@]}"}
 seed "$in/macos-arm64.txt" $(keep locks/macos-arm64.txt) "$in/pins-but-torch.txt"
 MACOSX_DEPLOYMENT_TARGET=14.0 compile macos-arm64 aarch64-apple-darwin pyproject.toml
 # 5. The wheels installed without their dependencies.

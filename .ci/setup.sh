@@ -80,8 +80,9 @@ if [ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("uv
 fi
 uvi() { .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps "$@"; }
 
-# torch first and alone: its locked CPU build (X+cpu) is not on PyPI. From pip's find-links when they have
-# it (an offline wheelhouse), else from TORCH_INDEX_URL; only torch is looked up there.
+# torch first and alone: a locked build with a local label (X+cpu; X+cu128) is not on PyPI. It comes from
+# pip's find-links when they have it (an offline wheelhouse), else from TORCH_INDEX_URL, where only torch
+# is looked up. A plain X (the GPU and macOS locks) is PyPI's.
 entry '^torch==' "$lock" > "$tmp/torch.txt"
 awk '/^[^ #]/ {t = ($0 ~ /^torch==/)} !t' "$lock" > "$tmp/rest.txt"
 torch_pin=$(sed -n 's/^torch==\([^ ;\\]*\).*/\1/p' "$tmp/torch.txt")
@@ -90,9 +91,12 @@ if [ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("to
   for d in ${PIP_FIND_LINKS:-} $(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true); do
     links+=(--find-links "$d")
   done
-  if ! { [ ${#links[@]} -gt 0 ] && uvi --require-hashes "${links[@]}" -r "$tmp/torch.txt" 2>/dev/null; }; then
-    uvi --require-hashes --extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" -r "$tmp/torch.txt"
-  fi
+  case "$torch_pin" in
+    *+*) if ! { [ ${#links[@]} -gt 0 ] && uvi --require-hashes "${links[@]}" -r "$tmp/torch.txt" 2>/dev/null; }; then
+           uvi --require-hashes --extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" -r "$tmp/torch.txt"
+         fi ;;
+    *) uvi --require-hashes -r "$tmp/torch.txt" ;;
+  esac
 fi
 uvi --require-hashes -r "$tmp/rest.txt" -r locks/no-deps.txt
 # The project itself, editable; its build backend (setuptools) came with the lock.

@@ -28,8 +28,23 @@ def test_the_locks_agree_with_each_other_and_with_pyproject():
     cpu, cuda = (lockfile.pins(ROOT / "locks" / f"linux-x86_64-{k}.txt") for k in ("cpu", "cuda"))
     assert cpu["torch"][0].endswith("+cpu") and cuda["torch"][0] == cpu["torch"][0].removesuffix("+cpu")
     assert any(n.startswith("nvidia-") for n in cuda) and not any(n.startswith("nvidia-") for n in cpu)
-    # The run needs no test tools: the run lock has none of the test extras' packages.
-    assert not {"pytest", "hypothesis", "moto", "prefect-kubernetes", "bandit"} & set(cpu)
+    # The run needs no test tools and no heavy optional feature: the run lock has none of them.
+    assert not {"pytest", "hypothesis", "moto", "prefect-kubernetes", "bandit", "lm-eval", "llama-cpp-python"} & set(cpu)
+
+
+def test_the_images_install_the_lock():
+    import re
+
+    import yaml
+
+    docker = (ROOT / "infra/Dockerfile").read_text()
+    services = yaml.safe_load((ROOT / "infra/docker-compose.yml").read_text())["services"]
+    cpu = re.search(r"^ARG LOCK=(\S+)", docker, re.M)[1]
+    gpu = services["gpu-worker"]["build"]["args"]["LOCK"]
+    assert (cpu, gpu) == ("linux-x86_64-cpu", "linux-x86_64-cuda") and "args" not in services["worker"]["build"]
+    assert all((ROOT / "locks" / f"{n}.txt").is_file() for n in (cpu, gpu))
+    installs = re.findall(r"pip install ([^\n&]*)", docker)
+    assert len(installs) == 3 and all("--require-hashes" in i or i.strip().endswith("-e .") for i in installs), installs
 
 
 @pytest.fixture
