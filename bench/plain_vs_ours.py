@@ -57,7 +57,8 @@ def cls_data(d: Path, n: int, words: int, seed: int = 0) -> Path:
 
 def default_data() -> Path:
     from tasks.config import Params
-    from tasks.data import build_sample, prepare
+    from tasks.data import prepare
+    from tasks.samples import build_sample
 
     d = ROOT / "data" / "prepared" / "default"
     if not (d / "train.jsonl").is_file():

@@ -36,7 +36,8 @@ from tasks.util import sha256_file
 from tasks.versioning import code_version, source_hash
 
 RESULT = "model_stage.json"
-METRIC_CODE = "metrics/label_accuracy/label_accuracy.py"
+# Every metric module decides scores (tasks/metrics/__init__.py and each local `evaluate` module).
+METRIC_CODE = ("metrics/__init__.py", *(f"metrics/{m}/{m}.py" for m in ("exact_match", "token_f1", "rouge_l", "chrf", "json_match")))
 METRIC = "test_accuracy"
 
 
@@ -142,7 +143,7 @@ def score_key(p: Params, test_hash: str) -> str:
     """Everything a score depends on: test rows, decoding + metric code, eval params, device and dtype.
     Two models' results are compared row by row only when their score keys match."""
     dev = device()
-    return key(test_hash, source_hash("evaluate.py", "modeling.py", "prompting.py", METRIC_CODE),
+    return key(test_hash, source_hash("evaluate.py", "modeling.py", "prompting.py", *METRIC_CODE),
                p.digest("eval", "quantization"), dev.type, str(compute_dtype(p.quantization, dev)))
 
 

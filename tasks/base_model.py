@@ -53,7 +53,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
-def quantized_base(params: Params, workspace: Path, base_dir: Path) -> Path:
+def quantized_base(params: Params, workspace: Path, base_dir: Path, in_child: bool = False) -> Path:
     """The 4-bit copy of `base_dir` that QLoRA trains, evaluates and merges against, made once per
     (base, quantization params, device, compute dtype) in the state dir and checked against its
     manifest on every use. Quantizing is deterministic: the copy holds exactly the tensors a
@@ -65,6 +65,11 @@ def quantized_base(params: Params, workspace: Path, base_dir: Path) -> Path:
     from tasks.modeling import compute_dtype, device, save_quantized
 
     dev = device()
+    if dev.type == "cuda" and not in_child:
+        # Quantized on the GPU in a child process: a process that has used CUDA keeps its CUDA context
+        # (GPU memory that empty_cache cannot free) until it exits, and this process goes on to start
+        # the training processes, which need the whole GPU. The child is gone when they start.
+        return _quantize_in_child(params, workspace, base_dir)
     # base_identity with mtimes: weights replaced by same-size files (a retrained checkpoint of the same
     # architecture) must not reuse the old copy
     ident = json.dumps([base_identity(base_dir), params.quantization.model_dump(mode="json"),
@@ -76,6 +81,47 @@ def quantized_base(params: Params, workspace: Path, base_dir: Path) -> Path:
             return out
         logging.getLogger("qlora_ops.base_model").warning("4-bit base %s is damaged (%s); quantizing again", out, bad)
     return save_quantized(base_dir, params, out, dev)
+
+
+def _quantize_in_child(params: Params, workspace: Path, base_dir: Path) -> Path:
+    """quantized_base in a fresh Python process (`python -m tasks.base_model`); its path comes back."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tasks.util import popen_child
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory() as tmp:
+        pfile = Path(tmp) / "params.json"  # JSON is YAML: load_params validates it exactly as a params file
+        atomic_write_json(pfile, params.model_dump(mode="json"))
+        proc = popen_child([sys.executable, "-m", "tasks.base_model", "--params", str(pfile), "--workspace",
+                            str(workspace), "--base-dir", str(base_dir)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise BaseModelError(f"quantizing {base_dir} in a child process failed (exit {proc.returncode}): {err[-2000:]}")
+    return Path(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tasks.base_model --params P --workspace W --base-dir B`: make (or find) the 4-bit copy
+    of B in this process and print its path (what quantized_base runs in a child on CUDA machines)."""
+    import argparse
+
+    from tasks.config import load_params
+
+    ap = argparse.ArgumentParser(description="the 4-bit copy of a base model")
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--workspace", required=True)
+    ap.add_argument("--base-dir", required=True)
+    a = ap.parse_args(argv)
+    from tasks.util import die_with_parent_if_tied
+    die_with_parent_if_tied()
+    print(quantized_base(load_params(a.params), Path(a.workspace), Path(a.base_dir), in_child=True))
+    return 0
 
 
 def check_model_dir(path: Path) -> Path:
@@ -139,3 +185,9 @@ def base_fingerprint(params: Params, workspace: Path) -> str:
         return f"smollm2-gguf:{g.name}:{g.stat().st_size}"
     local = ws_path(workspace, src)
     return f"dir:{base_identity(local, with_mtime=False)}" if local.is_dir() else f"hub:{src}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -9,18 +9,22 @@ the workspace is never written.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
 from pathlib import Path
 
+from tasks import metrics as M
 from tasks.config import ParamsError, load_params
-from tasks.data import build_sample, prepare
+from tasks.data import DataError, prepare
 from tasks.paths import tracking_uri, ws_path
 from tasks.redact import redact_url
+from tasks.samples import build_sample
 from tasks.sources import is_url, snapshot
 from tasks.stats import PromotionPolicy, power_check
-from tasks.versioning import SAMPLE_RAW, check_prepared_dir, remote_url, stage_name
+from tasks.util import read_jsonl
+from tasks.versioning import SAMPLES, check_prepared_dir, remote_url, stage_name
 
 
 def _looks_local(src: str) -> bool:
@@ -50,12 +54,14 @@ def check(params_path: Path, workspace: Path) -> dict:
             else:
                 raw = str(ws_path(ws, d.source.removeprefix("file://")))
             src = redact_url(d.source)
-        elif os.path.relpath(ws_path(ws, raw), ws) == SAMPLE_RAW and not ws_path(ws, raw).exists():
-            # The built-in sample is made by dvc.yaml's `sample` stage on the first run: build it here too.
-            build_sample(Path(tmp) / "sample.jsonl")
+        elif (task := SAMPLES.get(os.path.relpath(ws_path(ws, raw), ws))) and not ws_path(ws, raw).exists():
+            # A built-in sample is made by its dvc.yaml stage on the first run: build it here too.
+            build_sample(Path(tmp) / "sample.jsonl", task)
             raw = str(Path(tmp) / "sample.jsonl")
         probe = params.model_copy(update={"data": d.model_copy(update={"raw": raw})})
         stats = prepare(probe, ws, out=Path(tmp) / "prepared")
+        if "json_match" in (params.eval.metric, *params.eval.report_metrics):
+            check_json_answers(Path(tmp) / "prepared")
     m = params.model.source
     if m != "smollm2-gguf" and _looks_local(m) and not ws_path(ws, m).is_dir():
         raise ParamsError(f"{pfile}: model.source={m!r} is not a directory; point it at a local Hugging Face model "
@@ -70,7 +76,24 @@ def check(params_path: Path, workspace: Path) -> dict:
             "stats": stats, "steps": steps, "examples_seen": steps * t.batch_size * t.grad_accum, "model": model,
             "eval_rows": n_eval, "power": power_check(policy, n_eval), "tracking_uri": redact_url(tracking_uri(ws, params)),
             "model_name": r.model_name, "dvc_remote": redact_url(remote_url(ws, params)), "gpu_pool": params.orchestration.gpu_pool,
-            "labels": params.data.labels}
+            "labels": params.data.labels, "metric": params.eval.metric, "report_metrics": params.eval.report_metrics,
+            "gates": params.gates.model_dump(), "policy": {"non_inferiority_margin": r.non_inferiority_margin,
+                                                           "min_improvement": r.min_improvement}}
+
+
+def check_json_answers(prepared: Path) -> None:
+    """json_match needs every reference answer to be JSON: refuse before any training, naming the rows."""
+    bad = []
+    for split in ("train", "val", "test"):
+        for r in read_jsonl(prepared / f"{split}.jsonl"):
+            try:
+                json.loads(r["completion"])
+            except ValueError:
+                bad.append(f"{split} row {r['id']}: {r['completion'][:60]!r}")
+    if bad:
+        raise DataError(f"eval.metric json_match scores answers against JSON references, but {len(bad)} answer(s) "
+                        f"are not JSON; fix them or choose another eval.metric (rouge_l, token_f1, chrf):\n  "
+                        + "\n  ".join(bad[:20]))
 
 
 def format_check(c: dict) -> str:
@@ -94,9 +117,25 @@ def format_check(c: dict) -> str:
     lines += [f"training  QLoRA and the LoRA baseline, {c['steps']} steps each ({c['examples_seen']} examples, "
               f"~{epochs:.1f} epochs of train)",
               f"model     {c['model']}",
+              *metric_lines(c),
               f"eval      base, LoRA, QLoRA, merged on {c['eval_rows']} test rows"
               + (f"\n          note: {c['power']}" if c["power"] else ""),
               f"stores    MLflow {c['tracking_uri']} (registered model {c['model_name']}); DVC remote {c['dvc_remote']}"
               + (f"; model stage on pool {c['gpu_pool']}" if c["gpu_pool"] else "; model stage in-process"),
               "nothing was trained or written."]
     return "\n".join(lines)
+
+
+def metric_lines(c: dict) -> list[str]:
+    """What the gate metric measures, and every gate and promotion margin in its units."""
+    m, g, pol = M.get(c["metric"]), c["gates"], c["policy"]
+    scale = f"{m.lo:g}..{m.hi:g}" if m.hi != float("inf") else f">= {m.lo:g}"
+    merge = "rows whose answers differ" if m.binary else f"mean |merged - QLoRA| per-row {m.name}"
+    gain = "QLoRA - base" if m.higher_is_better else "base - QLoRA (the reduction)"
+    also = [x for x in c["report_metrics"] if x != m.name]
+    return [f"metric    {m.name} ({'higher' if m.higher_is_better else 'lower'} is better, {scale} per row): {m.doc}"
+            + (f"; also reported: {', '.join(also)}" if also else ""),
+            f"gates     gain: interval lower bound of {gain} >= {g['min_gain_over_base']:g}; retention: QLoRA keeps >= "
+            f"{g['min_retention_vs_lora']:g} of the LoRA baseline's; merge: {merge} <= {g['max_merge_disagreement']:g}",
+            f"promote   better than the champion by >= {pol['min_improvement']:g}, never worse by more than "
+            f"{pol['non_inferiority_margin']:g} (interval lower bound), both in {m.name} units"]

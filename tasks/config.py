@@ -101,9 +101,11 @@ class DataParams(_Strict):
 class QuantParams(_Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    # auto: bf16 on CUDA that supports it, else fp16 on CUDA, float32 on CPU.
+    # auto: bf16 on GPUs with native bf16 (compute capability >= 8.0), fp16 on older GPUs (T4, V100), float32
+    # on CPU. fp16 trains with a gradient scaler (tasks.train).
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Storage dtype of the packed 4-bit weights; set to the model dtype (e.g. bfloat16) for FSDP.
+    # Storage dtype of the packed 4-bit weights. FSDP needs a float one (the compute dtype, e.g. bfloat16):
+    # a QLoRA run launched with FSDP and uint8 is refused before loading (tasks.distributed.check_launch).
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
 
 
@@ -144,6 +146,10 @@ class TrainParams(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
+# The names of tasks.metrics.METRICS (a test checks they agree): a Literal, so a typo is named with the choices.
+MetricName = Literal["exact_match", "token_f1", "rouge_l", "chrf", "json_match", "nll"]
+
+
 class EvalParams(_Strict):
     batch_size: int = Field(16, ge=1)
     # null = the longest reference answer in tokens + 1 (the turn end): a fixed cap silently scores
@@ -151,6 +157,11 @@ class EvalParams(_Strict):
     max_new_tokens: int | None = Field(None, ge=1)
     # Evaluate on the first N test rows only (null = all). Same N for every model.
     max_examples: int | None = Field(None, ge=1)
+    # The gate metric of the domain test split (tasks/metrics says what each measures); `qlora-ops init`
+    # picks it from the answers. The gate thresholds are in its units.
+    metric: MetricName = "exact_match"
+    # Also computed and reported, never gated on (exact match is always computed too).
+    report_metrics: list[MetricName] = []
 
 
 class GateParams(_Strict):

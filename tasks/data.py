@@ -1,6 +1,6 @@
-"""Data stage: the sample dataset, validation that fails loudly, dedupe, hash split, prompt format.
+"""Data stage: validation that fails loudly, dedupe, hash split, prompt format.
 
-    python -m tasks.data sample --out data/raw/stdlib_docstrings.jsonl   # dvc.yaml stage `sample`
+    python -m tasks.data sample --out data/raw/stdlib_docstrings.jsonl   # dvc.yaml stage `sample` (tasks/samples.py)
     python -m tasks.data prepare --params params/default.yaml            # dvc.yaml stage `prepare`
 
 Raw data is a JSONL, CSV, Parquet or `datasets` .arrow file, a `save_to_disk` directory, or a directory
@@ -15,13 +15,11 @@ Python lists. The prepared splits keep one format whatever came in: {id, system,
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import os
 import re
 import sys
-import sysconfig
 import tempfile
 import warnings
 from collections import Counter
@@ -29,7 +27,7 @@ from pathlib import Path
 
 from tasks.config import FORMAT_FIELDS, DataParams, Params, ParamsError, load_params
 from tasks.paths import ws_path
-from tasks.util import atomic_open, atomic_write_json, atomic_write_text
+from tasks.util import atomic_open, atomic_write_json
 
 
 class DataError(ValueError):
@@ -46,33 +44,6 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-# ---------------------------------------------------------------- sample: stdlib docstrings
-# Pure-Python packages/modules of every CPython >= 3.11, each with >= 100 usable docstrings carrying
-# domain cues, and none that distros split into an optional package (turtle/tkinter, venv, distutils).
-SAMPLE_MODULES = ["asyncio", "email", "http", "importlib", "logging", "tarfile", "unittest", "xml"]
-PER_MODULE = 60  # the same cap for every module: balanced classes
-SENTENCE_CHARS = 160
-INSTRUCTION = "Which Python stdlib module is this docstring from?"  # the same for every row; README uses it
-
-
-def _sources(module: str) -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    if (root / module).is_dir():  # a package: every .py below it, its own tests excluded
-        return sorted(p for p in (root / module).rglob("*.py")
-                      if not {"test", "tests", "idle_test"} & set(p.relative_to(root).parts[:-1])
-                      and not p.name.startswith("test"))
-    if (root / f"{module}.py").is_file():
-        return [root / f"{module}.py"]
-    raise DataError(f"{root}: no source for stdlib module {module!r} (this Python ships without stdlib .py "
-                    f"files?); build the sample with a full CPython install or point data.raw at your own data")
-
-
-def _first_sentence(doc: str, limit: int = SENTENCE_CHARS) -> str:
-    para = " ".join(doc.strip().split("\n\n")[0].split())
-    m = re.match(r"(.+?[.!?])(\s|$)", para)
-    return _cut(m.group(1) if m else para, limit)
-
-
 def _cut(s: str, limit: int) -> str:
     """s cut to <= limit chars at a whitespace boundary (hard cut if one word is longer than limit)."""
     if len(s) <= limit:
@@ -80,45 +51,6 @@ def _cut(s: str, limit: int) -> str:
     head = s[:limit + 1]  # +1: a cut exactly before a space keeps the last whole word
     m = re.match(r"(.*\S)\s", head, re.S)
     return m.group(1) if m else s[:limit]
-
-
-def _docstrings(path: Path) -> list[tuple[str, str]]:
-    with warnings.catch_warnings():  # a newer stdlib may trip a SyntaxWarning; parsing still works
-        warnings.simplefilter("ignore")
-        tree = ast.parse(path.read_bytes(), filename=str(path))  # parse, never import: no side effects
-    return [(node.name, doc) for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and (doc := ast.get_docstring(node))]
-
-
-def sample_rows() -> list[dict]:
-    by_mod: dict[str, set[str]] = {}
-    for mod in SAMPLE_MODULES:
-        by_mod[mod] = set()
-        for src in _sources(mod):
-            for name, doc in _docstrings(src):
-                s = _first_sentence(doc)
-                low = s.lower()
-                # Too short to carry a cue, just the name, or names a label (leaks it or misleads): dropped, not masked.
-                if len(s) < 25 or low.strip(".") == name.lower() or any(m in low for m in SAMPLE_MODULES):
-                    continue
-                by_mod[mod].add(s)
-    # A sentence found in two modules has no single right answer (prepare would reject it as a conflict).
-    count = Counter(s for ss in by_mod.values() for s in ss)
-    rows = []
-    for mod, ss in by_mod.items():
-        cands = sorted((s for s in ss if count[s] == 1), key=_sha)  # stable choice: hash order, not random
-        if len(cands) < PER_MODULE:
-            raise DataError(f"stdlib module {mod} yields only {len(cands)} usable docstrings (< {PER_MODULE}); "
-                            f"change SAMPLE_MODULES in tasks/data.py")
-        rows += [{"instruction": INSTRUCTION, "input": s, "output": mod} for s in cands[:PER_MODULE]]
-    rows.sort(key=lambda r: _sha(r["input"] + "\0" + r["output"]))  # interleave labels, deterministically
-    return rows
-
-
-def build_sample(out: Path) -> int:
-    rows = sample_rows()
-    atomic_write_text(Path(out), _jsonl(rows))
-    return len(rows)
 
 
 # ---------------------------------------------------------------- row shapes (data.format, data.columns)
@@ -667,8 +599,10 @@ def _write_split(path: Path, ds, pairs: list[tuple[str, int]], d: DataParams) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tasks.data")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sample", help="build the stdlib-docstring sample dataset")
+    s = sub.add_parser("sample", help="build a built-in sample dataset (tasks/samples.py)")
     s.add_argument("--out", required=True)
+    s.add_argument("--task", choices=["docstrings", "free-text"], default="docstrings",
+                   help="docstrings: the default label task; free-text: one-line docstring summaries")
     p = sub.add_parser("prepare", help="validate, dedupe, split and format the raw data")
     p.add_argument("--params", required=True)
     p.add_argument("--workspace", default=".")
@@ -677,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent_if_tied()
     try:
         if a.cmd == "sample":
-            print(f"wrote {build_sample(Path(a.out))} rows to {a.out}")
+            from tasks.samples import build_sample
+            print(f"wrote {build_sample(Path(a.out), a.task)} rows to {a.out}")
         else:
             print(json.dumps(prepare(load_params(a.params), Path(a.workspace))))
     except (DataError, ParamsError) as e:

@@ -9,6 +9,9 @@ then writes a params file holding what differs from the defaults for this data:
   question/answer or text/label are mapped; anything else is an error asking for data.columns);
 - data.labels (and a system prompt listing them) when the answers are labels: few distinct short
   answers, each seen several times;
+- eval.metric chosen from the answers (labels -> exact_match, JSON -> json_match, other free text ->
+  rouge_l, or chrf for text rouge-score cannot split into words), with gate thresholds and promotion
+  margins on that metric's scale and one comment saying why (choose_metric, GATES);
 - data.split sized for the promotion policy: enough test rows to tell a registry.non_inferiority_margin
   difference (tasks.stats.rows_needed) where the data has them, capped so training keeps most of the
   rows; a comment says what the chosen size can detect;
@@ -27,9 +30,11 @@ import re
 import tempfile
 from pathlib import Path
 
+from tasks import metrics as M
 from tasks.config import DataParams, ModelParams, Params, ParamsError, RegistryParams
 from tasks.data import FIELDS, DataError, columns_of, detect_format, prepare
 from tasks.stats import PromotionPolicy, min_detectable_diff, rows_needed
+from tasks.util import read_jsonl
 
 # Column names people use for our fields, most specific first (first match wins).
 ALIASES = {
@@ -90,9 +95,58 @@ def label_set(stats: dict) -> list[str] | None:
     return sorted(counts)
 
 
+# Gate thresholds and promotion margins per gate metric, in its units (tasks/config.py GateParams and
+# RegistryParams say what each key decides). exact_match keeps the defaults: they were set on it.
+# Overlap metrics (0..1): a base model already scores 0.1-0.3 on free text by sharing common words, so a
+# 20-point gain at the interval's lower bound (exact match's bar, where the base scores ~0) would refuse
+# models that clearly learned the task (issue 16: token F1 0.196 -> 0.405); 5 points at the lower bound
+# still needs a gain no noise explains. Merge fidelity is the mean per-row |merged - QLoRA| score: greedy
+# decoding of a sentence can drift after one different token, so this is looser than it looks.
+# nll is in nats per token (lower is better): the gain is a reduction.
+GATES = {
+    "exact_match": {"min_gain_over_base": 0.2, "max_merge_disagreement": 0.05, "non_inferiority_margin": 0.02,
+                    "min_improvement": 0.01},
+    "json_match": {"min_gain_over_base": 0.2, "max_merge_disagreement": 0.05, "non_inferiority_margin": 0.02,
+                   "min_improvement": 0.01},
+    **{m: {"min_gain_over_base": 0.05, "max_merge_disagreement": 0.05, "non_inferiority_margin": 0.02,
+           "min_improvement": 0.01} for m in ("rouge_l", "token_f1", "chrf")},
+    "nll": {"min_gain_over_base": 0.1, "max_merge_disagreement": 0.02, "non_inferiority_margin": 0.02,
+            "min_improvement": 0.01},
+}
+FREE_TEXT_PROMPTS = {"json_match": "Answer with the JSON only.", "rouge_l": "Answer briefly, in the style of the examples.",
+                     "chrf": "Answer briefly, in the style of the examples."}
+MIN_WORDY = 0.8  # share of answers rouge-score can split into [a-z0-9] words, below which chrf is chosen
+
+
+def choose_metric(answers: list[str], labels: list[str] | None) -> tuple[str, str]:
+    """(gate metric, why) for these reference answers."""
+    if labels:
+        return "exact_match", f"{len(labels)} labels: an answer is right or wrong, so exact match (accuracy)"
+    if answers and all(_is_json(a) for a in answers):
+        return "json_match", ("every answer is a JSON object/array: json_match scores valid JSON by the share of the "
+                              "reference's fields it gets right")
+    wordy = sum(bool(re.search(r"[a-z0-9]", a.lower())) for a in answers) / max(len(answers), 1)
+    if wordy < MIN_WORDY:
+        return "chrf", (f"free text, but only {wordy:.0%} of answers have Latin letters or digits, which ROUGE-L's "
+                        "tokenizer needs: chrF (character n-grams) scores any script")
+    return "rouge_l", ("free-text answers: ROUGE-L gives partial credit for the longest run of reference words in "
+                       "order (stemmed); exact match would score almost every answer 0")
+
+
+def _is_json(a: str) -> bool:
+    try:
+        return isinstance(json.loads(a), (dict, list))
+    except ValueError:
+        return False
+
+
 def split_for(n: int, policy: PromotionPolicy) -> tuple[float, float, str]:
     """(val, test, comment) for n distinct rows: the test fraction that gives the rows the promotion
-    policy needs to tell a non_inferiority_margin difference, at most MAX_TEST."""
+    policy needs to tell a non_inferiority_margin difference, at most MAX_TEST.
+
+    DISCORDANCE plays the per-row variance of the paired score difference (for 0/1 scores the two are
+    the same number); a 0..1 overlap metric shaped like ROUGE-L has about that variance between two
+    similar models, so the same sizing serves it (tasks.stats' continuous path refines the power line)."""
     margin = min(policy.non_inferiority_margin, DISCORDANCE)
     need = rows_needed(policy, discordance=DISCORDANCE, regression=margin)
     test = min(math.ceil(10000 * SPLIT_SLACK * need / max(n, 1)) / 10000, MAX_TEST)
@@ -150,17 +204,21 @@ def write_params(datafile: Path, workspace: Path, out: str | None = None, model:
                         "data.format: auto and data.columns by hand")
     fmt, columns, guessed = next(iter(found.values()))
 
-    policy = PromotionPolicy.from_registry(RegistryParams())
     probe = Params(data=DataParams(raw=str(data), format=fmt, columns=columns))
     with tempfile.TemporaryDirectory(prefix="qlora-ops-init-") as tmp:
         stats = prepare(probe, ws, out=Path(tmp))  # every bad row named here, as in a run
+        answers = [r["completion"] for split in ("train", "val", "test") for r in read_jsonl(Path(tmp) / f"{split}.jsonl")]
     n = stats["rows_after_dedupe"]
     labels = label_set(stats)
+    metric, why = choose_metric(answers, labels)
+    g = GATES[metric]
+    policy = PromotionPolicy.from_registry(RegistryParams(non_inferiority_margin=g["non_inferiority_margin"],
+                                                          min_improvement=g["min_improvement"]))
     val, test, split_note = split_for(n, policy)
 
     rel = _inside(data, ws)
     text = _render(out_rel, command or f"qlora-ops init {datafile}", name, data, rel, fmt, columns, guessed, labels,
-                   stats, val, test, split_note, model or ModelParams().source)
+                   stats, val, test, split_note, model or ModelParams().source, metric, why)
     # The file must load as params before it is written: a bad value is our bug, not the user's to find.
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "p.yaml").write_text(text)
@@ -169,12 +227,12 @@ def write_params(datafile: Path, workspace: Path, out: str | None = None, model:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)
     return {"path": out_rel, "text": text, "format": fmt, "columns": columns, "labels": labels, "stats": stats,
-            "split": {"val": val, "test": test}, "note": split_note}
+            "split": {"val": val, "test": test}, "note": split_note, "metric": metric}
 
 
 def _render(out_rel: str, command: str, name: str, data: Path, rel: str | None, fmt: str, columns: dict,
             guessed: bool, labels: list[str] | None, stats: dict, val: float, test: float, split_note: str,
-            model: str) -> str:
+            model: str, metric: str, why: str) -> str:
     j = json.dumps
     n = stats["rows_after_dedupe"]
     lines = [
@@ -204,9 +262,21 @@ def _render(out_rel: str, command: str, name: str, data: Path, rel: str | None, 
             lines.append(f"  system_prompt: {j('Answer with one of: ' + ', '.join(labels) + '.')}")
     else:
         lines.append("  labels: null    # free-text answers (too many distinct, long or unrepeated for a label set)")
+        if fmt != "chat":  # the default system prompt asks for "the exact label": wrong for these answers
+            lines.append(f"  system_prompt: {j(FREE_TEXT_PROMPTS[metric])}")
+    g, m = GATES[metric], M.get(metric)
+    scale = "0..1" if m.hi == 1 else "nats per token, lower is better"
     lines += [f"  # {split_note}",
               f"  split: {{val: {val}, test: {test}, seed: 42}}",
+              f"# {why}. The gates and the promotion margins below are in {metric} units ({scale}).",
+              "eval:",
+              f"  metric: {metric}",
+              "gates:",
+              f"  min_gain_over_base: {g['min_gain_over_base']}",
+              f"  max_merge_disagreement: {g['max_merge_disagreement']}",
               "registry:",
               f"  model_name: {j('qlora-ops-' + name)}    # its own registered model: its champion competes with no other data set",
+              f"  non_inferiority_margin: {g['non_inferiority_margin']}",
+              f"  min_improvement: {g['min_improvement']}",
               ""]
     return "\n".join(lines)

@@ -32,8 +32,12 @@ def process_peak_bytes() -> int:
 
 def release_memory() -> None:
     """Collect, then hand glibc's free heap pages back to the OS: after a model load (an fp32 read
-    quantized to 4 bits) the arenas otherwise keep the freed hundreds of MB in the RSS for good."""
+    quantized to 4 bits) the arenas otherwise keep the freed hundreds of MB in the RSS for good.
+    On CUDA, also return the caching allocator's free blocks to the driver: cached, they stay
+    reserved by this process, and a training in another process could not use them."""
     gc.collect()
+    if (torch := _cuda()) is not None:
+        torch.cuda.empty_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim

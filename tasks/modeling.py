@@ -23,11 +23,15 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def compute_dtype(q: QuantParams, dev: torch.device) -> torch.dtype:
+def compute_dtype(q: QuantParams, dev: torch.device, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """`auto`: bf16 on GPUs with native bf16 (compute capability >= 8.0: A100, L4, H100, RTX 30xx+), fp16
+    on older ones (T4, V100: torch.cuda.is_bf16_supported() also counts emulated bf16 there, which
+    runs several times slower), float32 on CPU. `capability` stands in for the device's (tests)."""
     if q.compute_dtype != "auto":
         return getattr(torch, q.compute_dtype)
     if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        major, _ = capability or torch.cuda.get_device_capability(dev)
+        return torch.bfloat16 if major >= 8 else torch.float16
     return torch.float32  # bf16 matmuls on CPU measured 13-25x slower than fp32
 
 

@@ -60,7 +60,7 @@ def confusion(references: list[str], predictions: list[str], labels: list[str] |
     as the accuracy metric compares them (normalized); a prediction outside the label set is `(other)`."""
     import pandas as pd
 
-    from tasks.metrics.label_accuracy.label_accuracy import normalize
+    from tasks.metrics import normalize
 
     classes = sorted({normalize(x) for x in (labels or references)})
     ref = pd.Categorical([normalize(r) for r in references], categories=classes)
@@ -108,9 +108,13 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
 
     run_id, models, n = summary["mlflow_run_id"], summary["models"], summary["models"]["qlora"]["n"]
     st = summary["data"].get("stats", {})
-    acc = pd.DataFrame([{"model": k, "accuracy": f"{m['accuracy']:.4f}",
+    metric = params.get("eval.metric") or models["qlora"].get("metric") or "exact_match"
+    gated = metric != "exact_match"  # a free-text run: its gate metric's mean beside exact match
+    acc = pd.DataFrame([{"model": k, **({metric: f"{(m.get('metrics') or {}).get(metric, float('nan')):.4f}"} if gated else {}),
+                         "accuracy": f"{m['accuracy']:.4f}",
                          "95% interval": f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else "",
-                         "EOS rate": f"{m['eos_rate']:.2f}", "n": m["n"]} for k, m in ordered(models)])
+                         "EOS rate": f"{m['eos_rate']:.2f}" if m.get("eos_rate") is not None else "", "n": m["n"]}
+                        for k, m in ordered(models)])
     keys = ["seed", "model.source", "model.max_seq_len", "quantization.quant_type", "quantization.double_quant",
             "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "training.max_steps",
             "training.batch_size", "training.lr", "training.lr_scheduler", "training.warmup_steps",
@@ -129,30 +133,49 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
          + (f" (the first {n} test rows evaluated: eval.max_examples)" if st.get("test", n) != n else ""),
          f"- code {str(summary['code']['git_commit'])[:10]} (source sha {summary['code']['source_sha']}), "
          f"fingerprint `{summary['fingerprint']}`", "",
-         "## Metrics (test split, exact-match accuracy, Wilson 95% interval)", "", _md(acc), "",
+         f"## Metrics (test split{f': {metric} (the gate metric) and' if gated else ','} exact-match accuracy, Wilson "
+         "95% interval)", "", _md(acc), "",
          "## Gates", "", _md(gate_frame(summary["gates"])), "",
+         *suite_card(summary),
          "## Promotion", "", f"{'Promoted to champion' if decision['promoted'] else 'Not promoted'}: "
          f"{decision['reason']}", "",
          "## Params", "", _md(par), "",
          "## Intended use", "",
          f"Answering prompts of the task it was trained on, in the same prompt format (system prompt: "
-         f"\"{params.get('data.system_prompt', '')}\"), with the short exact answers it was scored on. "
-         "Not a general-purpose assistant; not evaluated on anything but this task's test split.", "",
+         f"\"{params.get('data.system_prompt', '')}\"), with "
+         + ("answers like the references it was scored on. " if gated else "the short exact answers it was scored on. ")
+         + "Not a general-purpose assistant; not evaluated on anything but this task's test split.", "",
          "## Limits", ""]
+    q_score = (models["qlora"].get("metrics") or {}).get(metric, models["qlora"]["accuracy"]) if gated else models["qlora"]["accuracy"]
+    drift = (f", whose per-row {metric} differs from the QLoRA model's by {merged['value']:.4f} on average." if gated else
+             f", which answers differently from the QLoRA model on {merged['value']:.1%} of test rows.") if merged else "."
     L.append(f"- QLoRA: trained against a 4-bit {params.get('quantization.quant_type', 'nf4')}-quantized base. "
-             f"Its test accuracy is "
-             f"{models['qlora']['accuracy']:.4f}" + (f", {retention['value']:.1%} of the full-precision LoRA "
-                                                      f"baseline's" if retention else "")
-             + "; the served model is the adapter merged into the dequantized base"
-             + (f", which answers differently from the QLoRA model on {merged['value']:.1%} of test rows." if merged else "."))
+             f"Its test {metric if gated else 'accuracy'} is "
+             f"{q_score:.4f}" + (f", {retention['value']:.1%} of the full-precision LoRA "
+                                 f"baseline's gain over the base" if retention else "")
+             + "; the served model is the adapter merged into the dequantized base" + drift)
     power = (summary.get("power") or "").removeprefix(f"test set has {n} rows: ")
     L.append(f"- Test set: {n} rows; " + (power or "enough for the promotion policy's non-inferiority margin."))
-    L.append(f"- Label set: {shown}." if labels else "- Free-text answers (no label set); accuracy is exact match.")
+    if labels:
+        L.append(f"- Label set: {shown}.")
+    else:
+        from tasks import metrics as M
+        L.append(f"- Free-text answers (no label set); gated on {metric}: {M.get(metric).doc}. Accuracy is exact match.")
     text = "\n".join(L) + "\n"
     if len(text) > CARD_LIMIT:
         tail = f"\n\n(card cut at {CARD_LIMIT} characters; the full card is the run's `{CARD}`)\n"
         text = text[:CARD_LIMIT - len(tail)] + tail
     return text
+
+
+def suite_card(summary: dict) -> list[str]:
+    """The card's Suites section (nothing when the run has no suites): each suite's mean per model."""
+    from tasks import report_scores as rs
+
+    tables = rs.suite_tables(summary, summary.get("gates", []))
+    if not tables:
+        return []
+    return ["## Suites", ""] + [x for _, head, df in tables for x in (f"{head}:", "", _md(df.round(4)), "")]
 
 
 def gate_frame(verdicts: list[dict]):
@@ -384,6 +407,7 @@ def render_html(f: dict) -> str:
               "<ul>" + "".join(f"<li>{html.escape(g['name'])}: {html.escape(g['detail'])}</li>" for g in f["gates"]) + "</ul>"]
     if s.get("power"):
         parts.append(f"<p class='note'>{html.escape(s['power'])}</p>")
+    parts += scored_sections(f, table)
     tuned = "merged" if "merged" in f["predictions"] else "qlora"
     preds = f["predictions"][tuned]
     refs = [p["reference"] for p in preds]
@@ -405,6 +429,33 @@ def render_html(f: dict) -> str:
              ".t th{background:#f3f3f3}.meta,.note{color:#555;font-size:13px}img{max-width:100%}h2{margin-top:28px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>qlora-ops run {run_id}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def scored_sections(f: dict, table: dict) -> list[str]:
+    """Free-text gate metric: every metric's means, per-model score distributions, and the rows QLoRA lost
+    most to LoRA and to the base side by side. Any run with suites: one table per suite."""
+    from tasks import metrics as M
+    from tasks import report_scores as rs
+
+    parts, metric = [], rs.gate_metric(f)
+    if not M.get(metric).binary:
+        m = M.get(metric)
+        parts += [f"<h2>Scores ({html.escape(metric)}: the gate metric)</h2>",
+                  f"<p class='note'>{html.escape(metric)}: {html.escape(m.doc)}</p>",
+                  rs.score_table(f["summary"]["models"]).round(4).to_html(table_id="score-table", **table)]
+        if (png := rs.distribution_plot(f["predictions"], metric)):
+            parts.append(_img("score-distributions", png, f"per-row {metric} per model"))
+        for against, title in (("lora", "the LoRA baseline"), ("base", "the base model")):
+            lost = rs.lost_rows(f, metric, against)
+            parts += [f"<h2>Rows where QLoRA lost most to {title} ({html.escape(metric)})</h2>",
+                      lost.to_html(table_id=f"lost-to-{against}-table", **table) if len(lost)
+                      else f"<p class='note'>QLoRA lost no row to {title}.</p>"]
+    suites = rs.suite_tables(f["summary"], f["gates"])
+    if suites:
+        parts.append("<h2>Suites</h2>")
+        for name, head, df in suites:
+            parts += [f"<h3>{html.escape(head)}</h3>", df.round(4).to_html(table_id=f"suite-{html.escape(name)}-table", **table)]
+    return parts
 
 
 def build_report(run_id: str, out_dir: Path) -> Path:

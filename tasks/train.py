@@ -28,7 +28,7 @@ from typing import Callable, Literal
 import torch
 
 from tasks.config import Params, load_params
-from tasks.distributed import Dist, prepare_for_fsdp
+from tasks.distributed import Dist, check_launch, prepare_for_fsdp
 from tasks.memory import process_peak_bytes
 from tasks.modeling import DivergenceError, add_lora, check_finite, compute_dtype, device, load_model
 from tasks.prompting import encode
@@ -39,16 +39,22 @@ Kind = Literal["qlora", "lora"]
 
 
 # ---------------------------------------------------------------- optimizer
-def make_optimizer(model, params: Params, dev: torch.device):
-    tp = params.training
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    name = tp.optimizer
+def optimizer_name(params: Params, dev: torch.device) -> str:
+    name = params.training.optimizer
     if name == "auto":
         name = "paged_adamw_32bit"
     if name.startswith("paged") and dev.type != "cuda":
         # paged optimizers page their state to host memory under GPU memory pressure: CUDA only
-        log.warning("optimizer %s needs CUDA; CPU fallback: torch AdamW", name)
-        name = "adamw_torch (cpu fallback)"
+        return "adamw_torch (cpu fallback)"
+    return name
+
+
+def make_optimizer(model, params: Params, dev: torch.device):
+    tp = params.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    name = optimizer_name(params, dev)
+    if name.endswith("(cpu fallback)"):
+        log.warning("optimizer %s needs CUDA; CPU fallback: torch AdamW", tp.optimizer)
     if name == "paged_adamw_32bit":
         import bitsandbytes as bnb
         return bnb.optim.PagedAdamW(trainable, lr=tp.lr, weight_decay=tp.weight_decay), name
@@ -100,7 +106,18 @@ def collate_packed(examples: list[tuple[list[int], list[int]]], pad_id: int, max
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None, "keep": T}
 
 
-def batch_loss(model, batch: dict, dev: torch.device) -> tuple[torch.Tensor, int]:
+def _targets(labels: torch.Tensor, K: int) -> torch.Tensor:
+    """The labels the last K positions' logits predict (the loss's targets)."""
+    return labels[:, -K + 1:] if K > 1 else labels[:, :0]
+
+
+def completion_tokens(batch: dict) -> int:
+    """Number of tokens the loss of `batch` is taken over, known before the forward pass."""
+    return int((_targets(batch["labels"], batch["keep"]) != -100).sum())
+
+
+def token_loss(model, batch: dict, dev: torch.device) -> tuple[torch.Tensor, int]:
+    """(sum of the completion tokens' cross-entropy, their number)."""
     ids, labels, K = batch["input_ids"].to(dev), batch["labels"].to(dev), batch["keep"]
     if batch["attention_mask"] is None:  # packed
         mask, pos = None, batch["position_ids"].to(dev)
@@ -109,10 +126,16 @@ def batch_loss(model, batch: dict, dev: torch.device) -> tuple[torch.Tensor, int
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions as generate() computes them for left padding
     # use_cache=False: no KV cache in training (and with a cache, packed-sequence masking is skipped)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=K, use_cache=False).logits
-    tgt = labels[:, -K + 1:] if K > 1 else labels[:, :0]
+    tgt = _targets(labels, K)
     n = int((tgt != -100).sum())
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), tgt.reshape(-1),
                                              ignore_index=-100, reduction="sum")
+    return loss, n
+
+
+def batch_loss(model, batch: dict, dev: torch.device) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over the batch's completion tokens, their number)."""
+    loss, n = token_loss(model, batch, dev)
     return loss / max(n, 1), n
 
 
@@ -163,14 +186,18 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 
 def _adapter_state(model, full: dict | None = None) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, state_dict=full).items()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, state_dict=full).items()}
+    if not sd:  # an adapter file without weights would load as "no change" everywhere downstream
+        raise RuntimeError("the adapter state dict is empty: no LoRA weight was found in the model's state dict")
+    return sd
 
 
 def _rank_file(rank: int) -> str:
     return "trainer_state.pt" if rank == 0 else f"trainer_state.rank{rank}.pt"
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, extra: dict, keep_last: int, dist: Dist) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, extra: dict, keep_last: int, dist: Dist,
+                    scaler=None) -> Path:
     """Adapter (main rank) + each rank's optimizer/scheduler/RNG state, into a temp dir renamed at the end."""
     full = dist.full_state_dict(model)  # collective under FSDP
     final = ckpt_root / f"step-{step:06d}"
@@ -182,13 +209,16 @@ def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, extra: dict, 
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, tmp / _rank_file(dist.rank))
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    torch.save(state, tmp / _rank_file(dist.rank))
     dist.barrier()
     if dist.main:
-        unwrapped = dist.unwrap(model)
-        sd = _adapter_state(unwrapped, full)
-        check_finite(sd, f"checkpoint at step {step}")  # safetensors happily stores NaN: refuse here
-        unwrapped.save_pretrained(tmp, state_dict=full)  # adapter_model.safetensors + adapter_config.json
+        with dist.plain_tree(model) as unwrapped:
+            sd = _adapter_state(unwrapped, full)
+            check_finite(sd, f"checkpoint at step {step}")  # safetensors happily stores NaN: refuse here
+            unwrapped.save_pretrained(tmp, state_dict=full)  # adapter_model.safetensors + adapter_config.json
         atomic_write_json(tmp / "checkpoint.json", {"step": step, "world_size": dist.world, **extra})
         write_manifest(tmp)  # sha256 + size of every file: a later truncation is caught before resuming
         shutil.rmtree(final, ignore_errors=True)
@@ -231,9 +261,11 @@ def find_checkpoint(ckpt_root: Path, model, dist: Dist, say) -> tuple[int, dict 
     return 0, None
 
 
-def apply_trainer_state(state: dict, opt, sched) -> None:
+def apply_trainer_state(state: dict, opt, sched, scaler=None) -> None:
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(_to_tuple(state["rng"]["python"]))
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -285,6 +317,7 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         (on_log or log.info)(f"[{kind}] final adapter {out_dir / 'adapter'} is damaged ({bad}); rebuilding it")
         (out_dir / "result.json").unlink()
     tp = params.training
+    check_launch(params, kind)  # batch smaller than the world, uint8 storage under FSDP: refused before any model
     if tp.threads:
         torch.set_num_threads(tp.threads)
     dist = Dist()
@@ -309,6 +342,11 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
     model = add_lora(model, params, quantized)
     if dist.fsdp:  # one dtype per flattened FSDP unit: the 4-bit storage dtype (quantization.quant_storage)
         prepare_for_fsdp(model, getattr(torch, params.quantization.quant_storage) if quantized else compute_dtype(params.quantization, dev))
+    fp16 = compute_dtype(params.quantization, dev) == torch.float16
+    if fp16:  # loss scaling unscales gradients into fp32 master weights (GradScaler refuses fp16 ones)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype == torch.float16:
+                p.data = p.data.float()
     n_train, n_all = model.get_nb_trainable_parameters()  # counts packed 4-bit weights at their real size
     msl = params.model.max_seq_len
     try:
@@ -325,12 +363,14 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
     hist_path = out_dir / "history.jsonl"
     start, state = find_checkpoint(ckpt_root, model, dist, say)  # adapter weights load before wrapping
     resumed_from = start or None
-    opt, opt_name = make_optimizer(model, params, dev)
-    model, opt = dist.prepare(model, opt)
+    opt_name = optimizer_name(params, dev)
+    model, opt = dist.prepare(model, lambda m: make_optimizer(m, params, dev)[0])
     from transformers import get_scheduler
     sched = get_scheduler(tp.lr_scheduler, opt, num_warmup_steps=tp.warmup_steps, num_training_steps=total)
+    scaler = dist.grad_scaler(dev, enabled=fp16)  # disabled (bf16/fp32): every call is a pass-through
     if state is not None:
-        apply_trainer_state(state, opt, sched)
+        apply_trainer_state(state, opt, sched, scaler)
+    layout, rank_steps = dist.layout(model), []
 
     hist = None
     if dist.main:
@@ -349,29 +389,49 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
     bar = progress(total, f"train {kind}", unit="step", initial=start) if dist.main else None
     for step in range(start + 1, total + 1):
         ts = time.time()
+        batches = [make_batch([train_rows[i] for i in dist.shard(batch_order(len(train_rows), (step - 1) * tp.grad_accum + a,
+                                                                           tp.batch_size, params.seed, lengths))], pad, params)
+                   for a in range(tp.grad_accum)]
+        # The step's loss is the mean over every completion token of the step (all micro-batches, all
+        # ranks), so any world size and any grad_accum give the single-process update: each micro-batch's
+        # summed loss is divided by that count over the world size, because DDP and FSDP average the
+        # ranks' gradients. One process with grad_accum 1: loss_sum / n, the arithmetic it always was.
+        denom = max(dist.sum(sum(completion_tokens(b) for b in batches)), 1) / dist.world
         tot_loss, tokens = 0.0, 0
-        for a in range(tp.grad_accum):
-            micro = (step - 1) * tp.grad_accum + a
-            idx = dist.shard(batch_order(len(train_rows), micro, tp.batch_size, params.seed, lengths))
-            batch = make_batch([train_rows[i] for i in idx], pad, params)
-            loss, _ = batch_loss(model, batch, dev)
-            if dist.any(not torch.isfinite(loss).item()):
-                raise DivergenceError(f"[{kind}] loss is {dist.mean(loss.item())} at step {step}: training diverged "
-                                      f"(training.lr={tp.lr} is likely too high); nothing downstream was run")
-            dist.backward(loss / tp.grad_accum)
-            tot_loss += loss.item() / tp.grad_accum
+        for a, batch in enumerate(batches):
+            with dist.no_sync(model, last=a == tp.grad_accum - 1):  # DDP: one all-reduce per optimizer step
+                loss_sum, _ = token_loss(model, batch, dev)
+                loss = loss_sum / denom
+                if dist.any(not torch.isfinite(loss).item()):
+                    raise DivergenceError(f"[{kind}] loss is {dist.mean(loss.item())} at step {step}: training diverged "
+                                          f"(training.lr={tp.lr} is likely too high); nothing downstream was run")
+                dist.backward(scaler.scale(loss))
+            tot_loss += loss.item()
             tokens += int((batch["input_ids"] != pad).sum()) if batch["attention_mask"] is None else int(batch["attention_mask"].sum())
+        scaler.unscale_(opt)  # fp16: the norm and the clipping are of the true gradients
         gn = dist.clip(model, tp.max_grad_norm)
-        if dist.any(not torch.isfinite(gn).item()):
+        if dist.any(not torch.isfinite(gn).item()) and not scaler.is_enabled():
             raise DivergenceError(f"[{kind}] gradient norm is {float(gn)} at step {step}: training diverged "
                                   f"(lower training.lr={tp.lr}); nothing downstream was run")
         lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
+        scale = scaler.get_scale()
+        scaler.step(opt)  # fp16: skipped when a gradient overflowed; otherwise opt.step()
+        scaler.update()
+        skipped = scaler.get_scale() < scale  # the scaler lowers its scale exactly when it skipped the step
+        if skipped and scaler.get_scale() < 1.0:
+            raise DivergenceError(f"[{kind}] gradients are non-finite even at a loss scale below 1 at step {step}: "
+                                  f"training diverged (lower training.lr={tp.lr}); nothing downstream was run")
+        if not skipped:
+            sched.step()
         opt.zero_grad(set_to_none=True)
         dt = time.time() - ts
-        rec = {"step": step, "train_loss": dist.mean(tot_loss), "lr": lr, "grad_norm": float(gn),
-               "tokens_per_s": dist.mean(tokens) * dist.world / dt, "peak_mem_bytes": peak_memory(dev, mem), "time": time.time()}
+        rec = {"step": step, "train_loss": dist.sum(tot_loss) / dist.world, "lr": lr, "grad_norm": float(gn),
+               "tokens_per_s": dist.sum(tokens) / dt, "peak_mem_bytes": peak_memory(dev, mem), "time": time.time()}
+        if scaler.is_enabled():
+            rec.update(grad_scale=scale, skipped=skipped)
+            if skipped:
+                say(f"step {step}: fp16 gradients overflowed at loss scale {scale:g}; step skipped, scale now {scaler.get_scale():g}")
+        rank_steps.append({"step": step, "train_loss": rec["train_loss"], "grad_norm": rec["grad_norm"]})
         if step % tp.eval_every == 0 or step == total:
             vl = rec["val_loss"] = val_loss(model, val_rows, pad, tp.batch_size, dev)
             say(f"step {step}/{total} loss={rec['train_loss']:.4f} val_loss={vl:.4f} {rec['tokens_per_s']:.0f} tok/s")
@@ -381,25 +441,28 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
         if bar is not None:
             bar.update(1, loss=rec["train_loss"], **{"tok/s": rec["tokens_per_s"]})
         if step % tp.save_every == 0 and step < total:
-            save_checkpoint(ckpt_root, step, model, opt, sched, {"train_loss": rec["train_loss"]}, tp.keep_last, dist)
+            save_checkpoint(ckpt_root, step, model, opt, sched, {"train_loss": rec["train_loss"]}, tp.keep_last, dist, scaler)
 
     if bar is not None:
         bar.close()
+    if dist.world > 1:  # what each rank ran and held, and the norms it clipped by (the same on every rank)
+        atomic_write_json(out_dir / "ranks" / f"rank-{dist.rank}.json", {**layout, "steps": rank_steps})
     full = dist.full_state_dict(model)  # collective under FSDP
     final = out_dir / "adapter"
     result: dict = {}
     if dist.main:
         hist.close()
-        unwrapped = dist.unwrap(model)
-        check_finite(_adapter_state(unwrapped, full), f"[{kind}] final adapter")
-        with atomic_dir(final) as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=full)
+        with dist.plain_tree(model) as unwrapped:
+            check_finite(_adapter_state(unwrapped, full), f"[{kind}] final adapter")
+            with atomic_dir(final) as tmp:
+                unwrapped.save_pretrained(tmp, state_dict=full)
         hrows = read_jsonl(hist_path)
         result = {
             "kind": kind, "adapter_dir": str(final), "steps": total, "resumed_from": resumed_from,
             "final_train_loss": hrows[-1]["train_loss"], "final_val_loss": vl if vl is not None else hrows[-1].get("val_loss"),
             "trainable_params": n_train, "total_params": n_all, "trainable_share": n_train / n_all,
             "weight_bytes": weight_bytes, "optimizer": opt_name, "device": dev.type, "processes": dist.world,
+            "compute_dtype": str(compute_dtype(params.quantization, dev)),
             "peak_mem_bytes": max(h["peak_mem_bytes"] for h in hrows),
             # this process's high-water mark: the training's own peak when it runs in a fresh process
             "after_import_rss_bytes": after_import_rss, "allocator": allocator(),

@@ -30,6 +30,8 @@ from tasks.redact import redact_url
 from tasks.sources import is_network_error, is_url, snapshot
 
 SAMPLE_RAW = "data/raw/stdlib_docstrings.jsonl"  # produced by the `sample` stage of dvc.yaml
+# Every built-in sample (tasks/samples.py) -> its task: a dvc.yaml stage builds each, so none is `dvc add`-ed.
+SAMPLES = {SAMPLE_RAW: "docstrings", "data/raw/stdlib_summaries.jsonl": "free-text"}
 DEFAULT_PARAMS = "params/default.yaml"
 REMOTE = "qlora-ops"  # the DVC remote every run pushes to, configured in .dvc/config.local
 
@@ -129,8 +131,8 @@ def _raw_for_source(workspace: Path, params_path: Path, params: Params) -> Path:
     """data.raw checked as the target of a data.source snapshot: a directory inside the workspace."""
     raw = params.data.raw
     rel = _rel(workspace, ws_path(workspace, raw), "data.raw")
-    if rel == SAMPLE_RAW:
-        raise ParamsError(f"{params_path}: data.source is set but data.raw is the built-in sample ({raw}); set "
+    if rel in SAMPLES:
+        raise ParamsError(f"{params_path}: data.source is set but data.raw is a built-in sample ({raw}); set "
                           "data.raw to the directory the source is snapshotted into, e.g. data/raw/my-domain")
     if rel.lower().endswith(DATA_SUFFIXES):
         raise ParamsError(f"{params_path}: data.raw={raw!r} looks like a file, but with data.source set it is the "
@@ -144,7 +146,7 @@ def _raw_for_source(workspace: Path, params_path: Path, params: Params) -> Path:
 
 def _raw_dvc_file(workspace: Path, params: Params) -> str | None:
     rel = _rel(workspace, ws_path(workspace, params.data.raw), "data.raw")
-    return None if rel == SAMPLE_RAW else f"{rel}.dvc"
+    return None if rel in SAMPLES else f"{rel}.dvc"
 
 
 def _dvc_stages(workspace: Path) -> dict:
@@ -183,7 +185,7 @@ def ensure_stage(workspace: Path, params_path: Path, params: Params) -> str:
     raw_rel = _rel(workspace, ws_path(workspace, params.data.raw), "data.raw")
     out_rel = _rel(workspace, ws_path(workspace, params.data.prepared), "data.prepared")
     check_prepared_dir(workspace, params_path, params)  # before any DVC command: a copied file's data.prepared
-    if raw_rel != SAMPLE_RAW:
+    if raw_rel not in SAMPLES:
         if raw_rel.startswith("../"):
             raise ParamsError(f"{params_path}: data.raw={params.data.raw!r} is outside the workspace {workspace}; "
                               "DVC tracks it, so copy it under data/raw/ and point data.raw there")

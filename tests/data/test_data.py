@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tasks.config import DataParams, Params, SplitParams
-from tasks.data import INSTRUCTION, PER_MODULE, SAMPLE_MODULES, DataError, build_sample, load_raw, prepare
+from tasks.data import DataError, load_raw, prepare
+from tasks.samples import INSTRUCTION, PER_MODULE, SAMPLE_MODULES, build_sample
 from tasks.util import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -58,3 +58,15 @@ def test_pipeline_costs_bench_runs_twice_and_the_rerun_is_skipped():
     assert res["rerun_skipped"] and res["rerun_s"] < res["first_run_s"], r.stdout
     assert 0 < res["sum_of_stages_s"] < res["first_run_s"] and res["first_training_step_s"] > 0
     assert res["stage_peak_mb"]["ms.train_qlora"] > 0
+
+
+def test_gpu_check_says_what_it_needs_and_would_run():
+    """bench/gpu_check.py runs only on CUDA; here it must refuse clearly (exit 3) and name its checks."""
+    import torch
+
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if torch.cuda.is_available():
+        assert r.returncode == 0, r.stderr
+    else:
+        assert r.returncode == 3 and "needs a CUDA GPU" in r.stderr, r.stdout + r.stderr
+    assert "env, loop, memory, ddp, hygiene" in r.stdout + r.stderr

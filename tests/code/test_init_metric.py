@@ -1,0 +1,102 @@
+"""`init` chooses the gate metric from the answers and sets gates on its scale; `check` prints them; the
+free-text sample builds, validates and loads. Fast: no model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.check import check, format_check
+from tasks.config import load_params
+from tasks.data import DataError
+from tasks.init_params import GATES, choose_metric, write_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_choose_metric_from_the_answers():
+    assert choose_metric(["json", "os"], ["json", "os"])[0] == "exact_match"
+    assert choose_metric(['{"a": 1}', '[1, 2]'], None)[0] == "json_match"
+    assert choose_metric(['{"a": 1}', "not json"], None)[0] == "rouge_l"  # one non-JSON answer: free text
+    assert choose_metric(["Read the file.", "Close it."], None)[0] == "rouge_l"
+    assert choose_metric(["Прочитать файл.", "Закрыть сокет.", "Read it."], None)[0] == "chrf"  # rouge-score drops Cyrillic
+    for g in GATES.values():  # every metric init can write has gates on its own scale
+        assert set(g) == {"min_gain_over_base", "max_merge_disagreement", "non_inferiority_margin", "min_improvement"}
+    assert GATES["rouge_l"]["min_gain_over_base"] < GATES["exact_match"]["min_gain_over_base"]
+
+
+def _write(ws: Path, name: str, outputs: list[str]) -> Path:
+    f = ws / "data" / f"{name}.jsonl"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text("".join(json.dumps({"instruction": "Do it", "input": f"case {i}", "output": o}) + "\n"
+                         for i, o in enumerate(outputs)))
+    return f
+
+
+@pytest.mark.parametrize("name,outputs,metric", [
+    ("sums", [f"Return the sum of item {i} and its neighbours." for i in range(120)], "rouge_l"),
+    ("ext", [json.dumps({"name": f"n{i}", "age": i}) for i in range(120)], "json_match"),
+    ("labs", [["a", "b", "c"][i % 3] for i in range(120)], "exact_match"),
+])
+def test_init_writes_the_metric_its_gates_and_one_comment(tmp_path, name, outputs, metric):
+    res = write_params(_write(tmp_path, name, outputs), tmp_path)
+    p = load_params(tmp_path / res["path"])
+    g = GATES[metric]
+    assert res["metric"] == p.eval.metric == metric
+    assert (p.gates.min_gain_over_base, p.gates.max_merge_disagreement) == (g["min_gain_over_base"], g["max_merge_disagreement"])
+    assert (p.registry.non_inferiority_margin, p.registry.min_improvement) == (g["non_inferiority_margin"], g["min_improvement"])
+    lines = res["text"].splitlines()
+    why = [x for x in lines if x.startswith("# ") and f"in {metric} units" in x]
+    assert len(why) == 1 and lines[lines.index(why[0]) + 1] == "eval:"
+    if metric != "exact_match":  # the default system prompt asks for "the exact label": not for these answers
+        assert "label" not in p.data.system_prompt.lower()
+    out = format_check(check(Path(res["path"]), tmp_path))
+    assert f"metric    {metric} (higher is better, 0..1 per row): " in out
+    assert f">= {g['min_gain_over_base']:g}" in out and f"<= {g['max_merge_disagreement']:g}" in out
+
+
+def test_check_refuses_json_match_on_answers_that_are_not_json(tmp_path):
+    _write(tmp_path, "mixed", [json.dumps({"k": i}) for i in range(59)] + ["oops, prose"])
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "m.yaml").write_text(yaml.safe_dump({"data": {"raw": "data/mixed.jsonl", "labels": None},
+                                                                "eval": {"metric": "json_match"}}))
+    with pytest.raises(DataError, match=r"(?s)1 answer\(s\) are not JSON.*'oops, prose'"):
+        check(Path("params/m.yaml"), tmp_path)
+
+
+def test_free_text_sample_params_check_and_build(tmp_path):
+    """params/free-text.yaml is valid, its sample builds deterministically (a stage of its own in dvc.yaml),
+    and check builds it in a scratch directory like the default sample."""
+    from tasks.samples import SUMMARY_INPUT_CHARS, SUMMARY_INSTRUCTION, SUMMARY_ROWS, build_sample
+    from tasks.versioning import SAMPLES
+
+    p = load_params(ROOT / "params" / "free-text.yaml")
+    assert p.eval.metric == "rouge_l" and p.data.prepared != load_params(ROOT / "params" / "default.yaml").data.prepared
+    assert SAMPLES[p.data.raw] == "free-text" and p.data.max_input_chars == SUMMARY_INPUT_CHARS
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert p.data.raw in stages["sample-free-text"]["outs"] and p.data.prepared in stages["prepare-free-text"]["outs"]
+    assert build_sample(tmp_path / "a.jsonl", "free-text") == SUMMARY_ROWS
+    build_sample(tmp_path / "b.jsonl", "free-text")
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    rows = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert {r["instruction"] for r in rows} == {SUMMARY_INSTRUCTION} and len({r["input"] for r in rows}) == len(rows)
+    assert all(r["output"] not in r["input"] and len(r["input"]) <= SUMMARY_INPUT_CHARS for r in rows)  # no answer leaks
+    ws = tmp_path / "ws"
+    (ws / "params").mkdir(parents=True)
+    (ws / "params" / "free-text.yaml").write_text((ROOT / "params" / "free-text.yaml").read_text())
+    c = check(Path("params/free-text.yaml"), ws)
+    assert c["stats"]["rows_after_dedupe"] == SUMMARY_ROWS and c["stats"]["test"] >= 200 and c["stage"] == "prepare-free-text"
+    assert not (ws / "data").exists()
+
+
+def test_default_sample_bytes_unchanged_by_the_move(tmp_path):
+    """The default data version must not move: dvc.lock's md5 of the default sample, rebuilt by tasks.samples."""
+    import hashlib
+
+    from tasks.samples import build_sample
+
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]["sample"]["outs"][0]
+    build_sample(tmp_path / "s.jsonl")
+    assert hashlib.md5((tmp_path / "s.jsonl").read_bytes()).hexdigest() == lock["md5"]

@@ -1,0 +1,127 @@
+"""tasks.metrics: every metric against hand-computed values AND against the library (or script) it is
+built on, per row. Fast: no model (nll's model side is tests/model/test_eval_metrics.py)."""
+from __future__ import annotations
+
+import collections
+import math
+import re
+import string
+import subprocess
+import sys
+import typing
+
+import pytest
+
+from tasks import metrics as M
+from tasks.config import MetricName
+
+PAIRS = [("Read the whole file.", "Read the file."), ("Return a list of names", "Return the list of all names."),
+         ("open a connection to the server", "Open the server connection."), ("", "Close the socket."),
+         ("Parse a query string given as a string argument.", "Parse a query given as a string argument."),
+         ("completely unrelated words here", "Set the event loop."), ("Wait for the Future.", "Wait for the Future."),
+         ("Décodez les données", "Decode the data.")]
+
+
+def test_declared_directions_ranges_and_kinds():
+    assert set(M.METRICS) == set(typing.get_args(MetricName))  # params accept exactly the metrics that exist
+    assert [n for n, m in M.METRICS.items() if m.binary] == ["exact_match"]
+    nll = M.get("nll")
+    assert (nll.higher_is_better, nll.lo, nll.hi, nll.kind) == (False, 0.0, math.inf, "likelihood")
+    for n in ("exact_match", "token_f1", "rouge_l", "chrf", "json_match"):
+        m = M.get(n)
+        assert (m.higher_is_better, m.lo, m.hi, m.kind) == (True, 0.0, 1.0, "generation") and m.doc
+    with pytest.raises(ValueError, match="exact_match, token_f1, rouge_l, chrf, json_match, nll"):
+        M.get("bleu")
+    with pytest.raises(ValueError, match="likelihood|model"):
+        M.score("nll", ["a"], ["b"])
+    with pytest.raises(ValueError, match="one each per row"):
+        M.score("rouge_l", ["a", "b"], ["b"])
+
+
+def test_importing_metrics_is_light():
+    code = "import sys, tasks.metrics; bad = {'evaluate', 'torch', 'datasets', 'rouge_score', 'sacrebleu'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_exact_match_keeps_the_label_normalisation():
+    got = M.score("exact_match", ["JSON.", "The module is os", "`re`", " 'Math' ", "json"], ["json", "os", "re", "math", "os"])
+    assert got == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert M.normalize(" 'Email.' ") == "email" and M.normalize("`Email`.") == "email`"  # today's rule, kept as is
+
+
+def _squad_f1(prediction: str, ground_truth: str) -> float:
+    """The official SQuAD v1.1 evaluation script's normalize_answer + f1_score, verbatim in substance."""
+    def normalize_answer(s):
+        def remove_articles(text):
+            return re.sub(r"\b(a|an|the)\b", " ", text)
+
+        def white_space_fix(text):
+            return " ".join(text.split())
+
+        def remove_punc(text):
+            exclude = set(string.punctuation)
+            return "".join(ch for ch in text if ch not in exclude)
+        return white_space_fix(remove_articles(remove_punc(s.lower())))
+
+    prediction_tokens = normalize_answer(prediction).split()
+    ground_truth_tokens = normalize_answer(ground_truth).split()
+    common = collections.Counter(prediction_tokens) & collections.Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def test_token_f1_hand_computed_and_squad_script():
+    # "cat sat on mat" vs "cat sat": 2 shared, P 2/4, R 2/2 -> F1 2/3; bag of words: order does not count
+    got = M.score("token_f1", ["The cat sat on the mat.", "bed the under was cat the", "", "An apple"],
+                  ["A cat sat.", "the cat was under the bed", "x", "the"])
+    assert got == pytest.approx([2 / 3, 1.0, 0.0, 0.0])
+    assert M.score("token_f1", ["the"], ["a"]) == [1.0]  # both empty after normalising: SQuAD v2.0 rule
+    preds, refs = zip(*[(p, r) for p, r in PAIRS if p])  # v1.1 script and ours differ only on empty answers
+    assert M.score("token_f1", list(preds), list(refs)) == pytest.approx([_squad_f1(p, r) for p, r in zip(preds, refs)])
+
+
+def test_rouge_l_hand_computed_and_rouge_score():
+    from rouge_score import rouge_scorer
+
+    # LCS "the cat was under the bed" (6 of 7 predicted words): P 6/7, R 1 -> F 12/13. Reversed order: LCS 3 -> 0.5
+    got = M.score("rouge_l", ["the cat was found under the bed", "bed the under was cat the", "Reading files"],
+                  ["the cat was under the bed", "the cat was under the bed", "Read a file"])
+    assert got == pytest.approx([12 / 13, 0.5, 0.8])  # stemmed: read~reading, file~files: LCS 2, P 2/2, R 2/3
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    preds, refs = zip(*PAIRS)
+    assert M.score("rouge_l", list(preds), list(refs)) == pytest.approx(
+        [scorer.score(r, p)["rougeL"].fmeasure for p, r in PAIRS])
+
+
+def test_chrf_hand_computed_and_sacrebleu():
+    import sacrebleu
+
+    assert M.score("chrf", ["Close the socket.", "xyz"], ["Close the socket.", "abc"]) == pytest.approx([1.0, 0.0])
+    # "ab" vs "abc": char 1-grams P 2/2 R 2/3, 2-grams P 1/1 R 1/2; the answer has no 3..6-grams, so sacrebleu
+    # averages over orders 1-2 only (effective order): P 1, R 7/12, then the beta=2 F-score 5PR/(4P+R) = 7/11.
+    p, r = 1.0, (2 / 3 + 1 / 2) / 2
+    assert M.score("chrf", ["ab"], ["abc"]) == pytest.approx([5 * p * r / (4 * p + r)])
+    preds, refs = zip(*PAIRS)
+    assert M.score("chrf", list(preds), list(refs)) == pytest.approx(
+        [sacrebleu.sentence_chrf(p, [r]).score / 100 for p, r in PAIRS])
+
+
+def test_json_match_field_by_field():
+    ref = '{"name": "Ann", "age": 30, "tags": ["a", "b"], "address": {"city": "Oslo"}}'  # 5 leaf fields
+    got = M.score("json_match", [
+        '{"name": "Ann", "age": 30.0, "tags": ["a", "b"], "address": {"city": "Oslo"}, "extra": 1}',  # all + extra
+        '{"name": "Ann", "age": "30", "tags": ["a", "c"], "address": {"city": "Oslo"}}',  # "30" != 30, b != c
+        '{"name": "Ann"}',
+        '```json\n{"name": "Ann"}\n```',  # not JSON: 0
+        '{"name": "Ann",}',  # not JSON
+        '[1, 2]',
+    ], [ref] * 6)
+    assert got == pytest.approx([1.0, 3 / 5, 1 / 5, 0.0, 0.0, 0.0])
+    assert M.score("json_match", ['{"ok": 1}', '{"ok": true}', "5.0", "[]"],
+                   ['{"ok": true}', '{"ok": true}', "5", "[]"]) == [0.0, 1.0, 1.0, 1.0]  # true is not 1
+    with pytest.raises(ValueError, match="reference of row 1 is not valid JSON"):
+        M.score("json_match", ["{}", "{}"], ['{"a": 1}', "not json"])

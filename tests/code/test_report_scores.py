@@ -1,0 +1,74 @@
+"""The report's free-text and suite parts (tasks/report_scores.py, report.scored_sections) from rows alone."""
+from __future__ import annotations
+
+from tasks import report
+from tasks import report_scores as rs
+
+REFS = ["Read the file.", "Close the socket.", "Parse the query.", "Set the flag."]
+ANSWERS = {  # model -> (answers, rouge_l, nll) per row
+    "base": (["It reads.", "Close the socket.", "x", "Sets a flag"], [0.4, 1.0, 0.0, 0.5], [2.0, 0.5, 3.0, 1.0]),
+    "lora": (["Read the file.", "Close the socket.", "Parse the query.", "Set it."], [1.0, 1.0, 1.0, 0.4], [0.2, 0.3, 0.4, 1.5]),
+    "qlora": (["Read a file.", "Close.", "Parse the query.", "Set the flag."], [0.6, 0.5, 1.0, 1.0], [0.6, 0.9, 0.4, 0.2]),
+    "merged": (["Read a file.", "Close.", "Parse the query.", "Set the flag."], [0.6, 0.5, 1.0, 1.0], [0.6, 0.9, 0.4, 0.2]),
+}
+
+
+def run(metric="rouge_l", old=False, suites=None) -> dict:
+    preds = {}
+    for m, (ans, rouge, nll) in ANSWERS.items():
+        preds[m] = [{"id": f"r{i}", "reference": REFS[i], "prediction": a, "stopped": True, "new_tokens": 3,
+                     "correct": a == REFS[i], **({} if old else {"scores": {"rouge_l": rouge[i], "nll": nll[i],
+                                                                            "exact_match": float(a == REFS[i])}})}
+                    for i, a in enumerate(ans)]
+    models = {m: {"n": 4, "accuracy": sum(r["correct"] for r in p) / 4, "eos_rate": 1.0,
+                  **({} if old else {"metric": metric, "metrics": {metric: 0.5, "exact_match": 0.25}})} for m, p in preds.items()}
+    return {"params": {} if old else {"eval.metric": metric}, "predictions": preds, "gates": [],
+            "test": {f"r{i}": {"prompt": f"prompt\n{i}"} for i in range(4)},
+            "summary": {"models": models, **({"suites": suites} if suites else {})}}
+
+
+def test_lost_rows_in_the_metrics_direction():
+    f = run()
+    lost = rs.lost_rows(f, "rouge_l", "lora")
+    assert list(lost["id"]) == ["r1", "r0"] and list(lost["lost"]) == [0.5, 0.4]  # worst first; only rows QLoRA lost
+    assert list(lost.columns[:7]) == ["id", "prompt", "reference", "base", "LoRA", "QLoRA", "merged"]
+    assert lost.iloc[0]["LoRA"] == "Close the socket." and lost.iloc[0]["QLoRA"] == "Close." and lost.iloc[0]["prompt"] == "prompt 1"
+    assert list(rs.lost_rows(f, "rouge_l", "base")["id"]) == ["r1"]
+    # nll: lower is better, so QLoRA lost where its nll is HIGHER than LoRA's
+    assert list(rs.lost_rows(f, "nll", "lora")["id"]) == ["r1", "r0"]
+    assert list(rs.lost_rows(f, "nll", "base")["id"]) == ["r1"]
+
+
+def test_old_runs_without_scores_still_report():
+    f = run(old=True)
+    assert rs.gate_metric(f) == "exact_match" and rs.row_score(f["predictions"]["qlora"][2], "exact_match") == 1.0
+    assert rs.row_score(f["predictions"]["qlora"][2], "rouge_l") is None
+    assert report.scored_sections(f, {}) == []  # exact match run: the label-task report as before, nothing added
+    assert list(rs.score_table(f["summary"]["models"]).columns) == ["model", "exact_match", "n"]
+
+
+def test_scored_sections_render_distributions_lost_rows_and_suites():
+    suites = {"general": {"metric": "chrf", "role": "non_inferior", "threshold": 0.02,
+                          "models": {"base": {"n": 10, "metrics": {"chrf": 0.41}}, "qlora": {"n": 10, "metrics": {"chrf": 0.35}}}}}
+    f = run(suites=suites)
+    f["gates"] = [{"name": "general:non_inferior", "suite": "general", "passed": False}]
+    html = "".join(report.scored_sections(f, dict(index=False, border=0)))
+    assert "Scores (rouge_l: the gate metric)" in html and 'id="score-distributions"' in html
+    assert 'id="lost-to-lora-table"' in html and 'id="lost-to-base-table"' in html and "Close the socket." in html
+    assert "general: non_inferior on chrf (threshold 0.02) - general:non_inferior FAIL" in html and "0.35" in html
+    assert "Suites" not in "".join(report.scored_sections(run(), {}))  # no suites: no suite section
+
+
+def test_model_card_names_the_gate_metric_and_lists_suites():
+    gates = [{"name": "general:non_inferior", "suite": "general", "value": -0.06, "op": ">=", "threshold": -0.02,
+              "passed": False, "detail": "", "ci_low": None, "ci_high": None, "ci_of": "value", "decided_on": "point estimate"}]
+    m = {"accuracy": 0.05, "ci_low": 0.01, "ci_high": 0.1, "eos_rate": 1.0, "n": 4, "metric": "rouge_l",
+         "metrics": {"rouge_l": 0.4123, "exact_match": 0.05}}
+    summary = {"mlflow_run_id": "r1", "models": {"base": m, "qlora": m, "merged": m}, "gates": gates, "fingerprint": "fp",
+               "code": {"git_commit": "abc", "source_sha": "s"}, "data": {"version": "dv", "stage": "prepare-x", "stats": {}},
+               "suites": {"general": {"metric": "chrf", "role": "non_inferior", "threshold": 0.02,
+                                      "models": {"base": {"n": 10, "metrics": {"chrf": 0.41}}}}}}
+    card = report.model_card(summary, {"eval.metric": "rouge_l", "registry.model_name": "m"}, None,
+                             {"version": 1, "promoted": True, "reason": "ok"})
+    assert "rouge_l (the gate metric)" in card and "0.4123" in card and "gated on rouge_l: ROUGE-L" in card
+    assert "## Suites" in card and "general: non_inferior on chrf (threshold 0.02) - general:non_inferior FAIL" in card
