@@ -11,6 +11,7 @@
     qlora-ops report [RUN_ID]                  # rebuild a run's HTML report + model card from MLflow (default: newest run)
     qlora-ops init data/raw/tickets.csv        # writes params/tickets.yaml for that data (format, labels, test size)
     qlora-ops check --params params/tickets.yaml  # validate params + data, say what a run would do; trains nothing
+    qlora-ops drop new.jsonl --params params/team.yaml  # validate, then put into data.source: a run follows
 
 Every command takes --verbose (third-party warnings, progress bars and Prefect's run-state lines, which
 are off by default) and --debug (also the full traceback of a failure, otherwise one paragraph).
@@ -143,6 +144,7 @@ def _main(argv: list[str] | None = None) -> int:
     for p in (dep, st, pr, rb, chk, rep):
         p.add_argument("--params", default="params/default.yaml")
         p.add_argument("--workspace", default=".")
+    add_drop_parser(sub)
     for p in sub.choices.values():  # every subcommand, whoever added it
         p.add_argument("-v", "--verbose", action="store_true",
                        help="show third-party warnings, progress bars and Prefect's run-state lines")
@@ -155,6 +157,8 @@ def _main(argv: list[str] | None = None) -> int:
         return data_command(a)
     if a.cmd == "report":
         return report_command(a)
+    if a.cmd == "drop":
+        return drop_command(a)
 
     if a.cmd == "deploy":
         from flows.deploy import deploy_file
@@ -266,6 +270,45 @@ def report_command(a) -> int:
     print(f"report: {path}")
     if path.with_name("MODEL_CARD.md").is_file():
         print(f"model card: {path.with_name('MODEL_CARD.md')}")
+    return 0
+
+
+def add_drop_parser(sub) -> None:
+    d = sub.add_parser("drop", help="validate a data file and put it into data.source; the drop triggers a run")
+    d.add_argument("file", help="a .jsonl, .csv, .parquet or .arrow file in one of the row shapes of `check`")
+    d.add_argument("--params", default="params/default.yaml", help="params whose data.source receives the file")
+    d.add_argument("--workspace", default=".")
+
+
+def drop_command(a) -> int:
+    """`drop FILE`: exit 2 (file:line) on a bad file or params, 4 when the bucket or the Prefect API did not
+    answer (the message says whether the file is in place)."""
+    from flows.drop import DropNotAnnounced, drop
+    from flows.events import EventsUnavailable
+    from tasks.config import ParamsError, load_params
+    from tasks.data import DataError
+    from tasks.paths import ws_path
+
+    ws = Path(a.workspace).resolve()
+    try:
+        params = load_params(ws_path(ws, a.params))
+        res = drop(Path(a.file), params, ws)
+    except (ParamsError, DataError) as e:
+        return fail("bad_input", e)
+    except DropNotAnnounced as e:
+        return fail("service", e, label="dropped, not announced")
+    except (ConnectionError, EventsUnavailable) as e:
+        return fail("service", e)
+    o = params.orchestration
+    print(f"dropped {Path(a.file).name}: {res['rows']} valid rows ({res['format']}) -> {res['url']}")
+    when = f"qlora-retrain/{o.deployment} starts {o.debounce_s:g} s after the last drop (orchestration.debounce_s)"
+    if res["event"] is not None:
+        print(f"event {res['event']['event']} sent to the Prefect API: {when}")
+    elif "://" in res["url"]:
+        print(f"the bucket's notification reaches Prefect through the relay: {when}")
+    else:
+        print(f"no event sent (PREFECT_API_URL is not set): `qlora-ops run --params {a.params}` retrains now, "
+              "or the next scheduled run does")
     return 0
 
 

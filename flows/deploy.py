@@ -6,6 +6,8 @@
   registration; the cron schedule; one run at a time, later ones queued (ENQUEUE).
 - qlora-model-stage/<orchestration.deployment> on orchestration.gpu_pool (only when set): training,
   evaluation and merge, started by the parent with run_deployment.
+- with data.source set, a trigger on the retraining deployment: a drop into the source starts a run
+  orchestration.debounce_s after the last drop of a burst (flows/triggers.py).
 
 Both pull their code from the worker's own checkout (`{{ $QLORA_OPS_HOME }}`), so nothing is built or
 pushed; each worker sets QLORA_OPS_HOME to where it has this repo. Deploying again updates in place.
@@ -23,7 +25,7 @@ PULL = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $Q
 SCHEDULE_SLUG = "qlora-ops-schedule"
 
 
-def deploy(params: Params, params_rel: str) -> dict[str, str]:
+def deploy(params: Params, params_rel: str, workspace: Path = Path(".")) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
@@ -49,6 +51,8 @@ def deploy(params: Params, params_rel: str) -> dict[str, str]:
                 concurrency_options=ConcurrencyOptions(collision_strategy=ConcurrencyLimitStrategy.ENQUEUE) if parent else None,
                 description=(fl.__doc__ or "").strip().splitlines()[0] if fl.__doc__ else None)
             made[f"{fl.name}/{o.deployment}"] = str(dep_id)
+            if parent:
+                made.update(deploy_drop_trigger(c, params, workspace, dep_id, f"{fl.name}/{o.deployment}"))
     made["global concurrency limit"] = ensure_registry_limit(params.registry.model_name)
     assert MODEL_STAGE_FLOW == model_stage.name  # the parent finds the GPU stage by this name
     return made
@@ -63,4 +67,18 @@ def deploy_file(params_path: Path, workspace: Path) -> dict[str, str]:
     except ValueError:
         raise ParamsError(f"{params_path}: deployed params must live inside the checkout {workspace} "
                           "(workers read them from their own checkout)") from None
-    return deploy(params, rel)
+    return deploy(params, rel, workspace)
+
+
+def deploy_drop_trigger(client, params: Params, workspace: Path, deployment_id, name: str) -> dict[str, str]:
+    """Event-driven retraining: (re)install the retraining deployment's drop trigger (flows/triggers.py)."""
+    from flows.triggers import install_triggers, retrain_triggers, source_url
+
+    triggers = retrain_triggers(params, workspace, name)
+    made = install_triggers(client, deployment_id, triggers)
+    if made is None:
+        return {"drop trigger": "not installed: this Prefect server has no automations API"}
+    if not triggers:
+        return {"drop trigger": "none (data.source is null: only the schedule starts runs)"}
+    return {"drop trigger": f"{made[0]} (runs {params.orchestration.debounce_s:g} s after the last drop into "
+                            f"{source_url(params, workspace)})"}

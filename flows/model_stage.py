@@ -121,8 +121,9 @@ def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, worksp
     # Per-row results: every gate and the promotion decision are paired comparisons on these rows.
     out["rows"] = rows = {name: per_row(dirs[name]) for name in models}
     # Merging is only worth doing for a candidate the pre-merge gates accept; the parent decides again.
-    if gate.passed(gate.pre_merge_gates(p.gates, rows["base"]["correct"], rows["lora"]["correct"],
-                                        rows["qlora"]["correct"], seed=p.seed)):
+    m = gate.gate_metric(p)
+    sc = {name: gate.gate_scores(rows[name], m) for name in ("base", "lora", "qlora")}
+    if gate.passed(gate.pre_merge_gates(p.gates, m, sc["base"], sc["lora"], sc["qlora"], seed=p.seed)):
         merged_dir = work / "merged"
         timed("merge", stage(pt.merge_adapter, p, "merge"), p, base, results["qlora"]["adapter_dir"], str(merged_dir), qbase)
         models["merged"] = evaluate("merged", str(merged_dir), as_saved=True)

@@ -108,7 +108,8 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         verdicts, passed = gate_decision(params, ms)
         for name, m in models.items():  # every accuracy with its interval, for the summary and the report
             m["ci_low"], m["ci_high"] = stats.accuracy_interval(rows[name]["correct"], params.gates.confidence)
-        summary["power"] = stats.power_check(policy(params), len(rows["qlora"]["correct"]))
+        summary["power"] = power_line(params, ms)
+        summary["confidence"] = params.gates.confidence
         summary.update(models=models, gates=verdicts, passed=passed)
         tracking.log_metrics(run_id, {f"{m}.{k}": v[k] for m, v in models.items() for k in ("accuracy", "eos_rate")})
         tracking.log_metrics(run_id, {f"gate.{v['name']}": v["value"] for v in verdicts})
@@ -151,12 +152,26 @@ def publish_report(params: Params, ws: Path, run_id: str, summary: dict) -> str 
 def gate_decision(params: Params, ms: dict) -> tuple[list[dict], bool]:
     """Every gate on the model stage's saved per-row results, and whether the candidate may be registered:
     all gates passed AND a merged model was logged (the stage merges only after the pre-merge gates pass)."""
-    rows = ms["rows"]
-    verdicts = gate.pre_merge_gates(params.gates, rows["base"]["correct"], rows["lora"]["correct"],
-                                    rows["qlora"]["correct"], seed=params.seed)
+    rows, m = ms["rows"], gate.gate_metric(params)
+    sc = {name: gate.gate_scores(r, m) for name, r in rows.items()}
+    verdicts = gate.pre_merge_gates(params.gates, m, sc["base"], sc["lora"], sc["qlora"], seed=params.seed)
     if "merged" in rows:
-        verdicts.append(gate.merge_gate(params.gates, rows["qlora"]["answers"], rows["merged"]["answers"]))
+        verdicts.append(gate.merge_gate(params.gates, m, sc["qlora"], sc["merged"], rows["qlora"]["answers"],
+                                        rows["merged"]["answers"], seed=params.seed))
     return verdicts, gate.passed(verdicts) and ms.get("model_uri") is not None
+
+
+def power_line(params: Params, ms: dict) -> str | None:
+    """The promotion policy's power on this test set, at the noise measured on this run's rows: merged vs
+    champion when the champion was scored on the same rows, else QLoRA vs LoRA (two models trained on the
+    same data, the nearest pair to two retrains) -- not an assumed discordance."""
+    rows, m, champ = ms["rows"], gate.gate_metric(params), ms.get("champion")
+    if champ and "merged" in rows and champ.get("ids") == rows["merged"].get("ids"):
+        pair, what = (rows["merged"], champ), f"merged vs champion v{champ['version']}"
+    else:
+        pair, what = (rows["qlora"], rows["lora"]), "QLoRA vs LoRA"
+    a, b = (gate.gate_scores(r, m) for r in pair)
+    return stats.power_check(policy(params), len(a), **stats.paired_noise(a, b, binary=m.binary), measured=what)
 
 
 def call_model_stage(params: Params, ws: Path, run_id: str, data_uri: str, local_data: str, test_hash: str) -> dict:
@@ -228,7 +243,9 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
             champ = champion_rows(params, ms["score_key"], Path(data["prepared_dir"]) / "test.jsonl", work)
         if champ["ids"] != cand["ids"]:
             raise RuntimeError(f"champion v{champion_v} was scored on other rows than the candidate; not comparable")
-        d = stats.decide(policy(params), cand["correct"], champ["correct"], seed=params.seed)
+        m = gate.gate_metric(params)
+        d = stats.decide(policy(params), gate.gate_scores(cand, m), gate.gate_scores(champ, m), seed=params.seed,
+                         higher_is_better=m.higher_is_better, binary=m.binary, metric_name=m.name)
         return d["promote"], f"{d['reason']} (champion v{champion_v}: {champ['how']})"
 
     with runtime.registry_slot(r.model_name, params.orchestration.timeouts.registry):
@@ -245,7 +262,9 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
 
 
 def gate_table(verdicts: list[dict]) -> str:
-    L = [f"{'gate':<20}{'value':>8}  {'95% interval':<17}{'op':<3}{'threshold':>9}  verdict"]
+    levels = {v.get("confidence") for v in verdicts}
+    head = f"{stats.level(levels.pop())} interval" if len(levels) == 1 and None not in levels else "interval"
+    L = [f"{'gate':<20}{'value':>8}  {head:<17}{'op':<3}{'threshold':>9}  verdict"]
     for v in verdicts:
         # The interval of the gate's own value; retention's (of QLoRA - LoRA) is in its detail line.
         ci = f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None and v["ci_of"] == "value" else ""
@@ -267,7 +286,8 @@ def format_summary(s: dict) -> str:
           *([f"rows train/val/test {st['train']}/{st['val']}/{st['test']}, inputs truncated to "
              f"{st['max_input_chars']} chars: {st['inputs_truncated']}"]
             if (st := s["data"].get("stats")) and "inputs_truncated" in st else []),
-          "", f"{'model':<10}{'accuracy':>10}  {'95% interval':<17}{'eos_rate':>8}{'n':>6}{'eval_s':>9}"]
+          "", f"{'model':<10}{'accuracy':>10}  {stats.level(s.get('confidence', 0.95)) + ' interval':<17}"
+          f"{'eos_rate':>8}{'n':>6}{'eval_s':>9}"]
     for name, m in s["models"].items():
         ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else ""
         L.append(f"{name:<10}{m['accuracy']:>10.4f}  {ci:<17}{m['eos_rate']:>8.2f}{m['n']:>6}{m['eval_seconds']:>9.1f}"

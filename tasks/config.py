@@ -165,15 +165,20 @@ class EvalParams(_Strict):
 
 
 class GateParams(_Strict):
-    # Every gate is computed on the saved per-row predictions (paired), with a `confidence` interval.
+    # Every gate is computed on the saved per-row scores of the gate metric (paired), with a `confidence`
+    # interval; numbers are in that metric's units, oriented so that + is better (docs/gates.md).
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    # The interval's LOWER bound of (QLoRA - base) accuracy must reach this (absolute points, 0..1).
+    # The interval's LOWER bound of the gain QLoRA - base must reach this (metric units; accuracy: 0..1
+    # points; nll: the reduction in nats per token).
     min_gain_over_base: float = 0.2
-    # QLoRA accuracy / LoRA-baseline accuracy must reach this (point estimate; the paired interval of
-    # QLoRA - LoRA is reported beside it).
+    # Share of the LoRA baseline's gain over the base that QLoRA keeps, (qlora - base) / (lora - base) in the
+    # metric's direction (point estimate; the paired interval of QLoRA vs LoRA is reported beside it). A LoRA
+    # baseline no better than the base fails the gate: there is no gain to retain, so QLoRA cannot be checked.
+    # 0 turns the gate off (reported, never refusing).
     min_retention_vs_lora: float = Field(0.9, ge=0)
-    # Share of test rows where the merged model and QLoRA answer differently may not exceed this
-    # (flips in both directions count; a net accuracy delta would let them cancel).
+    # Merged vs QLoRA, flips in both directions counted (a net difference would let them cancel). 0/1 metric
+    # (exact match): share of rows whose normalised answers differ; continuous metric: mean |merged - QLoRA|
+    # per-row score (exact answer agreement reported beside it).
     max_merge_disagreement: float = Field(0.05, ge=0, le=1)
 
 
@@ -191,6 +196,12 @@ class RegistryParams(_Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     min_improvement: float = Field(0.01, ge=0, lt=1)
     non_inferiority_margin: float = Field(0.02, gt=0, lt=1)
+    # Error rates above are per decision. A schedule deciding weekly on one reused test set lets an equally
+    # good retrain take champion at least once a year far more often (docs/gates.md, "Over a year"). Set this
+    # to cap that chance per year: each decision then runs at a one-sided alpha of
+    # yearly_false_promotion / decisions_per_year (never looser than `confidence`), at the cost of power.
+    yearly_false_promotion: float | None = Field(None, gt=0, lt=0.5)
+    decisions_per_year: int = Field(52, ge=1)
 
 
 class StorageParams(_Strict):
@@ -230,6 +241,11 @@ class OrchestrationParams(_Strict):
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(10, ge=0)
     timeouts: TimeoutParams = TimeoutParams()
+    # Event-driven retraining (flows/triggers.py; needs data.source): a drop into data.source starts
+    # qlora-retrain/<deployment> once no further drop has arrived for this many seconds, so a burst of
+    # uploads is one run that sees all of them. At least 10: Prefect's minimum for the Proactive trigger
+    # that implements it. The cron `schedule` stays as the safety net.
+    debounce_s: float = Field(300, ge=10)
 
 
 class Params(_Strict):

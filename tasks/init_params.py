@@ -33,7 +33,7 @@ from pathlib import Path
 from tasks import metrics as M
 from tasks.config import DataParams, ModelParams, Params, ParamsError, RegistryParams
 from tasks.data import FIELDS, DataError, columns_of, detect_format, prepare
-from tasks.stats import PromotionPolicy, min_detectable_diff, rows_needed
+from tasks.stats import PromotionPolicy, level, min_detectable_diff, rows_needed
 from tasks.util import read_jsonl
 
 # Column names people use for our fields, most specific first (first match wins).
@@ -158,10 +158,12 @@ def split_for(n: int, policy: PromotionPolicy) -> tuple[float, float, str]:
         what = (f"enough to tell a {100 * margin:g}-point difference (needs ~{need}): the policy can promote a "
                 f"candidate >= {100 * floor:.1f} points better")
     else:
-        what = (f"the policy can promote only a candidate >= {100 * floor:.1f} points better and cannot tell a "
+        can = ("no candidate (no difference within that discordance is detectable)" if math.isinf(floor)
+               else f"only a candidate >= {100 * floor:.1f} points better")
+        what = (f"the policy can promote {can} and cannot tell a "
                 f"{100 * margin:g}-point regression; that needs ~{need} test rows (more data)")
     comment = (f"test {test}: ~{n_test} of {n} rows (at {DISCORDANCE:.0%} discordance, 80% power, "
-               f"{policy.confidence:.0%} confidence): {what}")
+               f"{level(policy.confidence)} confidence): {what}")
     return val, test, comment
 
 

@@ -201,7 +201,7 @@ class PrefectServer:
 
 
 @contextlib.contextmanager
-def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None):
+def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None, timeout: float = 90):
     """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME and SQLite file; stopped on exit."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -215,7 +215,7 @@ def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None):
     server = PrefectServer(home, port, proc, log)
     try:
         try:
-            wait_http(f"{server.api}/health", proc, timeout=90)
+            wait_http(f"{server.api}/health", proc, timeout=timeout)
         except Exception as e:
             raise RuntimeError(f"prefect server did not come up: {e}\n{tail(log)}") from None
         yield server

@@ -4,7 +4,8 @@ ever moves to a candidate that passed every gate and that the promotion policy f
 1. The pure decision path, many hypothesis examples: random per-row outcomes of base / LoRA / QLoRA /
    merged / champion and random thresholds (gates.*, registry.* policy) through the real tasks.gate and
    tasks.stats.decide, in the order flows/retrain.run_pipeline calls them; every verdict is checked
-   against numbers computed here by hand (counts, ratio, exact McNemar by math.comb).
+   against numbers computed here by hand from the counts (gain, retention of the gain over the base,
+   normalised answer flips, exact McNemar by math.comb), never by calling tasks.stats or copying gate.py.
 2. The real registry path: a hypothesis state machine drives tasks.register.register_and_promote (and
    tasks.registry_ops.rollback) against a real MLflow SQLite store in a temp dir, and after every step
    checks the alias invariants on the store itself.
@@ -21,29 +22,43 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from hypothesis import given
 
-from flows.retrain import gate_decision, policy
+from flows.retrain import format_summary, gate_decision, gate_table, policy, power_line
 from tasks import gate, stats
 from tasks.config import GateParams, Params, RegistryParams
 
 LABELS = ("a", "b", "c")
+FORMATTED = ("A.", "B.", "C.")  # the same answers as exact match sees them
+
+
+def norm(answer: str) -> str:
+    """What exact match forgives, for the answers drawn here: case and a trailing period."""
+    return answer.rstrip(".").lower()
 
 
 @st.composite
-def outcomes(draw, n=None):
-    """Per-row answers of every model on the same test rows; correctness = answer == label, as in evaluation."""
+def outcomes(draw, n=None, base_skill=10):
+    """Per-row answers of every model on the same test rows; correctness = answer == label, as in evaluation.
+    base_skill caps the base model's skill (the registry machine keeps it low, so that most LoRA baselines
+    beat the base, the retention gate can pass and candidates reach the registry)."""
     n = n or draw(st.integers(1, 60))
     labels = draw(st.lists(st.sampled_from(LABELS), min_size=n, max_size=n))
 
-    def ans():  # a model of random skill: from always wrong-ish to always right, so every gate both passes and fails
-        skill = draw(st.integers(0, 10))
-        return [y if draw(st.integers(0, 9)) < skill else draw(st.sampled_from(LABELS)) for y in labels]
+    def ans(untrained: bool = False):
+        """A model of random skill, from always wrong-ish to always right, so every gate both passes and fails.
+        Hypothesis' simplest draw (all zeros: labels all "a", every answer a guess from the pool) gives a
+        base that is always wrong (its pool starts with "c") and tuned models that are always right: the
+        simplest candidate passes every gate (LoRA gains over the base), as the registry machine needs."""
+        skill = draw(st.integers(0, base_skill if untrained else 10))
+        pool = LABELS[::-1] if untrained else LABELS
+        return [y if draw(st.integers(0, 9)) < skill else draw(st.sampled_from(pool)) for y in labels]
 
-    base, lora, qlora = ans(), ans(), ans()
-    # The merged model mostly repeats QLoRA (a merge changes few answers), sometimes not at all.
+    base, lora, qlora = ans(untrained=True), ans(), ans()
+    # The merged model mostly repeats QLoRA (a merge changes few answers), sometimes not at all; some of its
+    # changes are formatting only ("A." where QLoRA wrote "a"), which normalised answers do not count as a flip.
     flips = draw(st.lists(st.booleans() if draw(st.booleans()) else st.just(False), min_size=n, max_size=n))
-    merged = [draw(st.sampled_from(LABELS)) if f else q for f, q in zip(flips, qlora)]
+    merged = [draw(st.sampled_from(LABELS + FORMATTED)) if f else q for f, q in zip(flips, qlora)]
     champ = ans()
-    right = lambda xs: [x == y for x, y in zip(xs, labels)]  # noqa: E731
+    right = lambda xs: [norm(x) == y for x, y in zip(xs, labels)]  # noqa: E731
     return {"base": right(base), "lora": right(lora), "qlora": right(qlora), "merged": right(merged),
             "champion": right(champ), "qlora_answers": qlora, "merged_answers": merged}
 
@@ -71,7 +86,8 @@ def model_stage_result(params: Params, o: dict, merge_anyway: bool = False) -> d
     rows = {m: {"correct": o[m]} for m in ("base", "lora", "qlora")}
     rows["qlora"]["answers"] = o["qlora_answers"]
     ms = {"rows": rows, "model_uri": None}
-    if merge_anyway or gate.passed(gate.pre_merge_gates(params.gates, o["base"], o["lora"], o["qlora"], seed=params.seed)):
+    if merge_anyway or gate.passed(gate.pre_merge_gates(params.gates, "exact_match", o["base"], o["lora"], o["qlora"],
+                                                        seed=params.seed)):
         rows["merged"] = {"correct": o["merged"], "answers": o["merged_answers"]}
         ms["model_uri"] = "models:/m-planted"
     return ms
@@ -102,15 +118,32 @@ def test_no_gate_failure_is_ever_promoted(o, params, has_champion, merge_anyway)
     by = {v["name"]: v for v in verdicts}
     g = params.gates
 
-    # Each verdict agrees with its threshold on numbers computed here, independently of tasks.gate.
-    gain = stats.paired_compare(o["qlora"], o["base"], confidence=g.confidence, seed=params.seed)
-    assert by["gain_over_base"]["passed"] == (gain["ci_low"] >= g.min_gain_over_base)
-    q, l = sum(o["qlora"]) / n, sum(o["lora"]) / n
-    ratio = q / l if l > 0 else (1.0 if q >= l else 0.0)
-    assert by["retention_vs_lora"]["passed"] == (ratio >= g.min_retention_vs_lora)
+    # Each verdict agrees with numbers computed here from the counts, independently of tasks.gate/stats.
+    b, l, q = sum(o["base"]), sum(o["lora"]), sum(o["qlora"])
+    gain = by["gain_over_base"]
+    assert gain["value"] == pytest.approx((q - b) / n, abs=1e-6)
+    # Decided on the interval's lower bound, which lies below the point gain (so no pass below threshold)
+    # and, when QLoRA and base agree on every row, is the point gain itself.
+    assert gain["ci_low"] <= gain["value"] + 1e-9 <= gain["ci_high"] + 2e-9
+    assert gain["passed"] == (gain["ci_low"] >= g.min_gain_over_base)
+    if gain["passed"]:
+        assert (q - b) / n >= g.min_gain_over_base - 1e-6
+    if o["qlora"] == o["base"]:
+        assert gain["ci_low"] == gain["ci_high"] == 0.0
+    ret = by["retention_vs_lora"]
+    if g.min_retention_vs_lora == 0:  # the gate is off: reported, never refusing
+        assert ret["passed"] and ret["decided_on"].startswith("not required")
+    elif l <= b:  # LoRA learned nothing over the base: there is no gain to retain, whatever the threshold
+        assert not ret["passed"] and ret["decided_on"] == "LoRA gain over base <= 0"
+    else:
+        ratio = (q - b) / (l - b)
+        assert ret["value"] == pytest.approx(ratio, abs=1e-6)
+        assert ret["passed"] == (ratio >= g.min_retention_vs_lora - 1e-9) or abs(ratio - g.min_retention_vs_lora) < 1e-9
     if "merge_disagreement" in by:
-        share = sum(a != b for a, b in zip(o["merged_answers"], o["qlora_answers"])) / n
-        assert by["merge_disagreement"]["passed"] == (share <= g.max_merge_disagreement)
+        share = sum(norm(a) != norm(b) for a, b in zip(o["merged_answers"], o["qlora_answers"])) / n
+        assert by["merge_disagreement"]["value"] == pytest.approx(share, abs=1e-6)
+        assert by["merge_disagreement"]["passed"] == (share <= g.max_merge_disagreement + 1e-9) or \
+            abs(share - g.max_merge_disagreement) < 1e-9
     else:  # not merged: only when a pre-merge gate failed, and then nothing is registered
         assert not merge_anyway and not (by["gain_over_base"]["passed"] and by["retention_vs_lora"]["passed"])
         assert not promoted
@@ -129,6 +162,60 @@ def test_no_gate_failure_is_ever_promoted(o, params, has_champion, merge_anyway)
 
 def test_no_verdicts_is_not_a_pass():
     assert not gate.passed([])  # a run whose gates were never computed must not count as passing
+
+
+def test_gain_gate_on_hand_computed_bounds():
+    """Cases whose bootstrap bound is known without resampling. QLoRA right on every row the base got wrong,
+    and the base wrong on every row: each resample holds only +1 rows, so the gain is 1.0 on every one."""
+    n = 30
+    o = {"base": [False] * n, "lora": [True] * n, "qlora": [True] * n, "qlora_answers": ["a"] * n,
+         "merged": [True] * n, "merged_answers": ["a"] * n}
+
+    def gain(threshold: float) -> dict:
+        p = Params(gates=GateParams(min_gain_over_base=threshold))
+        return {x["name"]: x for x in gate_decision(p, model_stage_result(p, o))[0]}["gain_over_base"]
+
+    v = gain(1.0)
+    assert (v["value"], v["ci_low"], v["ci_high"], v["passed"]) == (1.0, 1.0, 1.0, True)
+    assert v["p_value"] == pytest.approx(2 * 0.5 ** 30)  # exact McNemar, 30-0 discordant, by hand
+    assert not gain(1.01)["passed"]
+    # QLoRA identical to the base: every resample gives 0, and no threshold above 0 passes.
+    o["qlora"] = o["base"]
+    v = gain(0.0)
+    assert (v["value"], v["ci_low"], v["ci_high"], v["p_value"], v["passed"]) == (0.0, 0.0, 0.0, 1.0, True)
+    assert not gain(0.001)["passed"]
+
+
+def test_power_line_uses_the_measured_discordance():
+    """Issue 17: the run summary's power line assumed 10% discordance although this run's rows were at hand.
+    QLoRA and LoRA disagree on 4 of 107 rows here (3.7%); with a scored champion, merged vs champion counts."""
+    n = 107
+    lora = [True] * 60 + [False] * 47
+    qlora = [False] * 4 + lora[4:]
+    ms = {"rows": {"base": {"correct": [False] * n}, "lora": {"correct": lora}, "qlora": {"correct": qlora}}}
+    line = power_line(Params(), ms)
+    assert "at 3.74% discordance, measured on QLoRA vs LoRA" in line and "at 10% discordance" not in line
+    champ = [True] * 30 + [False] * 77  # merged vs champion: 30 of 107 rows differ
+    ms["rows"]["merged"] = {"correct": lora, "ids": list(range(n))}
+    ms["champion"] = {"correct": champ, "ids": list(range(n)), "version": 3}
+    line = power_line(Params(), ms)
+    assert "at 28% discordance, measured on merged vs champion v3" in line
+
+
+def test_gate_table_and_summary_print_the_confidence_used():
+    """Issue 17: retrain.gate_table and the summary's model table printed a fixed "95% interval"."""
+    o = {"base": [False] * 40, "lora": [True] * 40, "qlora": [True] * 38 + [False] * 2, "qlora_answers": ["a"] * 40,
+         "merged": [True] * 38 + [False] * 2, "merged_answers": ["a"] * 40}
+    p = Params(gates=GateParams(confidence=0.9, min_gain_over_base=0.5))
+    verdicts, _ = gate_decision(p, model_stage_result(p, o))
+    table = gate_table(verdicts)
+    assert "90% interval" in table.splitlines()[0] and "95%" not in table
+    m = {"accuracy": 0.95, "eos_rate": 1.0, "n": 40, "eval_seconds": 1.0, "ci_low": 0.8, "ci_high": 0.99}
+    s = {"outcome": "rejected", "mlflow_run_id": "r", "fingerprint": "f", "confidence": 0.9,
+         "data": {"version": "v", "stage": "s"}, "code": {"git_commit": "c", "git_dirty": False, "source_sha": "x"},
+         "models": {"qlora": m}, "gates": verdicts, "registry": {"reason": "x"}, "stage_seconds": {}}
+    text = format_summary(s)
+    assert "90% interval" in text and "95% interval" not in text
 
 
 @settings(max_examples=200, deadline=None)
@@ -173,7 +260,7 @@ class RegistryMachine(RuleBasedStateMachine):
     def candidate(self, data, params, reuse_fp):
         from tasks.register import register_and_promote
 
-        o = data.draw(outcomes(self.N))
+        o = data.draw(outcomes(self.N, base_skill=3))
         fp = (data.draw(st.sampled_from(sorted(self.rejected))) if reuse_fp and self.rejected
               else uuid.uuid4().hex[:8])
         verdicts, registrable = flow_decision(params, o, None)

@@ -324,7 +324,7 @@ def test_docs_describe_the_stack():
 # ---------------------------------------------------------------- issue 18: least privilege, hardening, the operator's path
 SERVICE_SECRETS = {  # compose service -> the infra/.env secrets it may hold, and no other
     "postgres": {"POSTGRES_PASSWORD", "PREFECT_DB_PASSWORD", "MLFLOW_DB_PASSWORD"},
-    "minio": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"},
+    "minio": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "QLORA_RELAY_SECRET"},  # the relay's bearer token
     "minio-init": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "QLORA_S3_MLFLOW_ACCESS_KEY", "QLORA_S3_MLFLOW_SECRET_KEY",
                    "QLORA_S3_WORKER_ACCESS_KEY", "QLORA_S3_WORKER_SECRET_KEY", "QLORA_S3_DROP_ACCESS_KEY", "QLORA_S3_DROP_SECRET_KEY"},
     "mlflow": {"MLFLOW_DB_PASSWORD", "MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY",
@@ -336,6 +336,10 @@ SERVICE_SECRETS = {  # compose service -> the infra/.env secrets it may hold, an
                "QLORA_S3_WORKER_SECRET_KEY"},
     "gpu-worker": {"PREFECT_AUTH_STRING", "MLFLOW_WORKER_USERNAME", "MLFLOW_WORKER_PASSWORD"},
     "setup": {"PREFECT_AUTH_STRING"},
+    # Event-driven retraining (infra/relay/): the relay posts events with the auth string; MinIO's root
+    # login subscribes drops/ to its notifications.
+    "relay": {"PREFECT_AUTH_STRING", "QLORA_RELAY_SECRET"},
+    "minio-events": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"},
 }
 CREDENTIAL = re.compile(SECRET_KEY.pattern + "|USERNAME")  # a login name is half a credential
 K8S_VERSION = "1.33.0"
@@ -356,7 +360,8 @@ def test_k8s_containers_hold_only_their_own_secrets():
     """Same matrix on Kubernetes: each container's secretKeyRefs, never the whole Secret (envFrom)."""
     expect = {"postgres": SERVICE_SECRETS["postgres"], "minio": SERVICE_SECRETS["minio"], "mc": SERVICE_SECRETS["minio-init"],
               "mlflow": SERVICE_SECRETS["mlflow"], "setup": SERVICE_SECRETS["mlflow-setup"],
-              "prefect-server": SERVICE_SECRETS["prefect-server"]}
+              "prefect-server": SERVICE_SECRETS["prefect-server"], "relay": SERVICE_SECRETS["relay"],
+              "minio-events": SERVICE_SECRETS["minio-events"]}
     for o in _k8s_objects():
         pod = o.get("spec", {}).get("template", {}).get("spec")
         if not pod:
