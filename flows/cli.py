@@ -2,7 +2,7 @@
 
     qlora-ops run                              # the whole loop on params/default.yaml
     qlora-ops run --params params/other.yaml   # another params file (inside the workspace)
-    qlora-ops run --force                      # retrain even if nothing changed since the last decision
+    qlora-ops run --force                      # retrain and re-evaluate even if nothing changed (new caches)
     qlora-ops run --workspace /path/to/clone   # a workspace other than the current directory
     qlora-ops deploy --params params/team.yaml # deployments + schedule on the Prefect server (PREFECT_API_URL)
     qlora-ops status                           # champion, challenger, recent versions and runs
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
 
 
 def classify(exc: BaseException) -> str:
-    from flows.retrain import ModelStageFailed
+    from flows.remote_stage import ModelStageFailed
     from flows.runtime import ServiceUnavailable, StageTimedOut, is_transient
     from tasks.base_model import BaseModelError
     from tasks.config import ParamsError
@@ -72,7 +73,8 @@ def classify(exc: BaseException) -> str:
     from tasks.modeling import DivergenceError
     from tasks.versioning import DvcError
 
-    if isinstance(exc, (ParamsError, DataError, DvcError, BaseModelError)):
+    if isinstance(exc, (ParamsError, DataError, DvcError, BaseModelError)) or \
+            (isinstance(exc, ModelStageFailed) and "orchestration.gpu_required" in str(exc)):  # no GPU on the GPU pool
         return "bad_input"
     if isinstance(exc, StageTimedOut):
         return "timeout"
@@ -122,7 +124,8 @@ def _main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the full loop")
     run.add_argument("--params", default="params/default.yaml", help="params YAML (default: %(default)s)")
     run.add_argument("--workspace", default=".", help="directory with dvc.yaml, params/ and data/ (default: cwd)")
-    run.add_argument("--force", action="store_true", help="retrain even when data, params, code and base are unchanged")
+    run.add_argument("--force", action="store_true", help="retrain both adapters and re-evaluate every model into new caches even when nothing is new "
+                     "(same data, params, code, base and libraries); reuses only the verified converted and 4-bit base")
     dep = sub.add_parser("deploy", help="create/update the Prefect deployments and schedule from params")
     st = sub.add_parser("status", help="champion, challenger, recent versions and runs with verdicts")
     pr = sub.add_parser("promote", help="move the champion alias to VERSION (same policy as automatic promotion)")
@@ -141,7 +144,7 @@ def _main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="rebuild a run's HTML report and model card from MLflow")
     rep.add_argument("run_id", nargs="?", help="MLflow run id (default: the newest finished run of the experiment)")
     rep.add_argument("--out", help="directory to write into (default: <state_dir>/reports/<run id>)")
-    for p in (dep, st, pr, rb, chk, rep):
+    for p in (dep, st, pr, rb, chk, rep, *add_serving_parsers(sub)):
         p.add_argument("--params", default="params/default.yaml")
         p.add_argument("--workspace", default=".")
     add_drop_parser(sub)
@@ -157,6 +160,8 @@ def _main(argv: list[str] | None = None) -> int:
         return data_command(a)
     if a.cmd == "report":
         return report_command(a)
+    if a.cmd in SERVING_COMMANDS:
+        return serving_command(a)
     if a.cmd == "drop":
         return drop_command(a)
 
@@ -182,7 +187,12 @@ def run_command(a) -> int:
     # Before any work (no lock file yet): a bad key, a dead tracking server or Prefect API, in seconds.
     if isinstance(pre := preflight(a), int):
         return pre
-    ws, params, _ = pre
+    ws, params, uri = pre
+    from flows.registry_slot import RegistryLockUnavailable, check_writer
+    try:  # a shared registry's writer needs the team's Prefect API: refused now, not after training
+        check_writer(uri, params.registry.model_name)
+    except RegistryLockUnavailable as e:
+        return fail("service", e)
     # One run per workspace, taken before the slow start (imports, the Prefect server): a second run
     # says at once which pid it waits for, and refuses after orchestration.timeouts.workspace.
     try:
@@ -315,7 +325,7 @@ def drop_command(a) -> int:
 def registry_command(a) -> int:
     import mlflow
 
-    from flows.runtime import registry_slot
+    from flows.registry_slot import RegistryLockUnavailable, registry_writer
     from tasks import registry_ops
     from tasks.paths import state_dir
     from tasks.register import PromotionError, registry_lock
@@ -329,28 +339,234 @@ def registry_command(a) -> int:
         print(registry_ops.format_status(registry_ops.status(r.model_name, (r.champion_alias, r.challenger_alias),
                                                              r.experiment)))
         return 0
-    from contextlib import nullcontext
-
-    from flows.retrain import policy
-    # The same serialization as automatic promotion: the model's global slot when a Prefect API is
-    # configured, and the workspace's file lock.
-    slot = registry_slot(r.model_name, params.orchestration.timeouts.registry) if os.environ.get("PREFECT_API_URL") \
-        else nullcontext()
+    from tasks.stats import PromotionPolicy  # not flows.retrain: that imports torch, seconds for nothing here
+    # The same serialization as automatic promotion (flows.registry_slot): the model's global slot, which a
+    # shared tracking server requires (refused without it), and the workspace's file lock.
     try:
-        with slot, registry_lock(state_dir(ws, params) / "registry.lock"):
+        by = registry_ops.whoami(uri)  # recorded on the version: the user the tracking server authenticated
+        with registry_writer(uri, r.model_name, params.orchestration.timeouts.registry), \
+                registry_lock(state_dir(ws, params) / "registry.lock"):
             if a.cmd == "promote":
-                res = registry_ops.promote(r.model_name, a.version, r.champion_alias, policy(params),
-                                           state_dir(ws, params) / "promote", force=a.force, reason=a.reason)
+                res = registry_ops.promote(r.model_name, a.version, r.champion_alias, PromotionPolicy.from_registry(r),
+                                           state_dir(ws, params) / "promote", force=a.force, reason=a.reason, by=by)
             else:
-                res = registry_ops.rollback(r.model_name, r.champion_alias, reason=a.reason)
+                res = registry_ops.rollback(r.model_name, r.champion_alias, reason=a.reason, by=by)
     except PromotionError as e:
         print(f"qlora-ops: refused: {e}", file=sys.stderr)
         return EXIT["rejected"]
+    except RegistryLockUnavailable as e:
+        return fail("service", e)
     if a.cmd == "promote":
-        print(f"{'promoted' if res['promoted'] else 'not promoted'}: v{res['version']} ({res['reason']})")
+        print(f"{'promoted' if res['promoted'] else 'not promoted'}: v{res['version']} ({res['reason']})"
+              + (f"; recorded as done by {by.user} ({by.auth})" if res["promoted"] else ""))
         return 0 if res["promoted"] else EXIT["rejected"]
-    print(f"rolled back: '{r.champion_alias}' -> v{res['champion']}; v{res['demoted']} tagged rejected ({res['reason']})")
+    print(f"rolled back: '{r.champion_alias}' -> v{res['champion']}; v{res['demoted']} tagged rejected ({res['reason']}); "
+          f"recorded as done by {by.user} ({by.auth})")
     return 0
+
+
+# ---------------------------------------------------------------- serve, verify-serving, export-gguf
+SERVING_COMMANDS = ("serve", "verify-serving", "export-gguf")
+
+
+def add_serving_parsers(sub) -> list:
+    sv = sub.add_parser("serve", help="serve a registered version over HTTP (MLflow scoring server), its bytes checked "
+                                      "against the version's weights_digest")
+    sv.add_argument("--port", type=int, default=5001, help="(default: %(default)s)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    sv.add_argument("--dtype", help="serve in this torch dtype instead of the evaluated one (e.g. bfloat16); "
+                                    "verify-serving then says whether the answers still match")
+    sv.add_argument("--openai", action="store_true",
+                    help="serve the version's exported GGUF (export-gguf) with llama-cpp-python's OpenAI-compatible "
+                         "server (/v1/chat/completions; the `gguf` extra) instead of MLflow's scoring server")
+    sv.add_argument("--gguf", choices=("f16", "q8_0"), default="f16", help="--openai: which GGUF (default: %(default)s)")
+    sv.add_argument("--follow", action="store_true",
+                    help="serve the 'serving' alias and follow it: receive MLflow's webhook when the champion "
+                         "moves, check the new champion's parity, move 'serving' and restart on it "
+                         "(secret: $QLORA_OPS_WEBHOOK_SECRET)")
+    sv.add_argument("--hook-port", type=int, default=5002, help="--follow: the webhook receiver's port (default: %(default)s)")
+    sv.add_argument("--hook-url", help="--follow: the URL MLflow calls (default: http://HOST:HOOK_PORT/)")
+    vs = sub.add_parser("verify-serving", help="replay VERSION's test rows through a live endpoint and compare with "
+                                               "the evaluated answers; only a pass moves the 'serving' alias")
+    vs.add_argument("url", help="the endpoint's base URL, e.g. http://127.0.0.1:5001")
+    eg = sub.add_parser("export-gguf", help="write VERSION as GGUF (f16, q8_0, with its chat template) and its LoRA "
+                                            "adapter as a GGUF adapter, logged on its run")
+    eg.add_argument("--out", help="also keep the files in this directory")
+    eg.add_argument("--no-parity", action="store_true", help="skip the llama.cpp parity run (llama-cpp-python)")
+    for p, need in ((sv, False), (vs, True), (eg, False)):
+        g = p.add_mutually_exclusive_group(required=need)
+        g.add_argument("--version", type=int, help="registered version number")
+        if p is not vs:
+            g.add_argument("--alias", help="or the version holding this alias (default: the champion alias)")
+    return [sv, vs, eg]
+
+
+def serving_command(a) -> int:
+    """`serve`, `verify-serving`, `export-gguf`: exit 0 done (check passed), 1 check failed, 2 a version that
+    cannot be served or checked (named), 4 the tracking server or the endpoint did not answer."""
+    import mlflow
+
+    from tasks import serving_ops as so
+    from tasks.gguf_export import GGUFExportError
+    from tasks.paths import state_dir
+    from tasks.register import PromotionError
+
+    if isinstance(pre := preflight(a), int):
+        return pre
+    ws, params, uri = pre
+    mlflow.set_tracking_uri(uri)
+    r, work = params.registry, state_dir(ws, params) / "serving"
+    try:
+        v = so.resolve_version(r.model_name, a.version, getattr(a, "alias", None) or r.champion_alias)
+        if a.cmd == "verify-serving":
+            res = so.verify_serving(a.url, r.model_name, v, params.gates.max_serving_disagreement,
+                                    params.gates.confidence, work / f"verify-v{v}")
+            print(so.explain(res))
+            print(f"'{res['alias']}' -> v{v}" if res["alias_moved"] else f"'{res['alias']}' not moved")
+            refresh_report(ws, params, res["run_id"], r.model_name, v)
+            return 0 if res["passed"] else EXIT["rejected"]
+        if a.cmd == "export-gguf":
+            from tasks import gguf_export
+            res = gguf_export.export_version(r.model_name, v, work / f"gguf-v{v}", out=Path(a.out) if a.out else None,
+                                             run_parity=not a.no_parity, confidence=params.gates.confidence)
+            print(gguf_export.explain(res))
+            refresh_report(ws, params, res["run_id"], r.model_name, v)
+            return 0
+        if getattr(a, "follow", False):
+            return serve_follow(so, a, params, work)
+        if getattr(a, "openai", False):
+            return serve_openai(so, so.fetch_gguf(r.model_name, v, a.gguf, work / f"gguf-v{v}"), a, r.model_name, v)
+        local, digest = so.fetch_model(r.model_name, v, work / f"v{v}")
+    except so.EndpointUnavailable as e:
+        return fail("service", e)
+    except (so.ServingError, GGUFExportError, PromotionError) as e:  # PromotionError: refused bytes (download_hf_model)
+        return fail("bad_input", e)
+    proc = start_server(so, local, digest, a, r.model_name, v)
+    if isinstance(proc, int):
+        return proc
+    try:
+        return proc.wait()
+    finally:
+        so.stop(proc)
+
+
+def refresh_report(ws: Path, params, run_id: str, model_name: str, v: int) -> None:
+    """The run's report and the version's card rebuilt with what was just recorded (served metric and
+    agreement, GGUF agreement); a failure is one warning line: the check's result is already recorded."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks import report
+    from tasks.paths import state_dir
+
+    try:
+        path = report.publish(run_id, state_dir(ws, params) / "reports" / run_id, model_name, v)
+        if (card := path.with_name("MODEL_CARD.md")).is_file():
+            MlflowClient().update_model_version(model_name, str(v), description=card.read_text()[:report.CARD_LIMIT])
+        print(f"report: {path}")
+    except Exception as e:
+        print(f"warning: report not rebuilt ({type(e).__name__}: {str(e)[:200]}); `qlora-ops report {run_id}` rebuilds it")
+
+
+def _show_new(receiver, shown: tuple[int, int], so) -> tuple[int, int]:
+    """Print the receiver's checks and errors not printed yet; returns how many of each are printed."""
+    for res in receiver.handled[shown[0]:]:
+        print(so.explain(res) + f"\n'{res['alias']}' {'-> v' + str(res['version']) if res['alias_moved'] else 'not moved'}",
+              flush=True)
+    for err in receiver.errors[shown[1]:]:
+        print(f"qlora-ops: webhook: {err}", file=sys.stderr, flush=True)
+    return len(receiver.handled), len(receiver.errors)
+
+
+def start_server(so, local: Path, digest: str, a, name: str, v: int):
+    """The scoring server of a checked local copy, ready; or the exit code after one line naming why not."""
+    from tasks.util import popen_child
+
+    proc = popen_child(so.server_command(local, a.host, a.port), env=so.server_env(digest, a.dtype),
+                       start_new_session=True)
+    url = f"http://{a.host}:{a.port}"
+    try:
+        so.wait_ready(url, proc, timeout=600)
+    except so.ServingError as e:
+        so.stop(proc)
+        return fail("bad_input", e)
+    print(f"serving {name} v{v} at {url}/invocations (weights {digest[:16]}..., {a.dtype or 'evaluated dtype'})\n"
+          f"check it: qlora-ops verify-serving {url} --version {v}", flush=True)
+    return proc
+
+
+def serve_openai(so, gguf: Path, a, name: str, v: int) -> int:
+    from tasks.util import popen_child
+
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError as e:
+        return fail("bad_input", RuntimeError(f"--openai needs llama-cpp-python's server: pip install 'qlora-ops[gguf]' ({e})"))
+    proc = popen_child(so.openai_server_command(gguf, a.host, a.port), start_new_session=True)
+    url = f"http://{a.host}:{a.port}"
+    try:
+        deadline = time.time() + 600
+        while so.is_openai(url, timeout=2) is None:
+            if proc.poll() is not None or time.time() > deadline:
+                return fail("bad_input", RuntimeError(f"llama_cpp.server for {gguf.name} did not come up at {url}"))
+            time.sleep(0.5)
+        print(f"serving {name} v{v} ({gguf.name}) at {url}/v1/chat/completions\n"
+              f"check it: qlora-ops verify-serving {url} --version {v}", flush=True)
+        return proc.wait()
+    finally:
+        so.stop(proc)
+
+
+def serve_follow(so, a, params, work: Path) -> int:
+    """`serve --follow`: serve the version holding 'serving' and restart on each version a champion webhook
+    moves it to (tasks.webhook). With no 'serving' yet, the champion is checked first."""
+    import queue
+
+    from mlflow.tracking import MlflowClient
+
+    from tasks import webhook
+
+    r, g = params.registry, params.gates
+    secret = os.environ.get(webhook.SECRET_ENV, "")
+    if not secret:
+        return fail("bad_input", ValueError(f"--follow needs the webhook secret in ${webhook.SECRET_ENV}"))
+    moved: queue.Queue = queue.Queue()
+    check = webhook.champion_checker(r.model_name, r.champion_alias, threshold=g.max_serving_disagreement,
+                                     confidence=g.confidence, work=work / "follow",
+                                     on_serving=lambda v, local, digest: moved.put((v, local, digest)))
+    try:
+        v = int(MlflowClient().get_model_version_by_alias(r.model_name, so.SERVING_ALIAS).version)
+        moved.put((v, *so.fetch_model(r.model_name, v, work / f"v{v}")))
+    except so.ServingError:
+        raise
+    except Exception:  # no 'serving' yet: the champion earns it by a passed check
+        res = check(r.model_name, r.champion_alias, so.resolve_version(r.model_name, alias=r.champion_alias))
+        print(so.explain(res), flush=True)
+        if not res["alias_moved"]:
+            return EXIT["rejected"]
+    receiver = webhook.Receiver(secret, check, port=a.hook_port, host=a.host)
+    with receiver:
+        hook = webhook.ensure_webhook(MlflowClient(), a.hook_url or receiver.url, secret, r.model_name)
+        print(f"following {r.model_name}@{r.champion_alias}: MLflow webhook {hook.webhook_id} -> "
+              f"{a.hook_url or receiver.url}", flush=True)
+        proc, shown = None, (0, 0)
+        try:
+            while True:
+                try:
+                    v, local, digest = moved.get(timeout=1)
+                except queue.Empty:
+                    if proc is not None and proc.poll() is not None:
+                        return proc.returncode or EXIT["internal"]
+                    shown = _show_new(receiver, shown, so)
+                    continue
+                shown = _show_new(receiver, shown, so)
+                if proc is not None:
+                    so.stop(proc)  # the port is taken until the old server is gone: a restart costs one model load
+                proc = start_server(so, local, digest, a, r.model_name, v)
+                if isinstance(proc, int):
+                    return proc
+        finally:
+            if proc is not None and not isinstance(proc, int):
+                so.stop(proc)
 
 
 if __name__ == "__main__":

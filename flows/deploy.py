@@ -1,4 +1,5 @@
-"""`qlora-ops deploy`: the two deployments, the schedule and the registry slot, from params.
+"""`qlora-ops deploy`: the two deployments, the schedule, the registry slot and the dead-worker automation,
+from params.
 
     PREFECT_API_URL=http://127.0.0.1:4200/api qlora-ops deploy --params params/team.yaml
 
@@ -8,21 +9,29 @@
   evaluation and merge, started by the parent with run_deployment.
 - with data.source set, a trigger on the retraining deployment: a drop into the source starts a run
   orchestration.debounce_s after the last drop of a burst (flows/triggers.py).
+- Their runs send flow-run heartbeats every orchestration.heartbeat_s (PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+  in the deployments' env), and the automation "qlora-ops: crash <deployment> runs without heartbeats"
+  marks a run of either deployment Crashed after orchestration.heartbeat_timeout_s without one: a worker
+  container or node that died leaves no one to report its run, and a Running run would hold the parent
+  for up to orchestration.timeouts.model_stage. The parent starts a Crashed model stage again.
 
 Both pull their code from the worker's own checkout (`{{ $QLORA_OPS_HOME }}`), so nothing is built or
 pushed; each worker sets QLORA_OPS_HOME to where it has this repo. Deploying again updates in place.
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from flows.model_stage import model_stage
-from flows.retrain import MODEL_STAGE_FLOW, retrain
 from flows.registry_slot import ensure_registry_limit
+from flows.remote_stage import MODEL_STAGE_FLOW
+from flows.retrain import retrain
 from tasks.config import Params
 
 PULL = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $QLORA_OPS_HOME }}"}}]
 SCHEDULE_SLUG = "qlora-ops-schedule"
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 
 
 def deploy(params: Params, params_rel: str, workspace: Path = Path(".")) -> dict[str, str]:
@@ -33,7 +42,7 @@ def deploy(params: Params, params_rel: str, workspace: Path = Path(".")) -> dict
     from prefect.utilities.callables import parameter_schema
 
     o = params.orchestration
-    made = {}
+    made, ids = {}, []
     with get_client(sync_client=True) as c:
         specs = [(retrain, "flows/retrain.py:retrain", o.pool, {"params_path": params_rel, "workspace": "."}, True)]
         if o.gpu_pool:
@@ -46,16 +55,62 @@ def deploy(params: Params, params_rel: str, workspace: Path = Path(".")) -> dict
                 flow_id=c.create_flow_from_name(fl.name), name=o.deployment, entrypoint=entry, work_pool_name=pool,
                 parameters=defaults, parameter_openapi_schema=parameter_schema(fl).model_dump_for_openapi(),
                 enforce_parameter_schema=True, pull_steps=PULL, schedules=schedules,
+                # Merged over the pool's env defaults key by key (prefect.workers.base): heartbeats on.
+                job_variables={"env": {HEARTBEAT_ENV: str(o.heartbeat_s)}},
                 # One scheduled retrain at a time per deployment; a late one waits instead of being dropped.
                 concurrency_limit=1 if parent else None,
                 concurrency_options=ConcurrencyOptions(collision_strategy=ConcurrencyLimitStrategy.ENQUEUE) if parent else None,
                 description=(fl.__doc__ or "").strip().splitlines()[0] if fl.__doc__ else None)
             made[f"{fl.name}/{o.deployment}"] = str(dep_id)
+            ids.append(str(dep_id))
             if parent:
                 made.update(deploy_drop_trigger(c, params, workspace, dep_id, f"{fl.name}/{o.deployment}"))
     made["global concurrency limit"] = ensure_registry_limit(params.registry.model_name)
+    made["automation"] = crash_zombies(o.deployment, ids, o.heartbeat_timeout_s)
     assert MODEL_STAGE_FLOW == model_stage.name  # the parent finds the GPU stage by this name
     return made
+
+
+def crash_zombies(deployment: str, deployment_ids: list[str], timeout_s: float) -> str:
+    """Prefect's recipe for zombie flow runs (docs: "How to detect and respond to zombie flows"), as
+    written: after each heartbeat of a flow run, expect any event of that run (another heartbeat, a state
+    change) within `timeout_s`, else change its state to Crashed. One change: it watches only the runs of
+    our deployments (match_related), because the recipe's "every flow run" with our window would crash
+    other flows on a shared server that beat at Prefect's default 180 s. Created, or updated in place;
+    returns "<name>: <id>"."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    name = f"qlora-ops: crash {deployment} runs without heartbeats"
+    wanted = Automation(
+        name=name,
+        description="Marks a run of the qlora-ops deployments Crashed when its heartbeats stop (dead worker or node); "
+                    "the parent flow starts a Crashed model stage again. Installed by `qlora-ops deploy`.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.*"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.role": "deployment",
+                                                 "prefect.resource.id": [f"prefect.deployment.{i}" for i in deployment_ids]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=timeout_s),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"Flow run marked as crashed due to missing heartbeats (none for "
+                                            f"{timeout_s:g} s: its worker or node died).")],
+    )
+    try:
+        existing = Automation.read(name=name)
+    except ValueError:  # "Automation with name ... not found"
+        return f"{name}: {wanted.create().id}"
+    wanted.id = existing.id
+    wanted.update()
+    return f"{name}: {existing.id}"
 
 
 def deploy_file(params_path: Path, workspace: Path) -> dict[str, str]:

@@ -40,9 +40,17 @@ def train_adapter(params, base_dir: str, data_dir: str, out_dir: str, kind: str)
 
 @task(name="evaluate", task_run_name="evaluate-{name}", **_opts)
 def evaluate_model(params, name: str, model_dir: str, test_path: str, out_dir: str,
-                   adapter_dir: str | None = None, quantized: bool = False, as_saved: bool = False) -> dict:
+                   adapter_dir: str | None = None, quantized: bool = False, as_saved: bool = False, **kw) -> dict:
     return evaluate.evaluate_model(params, name, Path(model_dir), Path(test_path), Path(out_dir),
-                                   Path(adapter_dir) if adapter_dir else None, quantized, as_saved)
+                                   Path(adapter_dir) if adapter_dir else None, quantized, as_saved, **kw)
+
+
+@task(name="evaluate-lm-eval", task_run_name="evaluate-lm-eval-{name}", **_opts)
+def evaluate_lm_eval(params, name: str, model_dir: str, task_yaml: str, out_dir: str,
+                     adapter_dir: str | None = None, quantized: bool = False, as_saved: bool = False, **kw) -> dict:
+    from tasks.lm_eval_suite import evaluate_suite  # an optional extra (lm-eval); imported only for such a suite
+    return evaluate_suite(params, name, Path(model_dir), Path(task_yaml), Path(out_dir),
+                          Path(adapter_dir) if adapter_dir else None, quantized, as_saved, **kw)
 
 
 @task(name="merge", **_opts)

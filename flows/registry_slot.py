@@ -1,20 +1,43 @@
-"""One registry writer at a time, across machines: the registered model's Prefect global concurrency slot."""
+"""One registry writer at a time, everywhere: the registered model's Prefect global concurrency slot.
+
+Every write to the registry (a run's register + promote, `qlora-ops promote`, `qlora-ops rollback`) goes
+through `registry_writer`. Against a shared (http/https) tracking server it takes the model's slot on
+the team's Prefect API, or refuses before any work: a writer without it could tag a live writer's
+in-flight version `abandoned` (tasks.register trusts the lock) and both could move the champion alias.
+Loopback counts as shared (a port-forward to the team's server is 127.0.0.1 too).
+
+"The team's Prefect API" is checked, not assumed: the first writer records the id of the slot it holds
+on the registered model (tag `qlora_ops.registry_lock`); a writer whose PREFECT_API_URL has another slot
+(a laptop's own `prefect server start`, the CLI's temporary server) is refused, naming the API to use.
+A local store (sqlite/file) needs no Prefect: the fcntl lock in tasks.register serializes its writers,
+and a configured, real Prefect API's slot is taken as well.
+"""
 from __future__ import annotations
 
 import os
 import re
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+from flows.faults import ServiceUnavailable
 from flows.prefect_server import is_temporary
+from tasks.redact import redact_url
+
+LOCK_TAG = "qlora_ops.registry_lock"          # on the registered model: id of the slot its writers share
+LOCK_API_TAG = "qlora_ops.registry_lock_api"  # where that slot lives (redacted URL), for the message only
+
+
+class RegistryLockUnavailable(ServiceUnavailable):
+    """A registry write to a shared tracking server without the one lock all its writers share (exit 4)."""
 
 
 def registry_limit_name(model_name: str) -> str:
     return "qlora-ops-registry-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name)
 
 
-def ensure_registry_limit(model_name: str) -> str:
-    """Create the model's global concurrency limit (1 slot) if missing; Prefect requires limits to exist."""
+def _registry_limit(model_name: str):
+    """The model's global concurrency limit, created (1 slot) if missing: Prefect requires limits to exist."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -22,28 +45,127 @@ def ensure_registry_limit(model_name: str) -> str:
     name = registry_limit_name(model_name)
     with get_client(sync_client=True) as c:
         try:
-            c.read_global_concurrency_limit_by_name(name)
+            return c.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             try:
                 c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:
-                pass  # another run created it between our read and write
-    return name
+                pass  # another writer created it between our read and write
+            return c.read_global_concurrency_limit_by_name(name)
+
+
+def ensure_registry_limit(model_name: str) -> str:
+    return _registry_limit(model_name).name
+
+
+def is_remote(tracking_uri: str) -> bool:
+    return tracking_uri.startswith(("http://", "https://"))
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API this process talks to: Prefect's settings once Prefect is imported (a profile or
+    temporary_settings count), else the environment (the CLI decides before importing Prefect)."""
+    if "prefect.settings" in sys.modules:
+        from prefect.settings import get_current_settings
+
+        return get_current_settings().api.url
+    return os.environ.get("PREFECT_API_URL")
+
+
+def _how_to(model_name: str) -> str:
+    return (f"every writer of {model_name!r} (scheduled runs, promote, rollback) must hold its slot "
+            f"{registry_limit_name(model_name)!r} on the team's Prefect API: export PREFECT_API_URL=<the API the "
+            "workers use, e.g. http://prefect-server:4200/api> and PREFECT_API_AUTH_STRING (docs/deploy.md), "
+            "then rerun")
+
+
+def check_writer(tracking_uri: str, model_name: str) -> None:
+    """Before any work: refuse a writer of a shared registry that cannot hold the shared lock. Needs no
+    Prefect import (the CLI calls it before its temporary server would start)."""
+    if not is_remote(tracking_uri):
+        return
+    api = prefect_api_url()
+    if not api or is_temporary(api):
+        where = "PREFECT_API_URL is unset" if not api else "PREFECT_API_URL is this run's temporary Prefect server"
+        raise RegistryLockUnavailable(f"refusing to write the registry at {redact_url(tracking_uri)} (a shared "
+                                      f"tracking server) without its lock: {where}; {_how_to(model_name)}")
+
+
+def _check_binding(tracking_uri: str, model_name: str, limit, take: bool) -> None:
+    """The registered model's recorded slot is this API's slot (recording it when `take` and none is)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    c, mine = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), str(limit.id)
+    try:
+        tags = dict(c.get_registered_model(model_name).tags or {})
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        if not take:
+            return
+        try:  # the model's first writer: born with the tag (register_model accepts an existing model)
+            c.create_registered_model(model_name, tags={LOCK_TAG: mine, LOCK_API_TAG: redact_url(prefect_api_url())})
+            return
+        except MlflowException as e2:
+            if e2.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            tags = dict(c.get_registered_model(model_name).tags or {})
+    if LOCK_TAG not in tags:
+        if take:
+            c.set_registered_model_tag(model_name, LOCK_TAG, mine)
+            c.set_registered_model_tag(model_name, LOCK_API_TAG, redact_url(prefect_api_url()))
+        return
+    if tags[LOCK_TAG] != mine:
+        raise RegistryLockUnavailable(
+            f"refusing to write {model_name!r}: its writers serialize on the slot {tags[LOCK_TAG]} of the Prefect "
+            f"API at {tags.get(LOCK_API_TAG, '?')} (registered-model tag {LOCK_TAG}), but PREFECT_API_URL="
+            f"{redact_url(prefect_api_url())} holds another ({mine}); {_how_to(model_name)}. If that Prefect server "
+            f"was rebuilt and this one replaces it for every writer, delete the tag {LOCK_TAG} on {model_name!r} once")
+
+
+def check_binding(tracking_uri: str, model_name: str) -> None:
+    """Before any work, where Prefect may be imported: a shared registry's writer talks to the Prefect API
+    its other writers use (read-only; registry_writer records it under the slot)."""
+    check_writer(tracking_uri, model_name)
+    if is_remote(tracking_uri):
+        _check_binding(tracking_uri, model_name, _registry_limit(model_name), take=False)
+
+
+@contextmanager
+def registry_writer(tracking_uri: str, model_name: str, timeout_s: float) -> Iterator[None]:
+    """Hold the one lock every writer of `model_name` shares, or refuse (RegistryLockUnavailable, exit 4).
+    Shared tracking server: the model's slot on the team's Prefect API, always, checked to be the one its
+    other writers use. Local store: the slot when a real Prefect API is configured, else nothing here
+    (the caller's fcntl lock serializes the writers of one filesystem). A slot's lease outlives a writer
+    killed with -9 by at most Prefect's lease duration (300 s)."""
+    check_writer(tracking_uri, model_name)
+    api = prefect_api_url()
+    if not api or is_temporary(api):
+        # A temporary server (no shared store here, see check_writer): nobody else talks to it, and its
+        # leases live in its memory, so a slot taken by a run killed with -9 would stay taken.
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    limit = _registry_limit(model_name)
+    if limit.limit != 1 or not limit.active:
+        raise RegistryLockUnavailable(f"the global concurrency limit {limit.name!r} on {redact_url(api)} has "
+                                      f"{limit.limit} slot(s), active={limit.active}: registry writes need exactly "
+                                      "one active slot; set it back (`prefect global-concurrency-limit update`) or delete it (it is recreated)")
+    if limit.active_slots >= limit.limit:  # said once, so a waiting writer is not mistaken for a hung one
+        print(f"waiting for the registry slot {limit.name!r} on {redact_url(api)}: another writer of {model_name!r} "
+              f"holds it (up to {timeout_s:g} s, orchestration.timeouts.registry)", flush=True)
+    with concurrency(limit.name, occupy=1, timeout_seconds=timeout_s, strict=True):
+        if is_remote(tracking_uri):
+            _check_binding(tracking_uri, model_name, limit, take=True)
+        yield
 
 
 @contextmanager
 def registry_slot(model_name: str, timeout_s: float) -> Iterator[None]:
-    """Hold the registered model's Prefect global concurrency slot: every deployment, worker and laptop
-    that talks to the same Prefect API serializes register + promote here (the fcntl lock in
-    tasks.register covers runs that share only a filesystem)."""
-    from prefect.concurrency.sync import concurrency
+    """registry_writer for the tracking URI MLflow is set to (kept for callers that set it first)."""
+    import mlflow
 
-    if is_temporary(os.environ.get("PREFECT_API_URL")):
-        # The CLI's own temporary server: nobody else talks to it, and its leases live in its memory
-        # (no repossessor in an ephemeral server), so a slot taken by a run killed with -9 would stay
-        # taken in the shared database and block every later run. The workspace's file lock serializes.
-        yield
-        return
-    name = ensure_registry_limit(model_name)
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+    with registry_writer(mlflow.get_tracking_uri(), model_name, timeout_s):
         yield

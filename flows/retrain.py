@@ -4,17 +4,16 @@ GPU pool when `orchestration.gpu_pool` is set) -> gates -> register + promote un
 model's global slot -> run report (tasks/report.py; never changes the outcome).
 
     qlora-ops run                                # params/default.yaml, embedded SmolLM2, in-process
-    qlora-ops run --params params/my-domain.yaml --force
+    qlora-ops run --params params/my-domain.yaml --force   # retrain and re-evaluate even if nothing is new
     qlora-ops deploy --params params/team.yaml   # the same flow as a scheduled deployment
 
 The run's Prefect state says what happened: Completed (registered), Completed named Skipped (nothing
-new: same data, params, code and base as an earlier decision), Failed named Rejected (a gate refused;
-the gate table is the message). Stages are plain functions in tasks/; this file decides order, what
+new: the same fingerprint as an earlier decision, tasks/keys.py), Failed named Rejected (a gate refused,
+on the domain split or on a suite; the gate table is the message). Stages are plain functions in tasks/; this file decides order, what
 passes between them (versions, URIs, small JSON) and the run's final state.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -23,21 +22,15 @@ from prefect import flow
 from prefect.states import Completed, Failed
 
 from flows import prefect_tasks as pt
-from flows import runtime
-from flows.model_stage import METRIC, RESULT, champion_rows, key, model_stage
-from tasks import gate, report, stats, tracking
-from tasks.base_model import base_fingerprint
+from flows import registry_slot, runtime
+from flows.model_stage import METRIC, model_stage
+from flows.remote_stage import MODEL_STAGE_FLOW, ModelStageFailed, remote_model_stage  # noqa: F401 (re-exported)
+from tasks import gate, keys, report, stats, suites, tracking, verdict
+from tasks.verdict import gate_decision  # noqa: F401  (the flow's decision; tests import it from here)
 from tasks.config import Params, load_params
 from tasks.paths import artifact_root, state_dir, tracking_uri, ws_path
-from tasks.util import read_json, sha256_file
-from tasks.versioning import code_version
+from tasks.util import read_json
 
-MODEL_STAGE_FLOW = "qlora-model-stage"
-
-
-def fingerprint(data_version: str, params: Params, code_sha: str, base_fp: str) -> str:
-    """Everything that decides the model and its verdict: a run with the same one has nothing new to do."""
-    return key(data_version, params.model_digest(), code_sha, base_fp)
 
 
 @flow(name="qlora-retrain", log_prints=True, persist_result=False)
@@ -60,33 +53,40 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     ws = Path(workspace).resolve()
     pfile = ws_path(ws, params_path)
     params = load_params(pfile)  # fails here, before any work, on a bad key
+    suites.check(params, ws, pfile)  # and on a suite file that is not there
     timed = runtime.StageTimer()
     times = timed.seconds
 
     uri = tracking_uri(ws, params)
     remote = uri.startswith(("http://", "https://"))
     runtime.check_services(uri, os.environ.get("PREFECT_API_URL"))
+    registry_slot.check_binding(uri, params.registry.model_name)  # a shared registry: its writers' lock, before any work
     mlflow.set_tracking_uri(uri)
     exp_id = tracking.ensure_experiment(params.registry.experiment, artifact_root(ws, params).as_uri(), remote)
 
+    # The suites' rows first: a bad row fails the run (file:line) before the data is versioned or anything trains.
+    suites_dir, suite_hashes = suites.prepare(params, ws)
     data = timed("prepare", runtime.stage(pt.prepare_data, params, "prepare"), ws, pfile, params)
     prepared = Path(data["prepared_dir"])
-    test_hash = sha256_file(prepared / "test.jsonl")[:16]
-    code = code_version()
-    fp = fingerprint(data["data_version"], params, code["source_sha"], base_fingerprint(params, ws))
+    test_hash = keys.rows_hash(prepared / "test.jsonl")
+    code = keys.code_version()
+    fp = keys.fingerprint(data["data_version"], params, keys.base_fingerprint(params, ws), suite_hashes)
     summary: dict = {"tracking_uri": runtime.redact(uri), "code": code, "fingerprint": fp, "stage_seconds": times,
+                     "libraries": keys.lib_versions(), "lock_hash": keys.lock_hash(), "forced": force,
                      "data": {k: data[k] for k in ("data_version", "stage", "outs", "deps")}}
     summary["data"]["version"] = data["data_version"]
     if (prepared / "stats.json").is_file():
         summary["data"]["stats"] = {k: v for k, v in read_json(prepared / "stats.json").items() if k != "labels"}
     if not force and (why := tracking.find_fingerprint(params.registry.model_name, exp_id, fp)):
         times["total"] = round(time.time() - t_start, 1)
-        return {**summary, "outcome": "skipped", "reason": f"nothing new: {why}; `--force` retrains anyway"}
+        return {**summary, "outcome": "skipped", "reason": f"nothing new: {why}; `--force` retrains and re-evaluates anyway"}
 
     run_id = tracking.start_run(params, exp_id, run_name=time.strftime("retrain-%Y%m%d-%H%M%S"), tags={
         "qlora_ops.params_file": str(pfile.relative_to(ws)), "qlora_ops.params_hash": params.digest(),
         "qlora_ops.fingerprint": fp, "qlora_ops.code_commit": str(code["git_commit"]),
         "qlora_ops.code_dirty": str(code["git_dirty"]), "qlora_ops.code_sha": code["source_sha"],
+        "qlora_ops.decision_code_sha": code["decision_sha"], "qlora_ops.lock_hash": str(keys.lock_hash()),
+        **{f"qlora_ops.suite.{n}": h for n, h in suite_hashes.items()},
         "qlora_ops.data_version": data["data_version"], "qlora_ops.dvc_stage": data["stage"],
         "qlora_ops.dvc_remote": data.get("remote", ""), "qlora_ops.forced": str(force).lower(),
         **{f"dvc.dep.{k}": v for k, v in data["deps"].items()}, **{f"dvc.out.{k}": v for k, v in data["outs"].items()}})
@@ -98,7 +98,11 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         data_uri = tracking.log_dir(run_id, prepared, "data/prepared")
         for f in data.get("dvc_files", ["dvc.yaml", "dvc.lock"]):  # keep their workspace-relative paths
             tracking.log_files(run_id, [ws / f], "/".join(("dvc", *Path(f).parent.parts)))
-        ms = timed("model_stage", call_model_stage, params, ws, run_id, data_uri, str(prepared), test_hash)
+        handoff = {"test_hash": test_hash, "suite_hashes": suite_hashes, "force": force}
+        if suites_dir is not None:  # each suite's exact rows, on the run: what it was judged on
+            handoff["suites_uri"] = tracking.log_dir(run_id, suites_dir, "data/suites")
+        ms = timed("model_stage", call_model_stage, params, ws, run_id, data_uri, str(prepared), handoff,
+                   str(suites_dir) if suites_dir else None)
         models = ms["models"]
         summary["worker"] = ms.get("worker")
         times.update({f"ms.{k}": v for k, v in ms.get("stage_seconds", {}).items()})  # inside the model stage
@@ -106,14 +110,18 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         timed.peak_mb.update({f"ms.{k}": v for k, v in ms.get("stage_peak_mb", {}).items()})
         rows = ms["rows"]
         verdicts, passed = gate_decision(params, ms)
-        for name, m in models.items():  # every accuracy with its interval, for the summary and the report
-            m["ci_low"], m["ci_high"] = stats.accuracy_interval(rows[name]["correct"], params.gates.confidence)
+        # every score with its interval, for the summary and the report
+        verdict.with_intervals(params, models, rows)
+        summary["suites"] = suite_summary(params, ms)
         summary["power"] = power_line(params, ms)
         summary["confidence"] = params.gates.confidence
         summary.update(models=models, gates=verdicts, passed=passed)
         tracking.log_metrics(run_id, {f"{m}.{k}": v[k] for m, v in models.items() for k in ("accuracy", "eos_rate")})
-        tracking.log_metrics(run_id, {f"gate.{v['name']}": v["value"] for v in verdicts})
-        tracking.log_metrics(run_id, {f"gate.{v['name']}.passed": float(v["passed"]) for v in verdicts})
+        tracking.log_metrics(run_id, {f"suite.{n}.{m}.{s['metric']}": v["score"] for n, s in summary["suites"].items()
+                                      for m, v in s["models"].items()})
+        # a suite's gate is named "<suite>:<role>"; MLflow keys get a dot there (a colon is refused on Windows)
+        tracking.log_metrics(run_id, {f"gate.{v['name'].replace(':', '.')}": v["value"] for v in verdicts})
+        tracking.log_metrics(run_id, {f"gate.{v['name'].replace(':', '.')}.passed": float(v["passed"]) for v in verdicts})
         tracking.log_json(run_id, verdicts, "gates.json")
         tracking.set_tags(run_id, {"qlora_ops.gates": "passed" if passed else "failed",
                                    "qlora_ops.gate_reason": gate.explain(verdicts)})
@@ -121,7 +129,7 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
             summary["registry"] = timed("register", register, params, ws, run_id, ms, data, fp, code, summary)
             tracking.set_tags(run_id, {"qlora_ops.registered_version": summary["registry"]["version"],
                                        "qlora_ops.promoted": summary["registry"]["promoted"]})
-            summary["outcome"] = "registered"
+            summary["outcome"] = "deferred" if summary["registry"].get("deferred") else "registered"
         else:
             summary["registry"] = {"registered": False, "reason": gate.explain(verdicts)}
             summary["outcome"] = "rejected"
@@ -149,16 +157,17 @@ def publish_report(params: Params, ws: Path, run_id: str, summary: dict) -> str 
         return None
 
 
-def gate_decision(params: Params, ms: dict) -> tuple[list[dict], bool]:
-    """Every gate on the model stage's saved per-row results, and whether the candidate may be registered:
-    all gates passed AND a merged model was logged (the stage merges only after the pre-merge gates pass)."""
-    rows, m = ms["rows"], gate.gate_metric(params)
-    sc = {name: gate.gate_scores(r, m) for name, r in rows.items()}
-    verdicts = gate.pre_merge_gates(params.gates, m, sc["base"], sc["lora"], sc["qlora"], seed=params.seed)
-    if "merged" in rows:
-        verdicts.append(gate.merge_gate(params.gates, m, sc["qlora"], sc["merged"], rows["qlora"]["answers"],
-                                        rows["merged"]["answers"], seed=params.seed))
-    return verdicts, gate.passed(verdicts) and ms.get("model_uri") is not None
+def suite_summary(params: Params, ms: dict) -> dict:
+    """summary["suites"]: per suite its metric, role, threshold and, per model, the score with its interval
+    (the report and the model card render it)."""
+    out = {}
+    for s in params.eval.suites:
+        r = ms["suites"][s.name]
+        models = {m: dict(v) for m, v in r["models"].items()}
+        verdict.with_suite_intervals(params, s, models, r["rows"])
+        out[s.name] = {"metric": s.metric, "role": s.role, "threshold": s.threshold, "n": len(r["rows"]["base"]["ids"]),
+                       "models": models}
+    return out
 
 
 def power_line(params: Params, ms: dict) -> str | None:
@@ -174,45 +183,16 @@ def power_line(params: Params, ms: dict) -> str | None:
     return stats.power_check(policy(params), len(a), **stats.paired_noise(a, b, binary=m.binary), measured=what)
 
 
-def call_model_stage(params: Params, ws: Path, run_id: str, data_uri: str, local_data: str, test_hash: str) -> dict:
-    """In-process (the laptop default), or as its own deployment on the GPU pool, waiting for it."""
-    args = dict(params=params.model_dump(mode="json"), run_id=run_id, test_hash=test_hash)
+def call_model_stage(params: Params, ws: Path, run_id: str, data_uri: str, local_data: str, handoff: dict,
+                     local_suites: str | None = None) -> dict:
+    """In-process (the laptop default), or as its own deployment on the GPU pool, waiting for it.
+    `handoff`: test_hash, suite_hashes, force, and suites_uri when there are suites."""
+    args = dict(params=params.model_dump(mode="json"), run_id=run_id, **handoff)
     if not params.orchestration.gpu_pool:
+        local = {"suites_uri": local_suites} if local_suites else {}
         return model_stage.with_options(timeout_seconds=params.orchestration.timeouts.model_stage)(
-            **args, data_uri=local_data, workspace=str(ws))
+            **{**args, **local}, data_uri=local_data, workspace=str(ws))
     return remote_model_stage(params, run_id, {**args, "data_uri": data_uri})
-
-
-def remote_model_stage(params: Params, run_id: str, args: dict) -> dict:
-    """Run the GPU deployment and read its result from the run's artifacts. A lost worker (Crashed) or
-    a transient failure starts it again with backoff (Prefect never retries a Crashed run by itself);
-    anything else ends here with the child's own message."""
-    import mlflow
-    from prefect.deployments import run_deployment
-
-    name = f"{MODEL_STAGE_FLOW}/{params.orchestration.deployment}"
-    delays = runtime.backoff(params)
-    for attempt in range(len(delays) + 1):
-        fr = run_deployment(name, parameters=args, timeout=params.orchestration.timeouts.model_stage,
-                            flow_run_name=f"model-stage-{run_id[:8]}-{attempt + 1}")
-        st = fr.state
-        if st is not None and st.is_completed():
-            text = mlflow.artifacts.load_text(f"runs:/{run_id}/{RESULT}")
-            return json.loads(text)
-        msg = f"{name} run {fr.id} ended {st.name if st else 'without a state'}: {st.message if st else ''}"
-        if st is not None and not st.is_final():
-            raise TimeoutError(f"{name} run {fr.id} still {st.name} after "
-                               f"{params.orchestration.timeouts.model_stage:g} s (orchestration.timeouts.model_stage)")
-        retry = st is not None and (st.is_crashed() or runtime.is_transient(RuntimeError(st.message or "")))
-        if not retry or attempt == len(delays):
-            raise ModelStageFailed(msg)
-        print(f"{msg}; starting it again in {delays[attempt]:g} s")
-        time.sleep(delays[attempt])
-    raise AssertionError("unreachable")
-
-
-class ModelStageFailed(RuntimeError):
-    pass
 
 
 def policy(params: Params) -> stats.PromotionPolicy:
@@ -223,7 +203,7 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
              summary: dict | None = None) -> dict:
     """Register the logged merged model and decide promotion, one run at a time per registered model."""
     r = params.registry
-    models, cand = ms["models"], ms["rows"]["merged"]
+    models = ms["models"]
 
     def describe(version: int, promoted: bool, reason: str) -> str | None:
         # The model card, from the summary this run is about to log (the same renderer as the report's).
@@ -237,16 +217,7 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
             return None
 
     def decide(champion_v: int) -> tuple[bool, str]:
-        champ = ms.get("champion")
-        if not champ or champ["version"] != champion_v:  # the champion moved after the model stage ran
-            work = state_dir(ws, params) / "model-stage" / run_id / "late-champion"
-            champ = champion_rows(params, ms["score_key"], Path(data["prepared_dir"]) / "test.jsonl", work)
-        if champ["ids"] != cand["ids"]:
-            raise RuntimeError(f"champion v{champion_v} was scored on other rows than the candidate; not comparable")
-        m = gate.gate_metric(params)
-        d = stats.decide(policy(params), gate.gate_scores(cand, m), gate.gate_scores(champ, m), seed=params.seed,
-                         higher_is_better=m.higher_is_better, binary=m.binary, metric_name=m.name)
-        return d["promote"], f"{d['reason']} (champion v{champion_v}: {champ['how']})"
+        return decide_promotion(params, ws, run_id, ms, champion_v)
 
     with runtime.registry_slot(r.model_name, params.orchestration.timeouts.registry):
         return runtime.stage(pt.register_and_promote, params, "registry")(
@@ -257,8 +228,54 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
                   "fingerprint": fp, "code_commit": str(code["git_commit"]), "code_sha": code["source_sha"],
                   "score_key": ms["score_key"], METRIC: repr(models["merged"]["accuracy"]),
                   "qlora_accuracy": str(models["qlora"]["accuracy"]), "base_accuracy": str(models["base"]["accuracy"]),
-                  # The adapter (what multi-LoRA servers load) travels with the version.
-                  "adapter_uri": f"runs:/{run_id}/adapters/qlora"})
+                  # The adapter (what multi-LoRA servers load) travels with the version, with the content
+                  # hash its scores were keyed on (tasks/keys.py) and the merged weights' own.
+                  "adapter_uri": f"runs:/{run_id}/adapters/qlora", "adapter_digest": ms.get("adapter_digests", {}).get("qlora", ""),
+                  "merged_digest": ms.get("merged_digest", ""),
+                  # Each suite's score key: a later run reuses these saved predictions when its key matches.
+                  **{f"score_key.{n}": v["score_key"] for n, v in ms.get("suites", {}).items()}})
+
+
+def decide_promotion(params: Params, ws: Path, run_id: str, ms: dict, champion_v: int) -> tuple[bool, str]:
+    """Should the candidate take `champion` from v`champion_v`? Paired on the rows the model stage scored
+    (a champion that moved meanwhile: see moved_champion)."""
+    champ = ms.get("champion")
+    if not champ or champ["version"] != champion_v:  # the champion moved while the model stage ran
+        champ = moved_champion(params, ms, champion_v, state_dir(ws, params) / "model-stage" / run_id / "late-champion")
+    d = verdict.promotion(params, ms["rows"]["merged"], champ)
+    return d["promote"], f"{d['reason']} (champion v{champion_v}: {champ['how']})"
+
+
+def score_label(models: dict) -> str:
+    """The domain table's score column: "accuracy" for exact match (as it always read), else the metric."""
+    metric = next(iter(models.values()), {}).get("metric", "exact_match")
+    return "accuracy" if metric == "exact_match" else metric
+
+
+def moved_champion(params: Params, ms: dict, champion_v: int, work: Path) -> dict:
+    """The per-row results of a champion that moved while the model stage ran, only where they were scored
+    as the candidate was (same score key: test rows, eval code, device, dtype): its own saved predictions.
+    Otherwise the decision is deferred (register.Deferred), not re-scored here: this is the parent's CPU
+    inside the registry slot, so the champion would be scored on other hardware than the GPU candidate
+    (under the candidate's score key), and a GPU re-score would hold every registry writer for a model
+    stage. The champion stays; the version is registered `deferred` and the next run decides."""
+    from tasks.register import Deferred
+    from tasks.registry_ops import version_rows
+
+    was = (ms.get("champion") or {}).get("version")
+    moved = f"the champion moved from {f'v{was}' if was else 'none'} to v{champion_v} while this run's model stage ran"
+    try:
+        champ_key, rows = version_rows(params.registry.model_name, champion_v, work)
+    except Exception as e:  # no saved predictions (or no run) to compare with
+        champ_key, rows, why = None, None, f"its saved predictions could not be read ({type(e).__name__}: {str(e)[:200]})"
+    else:
+        why = f"its saved predictions were scored under another score key ({champ_key or 'none'} != {ms['score_key']})"
+    if champ_key != ms["score_key"]:
+        raise Deferred(f"not decided: {moved}, and {why}; re-scoring it here would not score it where the candidate "
+                       f"was scored. '{params.registry.champion_alias}' stays on v{champion_v}; the next run decides "
+                       "(this version does not count as a decision), or `qlora-ops promote` by hand")
+    return {"version": champion_v, "how": "its own saved predictions (same score key; it moved during the model stage)",
+            **rows}
 
 
 def gate_table(verdicts: list[dict]) -> str:
@@ -286,12 +303,18 @@ def format_summary(s: dict) -> str:
           *([f"rows train/val/test {st['train']}/{st['val']}/{st['test']}, inputs truncated to "
              f"{st['max_input_chars']} chars: {st['inputs_truncated']}"]
             if (st := s["data"].get("stats")) and "inputs_truncated" in st else []),
-          "", f"{'model':<10}{'accuracy':>10}  {stats.level(s.get('confidence', 0.95)) + ' interval':<17}"
+          "", f"{'model':<10}{score_label(s['models']):>10}  {stats.level(s.get('confidence', 0.95)) + ' interval':<17}"
           f"{'eos_rate':>8}{'n':>6}{'eval_s':>9}"]
     for name, m in s["models"].items():
         ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else ""
-        L.append(f"{name:<10}{m['accuracy']:>10.4f}  {ci:<17}{m['eos_rate']:>8.2f}{m['n']:>6}{m['eval_seconds']:>9.1f}"
-                 f"{'  (cached)' if m.get('cached') else ''}")
+        L.append(f"{name:<10}{m.get('score', m['accuracy']):>10.4f}  {ci:<17}{m['eos_rate']:>8.2f}{m['n']:>6}"
+                 f"{m['eval_seconds']:>9.1f}{'  (cached)' if m.get('cached') else ''}")
+    for name, st in (s.get("suites") or {}).items():
+        gated = {"gain": f"gain >= {st['threshold']:g}", "non_inferior": f"non-inferior, margin {st['threshold']:g}"}
+        L += ["", f"suite {name}: {st['metric']}, {gated.get(st['role'], 'reported only')}, {st['n']} rows"]
+        for model, m in st["models"].items():
+            L.append(f"  {model:<10}{m['score']:>10.4f}  [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+                     f"{'  (cached)' if m.get('cached') else ''}")
     L += ["", gate_table(s["gates"])]
     L += [f"  {v['name']}: {v['detail']}" for v in s["gates"]]
     if s.get("power"):

@@ -58,11 +58,8 @@ def quantized_base(params: Params, workspace: Path, base_dir: Path, in_child: bo
     (base, quantization params, device, compute dtype) in the state dir and checked against its
     manifest on every use. Quantizing is deterministic: the copy holds exactly the tensors a
     quantize-on-load produces (tests/model/test_modeling.py compares them)."""
-    import hashlib
-    import json
-    from importlib.metadata import version
-
-    from tasks.modeling import compute_dtype, device, save_quantized
+    from tasks.keys import quantized_base_key
+    from tasks.modeling import device, save_quantized
 
     dev = device()
     if dev.type == "cuda" and not in_child:
@@ -70,12 +67,7 @@ def quantized_base(params: Params, workspace: Path, base_dir: Path, in_child: bo
         # (GPU memory that empty_cache cannot free) until it exits, and this process goes on to start
         # the training processes, which need the whole GPU. The child is gone when they start.
         return _quantize_in_child(params, workspace, base_dir)
-    # base_identity with mtimes: weights replaced by same-size files (a retrained checkpoint of the same
-    # architecture) must not reuse the old copy
-    ident = json.dumps([base_identity(base_dir), params.quantization.model_dump(mode="json"),
-                        dev.type, str(compute_dtype(params.quantization, dev)),
-                        version("bitsandbytes"), version("transformers")], sort_keys=True)  # the format's writers
-    out = state_dir(workspace, params) / "cache" / "base-nf4" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+    out = state_dir(workspace, params) / "cache" / "base-nf4" / quantized_base_key(params, base_dir)
     if out.is_dir():
         if (bad := verify_manifest(out)) is None:
             return out
@@ -158,33 +150,6 @@ def resolve_base_model(params: Params, workspace: Path) -> Path:
             raise BaseModelError(f"model.source={src!r}: not a local dir and the hub is unreachable ({e.__class__.__name__}); "
                                  "point model.source at a local model directory") from None
     raise BaseModelError(f"model.source={src!r}: no such directory (use smollm2-gguf, a local HF model dir, or a hub id)")
-
-
-def base_identity(path: Path, with_mtime: bool = True) -> str:
-    """Cheap identity for cache keys: config + tokenizer content, weight file names and sizes
-    (hashing ~0.5 GB of weights on every run would cost seconds for nothing). Without mtimes it is
-    the same on every machine holding the same files (the run fingerprint needs that)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in sorted(Path(path).iterdir()):
-        if p.suffix in (".json", ".jinja"):
-            h.update(p.name.encode() + p.read_bytes())
-        elif p.suffix == ".safetensors":
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns if with_mtime else ''}".encode())
-    return h.hexdigest()[:16]
-
-
-def base_fingerprint(params: Params, workspace: Path) -> str:
-    """The base model's identity for the run fingerprint, known before (and without) converting it:
-    the parent flow may run on a machine that never loads the model."""
-    src = params.model.source
-    if src == "smollm2-gguf":
-        g = smollm2_gguf_path()
-        return f"smollm2-gguf:{g.name}:{g.stat().st_size}"
-    local = ws_path(workspace, src)
-    return f"dir:{base_identity(local, with_mtime=False)}" if local.is_dir() else f"hub:{src}"
 
 
 if __name__ == "__main__":

@@ -6,14 +6,12 @@ DVC's params file (dvc.yaml reads `data` and `seed` from it).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -150,6 +148,39 @@ class TrainParams(_Strict):
 MetricName = Literal["exact_match", "token_f1", "rouge_l", "chrf", "json_match", "nll"]
 
 
+class SuiteParams(_Strict):
+    """An extra evaluation suite (the domain test split is the implicit suite "test"): rows read from a file
+    exactly like data.raw (same formats and row shapes), scored with `metric`, gated by `role`:
+    gain = the interval's lower bound of (candidate - base) must reach `threshold`; non_inferior = it must
+    stay above -`threshold` (the margin: how much worse than the base the candidate may get, the guard
+    against a domain fine-tune quietly breaking general behaviour); report = shown, never gated."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    # A JSONL/CSV/Parquet file or a directory of them, relative to the workspace (alpaca, chat or
+    # prompt_completion rows); logged on every run and hashed into its fingerprint.
+    path: str | None = None
+    metric: MetricName = "exact_match"
+    role: Literal["gain", "non_inferior", "report"] = "report"
+    threshold: float = 0.0
+    # null = data.system_prompt (a chat row's own system turn wins, as in the data).
+    system_prompt: str | None = None
+    # The first N rows only (null = all); the same rows for every model.
+    max_examples: int | None = Field(None, ge=1)
+    # null = data.columns: your column names for our fields, as in the data section.
+    columns: dict[str, str] | None = None
+    # A local lm-evaluation-harness task YAML (with its data files) instead of `path`.
+    lm_eval: str | None = None
+
+    @model_validator(mode="after")
+    def _source_and_threshold(self):
+        if (self.path is None) == (self.lm_eval is None):
+            raise ValueError(f"suite {self.name!r}: set exactly one of `path` (a data file of rows) or `lm_eval` "
+                             "(an lm-evaluation-harness task YAML)")
+        if self.role == "non_inferior" and self.threshold < 0:
+            raise ValueError(f"suite {self.name!r}: threshold is the non-inferiority margin, how much worse than the "
+                             f"base the candidate may get; it must be >= 0 (got {self.threshold}), e.g. 0.02")
+        return self
+
+
 class EvalParams(_Strict):
     batch_size: int = Field(16, ge=1)
     # null = the longest reference answer in tokens + 1 (the turn end): a fixed cap silently scores
@@ -162,6 +193,18 @@ class EvalParams(_Strict):
     metric: MetricName = "exact_match"
     # Also computed and reported, never gated on (exact match is always computed too).
     report_metrics: list[MetricName] = []
+    # Extra suites beside the domain test split, each evaluated for base / LoRA / QLoRA / merged /
+    # champion and gated by its role (SuiteParams).
+    suites: list[SuiteParams] = []
+
+    @field_validator("suites")
+    @classmethod
+    def _unique_suites(cls, v: list[SuiteParams]) -> list[SuiteParams]:
+        names = [s.name for s in v]
+        if dup := sorted({n for n in names if names.count(n) > 1} | ({"test"} & set(names))):
+            raise ValueError(f"suite names must be unique and not 'test' (the domain split's own name): rename "
+                             f"{', '.join(map(repr, dup))}")
+        return v
 
 
 class GateParams(_Strict):
@@ -180,6 +223,9 @@ class GateParams(_Strict):
     # (exact match): share of rows whose normalised answers differ; continuous metric: mean |merged - QLoRA|
     # per-row score (exact answer agreement reported beside it).
     max_merge_disagreement: float = Field(0.05, ge=0, le=1)
+    # (serve) Share of test rows whose SERVED answer (`qlora-ops verify-serving`, a live endpoint) differs
+    # from the answer evaluated for that version may not exceed this; only a passed check moves `serving`.
+    max_serving_disagreement: float = Field(0.02, ge=0, le=1)
 
 
 class RegistryParams(_Strict):
@@ -246,6 +292,26 @@ class OrchestrationParams(_Strict):
     # uploads is one run that sees all of them. At least 10: Prefect's minimum for the Proactive trigger
     # that implements it. The cron `schedule` stays as the safety net.
     debounce_s: float = Field(300, ge=10)
+    # The model stage refuses to train without a CUDA device (a CPU fallback takes hours and is not the run
+    # that was meant). null = required exactly when gpu_pool is set; false = CPU is intended there too.
+    gpu_required: bool | None = None
+    # Deployed runs send a heartbeat every heartbeat_s (Prefect's PREFECT_FLOWS_HEARTBEAT_FREQUENCY, >= 30);
+    # `qlora-ops deploy` installs the automation that marks a run Crashed after heartbeat_timeout_s without
+    # one (its worker or node died), and the parent starts the model stage again.
+    heartbeat_s: int = Field(60, ge=30)
+    heartbeat_timeout_s: int = Field(180, ge=60)
+
+    @model_validator(mode="after")
+    def _heartbeat_window(self):
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_s:
+            raise ValueError(f"orchestration.heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be at least twice "
+                             f"orchestration.heartbeat_s ({self.heartbeat_s}): one late heartbeat must not crash a live run")
+        return self
+
+
+# Where the registry is and what things are called there: not part of any verdict (RegistryParams' other
+# fields are the promotion policy, which is).
+_REGISTRY_PLACES = ("tracking_uri", "experiment", "model_name", "champion_alias", "challenger_alias")
 
 
 class Params(_Strict):
@@ -264,16 +330,20 @@ class Params(_Strict):
     orchestration: OrchestrationParams = OrchestrationParams()
 
     def digest(self, *sections: str) -> str:
-        """Stable hash of the chosen sections (all if none): part of cache keys and run tags."""
-        d = self.model_dump(mode="json")
-        if sections:
-            d = {k: d[k] for k in sections}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """Stable hash of the chosen sections (all if none): part of cache keys and run tags (tasks.keys)."""
+        from tasks.keys import params_digest
+
+        return params_digest(self.model_dump(mode="json"), *sections)
 
     def model_digest(self) -> str:
         """Digest of every section that decides the model or its verdict; not where things are stored
-        or how they are orchestrated (moving the registry or the pool must not force a retrain)."""
-        return self.digest("seed", "model", "data", "quantization", "lora", "training", "eval", "gates")
+        or how they are orchestrated (moving the registry or the pool must not force a retrain). The
+        registry's promotion policy is part of the verdict; its names and places are not."""
+        from tasks.keys import params_digest
+
+        d = self.model_dump(mode="json")
+        d["registry"] = {k: v for k, v in d["registry"].items() if k not in _REGISTRY_PLACES}
+        return params_digest(d, "seed", "model", "data", "quantization", "lora", "training", "eval", "gates", "registry")
 
 
 def load_params(path: str | Path) -> Params:

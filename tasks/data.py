@@ -474,6 +474,25 @@ def load_raw(path: Path, data: DataParams | None = None) -> list[dict]:
     return rows
 
 
+def prepared_rows(path: Path, d: DataParams, limit: int | None = None) -> list[dict]:
+    """Rows under `path` in the prepared splits' shape {id, system, prompt, completion}, in file order,
+    validated and formatted exactly as prepare does (an extra evaluation suite, tasks/suites.py); no
+    dedupe, no split. Ids are prepare's (hash of the prompt), numbered when a prompt repeats."""
+    out, seen = [], Counter()
+    with tempfile.TemporaryDirectory(prefix="qlora-ops-rows-") as tmp:
+        ds, _ = open_rows(Path(path), d, Path(tmp))
+        try:
+            for r in _rows(ds, list(range(min(limit, len(ds)))) if limit else None):
+                prompt, completion, system, key, _ = _example(r, d)
+                ex_id = _sha(key)[:16]
+                seen[ex_id] += 1
+                out.append({"id": ex_id if seen[ex_id] == 1 else f"{ex_id}-{seen[ex_id]}", "system": system,
+                            "prompt": prompt, "completion": completion})
+        finally:
+            del ds
+    return out
+
+
 # ---------------------------------------------------------------- prepare
 def _bucket(seed: int, key: str) -> float:
     """[0, 1) from a hash of the prompt alone: adding rows never moves old rows between splits."""

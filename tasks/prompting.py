@@ -1,4 +1,4 @@
-"""Prompt formatting shared by training and evaluation (tasks/serving.py repeats it: it must stand alone).
+"""Prompt formatting shared by training, evaluation and serving (tasks/serving.py imports it).
 
 The tokenizer's chat template renders system + user turns and the assistant header; the training
 target is the completion followed by the template's own turn-end token, so a tuned model learns to

@@ -28,8 +28,8 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
-SERVING_CODE = Path(__file__).resolve().with_name("serving.py")
-PIP_PACKAGES = ("mlflow", "torch", "transformers", "safetensors")
+LOADER_MODULE = "tasks.serving"  # the pyfunc loader: a module of the installed package, not artifact code
+PIP_PACKAGES = ("qlora-ops", "mlflow", "torch", "transformers", "safetensors")
 
 
 class PromotionError(RuntimeError):
@@ -37,6 +37,8 @@ class PromotionError(RuntimeError):
 
 
 def _pip_requirements() -> list[str]:
+    # qlora-ops itself first: a managed env (`mlflow models serve` without --env-manager local) must
+    # install the loader module; with --env-manager local the installed package is used.
     reqs = []
     for p in PIP_PACKAGES:
         try:
@@ -47,44 +49,93 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def log_merged_model(merged_dir: Path, serving: dict, artifact_path: str = "model", *,
-                     run_id: str | None = None) -> str:
-    """Log `merged_dir` as a pyfunc model-from-code (tasks/serving.py); return its model URI.
+def stage_model_dir(merged_dir: Path, serving: dict, dst: Path) -> str:
+    """`dst`: the merged model's files (symlinks, no copy) + serving.json + a manifest covering both;
+    returns the manifest's sha256 (the version's `weights_digest`). The merged dir is verified against
+    its own manifest first, whose hashes are reused (a multi-GB model is not hashed twice)."""
+    from tasks.serving import SERVING_FILE, manifest_digest
+    from tasks.util import MANIFEST, atomic_write_json, check_manifest, read_json, sha256_file
 
-    Logs into the active MLflow run, or into `run_id` if given (no active run needed then:
-    the logged model is created in that run's experiment and linked to it). Returns the
-    logged model's URI (``models:/<model_id>``), which `mlflow.register_model` accepts.
-    """
-    from tasks.util import check_manifest
-
-    merged_dir = check_manifest(merged_dir)  # a truncated merged dir is never registered
+    merged_dir = check_manifest(Path(merged_dir))  # a truncated merged dir is never registered
+    if not (merged_dir / MANIFEST).is_file():
+        raise FileNotFoundError(f"{merged_dir}: no {MANIFEST}; only a merged dir written by the merge stage "
+                                "(tasks.merge, with its manifest) can be registered")
     if not (merged_dir / "config.json").is_file() or not any(merged_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"{merged_dir}: not a safetensors model dir (config.json + *.safetensors expected)")
     missing = {"system_prompt", "max_new_tokens"} - set(serving)
     if missing:
         raise ValueError(f"serving config lacks {sorted(missing)}")
-    serving = {"system_prompt": str(serving["system_prompt"]), "max_new_tokens": int(serving["max_new_tokens"])}
+    cfg = {"system_prompt": str(serving["system_prompt"]), "max_new_tokens": int(serving["max_new_tokens"]),
+           "batch_size": int(serving.get("batch_size") or 16)}
+    files = dict(read_json(merged_dir / MANIFEST)["files"])
+    if SERVING_FILE in files:
+        raise ValueError(f"{merged_dir} already holds a {SERVING_FILE}; it is written at registration")
+    dst.mkdir(parents=True)
+    for rel in files:  # only what the manifest lists travels
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).symlink_to((merged_dir / rel).resolve())
+    (dst / SERVING_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    files[SERVING_FILE] = {"sha256": sha256_file(dst / SERVING_FILE), "size": (dst / SERVING_FILE).stat().st_size}
+    atomic_write_json(dst / MANIFEST, {"files": dict(sorted(files.items()))})
+    return manifest_digest(dst)
 
-    kwargs = dict(python_model=str(SERVING_CODE),
-                  artifacts={"model": str(merged_dir.resolve()), "serving": None},
-                  pip_requirements=_pip_requirements())
+
+def log_merged_model(merged_dir: Path, serving: dict, artifact_path: str = "model", *,
+                     run_id: str | None = None) -> str:
+    """Log `merged_dir` as a pyfunc whose loader is the installed module tasks.serving; return its URI.
+
+    The artifact holds data only: the model files, serving.json and the manifest (no code, no pickle).
+    The manifest's sha256 goes on the logged model as tag `weights_digest`; register_and_promote copies
+    it onto the version. Logs into the active MLflow run, or into `run_id` if given (no active run
+    needed then). Returns the logged model's URI (``models:/<model_id>``).
+    """
+    from mlflow.models import Model
+
     with tempfile.TemporaryDirectory(prefix="qlora-ops-serving-") as td:
-        cfg = Path(td) / "serving.json"
-        cfg.write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
-        kwargs["artifacts"]["serving"] = str(cfg)
+        data = Path(td) / "model"  # -> data/model inside the logged model
+        digest = stage_model_dir(Path(merged_dir), serving, data)
+        # model_config: declared here so that a load may override it (MLflow drops undeclared keys)
+        kwargs = dict(loader_module=LOADER_MODULE, data_path=str(data), pip_requirements=_pip_requirements(),
+                      signature=_signature(), model_config={"weights_digest": digest, "dtype": ""})
+        client = MlflowClient()
         if run_id is None:
             if mlflow.active_run() is None:
                 raise RuntimeError("log_merged_model needs an active MLflow run (mlflow.start_run) or run_id=")
             info = mlflow.pyfunc.log_model(name=artifact_path, **kwargs)
         else:
-            from mlflow.models import Model
-
-            client = MlflowClient()
             exp_id = client.get_run(run_id).info.experiment_id
             lm = client.create_logged_model(experiment_id=exp_id, name=artifact_path, source_run_id=run_id)
             info = Model.log(artifact_path=None, name=artifact_path, flavor=mlflow.pyfunc, run_id=run_id,
                              model_id=lm.model_id, **kwargs)
+    client.set_logged_model_tags(info.model_id, {WEIGHTS_DIGEST: digest})
     return info.model_uri
+
+
+WEIGHTS_DIGEST = "weights_digest"
+
+
+def _signature():
+    # No input schema (a str, a list of str or a DataFrame with "prompt" [+ "system"] are all taken);
+    # the params schema lets `describe` through (MLflow drops params a signature does not declare).
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec("describe", "boolean", False)]))
+
+
+def logged_model_tags(model_uri: str) -> dict[str, str]:
+    """The tags a version registered from `model_uri` carries from its logged model: `weights_digest`
+    (empty for a URI that is not ``models:/<model_id>`` of a model logged by log_merged_model)."""
+    from mlflow.exceptions import MlflowException
+
+    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    if not model_id or "/" in model_id or "@" in model_id:
+        return {}
+    try:
+        tags = MlflowClient().get_logged_model(model_id).tags or {}
+    except MlflowException:
+        return {}
+    return {WEIGHTS_DIGEST: tags[WEIGHTS_DIGEST]} if WEIGHTS_DIGEST in tags else {}
 
 
 @contextmanager
@@ -124,21 +175,34 @@ def _alias_holder(client: MlflowClient, name: str, alias: str) -> int | None:
 
 
 def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
-    """Download the HF model dir (the pyfunc's "model" artifact) of a registered version into dst."""
+    """Download the HF model dir of a registered version into dst, checked: every file against the
+    artifact's manifest, and the manifest against the version's `weights_digest` tag. Reads the pyfunc's
+    data dir (this format) or the "model" artifact of the earlier models-from-code format (its code is
+    never run here: only the weights are read)."""
+    from tasks.serving import WeightsRefused, check_weights
+    from tasks.util import MANIFEST
+
     client = MlflowClient()
     root = client.get_model_version_download_uri(model_name, str(version)).rstrip("/")
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=str(dst / "meta")))
     meta = yaml.safe_load(mlmodel.read_text())
-    try:
-        rel = meta["flavors"]["python_function"]["artifacts"]["model"]["path"]
-    except (KeyError, TypeError):
-        raise PromotionError(f"{model_name} v{version} ({root}) has no pyfunc 'model' artifact in its MLmodel; "
-                             "was it logged with tasks.register.log_merged_model?") from None
+    pyfunc = ((meta or {}).get("flavors") or {}).get("python_function") or {}
+    rel = pyfunc.get("data") if pyfunc.get("loader_module") == LOADER_MODULE else \
+        ((pyfunc.get("artifacts") or {}).get("model") or {}).get("path")
+    if not rel:
+        raise PromotionError(f"{model_name} v{version} ({root}) has no model data in its MLmodel; "
+                             "was it logged with tasks.register.log_merged_model?")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{rel}", dst_path=str(dst / "model")))
     if not (local / "config.json").is_file():
-        raise PromotionError(f"{model_name} v{version}: downloaded 'model' artifact {local} has no config.json")
+        raise PromotionError(f"{model_name} v{version}: downloaded model dir {local} has no config.json")
+    expected = (client.get_model_version(model_name, str(version)).tags or {}).get(WEIGHTS_DIGEST)
+    if expected or (local / MANIFEST).is_file():
+        try:
+            check_weights(local, expected)
+        except WeightsRefused as e:
+            raise PromotionError(f"{model_name} v{version}: {e}") from None
     return local
 
 
@@ -149,8 +213,16 @@ INCOMPLETE, READY, REJECTED = "incomplete", "ready", "rejected"
 # An "incomplete" version seen by a writer holding the lock has no live writer (every writer holds it
 # from version create to the alias move): its run was killed. It is tagged "abandoned" and stays so.
 ABANDONED = "abandoned"
+# "deferred": complete, but no decision was possible (decide raised Deferred); the champion stays, the
+# version does not count as a decision on its inputs (the next run decides), and may be promoted by hand.
+DEFERRED = "deferred"
 
 Decision = Callable[[int], tuple[bool, str]]
+
+
+class Deferred(Exception):
+    """Raised by a `decide` that cannot compare the candidate with this champion; its text is the reason
+    recorded on the version."""
 
 
 def _rolled_back_twin(client: MlflowClient, model_name: str, fingerprint: str | None) -> str | None:
@@ -169,7 +241,7 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
     The whole read-compare-write runs under an exclusive lock on `lock_path` (the caller also holds the
     registered model's Prefect global concurrency slot). Write order, so that a crash anywhere leaves
     the registry truthful: the version is born `status=incomplete`; the decision's tags follow; then
-    `status=ready`; then `challenger_alias`; the champion alias move is the last write. Idempotent per
+    `status=ready` (`deferred` when `decide` raised Deferred: registered, not decided); then `challenger_alias`; the champion alias move is the last write. Idempotent per
     MLflow run: a retry finds the version this run already registered (tag mlflow_run_id). A version
     whose fingerprint was rolled back before is never auto-promoted again. `describe(version, promoted,
     reason)` gives the version's description (its model card), written before `status=ready`.
@@ -177,6 +249,7 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
     client = MlflowClient()
     with registry_lock(lock_path):
         vtags = {str(k): str(v) for k, v in (tags or {}).items()}
+        vtags = {**logged_model_tags(model_uri), **vtags}  # weights_digest (serve engineer)
         mv = _version_of_run(client, model_name, vtags.get("mlflow_run_id"))
         _abandon_incomplete(client, model_name, keep=mv.version if mv is not None else None,
                             by=vtags.get("mlflow_run_id", ""))
@@ -184,6 +257,7 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
             # Creates the registered model if missing, then a new version (max+1, server-side).
             mv = mlflow.register_model(model_uri, model_name, tags={**vtags, "status": INCOMPLETE})
         new_v = int(mv.version)
+        status = READY
         try:
             prev_v = _alias_holder(client, model_name, alias)
             if prev_v == new_v:  # an earlier attempt of this run already moved the alias, then faulted
@@ -194,10 +268,13 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
             elif prev_v is None:
                 promote, reason = True, f"first champion: no version held alias '{alias}'"
             else:
-                promote, reason = decide(prev_v)
+                try:
+                    promote, reason = decide(prev_v)
+                except Deferred as d:
+                    promote, reason, status = False, str(d), DEFERRED
             if describe is not None and (card := describe(new_v, promote, reason)):
                 client.update_model_version(model_name, str(new_v), description=card)
-            decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000], "status": READY}
+            decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000], "status": status}
             if promote and prev_v is not None:
                 decision["previous_champion"] = str(prev_v)  # what `qlora-ops rollback` returns to
             for k, v in decision.items():  # `status=ready` last of the tags: it vouches for the others
@@ -219,8 +296,9 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
                 pass  # keep the original error
             raise
         champ_after = _alias_holder(client, model_name, alias)
-    return {"model_name": model_name, "version": new_v, "promoted": promote, "alias": alias,
-            "champion_version": champ_after, "previous_champion_version": prev_v, "reason": reason}
+    return {"model_name": model_name, "version": new_v, "promoted": promote, "alias": alias, "status": status,
+            "deferred": status == DEFERRED, "champion_version": champ_after, "previous_champion_version": prev_v,
+            "reason": reason}
 
 
 def _abandon_incomplete(client: MlflowClient, model_name: str, keep: str | None, by: str) -> list[int]:

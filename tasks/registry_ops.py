@@ -12,13 +12,53 @@ from __future__ import annotations
 
 import getpass
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from tasks import stats
-from tasks.register import READY, REJECTED, PromotionError, _alias_holder
+from tasks.register import DEFERRED, READY, REJECTED, PromotionError, _alias_holder
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who writes: `user`, and `auth`, how we know it (recorded beside the user on every promote/rollback)."""
+    user: str
+    authenticated: bool
+    auth: str
+
+    def tags(self, prefix: str) -> dict[str, str]:
+        return {f"{prefix}_by": self.user, f"{prefix}_by_auth": self.auth}
+
+
+CURRENT_USER = "/api/2.0/mlflow/users/current"  # MLflow's auth app: the user the server authenticated
+
+
+def whoami(tracking_uri: str) -> Actor:
+    """The user the tracking server authenticated for this client's credentials (MLFLOW_TRACKING_USERNAME
+    / _PASSWORD or ~/.mlflow/credentials, as every MLflow call here sends them), asked of the server
+    itself. A server without MLflow's auth app, or a local store, cannot say: then the OS user, marked
+    unauthenticated (anyone can set $USER)."""
+    os_user = getpass.getuser()
+    if not tracking_uri.startswith(("http://", "https://")):
+        return Actor(os_user, False, f"unauthenticated: OS user of a local store ({tracking_uri.split(':', 1)[0]})")
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    from tasks.redact import redact_url
+
+    r = http_request(get_default_host_creds(tracking_uri), CURRENT_USER, "GET", max_retries=2, timeout=30,
+                     raise_on_status=False)
+    if r.status_code == 200 and (user := (r.json().get("user") or {}).get("username")):
+        return Actor(user, True, f"authenticated by the tracking server {redact_url(tracking_uri)} (MLflow auth)")
+    if r.status_code == 404:  # no auth app: it cannot tell who we are
+        return Actor(os_user, False, f"unauthenticated: OS user; the tracking server {redact_url(tracking_uri)} "
+                                     "has no authentication")
+    raise PromotionError(f"the tracking server {redact_url(tracking_uri)} refused to say who these credentials are "
+                         f"(HTTP {r.status_code} from {CURRENT_USER}); check MLFLOW_TRACKING_USERNAME / "
+                         "MLFLOW_TRACKING_PASSWORD")
 
 
 def _tags(client: MlflowClient, name: str, v: int | str) -> dict:
@@ -72,12 +112,13 @@ def version_rows(model_name: str, v: int, dst: Path) -> tuple[str, dict]:
 
 
 def promote(model_name: str, version: int, alias: str, policy: stats.PromotionPolicy, work: Path, *,
-            force: bool = False, reason: str | None = None) -> dict:
+            force: bool = False, reason: str | None = None, by: Actor | None = None) -> dict:
     """Move `alias` to `version` if the paired policy says it beats the champion on the same rows;
-    with force, regardless, recording who and why."""
+    with force, regardless. Every promotion records who (`by`, default whoami()) and why."""
     c = MlflowClient()
+    by = by or whoami(mlflow.get_tracking_uri())
     t = _tags(c, model_name, version)
-    if t.get("status") != READY:
+    if t.get("status") not in (READY, DEFERRED):  # deferred: complete, its run could not decide; a person may
         raise PromotionError(f"{model_name} v{version} has status {t.get('status', 'unknown')!r}, not 'ready': "
                              "an incomplete or rolled-back version is never promoted")
     champ = _alias_holder(c, model_name, alias)
@@ -86,8 +127,8 @@ def promote(model_name: str, version: int, alias: str, policy: stats.PromotionPo
     if force:
         if not reason:
             raise PromotionError("--force needs --reason: a forced promotion records who and why")
-        why = f"forced by {getpass.getuser()}: {reason}"
-        decision_tags = {"forced_promotion_by": getpass.getuser(), "forced_promotion_reason": reason[:5000]}
+        why = f"forced by {by.user}: {reason}"
+        decision_tags = {"forced_promotion_by": by.user, "forced_promotion_reason": reason[:5000]}
     elif champ is None:
         why, decision_tags = f"manual: first champion, no version held '{alias}'", {}
     else:
@@ -101,19 +142,22 @@ def promote(model_name: str, version: int, alias: str, policy: stats.PromotionPo
         if not d["promote"]:
             return {"version": version, "promoted": False, "reason": d["reason"]}
         why, decision_tags = f"manual: {d['reason']}", {}
-    tags = {**decision_tags, "promoted": "true", "promotion_reason": why[:5000]}
+    tags = {**decision_tags, **by.tags("promoted"), "promoted": "true", "promotion_reason": why[:5000]}
     if champ is not None:
         tags["previous_champion"] = str(champ)
     for k, v in tags.items():
         c.set_model_version_tag(model_name, str(version), k, v)
     c.set_registered_model_alias(model_name, alias, str(version))  # the last write
-    return {"version": version, "promoted": True, "previous_champion": champ, "reason": why}
+    return {"version": version, "promoted": True, "previous_champion": champ, "reason": why, "by": by.user,
+            "auth": by.auth}
 
 
-def rollback(model_name: str, alias: str, *, reason: str) -> dict:
-    """Champion back to the version it replaced; the demoted one is tagged rejected, and a run with its
-    fingerprint is never auto-promoted again (tasks.register checks for a rejected twin)."""
+def rollback(model_name: str, alias: str, *, reason: str, by: Actor | None = None) -> dict:
+    """Champion back to the version it replaced; the demoted one is tagged rejected (with who: `by`, default
+    whoami()), and a run with its fingerprint is never auto-promoted again (tasks.register checks for a
+    rejected twin)."""
     c = MlflowClient()
+    by = by or whoami(mlflow.get_tracking_uri())
     cur = _alias_holder(c, model_name, alias)
     if cur is None:
         raise PromotionError(f"{model_name} has no '{alias}': nothing to roll back")
@@ -123,9 +167,9 @@ def rollback(model_name: str, alias: str, *, reason: str) -> dict:
     if _tags(c, model_name, prev).get("status") not in (READY, None):
         raise PromotionError(f"previous champion v{prev} has status {_tags(c, model_name, prev).get('status')!r}; "
                              f"promote another version by hand (`qlora-ops promote N --force --reason ...`)")
-    for k, v in {"status": REJECTED, "rejected_reason": f"rolled back by {getpass.getuser()}: {reason}"[:5000],
+    for k, v in {**by.tags("rolled_back"), "status": REJECTED, "rejected_reason": f"rolled back by {by.user}: {reason}"[:5000],
                  "rejected_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
         c.set_model_version_tag(model_name, str(cur), k, v)
     c.set_registered_model_alias(model_name, alias, str(prev))  # the last write
-    return {"demoted": cur, "champion": int(prev), "reason": reason}
+    return {"demoted": cur, "champion": int(prev), "reason": reason, "by": by.user, "auth": by.auth}
 

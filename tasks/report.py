@@ -252,6 +252,7 @@ def gather(run_id: str) -> dict:
                                                                    key=lambda m: m.step)]
                              for k in ("train_loss", "val_loss")}
     f["champion"] = _champion(c, f["params"].get("registry.model_name"), ms.get("champion"), summary)
+    f["serving"] = serving_facts(c, f["params"].get("registry.model_name"), summary, run_id)
     return f
 
 
@@ -423,6 +424,7 @@ def render_html(f: dict) -> str:
     parts += ["<h2>Data vs the champion's run</h2>", data_frame(f).to_html(table_id="data-table", border=0, classes="t")]
     if (ch := f.get("champion")) and ch.get("error"):
         parts.append(f"<p class='note'>champion v{ch['version']}: {html.escape(ch['error'])}</p>")
+    parts += serving_html(f.get("serving"))
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:24px auto;color:#222}"
              "table.t{border-collapse:collapse;font-size:13px;margin:8px 0}"
              ".t td,.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}"
@@ -468,7 +470,8 @@ def build_report(run_id: str, out_dir: Path) -> Path:
     atomic_write_text(path, render_html(f))
     r = f["summary"].get("registry", {})
     if r.get("version"):
-        atomic_write_text(out_dir / "MODEL_CARD.md", model_card(f["summary"], f["params"], f.get("labels"), r))
+        card = model_card(f["summary"], f["params"], f.get("labels"), r)
+        atomic_write_text(out_dir / "MODEL_CARD.md", with_serving(card, f.get("serving")))
     return path
 
 
@@ -486,3 +489,82 @@ def publish(run_id: str, out_dir: Path, model_name: str | None = None, version: 
         # After `status=ready`: the report is a view of the decision, not part of it.
         c.set_model_version_tag(model_name, str(version), "report_uri", report_uri(run_id))
     return path
+
+
+# ---------------------------------------------------------------- serving and GGUF (serve engineer)
+# Facts that arrive after the run: `qlora-ops verify-serving` and `export-gguf` write tags on the version
+# and serving/parity.json, gguf/export.json on its run; a rebuilt report (`qlora-ops report RUN_ID`) shows them.
+
+def serving_facts(c, model_name: str | None, summary: dict, run_id: str) -> dict | None:
+    """The registered version's digest, evaluated metric, served metric and agreement (when checked) and
+    GGUF agreement (when exported); None when the run registered nothing."""
+    v = (summary.get("registry") or {}).get("version")
+    if not (model_name and v):
+        return None
+    try:
+        tags = dict(c.get_model_version(model_name, str(v)).tags or {})
+    except Exception as e:  # a deleted version: the report says so instead of failing
+        return {"version": v, "error": f"{type(e).__name__}: {e}"[:300]}
+    merged = (summary.get("models") or {}).get("merged", {})
+    metric = merged.get("metric") or "exact_match"
+    out = {"version": v, "weights_digest": tags.get("weights_digest"), "tags": tags, "metric": metric,
+           "evaluated": (merged.get("metrics") or {}).get(metric, merged.get("accuracy"))}
+    for key, path in (("parity", "serving/parity.json"), ("gguf", "gguf/export.json")):
+        try:
+            out[key] = _load_json(run_id, path)
+        except Exception:
+            out[key] = None
+    return out
+
+
+def serving_rows(s: dict | None) -> list[dict]:
+    """One row per fact: what was evaluated, served, exported, with the digests."""
+    if not s or s.get("error"):
+        return []
+    rows = [{"what": "registered (evaluated)", "metric": f"{s.get('metric', 'exact_match')} {_fmt(s.get('evaluated'))}",
+             "agreement": "",
+             "digest": f"weights_digest {str(s.get('weights_digest') or '(none)')[:16]}"}]
+    if p := s.get("parity"):
+        rows.append({"what": f"served at {p['url']} ({'PASS' if p['passed'] else 'FAIL'})",
+                     "metric": f"{p['metric']} {_fmt(p['served_metric'])}",
+                     "agreement": f"{1 - p['share']:.4f} [{1 - p['ci_high']:.4f}, {1 - p['ci_low']:.4f}] on {p['n']} rows",
+                     "digest": f"endpoint {str((p.get('endpoint') or {}).get('weights_digest') or '?')[:16]}"})
+    for f in (s.get("gguf") or {}).get("files", []):
+        par = ((s.get("gguf") or {}).get("parity") or {}).get(f["kind"])
+        rows.append({"what": f"GGUF {f['file']}", "metric": f"{par['metric']} {_fmt(par['gguf_metric'])}" if par else "",
+                     "agreement": f"{par['agreement']:.4f} [{par['ci_low']:.4f}, {par['ci_high']:.4f}] on {par['n']} rows"
+                     if par else "", "digest": f"sha256 {f['sha256'][:16]}"})
+    return rows
+
+
+def _fmt(x) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "?"
+
+
+def serving_html(s: dict | None) -> list[str]:
+    import pandas as pd
+
+    if not s:
+        return []
+    if s.get("error"):
+        return [f"<p class='note'>v{s['version']}: {html.escape(s['error'])}</p>"]
+    rows = serving_rows(s)
+    note = "" if s.get("parity") else "<p class='note'>not checked on a live endpoint yet: qlora-ops verify-serving URL --version " \
+                                      f"{s['version']}</p>"
+    return ["<h2>Serving and GGUF (agreement with the evaluated answers)</h2>",
+            pd.DataFrame(rows).to_html(table_id="serving-table", index=False, border=0, classes="t"), note]
+
+
+def with_serving(card: str, s: dict | None) -> str:
+    """The card with its serving section (before the 5000-character cut's note, if any)."""
+    import pandas as pd
+
+    rows = serving_rows(s)
+    if not rows:
+        return card
+    section = "\n## Serving and GGUF\n\n" + _md(pd.DataFrame(rows)) + "\n"
+    text = card.rstrip("\n") + "\n" + section
+    if len(text) > CARD_LIMIT:  # the serving facts stay; the card's tail gives way
+        note = f"\n\n(card cut at {CARD_LIMIT} characters; the full card is the run's `{CARD}`)\n"
+        text = card[:CARD_LIMIT - len(section) - len(note)] + note + section
+    return text

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks import lockfile
 from tasks.config import Params, ParamsError
-from tasks.register import ABANDONED, INCOMPLETE
+from tasks.register import ABANDONED, DEFERRED, INCOMPLETE
 from tasks.redact import redact_url
 from tasks.util import read_jsonl
 
@@ -49,14 +49,15 @@ def find_fingerprint(model_name: str, experiment_id: str, fingerprint: str) -> s
     """Why a run with this fingerprint has nothing new to do (a registered version or a finished run
     that already decided on these exact inputs), or None."""
     c = MlflowClient()
-    # A version whose run died halfway (status incomplete/abandoned) decided nothing; it does not count.
+    # A version whose run died halfway (status incomplete/abandoned), or whose run could not compare it with
+    # the champion (deferred), decided nothing; it does not count.
     versions = [v for v in c.search_model_versions(f"name = '{model_name}' and tags.fingerprint = '{fingerprint}'")
-                if v.tags.get("status") not in (INCOMPLETE, ABANDONED)]
+                if v.tags.get("status") not in (INCOMPLETE, ABANDONED, DEFERRED)]
     if versions:
         v = max(versions, key=lambda mv: int(mv.version))
         return f"{model_name} v{v.version} was registered from the same inputs (fingerprint {fingerprint})"
     runs = c.search_runs([experiment_id], f"tags.`qlora_ops.fingerprint` = '{fingerprint}' and "
-                                          "attributes.status = 'FINISHED'",
+                                          "attributes.status = 'FINISHED' and tags.`qlora_ops.outcome` != 'deferred'",
                          max_results=1, order_by=["attributes.start_time DESC"])
     if runs:
         r = runs[0]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import subprocess
@@ -25,6 +24,7 @@ import yaml
 
 from tasks.config import Params, ParamsError
 from tasks.data import DATA_SUFFIXES
+from tasks.keys import data_version
 from tasks.paths import state_dir, ws_path
 from tasks.redact import redact_url
 from tasks.sources import is_network_error, is_url, snapshot
@@ -35,8 +35,8 @@ SAMPLES = {SAMPLE_RAW: "docstrings", "data/raw/stdlib_summaries.jsonl": "free-te
 DEFAULT_PARAMS = "params/default.yaml"
 REMOTE = "qlora-ops"  # the DVC remote every run pushes to, configured in .dvc/config.local
 
-__all__ = ["DvcError", "REMOTE", "code_version", "configure_remote", "dvc", "ensure_stage", "prepare_via_dvc",
-           "remote_url", "source_hash", "stage_name"]
+__all__ = ["DvcError", "REMOTE", "configure_remote", "dvc", "ensure_stage", "prepare_via_dvc", "remote_url",
+           "stage_name"]
 
 
 class DvcError(RuntimeError):
@@ -263,7 +263,7 @@ def prepare_via_dvc(workspace: Path, params_path: Path, params: Params) -> dict:
     st = lock[name]
     deps = {d["path"]: d.get("md5") for d in st.get("deps", [])}
     outs = {o["path"]: o.get("md5") for o in st.get("outs", [])}
-    version = hashlib.sha256(repr(sorted(outs.items())).encode()).hexdigest()[:12]
+    version = data_version(outs)
     files = ["dvc.yaml", "dvc.lock"]
     if (raw_dvc := _raw_dvc_file(workspace, params)) and (workspace / raw_dvc).is_file():
         files.append(raw_dvc)
@@ -272,29 +272,3 @@ def prepare_via_dvc(workspace: Path, params_path: Path, params: Params) -> dict:
             "prepared_dir": str(ws_path(workspace, params.data.prepared)),
             "reran": "Running stage" in out, "dvc_output": (out.strip() + "\n" + push.strip()).strip()[-2000:],
             "remote": redact_url(url), "pushed": _pushed(push), "source": summary, "dvc_files": files}
-
-
-def code_version() -> dict:
-    """Git commit of the qlora-ops checkout (when there is one) plus a hash of the stage sources."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for p in sorted(list((root / "tasks").rglob("*.py")) + list((root / "flows").rglob("*.py"))):
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(p.read_bytes())
-    info = {"source_sha": h.hexdigest()[:16], "git_commit": None, "git_dirty": None}
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                            check=True).stdout.strip()
-        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "tasks", "flows"], cwd=root,
-                                                capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
-
-
-def source_hash(*files: str) -> str:
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in files:
-        h.update((root / f).read_bytes())
-    return h.hexdigest()[:16]

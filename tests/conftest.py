@@ -66,6 +66,41 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def merged_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    """A tiny random Llama as the merge stage leaves it (safetensors + tokenizer + manifest), whose greedy
+    answers differ from row to row (untied head, wider init; tiny_model_dir's mostly answer ""): what
+    registry, serving-parity and GGUF tests log, serve and compare."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.util import atomic_dir
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False, initializer_range=0.2)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("merged-model") / "merged"
+    with atomic_dir(out) as tmp:
+        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+@pytest.fixture(scope="session")
+def evaluated_merged(merged_model_dir, tmp_path_factory) -> dict:
+    """merged_model_dir evaluated by tasks.evaluate on the toy test split, as a run saves it:
+    {"test": test.jsonl, "eval": dir with predictions.jsonl + metrics.json}."""
+    from tasks.evaluate import evaluate_model
+
+    d = tmp_path_factory.mktemp("evaluated")
+    data = write_toy_splits(d / "data")
+    evaluate_model(tiny_params(merged_model_dir), "merged", merged_model_dir, data / "test.jsonl", d / "eval", as_saved=True)
+    return {"test": data / "test.jsonl", "eval": d / "eval"}
+
+
 COPY = ["dvc.yaml", "params/default.yaml", "tasks", "flows", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
 
 
@@ -141,7 +176,7 @@ def mlflow_server(tmp_path_factory):
                              "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts"),
                              "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=d)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=300)  # a loaded 2-core machine: >120 s seen
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -277,7 +312,7 @@ def start_mlflow_s3(workdir: Path, s3_endpoint: str, bucket: str):
                              "--artifacts-destination", f"s3://{bucket}/mlartifacts", "--workers", "2"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=300)  # a loaded 2-core machine: >120 s seen
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(proc)

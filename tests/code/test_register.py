@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVING = {"system_prompt": "Answer with the label.", "max_new_tokens": 6}
+SERVING = {"system_prompt": "Answer with the label.", "max_new_tokens": 4, "batch_size": 8}  # as tiny_params evaluates
 
 
 @pytest.fixture
@@ -67,14 +67,14 @@ def _verdict(promote: bool, seen: list):
 
 # ---------------------------------------------------------------- tests
 
-def test_promotion_writes_tags_then_aliases(tracking, tiny_model_dir, tmp_path):
+def test_promotion_writes_tags_then_aliases(tracking, merged_model_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from tasks.register import champion_info
 
     name = _unique("reg-rules")
     assert champion_info(name, "champion") is None  # no registered model yet
-    uri = _log_model(tiny_model_dir, _unique("exp-rules"))
+    uri = _log_model(merged_model_dir, _unique("exp-rules"))
     c = MlflowClient()
     seen: list[int] = []
 
@@ -102,19 +102,19 @@ def test_promotion_writes_tags_then_aliases(tracking, tiny_model_dir, tmp_path):
     assert champion_info(name, "no-such-alias") is None
 
 
-def test_retry_of_a_run_reuses_its_version(tracking, tiny_model_dir, tmp_path):
+def test_retry_of_a_run_reuses_its_version(tracking, merged_model_dir, tmp_path):
     name = _unique("reg-retry")
-    uri = _log_model(tiny_model_dir, _unique("exp-retry"))
+    uri = _log_model(merged_model_dir, _unique("exp-retry"))
     a = _promote(uri, name, tmp_path, mlflow_run_id="run-1")
     b = _promote(uri, name, tmp_path, mlflow_run_id="run-1")  # a retry after a fault: no second version
     assert a["version"] == b["version"] == 1 and b["promoted"] and "earlier attempt" in b["reason"]
 
 
-def test_rolled_back_fingerprint_is_never_auto_promoted(tracking, tiny_model_dir, tmp_path):
+def test_rolled_back_fingerprint_is_never_auto_promoted(tracking, merged_model_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
     name = _unique("reg-rollback")
-    uri = _log_model(tiny_model_dir, _unique("exp-rollback"))
+    uri = _log_model(merged_model_dir, _unique("exp-rollback"))
     _promote(uri, name, tmp_path, fingerprint="f-old")
     _promote(uri, name, tmp_path, _verdict(True, []), fingerprint="f-bad")
     MlflowClient().set_model_version_tag(name, "2", "status", "rejected")  # what `qlora-ops rollback` leaves
@@ -127,52 +127,98 @@ _PREDICT_SCRIPT = textwrap.dedent("""
     import mlflow.pyfunc
     import pandas as pd
     m = mlflow.pyfunc.load_model(sys.argv[1])
-    out = {"list": m.predict(["hello"]), "str": m.predict("hello"),
-           "df": m.predict(pd.DataFrame({"prompt": ["hello", "a longer second prompt, to force padding"]}))}
+    prompts = json.loads(sys.argv[2])
+    out = {"list": m.predict(prompts), "str": m.predict(prompts[0]),
+           "df": m.predict(pd.DataFrame({"prompt": prompts[:2]}))}
     print("RESULT " + json.dumps(out))
 """)
 
 
-def test_champion_loads_and_predicts_in_fresh_process(tracking, tiny_model_dir, tmp_path):
-    import mlflow
-    import torch
-    from mlflow.tracking import MlflowClient
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_champion_loads_in_fresh_process_and_answers_exactly_as_evaluated(tracking, merged_model_dir, evaluated_merged,
+                                                                          tmp_path):
+    """The registered format: a pyfunc whose loader is the installed module tasks.serving (no code or
+    pickle in the artifact), the manifest inside, its digest on the version; loaded through the registry
+    in a fresh process, the champion gives the very answers the evaluation saved for the same rows."""
+    import hashlib
 
-    from tasks.prompting import format_prompt
+    import mlflow
+    import yaml
+    from mlflow.tracking import MlflowClient
+
     from tasks.register import log_merged_model
+    from tasks.util import read_jsonl
+
+    evaluated = read_jsonl(evaluated_merged["eval"] / "predictions.jsonl")  # tasks.evaluate's saved answers
+    rows = read_jsonl(evaluated_merged["test"])
+    assert len({r["prediction"] for r in evaluated}) > 3  # answers that can differ: the comparison means something
 
     name = _unique("reg-serve")
     # Log via an explicit run id (no active run), the way the flow's tracking code works.
     client = MlflowClient()
     exp_id = client.create_experiment(_unique("exp-serve"))
     run_id = client.create_run(exp_id).info.run_id
-    uri = log_merged_model(tiny_model_dir, SERVING, run_id=run_id)
+    uri = log_merged_model(merged_model_dir, SERVING, run_id=run_id)
     client.set_terminated(run_id)
     assert mlflow.active_run() is None
     assert uri.startswith("models:/")
     assert _promote(uri, name, tmp_path)["promoted"]
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-c", _PREDICT_SCRIPT, f"models:/{name}@champion"], env=env,
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
-    assert isinstance(out["list"], list) and len(out["list"]) == 1 and isinstance(out["list"][0], str)
-    assert out["str"] == out["list"]
-    assert len(out["df"]) == 2 and all(isinstance(s, str) for s in out["df"])
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "art")))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "tasks.serving" and flavor["data"] == "data/model" and not flavor.get("code")
+    assert not [f for f in local.rglob("*") if f.suffix in (".py", ".pkl")]  # nothing to execute travels
+    assert "qlora-ops==" in (local / "requirements.txt").read_text()  # a managed env installs the loader
+    digest = hashlib.sha256((local / "data" / "model" / "qlora_ops_manifest.json").read_bytes()).hexdigest()
+    assert client.get_model_version(name, "1").tags["weights_digest"] == digest
 
-    # The served model really ran: same greedy completion as generating here with the same weights.
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    enc = tok(format_prompt(tok, SERVING["system_prompt"], "hello"), return_tensors="pt", add_special_tokens=False)
-    with torch.inference_mode():
-        gen = model.generate(**enc, max_new_tokens=SERVING["max_new_tokens"], do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    expected = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    assert out["list"] == [expected]
-    assert out["df"][0] == expected  # left padding in a batch does not change the greedy result
+    prompts = [r["prompt"] for r in rows]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-c", _PREDICT_SCRIPT, f"models:/{name}@champion", json.dumps(prompts)],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    out = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert out["list"] == [r["prediction"] for r in evaluated]  # exactly as evaluated, row by row
+    assert out["str"] == out["list"][:1]
+    assert len(out["df"]) == 2 and all(isinstance(a, str) for a in out["df"])
+
+
+def test_tampered_weights_are_refused(tracking, merged_model_dir, tmp_path, tmp_path_factory):
+    """A weight file changed in the artifact store is refused by every loader: pyfunc loading (what the
+    scoring server runs), download_hf_model; a manifest rewritten to match is refused against the
+    version's weights_digest."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.register import PromotionError, download_hf_model
+    from tasks.serving import WeightsRefused, _load_pyfunc
+
+    name = _unique("reg-tamper")
+    uri = _log_model(merged_model_dir, _unique("exp-tamper"))
+    _promote(uri, name, tmp_path)
+    digest = MlflowClient().get_model_version(name, "1").tags["weights_digest"]
+    model_id = uri.split("/")[-1]
+    stored = list({d.resolve() for d in Path(tmp_path_factory.getbasetemp()).glob(
+        f"mlflow-server*/artifacts/**/{model_id}/artifacts/data/model")})  # the server's artifact store
+    assert len(stored) == 1, stored
+    weights = stored[0] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+
+    with pytest.raises(WeightsRefused, match="model.safetensors: sha256 differs"):
+        mlflow.pyfunc.load_model(f"models:/{name}/1")
+    with pytest.raises(PromotionError, match="model.safetensors"):
+        download_hf_model(name, 1, tmp_path / "dl")
+
+    # The attacker also rewrites the manifest: the files match it, the registered digest does not.
+    from tasks.util import write_manifest
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "art")))
+    write_manifest(local / "data" / "model")
+    with pytest.raises(WeightsRefused, match="not the registered weights_digest"):
+        _load_pyfunc(str(local / "data" / "model"), {"weights_digest": digest})
+    with pytest.raises(WeightsRefused, match="not the registered weights_digest"):
+        mlflow.pyfunc.load_model(str(local), model_config={"weights_digest": digest})
+    assert _load_pyfunc(str(local / "data" / "model")).weights_digest != digest  # without the expectation: loads
 
 
 _WORKER_SCRIPT = textwrap.dedent("""
@@ -194,11 +240,11 @@ _WORKER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_concurrent_registrations_are_serialized(tracking, tiny_model_dir, tmp_path):
+def test_concurrent_registrations_are_serialized(tracking, merged_model_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
     name = _unique("reg-race")
-    uri = _log_model(tiny_model_dir, _unique("exp-race"))
+    uri = _log_model(merged_model_dir, _unique("exp-race"))
     assert _promote(uri, name, tmp_path, accuracy="0.1")["champion_version"] == 1
     lock = tmp_path / "race.lock"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": str(ROOT)}
@@ -231,7 +277,7 @@ def test_concurrent_registrations_are_serialized(tracking, tiny_model_dir, tmp_p
     assert set(c.get_registered_model(name).aliases) == {"champion", "challenger"}
 
 
-def test_planted_candidates_never_move_the_champion(tracking, tiny_model_dir, tmp_path):
+def test_planted_candidates_never_move_the_champion(tracking, merged_model_dir, tmp_path):
     """Worse than the champion, or equal to it, on the same 500 rows: the paired policy keeps the
     champion, says why with its numbers, and `champion` never moves; a truly better one does move it."""
     import numpy as np
@@ -249,7 +295,7 @@ def test_planted_candidates_never_move_the_champion(tracking, tiny_model_dir, tm
         return lambda v: (lambda d: (d["promote"], d["reason"]))(decide(PromotionPolicy(), c, champ))
 
     name = _unique("reg-planted")
-    uri = _log_model(tiny_model_dir, _unique("exp-planted"))
+    uri = _log_model(merged_model_dir, _unique("exp-planted"))
     _promote(uri, name, tmp_path)  # v1 champion
     c = MlflowClient()
     for label, d in (("worse", planted(25, 0)), ("equal", planted(20, 20)), ("slightly better", planted(0, 3))):
@@ -260,7 +306,7 @@ def test_planted_candidates_never_move_the_champion(tracking, tiny_model_dir, tm
     assert r["promoted"] and r["reason"].startswith("promote") and r["champion_version"] == r["version"]
 
 
-def test_a_version_left_incomplete_by_a_killed_run_is_abandoned_never_champion(tracking, tiny_model_dir, tmp_path):
+def test_a_version_left_incomplete_by_a_killed_run_is_abandoned_never_champion(tracking, merged_model_dir, tmp_path):
     """A run killed between version create and `status=ready` leaves an incomplete version without an
     alias; the next registration (under the lock: that writer is dead) tags it abandoned, and the skip
     check does not count it as a decision."""
@@ -270,7 +316,7 @@ def test_a_version_left_incomplete_by_a_killed_run_is_abandoned_never_champion(t
     from tasks.tracking import find_fingerprint
 
     name = _unique("reg-killed")
-    uri = _log_model(tiny_model_dir, exp := _unique("exp-killed"))
+    uri = _log_model(merged_model_dir, exp := _unique("exp-killed"))
     half = mlflow.register_model(uri, name, tags={"status": "incomplete", "fingerprint": "fp-1", "mlflow_run_id": "dead"})
     exp_id = mlflow.get_experiment_by_name(exp).experiment_id
     assert find_fingerprint(name, exp_id, "fp-1") is None  # decided nothing

@@ -1,13 +1,17 @@
 """A stand-in for the GPU stage (flow name `qlora-model-stage`, the model stage's signature) that a real
-Prefect worker runs in tests/integration/test_worker_crash.py. Its first run dies the way a lost GPU
-worker's flow run does (SIGKILL: no state reported, the worker marks it Crashed); a later run writes
-the small result the parent reads from the MLflow run, as the real stage does. `data_uri` is a scratch
-directory here: the marker there says "already crashed once"."""
+Prefect worker runs in tests/integration/test_worker_crash.py. `data_uri` is a scratch directory whose
+markers say what this run does:
+
+- `hang`: write its pid to `hang.pid` and never finish (a stage that outlives its timeout);
+- else, without `crashed-once`: create it and die the way a lost GPU worker's flow run does (SIGKILL: no
+  state reported, the worker marks it Crashed);
+- else: write the small result the parent reads from the MLflow run, as the real stage does."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from prefect import flow
@@ -17,7 +21,12 @@ from prefect import flow
 def model_stage(params: dict, run_id: str, data_uri: str, test_hash: str, workspace: str = ".") -> dict:
     from mlflow.tracking import MlflowClient
 
-    marker = Path(data_uri) / "crashed-once"
+    scratch = Path(data_uri)
+    if (scratch / "hang").exists():
+        (scratch / "hang.pid").write_text(str(os.getpid()))
+        while True:
+            time.sleep(1)
+    marker = scratch / "crashed-once"
     if not marker.exists():
         marker.write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)

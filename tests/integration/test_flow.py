@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.request
 import uuid
 from pathlib import Path
@@ -71,6 +72,14 @@ def flow_runs(server) -> list[dict]:
         return json.loads(r.read())
 
 
+def stage_result(server: str, run_id: str) -> dict:
+    """The model stage's model_stage.json of a run, read back from its artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as d:
+        return json.loads(Path(MlflowClient(server).download_artifacts(run_id, "model_stage.json", d)).read_text())
+
+
 def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_server, prefect):
     from mlflow.tracking import MlflowClient
 
@@ -105,11 +114,19 @@ def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_
     assert "nothing new" in st.message and f"{name} v1" in st.message
     assert time.time() - t < 60
 
-    s2 = retrain(params_path=rel, workspace=str(ws), force=True)  # --force retrains anyway
+    s2 = retrain(params_path=rel, workspace=str(ws), force=True)  # --force retrains and re-evaluates anyway
     r2 = s2["registry"]
     assert r2["version"] == 2 and r2["previous_champion_version"] == 1
     assert not r2["promoted"] and r2["champion_version"] == 1  # equal accuracy does not beat the champion
-    assert s2["models"]["qlora"].get("cached")  # identical inputs: training + eval reused, not redone
+    # Really retrained and re-evaluated, into new dirs: no model's scores come from a cache, both adapters
+    # were trained again (fresh result.json, other run dir), and the champion was re-scored, not read back.
+    assert not any(m.get("cached") for m in s2["models"].values()), s2["models"]
+    ms1, ms2 = (stage_result(mlflow_server, s["mlflow_run_id"]) for s in (s1, s2))
+    assert ms2["forced"] and ms2["train_key"] != ms1["train_key"]
+    assert {"ms.train_qlora", "ms.train_lora", "ms.eval_base", "ms.eval_qlora"} <= set(s2["stage_seconds"])
+    assert "re-evaluated" in ms2["champion"]["how"]
+    # Deterministic CPU training: the new adapter has the same bytes; "new" is the work, not the weights.
+    assert ms2["adapter_digests"] == ms1["adapter_digests"]
 
     runs = flow_runs(prefect)  # both runs were orchestrated by the real Prefect server
     assert sum(r["state_type"] == "COMPLETED" for r in runs) >= 3
@@ -238,3 +255,124 @@ def test_worker_local_experiment_is_refused_by_the_cli_with_exit_2(ws, tiny_mode
     assert len(lines) == 1 and f"registry.experiment='exp-{name}'" in lines[0] and "only one machine has" in lines[0], lines
     assert "Traceback" not in r.stdout + r.stderr
     assert not (ws / f"data/prepared/{name}").exists()  # refused before any work
+
+
+def test_a_damaged_adapter_is_rebuilt_and_a_changed_one_scored_again(ws, tiny_model_dir, mlflow_server, prefect):
+    """The adapter a training returns is checked against its manifest in the flow: a damaged one is rebuilt
+    (docs/reliability.md), never scored or merged. And every evaluation is keyed on the content of what it
+    scores: an adapter whose bytes changed under the same training inputs (a non-deterministic GPU retrain)
+    is scored again, and the merge gate and the registered version carry that adapter, not an older one."""
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file, save_file
+
+    from flows.retrain import retrain
+    from tasks.keys import content_hash
+    from tasks.util import verify_manifest, write_manifest
+
+    name = f"rebuild-{uuid.uuid4().hex[:6]}"
+    own = {"lora": {"r": 4}}  # its own train key: the other tests' adapters are not touched
+    s1 = retrain(params_path=write_params(ws, "rebuild", tiny_model_dir, mlflow_server, name, **own), workspace=str(ws))
+    ms1 = stage_result(mlflow_server, s1["mlflow_run_id"])
+    runs = ws / ".qlora-ops" / "runs"
+    lora, qlora = (runs / f"train-{k}-{ms1['train_key']}" / "adapter" for k in ("lora", "qlora"))
+    w = lora / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-64])  # truncated on disk after the run finished
+    sd = load_file(qlora / "adapter_model.safetensors")
+    b = next(k for k in sd if "lora_B" in k)
+    sd[b] = sd[b] + 0.05  # other valid bytes for the same training inputs
+    save_file(sd, qlora / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_manifest(qlora)
+    changed = content_hash(qlora)
+    assert changed != ms1["adapter_digests"]["qlora"]
+
+    # Another gate threshold: a new fingerprint (the run is not skipped), the same train key (adapters reused).
+    rel = write_params(ws, "rebuild", tiny_model_dir, mlflow_server, name, **own, gates={"max_merge_disagreement": 0.99})
+    s2 = retrain(params_path=rel, workspace=str(ws))
+    ms2 = stage_result(mlflow_server, s2["mlflow_run_id"])
+    assert s2["outcome"] == "registered" and ms2["train_key"] == ms1["train_key"]
+    # the damaged LoRA adapter was rebuilt (from its last sound checkpoint: the same weights, so its scores stand)
+    assert "ms.train_lora_rebuild" in s2["stage_seconds"] and verify_manifest(lora) is None
+    assert ms2["adapter_digests"]["lora"] == ms1["adapter_digests"]["lora"] and s2["models"]["lora"].get("cached")
+    # the changed QLoRA adapter was scored again; the base, unchanged, was not
+    assert ms2["adapter_digests"]["qlora"] == changed
+    assert not s2["models"]["qlora"].get("cached") and s2["models"]["base"].get("cached")
+    c = MlflowClient(mlflow_server)
+    with tempfile.TemporaryDirectory() as d:
+        ev = json.loads(Path(c.download_artifacts(s2["mlflow_run_id"], "eval/qlora/evaluated.json", d)).read_text())
+    assert changed in ev["content"]  # the answers the merge gate compared are this adapter's
+    v = c.get_model_version(name, str(s2["registry"]["version"]))
+    assert v.tags["adapter_digest"] == changed
+
+
+def test_a_candidate_that_forgets_a_non_inferior_suite_is_refused_naming_it(ws, smol_tokenizer_dir, mlflow_server,
+                                                                           prefect, tmp_path):
+    """Issue 16's forgetting guard, on the real flow. The domain task is to answer "json" to every item: the
+    tuned models learn it and the random base never says it, so the candidate passes the domain gain gate on a
+    real threshold. The suite's references are what the base itself answers to general questions (a random
+    Llama with its own output head answers with words), so the base is right on every row; the tuned model,
+    which learned to answer the domain's way, is not. It loses more than the margin on that non_inferior
+    suite: the run ends Rejected (exit 1), registers nothing, and the refusal names the suite."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.config import load_params
+    from tasks.data import prepared_rows
+    from tasks.evaluate import evaluate_model
+    from tasks.suites import data_params, eval_params
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)  # tied, a random Llama echoes the prompt's last token: "\n"
+    torch.manual_seed(0)
+    model_dir = tmp_path / "untied-llama"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    raw = ws / "data" / "raw" / "always-json.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text("".join(json.dumps({"instruction": "Which label?", "input": f"Item {i} of the catalogue.",
+                                       "output": "json"}) + "\n" for i in range(80)))
+    general = ws / "data" / "suites" / "general.jsonl"
+    general.parent.mkdir(parents=True, exist_ok=True)
+    questions = [f"What did you do on day {i} of the trip?" for i in range(16)]
+    general.write_text("".join(json.dumps({"prompt": q, "completion": "?"}) + "\n" for q in questions))
+    name = f"forget-{uuid.uuid4().hex[:6]}"
+    suite = {"name": "general", "path": "data/suites/general.jsonl", "role": "non_inferior", "threshold": 0.1}
+    rel = write_params(ws, "forget", model_dir, mlflow_server, name, data={"raw": "data/raw/always-json.jsonl"},
+                       training={"max_steps": 60, "lr": 0.03, "eval_every": 30, "save_every": 30},
+                       eval={"max_new_tokens": 2, "suites": [suite]},
+                       gates={"min_gain_over_base": 0.5, "min_retention_vs_lora": 0.5})
+    # The base's own answers, computed exactly as the flow will (same rows, prompts, decoding), become the
+    # references: the base scores 1.0 on the suite by construction.
+    p = load_params(ws / rel)
+    s = p.eval.suites[0]
+    draft = tmp_path / "draft.jsonl"
+    draft.write_text("".join(json.dumps(r) + "\n" for r in prepared_rows(general, data_params(p, s))))
+    evaluate_model(eval_params(p, s), "base", model_dir, draft, tmp_path / "base-eval", metrics=["exact_match"])
+    answers = [json.loads(x)["prediction"] for x in (tmp_path / "base-eval" / "predictions.jsonl").read_text().splitlines()]
+    assert all(answers), answers  # words, not an empty echo: the construction holds
+    general.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in zip(questions, answers)))
+
+    r = cli(ws, rel, prefect)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-4000:]
+    lines = out.splitlines()
+    assert any(ln.startswith("gain_over_base") and "PASS" in ln for ln in lines), out[-4000:]  # the domain improved
+    assert any(ln.startswith("general:non_inferior") and "FAIL" in ln for ln in lines), out[-4000:]
+    assert "suite general: exact_match, non-inferior, margin 0.1" in out and "nothing registered" in out
+    c = MlflowClient(mlflow_server)
+    assert c.search_model_versions(f"name='{name}'") == []
+    rejected = [x for x in flow_runs(prefect) if x["state_name"] == "Rejected"]
+    assert "general:non_inferior" in rejected[-1]["state"]["message"]
+    run = next(x for x in c.search_runs([c.get_experiment_by_name(f"exp-{name}").experiment_id])
+               if "mlflow.parentRunId" not in x.data.tags)  # the flow's run, not a training's
+    m = run.data.metrics
+    assert m["suite.general.base.exact_match"] == 1.0 and m["suite.general.qlora.exact_match"] < 0.9
+    assert m["gate.general.non_inferior.passed"] == 0 and m["gate.gain_over_base.passed"] == 1
+    assert run.data.tags["qlora_ops.suite.general"] and run.data.tags["qlora_ops.outcome"] == "rejected"
+    with tempfile.TemporaryDirectory() as d:  # the exact rows the suite was judged on travel with the run
+        got = Path(c.download_artifacts(run.info.run_id, "data/suites/general.jsonl", d)).read_text()
+    assert [json.loads(x)["completion"] for x in got.splitlines()] == answers

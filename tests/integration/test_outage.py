@@ -1,5 +1,6 @@
 """The tracking server goes away in the middle of a run: the real `qlora-ops run` (tiny random Llama, temp
-git + DVC workspace, Prefect's temporary server) against a real `mlflow server` that is killed (-9) as soon
+git + DVC workspace, a real Prefect server: a shared tracking server's registry writers must hold the
+slot on it, flows.registry_slot) against a real `mlflow server` that is killed (-9) as soon
 as QLoRA training starts. The run must give up within a bounded time with exit 4 ("service
 unavailable", one line naming the server, no traceback), register nothing and move no alias; once the
 server is back on the same store, a plain rerun finishes the job (reusing the finished trainings) and
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, make_workspace, wait_http
+from tests.conftest import free_port, make_workspace, start_prefect_server, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -40,16 +41,21 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def cli(ws: Path, out: Path) -> subprocess.Popen:
-    drop = ("PREFECT_", "QLORA_OPS_", "MLFLOW_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(PYTHONPATH=str(ws), PREFECT_HOME=str(ws.parent / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+def cli(ws: Path, out: Path, prefect) -> subprocess.Popen:
+    env = {k: v for k, v in prefect.client_env().items() if not k.startswith(("QLORA_OPS_", "MLFLOW_"))}
+    env.update(PYTHONPATH=str(ws))
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--params", "params/tiny.yaml", "--workspace",
                              str(ws)], cwd=ws, env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
-def test_tracking_server_lost_mid_run_exits_4_then_a_rerun_finishes(tmp_path, tiny_model_dir):
+@pytest.fixture
+def prefect(tmp_path):
+    with start_prefect_server(tmp_path / "prefect-home") as server:
+        yield server
+
+
+def test_tracking_server_lost_mid_run_exits_4_then_a_rerun_finishes(tmp_path, tiny_model_dir, prefect):
     from mlflow.tracking import MlflowClient
 
     store = tmp_path / "mlflow"
@@ -69,7 +75,7 @@ def test_tracking_server_lost_mid_run_exits_4_then_a_rerun_finishes(tmp_path, ti
 
     server = start_mlflow(store, port)
     out1 = tmp_path / "run1.txt"
-    run = cli(ws, out1)
+    run = cli(ws, out1, prefect)
     try:
         deadline = time.time() + 600
         while "train_qlora ..." not in out1.read_text(errors="replace"):
@@ -99,7 +105,7 @@ def test_tracking_server_lost_mid_run_exits_4_then_a_rerun_finishes(tmp_path, ti
         c = MlflowClient(uri)
         assert c.search_model_versions("name = 'outage-model'") == [], "a version was registered by the failed run"
         out2 = tmp_path / "run2.txt"
-        rerun = cli(ws, out2)
+        rerun = cli(ws, out2, prefect)
         assert rerun.wait(timeout=900) == 0, out2.read_text(errors="replace")[-4000:]
         text2 = out2.read_text(errors="replace")
         assert "registry: outage-model v1 registered" in text2, text2[-3000:]

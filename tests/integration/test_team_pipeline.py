@@ -47,7 +47,9 @@ def team_params(model_dir: Path, s3: str, name: str = "team", **gates) -> dict:
         "gates": {"min_gain_over_base": -1.0, "min_retention_vs_lora": 0.0, "max_merge_disagreement": 1.0, **gates},
         "registry": {"experiment": "team", "model_name": "team-model"},
         "storage": {"dvc_remote": f"s3://{BUCKET}/dvc", "dvc_remote_options": {"endpointurl": s3}},
-        "orchestration": {"pool": "cpu", "gpu_pool": "gpu", "deployment": "team", "retries": 2, "retry_delay_s": 1},
+        # the "GPU" worker here is a CPU process worker: CPU is intended (flows.device_check)
+        "orchestration": {"pool": "cpu", "gpu_pool": "gpu", "deployment": "team", "retries": 2, "retry_delay_s": 1,
+                          "gpu_required": False},
     }
 
 

@@ -1,0 +1,334 @@
+"""Every cache key and fingerprint of qlora-ops, in one place, under one rule.
+
+THE RULE: a key covers exactly the inputs that decide the bytes it names. Change one of those inputs
+and the key changes (the bytes are made again); change anything else (where things are stored, how the
+run is orchestrated, the report, the console, the CLI) and the key stays (the bytes are reused, or the
+run is Skipped). A key never stands for "the same training inputs" when it names an evaluation: an
+evaluation is keyed on the content of WHAT it evaluates.
+
+| key                      | names                               | covers                                                     |
+|--------------------------|-------------------------------------|------------------------------------------------------------|
+| base_identity(dir)       | a model dir the user gave           | config/tokenizer bytes, weight file names + sizes (+ mtimes) |
+| content_hash(dir)        | a dir we wrote (adapter, merged     | from its manifest, the sha256 of every file that is loaded |
+|                          | model, 4-bit copy, converted base)  | (an adapter's config by meaning: PEFT orders a set at random) |
+| quantized_base_key       | the 4-bit copy QLoRA trains on      | base identity (mtimes too), quantization params, hardware, |
+|                          |                                     | compute dtype, model libraries                             |
+| train_key                | one trained adapter (run dir)       | train + val rows, base identity, kind-independent training |
+|                          |                                     | params, "train" code, model libraries, hardware, force     |
+| score_key                | how one suite is scored             | the suite's rows, "eval" code (decoding, prompting,        |
+|                          |                                     | metrics), eval + quantization params (+ the suite's),      |
+|                          |                                     | model + metric libraries, hardware, compute dtype          |
+| eval_key                 | one evaluation's predictions        | score key + content of what is evaluated (+ force)         |
+| fingerprint              | the run's decision (skip when       | data version, params that decide model and verdict, the    |
+|                          | an earlier run has it)              | decision code, base fingerprint, suites' rows, all libraries, |
+|                          |                                     | the lock file (lock_hash, when there is one)               |
+
+Two deliberate exceptions, both cheaper than the bytes they stand for: a model dir without a manifest
+(the user's base) is identified by names, sizes and mtimes, not by hashing GBs of weights on every run;
+the run fingerprint identifies the embedded GGUF by name and size, known before converting it (the
+parent flow may run on a machine that never loads the model).
+
+The code a key covers is named by group (CODE_GROUPS). Files that decide nothing about the model or its
+verdict are listed in NOT_DECIDING; a file in neither list counts as deciding (the safe side: a new
+file retrains until it is classified), and tests/code/test_keys.py fails until it is classified.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tasks.config import Params
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (or site-packages) holding tasks/ and flows/
+
+
+def digest(*parts: Any) -> str:
+    """The one hash every key is made with: sha256 of the parts as canonical JSON, 16 hex digits."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def params_digest(dump: dict, *sections: str) -> str:
+    """Digest of the chosen sections of a params dump (all if none): Params.digest."""
+    return digest({k: dump[k] for k in sections} if sections else dump)
+
+
+# ---------------------------------------------------------------- code
+# Source files (globs relative to ROOT) that decide the model and its verdict, by what they decide.
+CODE_GROUPS: dict[str, tuple[str, ...]] = {
+    # rows of the suites (the domain split's rows are covered by the data version itself)
+    "data": ("tasks/data.py", "tasks/suites.py"),
+    "prompting": ("tasks/prompting.py",),
+    # the training loop and the model loads it makes
+    "train": ("tasks/train.py", "tasks/train_process.py", "tasks/distributed.py", "tasks/modeling.py"),
+    # the converted base and its 4-bit copy (their own keys cover their content; here for the fingerprint)
+    "base": ("tasks/base_model.py",),
+    # the stage that routes them: which base each adapter trains on, what is merged into what
+    "stage": ("flows/model_stage.py", "flows/prefect_tasks.py"),
+    "eval": ("tasks/evaluate.py", "tasks/modeling.py", "tasks/lm_eval_suite.py"),
+    "metrics": ("tasks/metrics/**/*.py",),
+    "merge": ("tasks/merge.py",),
+    # the verdict: gates, statistics, promotion policy, and how the run applies them
+    "gates": ("tasks/gate.py", "tasks/stats.py", "tasks/verdict.py"),
+}
+DECISION = tuple(CODE_GROUPS)
+# What a score depends on, of the code: decoding, prompts, metric maths.
+EVAL_CODE = ("eval", "prompting", "metrics")
+TRAIN_CODE = ("train", "prompting")
+# Decide nothing about the model or its verdict: editing them must not retrain or re-register.
+NOT_DECIDING: tuple[str, ...] = (
+    "tasks/__init__.py", "flows/__init__.py",
+    "tasks/report.py", "tasks/console.py", "tasks/progress.py", "flows/cli.py",  # what is shown
+    "flows/retrain.py", "flows/runtime.py", "flows/deploy.py",  # orchestration, states, summary text
+    "flows/faults.py", "flows/stages.py", "flows/stage_timer.py", "flows/registry_slot.py", "flows/services.py",
+    "flows/tracebacks.py", "flows/prefect_server.py", "flows/workspace_lock.py",  # retries, timeouts, locks
+    "tasks/redact.py",  # what a log shows of a URL
+    "flows/device_check.py",  # refuses a GPU pool without a GPU; decides nothing about what is trained
+    "tasks/gguf_export.py", "tasks/serving_ops.py", "tasks/webhook.py",  # after the decision: export and serving
+    "flows/remote_stage.py", "flows/drop.py", "flows/events.py", "flows/relay.py", "flows/triggers.py",  # when, where
+    "tasks/report_scores.py",  # the report's score tables
+    "tasks/samples.py",  # builds the embedded raw data, which the data version covers
+    "tasks/register.py", "tasks/registry_ops.py", "tasks/tracking.py", "tasks/serving.py",  # records, serving
+    "tasks/paths.py", "tasks/util.py", "tasks/memory.py", "tasks/keys.py",  # where and how, not what
+    "tasks/init_params.py", "tasks/check.py",  # write or check a params file; the params are covered
+    # config.py: its defaults reach every key through the params digest; versioning.py and sources.py
+    # make the data, which the data version (DVC's md5 of the prepared splits) covers byte for byte
+    "tasks/config.py", "tasks/versioning.py", "tasks/sources.py",
+)
+
+
+def _expand(globs: tuple[str, ...], root: Path) -> list[Path]:
+    return sorted({p for g in globs for p in root.glob(g) if p.is_file()})
+
+
+def source_files(*groups: str, root: Path = ROOT) -> list[Path]:
+    """The files of these code groups (all decision groups if none), plus every unclassified file
+    (deciding until classified) when all groups are asked for."""
+    files = set(_expand(tuple(g for name in (groups or DECISION) for g in CODE_GROUPS[name]), root))
+    if not groups:
+        files |= {root / f for f in unclassified(root)}
+    return sorted(files)
+
+
+def unclassified(root: Path = ROOT) -> list[str]:
+    """Python sources under tasks/ and flows/ in no code group and not in NOT_DECIDING."""
+    known = set(_expand(tuple(g for gs in CODE_GROUPS.values() for g in gs), root)) | {root / f for f in NOT_DECIDING}
+    return sorted(p.relative_to(root).as_posix() for d in ("tasks", "flows") for p in (root / d).rglob("*.py")
+                  if p not in known and "__pycache__" not in p.parts)
+
+
+def _hash_files(files: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def code_hash(*groups: str, root: Path = ROOT) -> str:
+    """Hash of the source files of these code groups (every decision group if none)."""
+    return _hash_files(source_files(*groups, root=root), root)
+
+
+def code_version(root: Path = ROOT) -> dict:
+    """What code ran, for the record: git commit and dirty flag of the checkout (when there is one),
+    `source_sha` of every stage source (traceability), `decision_sha` of the code the fingerprint covers."""
+    every = sorted(list((root / "tasks").rglob("*.py")) + list((root / "flows").rglob("*.py")))
+    info = {"source_sha": _hash_files([p for p in every if "__pycache__" not in p.parts], root),
+            "decision_sha": code_hash(root=root), "git_commit": None, "git_dirty": None}
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                            check=True).stdout.strip()
+        info["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "tasks", "flows"], cwd=root,
+                                                capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+# ---------------------------------------------------------------- libraries, hardware, lock file
+LIBS: dict[str, tuple[str, ...]] = {
+    # what computes the weights and the generated tokens
+    "model": ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers"),
+    # what turns answers into scores
+    "metrics": ("evaluate", "datasets", "rouge-score", "sacrebleu", "nltk", "lm-eval"),
+    # what turns scores into verdicts (bootstrap draws, exact tests)
+    "stats": ("numpy", "scipy", "statsmodels"),
+}
+
+
+def lib_versions(*groups: str) -> dict[str, str | None]:
+    """Installed versions of the libraries of these groups (all if none); None = not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for g in groups or tuple(LIBS):
+        for name in LIBS[g]:
+            try:
+                out[name] = version(name)
+            except PackageNotFoundError:
+                out[name] = None
+    return out
+
+
+def hardware() -> dict[str, str]:
+    """What the numbers are computed on: the device type, and the GPU model and compute capability (CUDA),
+    or the CPU architecture and the kernel level torch dispatches to (AVX2/AVX512 sum in other orders)."""
+    import torch
+
+    from tasks.modeling import device
+
+    dev = device()
+    if dev.type == "cuda":
+        i = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(i)
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(i), "capability": f"{major}.{minor}",
+                "cuda": str(torch.version.cuda)}
+    return {"device": dev.type, "arch": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+LOCK_FILES = ("uv.lock",)  # the install engineer's lock file; the first one present counts
+
+
+def lock_hash(root: Path = ROOT) -> str | None:
+    """sha256 (16 hex) of the dependency lock file, or None when there is none (an installed wheel, or
+    before the project has one). When present it is part of the run fingerprint: a new lock retrains."""
+    for name in LOCK_FILES:
+        if (f := root / name).is_file():
+            return hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    return None
+
+
+# ---------------------------------------------------------------- model and data identities
+def base_identity(path: Path, with_mtime: bool = True) -> str:
+    """Cheap identity of a model dir without a manifest: config + tokenizer content, weight file names
+    and sizes (hashing ~0.5 GB of weights on every run would cost seconds for nothing), and their mtimes
+    (weights replaced by same-size files must not reuse old bytes). Without mtimes it is the same on
+    every machine holding the same files (the run fingerprint needs that)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(path).iterdir()):
+        if p.suffix in (".json", ".jinja"):
+            h.update(p.name.encode() + p.read_bytes())
+        elif p.suffix == ".safetensors":
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns if with_mtime else ''}".encode())
+    return h.hexdigest()[:16]
+
+
+def base_fingerprint(params: "Params", workspace: Path) -> str:
+    """The base model's identity for the run fingerprint, known before (and without) converting it."""
+    from tasks.base_model import smollm2_gguf_path
+    from tasks.paths import ws_path
+
+    src = params.model.source
+    if src == "smollm2-gguf":
+        g = smollm2_gguf_path()
+        return f"smollm2-gguf:{g.name}:{g.stat().st_size}"
+    local = ws_path(workspace, src)
+    return f"dir:{base_identity(local, with_mtime=False)}" if local.is_dir() else f"hub:{src}"
+
+
+def content_hash(path: Path) -> str:
+    """The content of a dir we wrote (adapter, merged model, 4-bit copy, converted base), from its
+    manifest (sha256 + size of every file): the same bytes give the same hash wherever they lie.
+    A dir without a manifest (a model dir the user gave) falls back to base_identity with mtimes.
+    The manifest is read, not re-verified: every load of such a dir verifies it (util.check_manifest)."""
+    from tasks.util import MANIFEST, read_json
+
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return "dir:" + base_identity(path)
+    parts = {}
+    for rel, f in read_json(path / MANIFEST)["files"].items():
+        name = Path(rel).name
+        if name == "README.md":  # PEFT's model card: never loaded, decides nothing
+            continue
+        if name == "adapter_config.json":
+            # PEFT writes target_modules, a set, in the process's hash-seed order: the same adapter gets other
+            # bytes in every training process. Keyed on what it means, so a deterministic retrain matches.
+            cfg = read_json(path / rel)
+            if isinstance(cfg.get("target_modules"), list):
+                cfg["target_modules"] = sorted(cfg["target_modules"])
+            parts[rel] = digest(cfg)
+        else:
+            parts[rel] = f["sha256"]
+    return digest(parts)
+
+
+def data_version(outs: dict[str, str | None]) -> str:
+    """The data version: DVC's md5 of every output of the prepare stage (12 hex digits; the recipe of
+    every version recorded so far, kept so old and new versions compare)."""
+    return hashlib.sha256(repr(sorted(outs.items())).encode()).hexdigest()[:12]
+
+
+def data_hash(prepared: Path) -> str:
+    """The training rows: train + val splits."""
+    from tasks.util import sha256_file
+
+    return digest(sha256_file(Path(prepared) / "train.jsonl"), sha256_file(Path(prepared) / "val.jsonl"))
+
+
+def rows_hash(path: Path) -> str:
+    """The rows of one suite (the test split's file, an extra suite's file, or an lm-eval task's folder:
+    its YAML and data files): what score keys name."""
+    from tasks.util import sha256_dir, sha256_file
+
+    return (sha256_dir(path) if Path(path).is_dir() else sha256_file(path))[:16]
+
+
+# ---------------------------------------------------------------- cache keys
+def _dtype(params: "Params") -> str:
+    from tasks.modeling import compute_dtype, device
+
+    return str(compute_dtype(params.quantization, device()))
+
+
+def quantized_base_key(params: "Params", base_dir: Path) -> str:
+    """The 4-bit copy of `base_dir`: the base (mtimes too: a retrained same-size checkpoint gets a new copy),
+    the quantization params, the hardware and compute dtype, and the libraries that write the format."""
+    return digest(base_identity(base_dir), params.quantization.model_dump(mode="json"), hardware(), _dtype(params),
+                  lib_versions("model"))
+
+
+def train_key(params: "Params", data: str, base_id: str, nonce: str = "") -> str:
+    """One trained adapter: its rows, its base, the params and code of training, the libraries and
+    hardware that compute it, and the force nonce (a forced run trains into a new dir)."""
+    return digest(data, base_id, code_hash(*TRAIN_CODE), params.digest("seed", "model", "quantization", "lora", "training"),
+                  lib_versions("model"), hardware(), nonce)
+
+
+def score_key(params: "Params", rows: str, suite: Any = None) -> str:
+    """How a model is scored on one suite's rows (`suite`: its SuiteParams, None = the domain test split):
+    two models' results are compared row by row only when their score keys match. Covers the rows,
+    decoding + prompting + metric code, eval and quantization params (and the suite's own), the model and
+    metric libraries, the hardware and the compute dtype."""
+    ev = params.eval.model_dump(mode="json", exclude={"suites"})  # another suite does not change how this one scores
+    if suite is not None:  # its own metric and rows (cut at prepare); the domain split's choices are not its
+        ev = {k: v for k, v in ev.items() if k not in ("metric", "report_metrics", "max_examples")}
+        own = {"metric", "lm_eval"} | ({"system_prompt", "max_examples"} if suite.lm_eval else set())  # else in its rows
+        ev["suite"] = suite.model_dump(mode="json", include=own)
+    return digest(rows, code_hash(*EVAL_CODE), ev, params.quantization.model_dump(mode="json"),
+                  lib_versions("model", "metrics"), hardware(), _dtype(params))
+
+
+def eval_key(score: str, *contents: str, nonce: str = "") -> str:
+    """One evaluation's predictions: the score key and the content of what is evaluated (the base, the
+    adapter on its base, the merged weights), so a rebuilt or non-deterministic adapter is scored
+    again; the force nonce makes a forced run re-evaluate into new dirs."""
+    return digest(score, *contents, nonce)
+
+
+def fingerprint(data_version: str, params: "Params", base_fp: str, suites: dict[str, str] | None = None,
+                root: Path = ROOT) -> str:
+    """Everything that decides the model and its verdict: a run with the same one has nothing new to do.
+    `suites`: {name: rows hash} of the extra suites (their params are in params.model_digest)."""
+    parts: list[Any] = [data_version, params.model_digest(), code_hash(root=root), base_fp, lib_versions()]
+    if suites:
+        parts.append(dict(sorted(suites.items())))
+    if (lock := lock_hash(root)) is not None:
+        parts.append(lock)
+    return digest(*parts)
