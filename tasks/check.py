@@ -24,7 +24,7 @@ from tasks.samples import build_sample
 from tasks.sources import is_url, snapshot
 from tasks.stats import PromotionPolicy, power_check
 from tasks.util import read_jsonl
-from tasks.versioning import SAMPLES, remote_url, stage_name
+from tasks.versioning import SAMPLES, check_prepared_dir, remote_url, stage_name
 
 
 def _looks_local(src: str) -> bool:
@@ -39,6 +39,7 @@ def check(params_path: Path, workspace: Path) -> dict:
     rel = os.path.relpath(pfile, ws)
     if rel.startswith(".."):
         raise ParamsError(f"{pfile}: the params file must be inside the workspace {ws} (DVC tracks it); copy it into params/")
+    check_prepared_dir(ws, pfile, params)  # what `run` would meet in DVC: a copied file's data.prepared
     d = params.data
     src = model = None
     with tempfile.TemporaryDirectory(prefix="qlora-ops-check-") as tmp:

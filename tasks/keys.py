@@ -94,6 +94,7 @@ NOT_DECIDING: tuple[str, ...] = (
     "tasks/samples.py",  # builds the embedded raw data, which the data version covers
     "tasks/register.py", "tasks/registry_ops.py", "tasks/tracking.py", "tasks/serving.py",  # records, serving
     "tasks/paths.py", "tasks/util.py", "tasks/memory.py", "tasks/keys.py",  # where and how, not what
+    "tasks/lockfile.py",  # reads the lock; its content reaches the fingerprint through lock_hash
     "tasks/init_params.py", "tasks/check.py",  # write or check a params file; the params are covered
     # config.py: its defaults reach every key through the params digest; versioning.py and sources.py
     # make the data, which the data version (DVC's md5 of the prepared splits) covers byte for byte
@@ -191,16 +192,13 @@ def hardware() -> dict[str, str]:
     return {"device": dev.type, "arch": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-LOCK_FILES = ("uv.lock",)  # the install engineer's lock file; the first one present counts
-
-
 def lock_hash(root: Path = ROOT) -> str | None:
-    """sha256 (16 hex) of the dependency lock file, or None when there is none (an installed wheel, or
-    before the project has one). When present it is part of the run fingerprint: a new lock retrains."""
-    for name in LOCK_FILES:
-        if (f := root / name).is_file():
-            return hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-    return None
+    """sha256 (16 hex) of the dependency lock (every file of locks/: one lock per platform, made by
+    `bash .ci/lock.sh`), or None when there is none (an installed wheel). Part of the run fingerprint:
+    a new lock retrains. The same hash tags every MLflow run (tasks.lockfile.run_tags)."""
+    from tasks import lockfile
+
+    return lockfile.lock_hash(root)
 
 
 # ---------------------------------------------------------------- model and data identities

@@ -12,6 +12,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from tasks import lockfile
 from tasks.config import Params, ParamsError
 from tasks.register import ABANDONED, DEFERRED, INCOMPLETE
 from tasks.redact import redact_url
@@ -84,8 +85,10 @@ def logged_params(params: Params) -> dict[str, str]:
 
 
 def start_run(params: Params, experiment_id: str, tags: dict[str, str], run_name: str) -> str:
+    """A run with the params logged and, besides the caller's tags, what it ran on: the lock's hash and the
+    versions of torch, transformers, peft, bitsandbytes, accelerate (tasks.lockfile.run_tags)."""
     c = MlflowClient()
-    run = c.create_run(experiment_id, run_name=run_name, tags=tags)
+    run = c.create_run(experiment_id, run_name=run_name, tags={**lockfile.run_tags(), **tags})
     items = [Param(k, v) for k, v in logged_params(params).items()]
     for i in range(0, len(items), 100):
         c.log_batch(run.info.run_id, params=items[i:i + 100])

@@ -50,6 +50,28 @@ def jemalloc(env: dict[str, str] | None = None) -> str | None:
     return None
 
 
+_noted = False  # the missing-jemalloc note is said once per process (QLoRA and LoRA train from the same one)
+
+
+def allocator_note(base: dict[str, str] | None = None) -> str | None:
+    """The one-time note when the training child will run without jemalloc although nobody chose that
+    (no LD_PRELOAD / MALLOC_MMAP_THRESHOLD_ set, QLORA_OPS_JEMALLOC not off): what it costs, how to get it.
+    None when jemalloc is used, the caller chose, or the note was already given."""
+    global _noted
+    env = os.environ if base is None else base
+    if _noted or "LD_PRELOAD" in env or "MALLOC_MMAP_THRESHOLD_" in env or env.get("QLORA_OPS_JEMALLOC") == "off" \
+            or jemalloc(env):
+        return None
+    _noted = True
+    if sys.platform != "linux":
+        return ("note: training runs on the system allocator (jemalloc is preloaded on Linux only; the memory figures "
+                "in bench/RESULTS.md are Linux's)")
+    return ("note: libjemalloc.so.2 not found, so training runs on glibc with a 1 MiB mmap threshold: about 0.5 GB more "
+            "memory per training (bench/RESULTS.md, default config: RSS ~1.32 GB instead of ~0.80 GB) at about the same "
+            "speed. To get jemalloc: `sudo apt-get install libjemalloc2` (Debian/Ubuntu), `sudo dnf install jemalloc` "
+            "(Fedora), or QLORA_OPS_JEMALLOC=/path/to/libjemalloc.so.2; QLORA_OPS_JEMALLOC=off keeps glibc without this note")
+
+
 def child_env(base: dict[str, str] | None = None, checkpointing: bool = True) -> dict[str, str]:
     """The training child's environment: `base` (default os.environ) plus the allocator choice above.
     QLORA_OPS_JEMALLOC=off keeps glibc; QLORA_OPS_JEMALLOC=/path/libjemalloc.so.2 names another library."""
@@ -77,6 +99,8 @@ def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Pa
     pfile = out_dir / "params.json"  # JSON is YAML: load_params validates it exactly as a params file
     atomic_write_json(pfile, params.model_dump(mode="json"))
     (out_dir / ERROR_FILE).unlink(missing_ok=True)
+    if note := allocator_note():
+        on_log(note)
     env = child_env(checkpointing=params.training.gradient_checkpointing)
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)

@@ -149,6 +149,33 @@ def _raw_dvc_file(workspace: Path, params: Params) -> str | None:
     return None if rel in SAMPLES else f"{rel}.dvc"
 
 
+def _dvc_stages(workspace: Path) -> dict:
+    f = workspace / "dvc.yaml"
+    return (yaml.safe_load(f.read_text()) or {}).get("stages", {}) if f.is_file() else {}
+
+
+def check_prepared_dir(workspace: Path, params_path: Path, params: Params) -> None:
+    """data.prepared must be this params file's own directory. A copied params file keeps the original's, and
+    DVC then refuses the new stage with "output ... is already specified in stage ..." (exit 2 without a
+    word of which file or key): say it in our words, naming both params files and the key to change."""
+    workspace = Path(workspace).resolve()
+    prel = _rel(workspace, ws_path(workspace, params_path), "the params file")
+    out = _rel(workspace, ws_path(workspace, params.data.prepared), "data.prepared")
+    mine = stage_name(prel)
+    for name, stage in _dvc_stages(workspace).items():
+        if name == mine:
+            continue
+        for o in stage.get("outs") or []:
+            o = Path(next(iter(o)) if isinstance(o, dict) else str(o)).as_posix()
+            if o == out or o.startswith(out + "/") or out.startswith(o + "/"):  # DVC refuses nested outputs too
+                m = re.search(r"--params\s+(\S+)", str(stage.get("cmd", "")))
+                owner = f" of {m[1]}" if m else ""
+                raise ParamsError(
+                    f"{prel}: data.prepared={params.data.prepared!r} is already the output of DVC stage {name!r}{owner} "
+                    f"(dvc.yaml: {o}); each params file needs its own prepared directory. Fix: set data.prepared in "
+                    f"{prel} to a new one, e.g. `data.prepared: data/prepared/{Path(prel).stem}`")
+
+
 def ensure_stage(workspace: Path, params_path: Path, params: Params) -> str:
     if not (workspace / ".dvc").is_dir():
         raise DvcError(f"{workspace} is not a DVC repository: run `git init && dvc init` there (a clone of qlora-ops already is one)")
@@ -157,6 +184,7 @@ def ensure_stage(workspace: Path, params_path: Path, params: Params) -> str:
         raise ParamsError(f"{params_path}: the params file must be inside the workspace {workspace} (DVC tracks it); copy it into params/")
     raw_rel = _rel(workspace, ws_path(workspace, params.data.raw), "data.raw")
     out_rel = _rel(workspace, ws_path(workspace, params.data.prepared), "data.prepared")
+    check_prepared_dir(workspace, params_path, params)  # before any DVC command: a copied file's data.prepared
     if raw_rel not in SAMPLES:
         if raw_rel.startswith("../"):
             raise ParamsError(f"{params_path}: data.raw={params.data.raw!r} is outside the workspace {workspace}; "
@@ -166,8 +194,7 @@ def ensure_stage(workspace: Path, params_path: Path, params: Params) -> str:
                               "JSONL (or CSV/Parquet) file or a directory of them, or set data.source")
         dvc(workspace, "add", raw_rel)  # version the user's raw data (a no-op when unchanged)
     name = stage_name(prel)
-    stages = (yaml.safe_load((workspace / "dvc.yaml").read_text()) or {}).get("stages", {}) if (workspace / "dvc.yaml").is_file() else {}
-    if name not in stages:
+    if name not in _dvc_stages(workspace):
         # DVC fails on a params key absent from the file; keys left to their defaults are covered by
         # the dependency on tasks/config.py, where the defaults live.
         present = [k for k in ("data", "seed") if k in (yaml.safe_load(params_path.read_text()) or {})]

@@ -178,7 +178,7 @@ def test_pools_and_gpu_reservation(compose):
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "deploy" not in cpu
-    assert "cu" in gpu["build"]["args"]["TORCH_INDEX_URL"]  # a CUDA torch build, not the CPU default
+    assert gpu["build"]["args"]["LOCK"] == "linux-x86_64-cuda"  # the GPU lock (CUDA torch), not the CPU default
     setup = _cmd(services["setup"]["command"])
     assert "prefect work-pool create qlora-ops --type process --base-job-template infra/prefect/work-pool.json" in setup
     assert f"prefect work-pool create {GPU_POOL} --type process --base-job-template infra/prefect/work-pool-gpu.json" in setup

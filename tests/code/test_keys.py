@@ -74,7 +74,7 @@ def test_score_and_train_keys_and_fingerprint_follow_library_versions(monkeypatc
     p = Params()
     before = (keys.score_key(p, "rows"), keys.train_key(p, "data", "base"), keys.fingerprint("d", p, "b"))
     real = importlib.metadata.version
-    for lib in ("torch", "transformers", "peft", "bitsandbytes", "evaluate"):
+    for lib in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "evaluate"):
         monkeypatch.setattr(importlib.metadata, "version", lambda n, lib=lib: "99.0" if n == lib else real(n))
         after = (keys.score_key(p, "rows"), keys.train_key(p, "data", "base"), keys.fingerprint("d", p, "b"))
         assert after[0] != before[0] and after[2] != before[2], lib
@@ -142,10 +142,14 @@ def test_content_hash_is_what_is_loaded_not_how_peft_happened_to_write_it(tmp_pa
 
 
 def test_lock_file_hook(tree):
-    assert keys.lock_hash(tree) is None
+    assert keys.lock_hash(tree) is None  # an installed wheel: no locks/
     before = _fp(tree)
-    (tree / "uv.lock").write_text("version = 1\n")
-    assert keys.lock_hash(tree) is not None and _fp(tree) != before
+    shutil.copytree(ROOT / "locks", tree / "locks")
+    assert keys.lock_hash(tree) == keys.lock_hash(ROOT) and _fp(tree) != before
+    with_lock = _fp(tree)
+    lock = tree / "locks" / "linux-x86_64-cpu.txt"  # a regenerated lock (an upgrade): the run retrains
+    lock.write_text(lock.read_text().replace("\npeft==", "\npeft==0.0.0.dev0+x\n#", 1))
+    assert _fp(tree) != with_lock
 
 
 def test_params_digests():
