@@ -106,13 +106,17 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
     `decision`: version, promoted, reason (tasks.register's answer)."""
     import pandas as pd
 
+    from tasks import stats
+
     run_id, models, n = summary["mlflow_run_id"], summary["models"], summary["models"]["qlora"]["n"]
     st = summary["data"].get("stats", {})
     metric = params.get("eval.metric") or models["qlora"].get("metric") or "exact_match"
     gated = metric != "exact_match"  # a free-text run: its gate metric's mean beside exact match
+    # The interval is the gate metric's (tasks/verdict.with_intervals), at the run's gates.confidence.
+    level = stats.level(float(params.get("gates.confidence", 0.95)))
     acc = pd.DataFrame([{"model": k, **({metric: f"{(m.get('metrics') or {}).get(metric, float('nan')):.4f}"} if gated else {}),
+                         f"{level} interval": f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else "",
                          "accuracy": f"{m['accuracy']:.4f}",
-                         "95% interval": f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else "",
                          "EOS rate": f"{m['eos_rate']:.2f}" if m.get("eos_rate") is not None else "", "n": m["n"]}
                         for k, m in ordered(models)])
     keys = ["seed", "model.source", "model.max_seq_len", "quantization.quant_type", "quantization.double_quant",
@@ -133,9 +137,9 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
          + (f" (the first {n} test rows evaluated: eval.max_examples)" if st.get("test", n) != n else ""),
          f"- code {str(summary['code']['git_commit'])[:10]} (source sha {summary['code']['source_sha']}), "
          f"fingerprint `{summary['fingerprint']}`", "",
-         f"## Metrics (test split{f': {metric} (the gate metric) and' if gated else ','} exact-match accuracy, Wilson "
-         "95% interval)", "", _md(acc), "",
-         "## Gates", "", _md(gate_frame(summary["gates"])), "",
+         f"## Metrics (test split{f': {metric} (the gate metric) with its {level} bootstrap interval, and exact-match accuracy' if gated else f', exact-match accuracy, Wilson {level} interval'})",
+         "", _md(acc), "",
+         "## Gates", "", _md(gate_frame(summary["gates"], level)), "",
          *suite_card(summary),
          "## Promotion", "", f"{'Promoted to champion' if decision['promoted'] else 'Not promoted'}: "
          f"{decision['reason']}", "",
@@ -178,11 +182,11 @@ def suite_card(summary: dict) -> list[str]:
     return ["## Suites", ""] + [x for _, head, df in tables for x in (f"{head}:", "", _md(df.round(4)), "")]
 
 
-def gate_frame(verdicts: list[dict]):
+def gate_frame(verdicts: list[dict], level: str = "95%"):
     import pandas as pd
 
     return pd.DataFrame([{"gate": v["name"], "value": f"{v['value']:.4f}",
-                          "95% interval": f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None else "",
+                          f"{level} interval": f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None else "",
                           "interval of": v.get("ci_of", "") if v.get("ci_low") is not None else "",
                           "threshold": f"{v['op']} {v['threshold']}", "decided on": v["decided_on"],
                           "verdict": "PASS" if v["passed"] else "FAIL"} for v in verdicts])
@@ -261,7 +265,8 @@ def _champion(c, model_name: str | None, champ: dict | None, summary: dict) -> d
     v = (champ or {}).get("version") or summary.get("registry", {}).get("previous_champion_version")
     if not v or not model_name:
         return None
-    out = {"version": int(v), "correct": (champ or {}).get("correct"), "how": (champ or {}).get("how", "")}
+    out = {"version": int(v), "correct": (champ or {}).get("correct"), "scores": (champ or {}).get("scores"),
+           "how": (champ or {}).get("how", "")}
     try:
         tags = dict(c.get_model_version(model_name, str(v)).tags or {})
         out["data_version"], out["run_id"] = tags.get("data_version"), tags.get("mlflow_run_id")
@@ -309,14 +314,16 @@ def accuracy_plot(acc) -> str:
 
     fig = Figure(figsize=(8, 3.4))
     ax = fig.add_subplot()
-    y = acc["accuracy"].to_numpy()
+    y = acc["score"].to_numpy(float)
     # Clipped at 0: a Wilson bound at accuracy 0 or 1 can sit a rounding error past the point.
     err = np.clip([y - acc["ci_low"].to_numpy(float), acc["ci_high"].to_numpy(float) - y], 0, None)
     ax.bar(acc["model"], y, yerr=err, capsize=6, color=["tab:gray", "tab:orange", "tab:blue", "tab:green",
                                                         "tab:purple"][:len(y)])
     for i, v in enumerate(y):
         ax.annotate(f"{v:.3f}", (i, v), xytext=(8, 3), textcoords="offset points", fontsize=9)
-    ax.set(ylim=(0, 1.05), ylabel="test accuracy", title="Accuracy on the same test rows, with 95% intervals")
+    metric, level = acc["metric"].iloc[0] if len(acc) else "exact_match", acc.attrs.get("level", "95%")
+    top = 1.05 if metric != "nll" else max(1.0, float(np.nanmax(acc["ci_high"].to_numpy(float))) * 1.1)
+    ax.set(ylim=(0, top), ylabel=f"test {metric}", title=f"{metric} on the same test rows, with {level} intervals")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
@@ -346,13 +353,23 @@ def accuracy_frame(f: dict):
     from tasks import stats
 
     conf = float(f["params"].get("gates.confidence", 0.95))
-    rows = [{"model": k, "accuracy": m["accuracy"], "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"),
+    # `score`: the gate metric's mean (exact match: the accuracy); its interval is ci_low/ci_high.
+    rows = [{"model": k, "metric": m.get("metric", "exact_match"), "score": m.get("score", m["accuracy"]),
+             "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"), "accuracy": m["accuracy"],
              "eos_rate": m["eos_rate"], "n": m["n"]} for k, m in ordered(f["summary"]["models"])]
     ch = f.get("champion")
-    if ch and ch.get("correct"):
+    metric = rows[0]["metric"] if rows else "exact_match"
+    if ch and ch.get("correct") and metric == "exact_match":
         lo, hi = stats.accuracy_interval(ch["correct"], conf)
-        rows.append({"model": f"champion v{ch['version']}", "accuracy": sum(ch["correct"]) / len(ch["correct"]),
-                     "ci_low": lo, "ci_high": hi, "eos_rate": None, "n": len(ch["correct"])})
+        acc = sum(ch["correct"]) / len(ch["correct"])
+        rows.append({"model": f"champion v{ch['version']}", "metric": metric, "score": acc, "ci_low": lo, "ci_high": hi,
+                     "accuracy": acc, "eos_rate": None, "n": len(ch["correct"])})
+    elif ch and (sc := (ch.get("scores") or {}).get(metric)):
+        from tasks.metrics import get
+
+        lo, hi = stats.mean_interval(sc, conf, binary=get(metric).binary)
+        rows.append({"model": f"champion v{ch['version']}", "metric": metric, "score": sum(sc) / len(sc), "ci_low": lo,
+                     "ci_high": hi, "accuracy": sum(ch.get("correct") or []) / len(sc), "eos_rate": None, "n": len(sc)})
     return pd.DataFrame(rows)
 
 
@@ -391,6 +408,8 @@ def data_frame(f: dict):
 
 
 def render_html(f: dict) -> str:
+    from tasks import stats
+
     s, run_id = f["summary"], f["run_id"]
     table = dict(index=False, border=0, classes="t", na_rep="")
     parts = [f"<h1>qlora-ops run report</h1><p class='meta'>MLflow run <code>{run_id}</code> · outcome "
@@ -402,9 +421,11 @@ def render_html(f: dict) -> str:
                  f": {html.escape(str(r.get('reason', '')))}</p>")
     parts += ["<h2>Training loss</h2>", _img("loss-plot", loss_plot(f["curves"]), "train/val loss, QLoRA vs LoRA")]
     acc = accuracy_frame(f)
-    parts += ["<h2>Accuracy</h2>", _img("accuracy-plot", accuracy_plot(acc), "accuracy per model with 95% intervals"),
+    level = stats.level(float(f["params"].get("gates.confidence", 0.95)))
+    acc.attrs["level"] = level
+    parts += ["<h2>Accuracy</h2>", _img("accuracy-plot", accuracy_plot(acc), f"{acc['metric'].iloc[0]} per model with {level} intervals"),
               acc.round(4).to_html(table_id="accuracy-table", **table)]
-    parts += ["<h2>Gates</h2>", gate_frame(f["gates"]).to_html(table_id="gate-table", **table),
+    parts += ["<h2>Gates</h2>", gate_frame(f["gates"], level).to_html(table_id="gate-table", **table),
               "<ul>" + "".join(f"<li>{html.escape(g['name'])}: {html.escape(g['detail'])}</li>" for g in f["gates"]) + "</ul>"]
     if s.get("power"):
         parts.append(f"<p class='note'>{html.escape(s['power'])}</p>")

@@ -72,3 +72,21 @@ def test_model_card_names_the_gate_metric_and_lists_suites():
                              {"version": 1, "promoted": True, "reason": "ok"})
     assert "rouge_l (the gate metric)" in card and "0.4123" in card and "gated on rouge_l: ROUGE-L" in card
     assert "## Suites" in card and "general: non_inferior on chrf (threshold 0.02) - general:non_inferior FAIL" in card
+
+
+def test_the_accuracy_section_plots_the_gate_metric_at_the_runs_confidence():
+    """A free-text run's model table and plot show the gate metric with its interval (the one
+    verdict.with_intervals computed), labelled at gates.confidence, not accuracy under a fixed "95%"."""
+    f = run()
+    for m, (_, rouge, _) in ANSWERS.items():
+        f["summary"]["models"][m].update(score=sum(rouge) / 4, ci_low=0.1, ci_high=0.9)
+    f["params"]["gates.confidence"] = "0.9"
+    acc = report.accuracy_frame(f)
+    assert list(acc["score"]) == [sum(ANSWERS[m][1]) / 4 for m in acc["model"]] and set(acc["metric"]) == {"rouge_l"}
+    f["champion"] = {"version": 3, "correct": [False] * 4, "scores": {"rouge_l": [0.2, 0.4, 0.6, 0.8]}}
+    ch = report.accuracy_frame(f).iloc[-1]
+    assert ch["model"] == "champion v3" and abs(ch["score"] - 0.5) < 1e-9 and ch["ci_low"] < 0.5 < ch["ci_high"]
+    card = report.model_card({**f["summary"], "mlflow_run_id": "r", "data": {"version": "d", "stage": "s"},
+                              "code": {"git_commit": "c", "source_sha": "s"}, "fingerprint": "f", "gates": []},
+                             f["params"], None, {"version": 1, "promoted": True, "reason": "x"})
+    assert "90% interval" in card and "95%" not in card
