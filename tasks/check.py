@@ -27,6 +27,15 @@ from tasks.util import read_jsonl
 from tasks.versioning import SAMPLES, check_prepared_dir, remote_url, stage_name
 
 
+
+def _assumed_noise(metric: str) -> dict:
+    """Before any model has answered, the power line assumes the noise of the gate metric's kind: the
+    discordance of 0/1 scores, or the sd of continuous per-row differences (tasks/stats.py)."""
+    from tasks.metrics import get
+    from tasks.stats import ASSUMED_SD
+
+    return {} if get(metric).binary else {"sd": ASSUMED_SD}
+
 def _looks_local(src: str) -> bool:
     return src.startswith(("/", ".", "~"))  # a hub id is org/name: never absolute or dotted
 
@@ -74,7 +83,7 @@ def check(params_path: Path, workspace: Path) -> dict:
     policy = PromotionPolicy.from_registry(r)
     return {"params": Path(rel).as_posix(), "stage": stage_name(Path(rel).as_posix()), "raw": d.raw, "source": src,
             "stats": stats, "steps": steps, "examples_seen": steps * t.batch_size * t.grad_accum, "model": model,
-            "eval_rows": n_eval, "power": power_check(policy, n_eval), "tracking_uri": redact_url(tracking_uri(ws, params)),
+            "eval_rows": n_eval, "power": power_check(policy, n_eval, **_assumed_noise(params.eval.metric)), "tracking_uri": redact_url(tracking_uri(ws, params)),
             "model_name": r.model_name, "dvc_remote": redact_url(remote_url(ws, params)), "gpu_pool": params.orchestration.gpu_pool,
             "labels": params.data.labels, "metric": params.eval.metric, "report_metrics": params.eval.report_metrics,
             "gates": params.gates.model_dump(), "policy": {"non_inferiority_margin": r.non_inferiority_margin,

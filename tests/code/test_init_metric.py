@@ -55,6 +55,9 @@ def test_init_writes_the_metric_its_gates_and_one_comment(tmp_path, name, output
     out = format_check(check(Path(res["path"]), tmp_path))
     assert f"metric    {metric} (higher is better, 0..1 per row): " in out
     assert f">= {g['min_gain_over_base']:g}" in out and f"<= {g['max_merge_disagreement']:g}" in out
+    # 120 rows: too few for the policy; the power note is in the metric's own terms (an sd of continuous
+    # scores, not a discordance of 0/1 answers)
+    assert ("metric units" in out) == (metric != "exact_match") and ("discordance" in out) == (metric == "exact_match"), out
 
 
 def test_check_refuses_json_match_on_answers_that_are_not_json(tmp_path):
