@@ -336,8 +336,10 @@ def registry_command(a) -> int:
     mlflow.set_tracking_uri(uri)
     r = params.registry
     if a.cmd == "status":
-        print(registry_ops.format_status(registry_ops.status(r.model_name, (r.champion_alias, r.challenger_alias),
-                                                             r.experiment)))
+        from tasks.serving_ops import SERVING_ALIAS  # moved by verify-serving / serve --follow on a pass
+
+        print(registry_ops.format_status(registry_ops.status(r.model_name, (r.champion_alias, r.challenger_alias,
+                                                                            SERVING_ALIAS), r.experiment)))
         return 0
     from tasks.stats import PromotionPolicy  # not flows.retrain: that imports torch, seconds for nothing here
     # The same serialization as automatic promotion (flows.registry_slot): the model's global slot, which a

@@ -76,7 +76,10 @@ def status(model_name: str, aliases: tuple[str, ...], experiment: str | None, li
         by_v.setdefault(str(v), []).append(a)
     vt = pd.DataFrame([{"version": int(v.version), "aliases": ",".join(sorted(by_v.get(str(v.version), []))) or "-",
                         "status": v.tags.get("status", "?"), "promoted": v.tags.get("promoted", "?"),
-                        "accuracy": f"{float(v.tags['test_accuracy']):.4f}" if "test_accuracy" in v.tags else "?", "data": v.tags.get("data_version", "?"),
+                        "accuracy": f"{float(v.tags['test_accuracy']):.4f}" if "test_accuracy" in v.tags else "?",
+                        # the metric the version was judged (and is promoted) on, and its score
+                        "gate": f"{v.tags['gate_metric']}={float(v.tags['gate_score']):.4f}" if "gate_score" in v.tags else "-",
+                        "data": v.tags.get("data_version", "?"),
                         "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
                         "why": (v.tags.get("rejected_reason") or v.tags.get("promotion_reason", ""))[:70]}
                        for v in versions])

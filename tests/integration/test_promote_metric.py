@@ -24,7 +24,7 @@ def test_promote_decides_on_the_versions_gate_metric(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from tasks.register import PromotionError
-    from tasks.registry_ops import Actor, promote
+    from tasks.registry_ops import Actor, format_status, promote, status
     from tasks.stats import PromotionPolicy
 
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -40,13 +40,15 @@ def test_promote_decides_on_the_versions_gate_metric(tmp_path, monkeypatch):
                                                                        "score_key": "K", **tags}).version
 
     by = Actor("tester", False, "test")
-    v1 = version(0.30, gate_metric="rouge_l")
+    v1 = version(0.30, gate_metric="rouge_l", gate_score="0.31")
     c.set_registered_model_alias("ft", "champion", v1)
-    v2 = version(0.50, gate_metric="rouge_l")
+    v2 = version(0.50, gate_metric="rouge_l", gate_score="0.51")
     out = promote("ft", int(v2), "champion", PromotionPolicy(), tmp_path / "w", by=by)
     # Exact match is 0 for both on every row: decided on it, nothing could ever be promoted.
     assert out["promoted"], out
     assert c.get_registered_model("ft").aliases["champion"] == v2
+    text = format_status(status("ft", ("champion", "challenger", "serving"), None))
+    assert "champion    -> v2" in text and "serving     -> (none)" in text and "rouge_l=0.5100" in text, text
 
     v3 = version(0.90)  # no gate_metric tag: judged on exact match (a version from before free-text metrics)
     with pytest.raises(PromotionError, match="different gate metrics .*exact_match vs rouge_l"):

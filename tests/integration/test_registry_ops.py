@@ -54,7 +54,7 @@ def test_status_promote_rollback(setup, mlflow_server, monkeypatch):
 
     r = ops(ws, prefect, "status")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "champion    -> v1" in r.stdout and "challenger  -> v2" in r.stdout
+    assert "champion    -> v1" in r.stdout and "challenger  -> v2" in r.stdout and "serving     -> (none)" in r.stdout
     assert "registered" in r.stdout and "recent runs" in r.stdout
     rows = {ln.split()[0]: ln.split()[1] for ln in r.stdout.splitlines() if ln.split()[:1] in (["1"], ["2"])}
     assert rows == {"1": "champion", "2": "challenger"}, r.stdout  # the aliases column of the versions table
