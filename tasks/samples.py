@@ -100,7 +100,7 @@ SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "turtledemo", "tkinter", "
              "venv", "pydoc_data", "site-packages", "dist-packages", "__phello__"}
 SUMMARY_CHARS = (20, 100)    # a summary line, not a paragraph: short answers keep generation cheap
 MIN_BODY_CHARS = 40          # the rest of the docstring must say something to summarise
-SUMMARY_INPUT_CHARS = 300    # = params/free-text.yaml data.max_input_chars: cut here, so prepare never cuts
+SUMMARY_INPUT_CHARS = 200    # = params/free-text.yaml data.max_input_chars: cut here, so prepare never cuts
 SUMMARY_ROWS = 1200          # enough for a ~240-row test split; more only makes the run longer
 
 
