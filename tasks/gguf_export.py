@@ -144,13 +144,7 @@ def write_model(model_dir: Path, out: Path, outtype: str, name: str) -> Path:
     for hf_name, data in _tensors(model_dir):
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
-        if hf_name.endswith("q_proj.weight"):
-            data = permute_qk(data, n_head)
-        elif hf_name.endswith("k_proj.weight"):
-            data = permute_qk(data, n_kv)
-        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise GGUFExportError(f"{model_dir}: no GGUF name for tensor {hf_name}")
+        new, data = _gguf_tensor(names, hf_name, data, n_head, n_kv, model_dir)
         if data.ndim == 1:
             w.add_tensor(new, data.astype(np.float32))
         elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
@@ -193,18 +187,25 @@ def write_adapter(adapter_dir: Path, base_cfg: dict, out: Path, name: str) -> Pa
     w.add_name(name)
     names = gguf.get_tensor_name_map(arch, n_layer)
     for base, ab in sorted(pairs.items()):
-        a, b = ab["a"], ab["b"]
-        if base.endswith("q_proj.weight"):
-            b = permute_qk(b, n_head)
-        elif base.endswith("k_proj.weight"):
-            b = permute_qk(b, n_kv)
-        new = names.get_name(base, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise GGUFExportError(f"{adapter_dir}: no GGUF name for {base}")
+        # B's rows are the projection's output rows: permuted like the weight (A's input side is not)
+        new, b = _gguf_tensor(names, base, ab["b"], n_head, n_kv, adapter_dir)
+        a = ab["a"]
         w.add_tensor(f"{new}.lora_a", np.ascontiguousarray(a, dtype=np.float32))
         w.add_tensor(f"{new}.lora_b", np.ascontiguousarray(b, dtype=np.float32))
     _write(w)
     return Path(out)
+
+
+def _gguf_tensor(names, hf_name: str, data, n_head: int, n_kv: int, where: Path):
+    """(llama.cpp's name, data in llama.cpp's layout) of an HF tensor: q/k rows permuted for its RoPE."""
+    if hf_name.endswith("q_proj.weight"):
+        data = permute_qk(data, n_head)
+    elif hf_name.endswith("k_proj.weight"):
+        data = permute_qk(data, n_kv)
+    new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if new is None:
+        raise GGUFExportError(f"{where}: no GGUF name for tensor {hf_name}")
+    return new, data
 
 
 def _write(w) -> None:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from tasks import metrics as M
 from tasks.config import DataParams, ModelParams, Params, ParamsError, RegistryParams
-from tasks.data import FIELDS, DataError, columns_of, detect_format, prepare
+from tasks.data import FIELDS, DataError, detect_format, prepare
+from tasks.readers import columns_of
 from tasks.stats import PromotionPolicy, level, min_detectable_diff, rows_needed
 from tasks.util import read_jsonl
 

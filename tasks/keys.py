@@ -61,7 +61,7 @@ def params_digest(dump: dict, *sections: str) -> str:
 # Source files (globs relative to ROOT) that decide the model and its verdict, by what they decide.
 CODE_GROUPS: dict[str, tuple[str, ...]] = {
     # rows of the suites (the domain split's rows are covered by the data version itself)
-    "data": ("tasks/data.py", "tasks/suites.py"),
+    "data": ("tasks/data.py", "tasks/readers.py", "tasks/suites.py"),
     "prompting": ("tasks/prompting.py",),
     # the training loop and the model loads it makes
     "train": ("tasks/train.py", "tasks/train_process.py", "tasks/distributed.py", "tasks/modeling.py"),

@@ -5,7 +5,7 @@
 The source is a local directory, one local file, or any fsspec URL (s3://bucket/prefix/, gs://, ...);
 `options` are fsspec storage options, credentials come from the environment (AWS_ACCESS_KEY_ID, ...).
 Data files are *.jsonl, *.csv, *.parquet, *.arrow at any depth, and the index files of a `datasets`
-`save_to_disk` directory (state.json, dataset_info.json, dataset_dict.json: tasks.data.is_data_name), so
+`save_to_disk` directory (state.json, dataset_info.json, dataset_dict.json: tasks.readers.is_data_name), so
 such a directory mirrors whole; anything else is ignored and listed, as is
 every path with a part starting with "." or "_" (editor temp files, `_SUCCESS`, `_temporary/`: the
 pyarrow/Spark convention for "not data").
@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 
 from tasks.config import ParamsError
-from tasks.data import DATA_SUFFIXES, is_data_name
+from tasks.readers import DATA_SUFFIXES, is_data_name
 from tasks.redact import redact_url
 
 _KINDS = "*.jsonl, *.csv, *.parquet or *.arrow (a datasets save_to_disk directory)"

@@ -740,8 +740,8 @@ def _main() -> None:
             print(f"| {n} | {what} | " + " | ".join(f"{r:.1%}" for r in rates) + " |")
 
     budget = PromotionPolicy(yearly_false_promotion=0.05)
-    print(f"\nover a year: weekly decisions on one reused test set, every retrain equally good "
-          f"(0/1 scores, champion 0.70, discordance 0.10), 1000 simulated years per cell")
+    print("\nover a year: weekly decisions on one reused test set, every retrain equally good "
+          "(0/1 scores, champion 0.70, discordance 0.10), 1000 simulated years per cell")
     print("| n | per decision (simulate) | 1 - (1 - rate)^52 | >= 1 false promotion in 52 weeks (simulated) "
           "| with yearly_false_promotion 0.05: per year | its power, +5 pts |")
     print("|---|---|---|---|---|---|")

@@ -11,7 +11,6 @@ or data); here that becomes the same exception again.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

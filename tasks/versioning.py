@@ -23,7 +23,7 @@ from typing import Iterator
 import yaml
 
 from tasks.config import Params, ParamsError
-from tasks.data import DATA_SUFFIXES
+from tasks.readers import DATA_SUFFIXES
 from tasks.keys import data_version
 from tasks.paths import state_dir, ws_path
 from tasks.redact import redact_url

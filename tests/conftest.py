@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import shutil
 import subprocess
@@ -198,17 +197,11 @@ def tail(path: Path, n: int = 60) -> str:
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
-    """Stop a process started with start_new_session=True, and everything it spawned (flow runs)."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
+    """Stop a process started with start_new_session=True, and everything it spawned (flow runs): the
+    product's own stop (SIGTERM to the group, SIGKILL after 20 s)."""
+    from tasks.serving_ops import stop
+
+    stop(proc)
 
 
 class PrefectServer:

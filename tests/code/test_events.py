@@ -75,8 +75,8 @@ def test_notifications_that_are_not_new_data_relay_nothing(key, name):
 
 
 def test_data_names_match_the_snapshot():
-    """The relay image carries only flows/: its copy of the data-file rule must equal tasks.data's."""
-    from tasks import data
+    """The relay image carries only flows/: its copy of the data-file rule must equal tasks.readers'."""
+    from tasks import readers as data
 
     assert events.DATA_SUFFIXES == data.DATA_SUFFIXES and events.SAVED_FILES == data.SAVED_FILES
     for key in ("a.jsonl", "x/y.CSV", "d/state.json", "d/data-00000-of-00001.arrow", "notes.md", "a.json"):

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from tasks.config import DataParams, Params, ParamsError, load_params
-from tasks.data import DataError, columns_of, detect_format, load_raw, prepare
+from tasks.data import DataError, detect_format, load_raw, prepare
+from tasks.readers import columns_of
 from tasks.util import read_jsonl
 
 LABELS = ["json", "math", "os", "re"]
