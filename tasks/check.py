@@ -27,7 +27,6 @@ from tasks.util import read_jsonl
 from tasks.versioning import SAMPLES, check_prepared_dir, remote_url, stage_name
 
 
-
 def _assumed_noise(metric: str) -> dict:
     """Before any model has answered, the power line assumes the noise of the gate metric's kind: the
     discordance of 0/1 scores, or the sd of continuous per-row differences (tasks/stats.py)."""
@@ -35,6 +34,7 @@ def _assumed_noise(metric: str) -> dict:
     from tasks.stats import ASSUMED_SD
 
     return {} if get(metric).binary else {"sd": ASSUMED_SD}
+
 
 def _looks_local(src: str) -> bool:
     return src.startswith(("/", ".", "~"))  # a hub id is org/name: never absolute or dotted

@@ -308,7 +308,7 @@ def loss_plot(curves: dict) -> str:
     return _png(fig)
 
 
-def accuracy_plot(acc) -> str:
+def accuracy_plot(acc, level: str = "95%") -> str:
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -321,7 +321,7 @@ def accuracy_plot(acc) -> str:
                                                         "tab:purple"][:len(y)])
     for i, v in enumerate(y):
         ax.annotate(f"{v:.3f}", (i, v), xytext=(8, 3), textcoords="offset points", fontsize=9)
-    metric, level = acc["metric"].iloc[0] if len(acc) else "exact_match", acc.attrs.get("level", "95%")
+    metric = acc["metric"].iloc[0] if len(acc) else "exact_match"
     top = 1.05 if metric != "nll" else max(1.0, float(np.nanmax(acc["ci_high"].to_numpy(float))) * 1.1)
     ax.set(ylim=(0, top), ylabel=f"test {metric}", title=f"{metric} on the same test rows, with {level} intervals")
     ax.grid(axis="y", alpha=0.3)
@@ -358,18 +358,18 @@ def accuracy_frame(f: dict):
              "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"), "accuracy": m["accuracy"],
              "eos_rate": m["eos_rate"], "n": m["n"]} for k, m in ordered(f["summary"]["models"])]
     ch = f.get("champion")
-    metric = rows[0]["metric"] if rows else "exact_match"
-    if ch and ch.get("correct") and metric == "exact_match":
-        lo, hi = stats.accuracy_interval(ch["correct"], conf)
-        acc = sum(ch["correct"]) / len(ch["correct"])
-        rows.append({"model": f"champion v{ch['version']}", "metric": metric, "score": acc, "ci_low": lo, "ci_high": hi,
-                     "accuracy": acc, "eos_rate": None, "n": len(ch["correct"])})
-    elif ch and (sc := (ch.get("scores") or {}).get(metric)):
+    if ch and ch.get("correct"):
+        from tasks.gate import gate_scores
         from tasks.metrics import get
 
-        lo, hi = stats.mean_interval(sc, conf, binary=get(metric).binary)
-        rows.append({"model": f"champion v{ch['version']}", "metric": metric, "score": sum(sc) / len(sc), "ci_low": lo,
-                     "ci_high": hi, "accuracy": sum(ch.get("correct") or []) / len(sc), "eos_rate": None, "n": len(sc)})
+        m = get(rows[0]["metric"] if rows else "exact_match")
+        try:
+            sc = gate_scores(ch, m)  # exact match: its 0/1 `correct`, Wilson interval (mean_interval)
+        except ValueError:  # a champion saved without per-row scores of this metric: not shown
+            return pd.DataFrame(rows)
+        lo, hi = stats.mean_interval(sc, conf, binary=m.binary)
+        rows.append({"model": f"champion v{ch['version']}", "metric": m.name, "score": sum(sc) / len(sc), "ci_low": lo,
+                     "ci_high": hi, "accuracy": sum(ch["correct"]) / len(sc), "eos_rate": None, "n": len(sc)})
     return pd.DataFrame(rows)
 
 
@@ -422,8 +422,7 @@ def render_html(f: dict) -> str:
     parts += ["<h2>Training loss</h2>", _img("loss-plot", loss_plot(f["curves"]), "train/val loss, QLoRA vs LoRA")]
     acc = accuracy_frame(f)
     level = stats.level(float(f["params"].get("gates.confidence", 0.95)))
-    acc.attrs["level"] = level
-    parts += ["<h2>Accuracy</h2>", _img("accuracy-plot", accuracy_plot(acc), f"{acc['metric'].iloc[0]} per model with {level} intervals"),
+    parts += ["<h2>Accuracy</h2>", _img("accuracy-plot", accuracy_plot(acc, level), f"{acc['metric'].iloc[0]} per model with {level} intervals"),
               acc.round(4).to_html(table_id="accuracy-table", **table)]
     parts += ["<h2>Gates</h2>", gate_frame(f["gates"], level).to_html(table_id="gate-table", **table),
               "<ul>" + "".join(f"<li>{html.escape(g['name'])}: {html.escape(g['detail'])}</li>" for g in f["gates"]) + "</ul>"]
