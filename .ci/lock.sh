@@ -130,4 +130,4 @@ seed "$in/no-deps.txt" $(keep locks/no-deps.txt)
 
 # All resolved: only now replace the locks, then check they agree with each other and with pyproject.
 for f in linux-x86_64-cpu-test linux-x86_64-cpu linux-x86_64-cuda macos-arm64 no-deps; do cp "$in/$f.txt" "locks/$f.txt"; done
-PYTHONPATH=$PWD "$work/bin/python" -m tasks.lockfile check && echo "== locks/ agree with each other and with pyproject.toml"
+"$work/bin/python" tasks/core/lockfile.py check && echo "== locks/ agree with each other and with pyproject.toml"

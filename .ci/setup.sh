@@ -105,6 +105,6 @@ uvi --require-hashes -r "$tmp/rest.txt" -r locks/no-deps.txt
 # The project itself, editable; its build backend (setuptools) came with the lock.
 uvi --no-build-isolation -e .
 # Fail here, not mid-run: every locked version installed, and the stack imports.
-.venv/bin/python -m tasks.lockfile installed "$lock"
-.venv/bin/python -c "import tasks.config, torch, prefect, mlflow, dvc"
+.venv/bin/python -m qlora_ops.tasks.core.lockfile installed "$lock"
+.venv/bin/python -c "import qlora_ops.tasks.core.config, torch, prefect, mlflow, dvc"
 echo "$mode $want" > "$stamp"

@@ -9,7 +9,7 @@
             with native bf16) and paged AdamW; scores, stage seconds and peaks
 3. memory   QLoRA vs LoRA peak memory and tokens/s: bench/train_throughput.py on SmolLM2-135M and on the
             random-weight 1.1B Llama (--llama-1b), 20 steps each
-4. ddp      with 2+ GPUs: `torchrun --nproc_per_node 2 -m tasks.train` vs 1 process on the default data
+4. ddp      with 2+ GPUs: `torchrun --nproc_per_node 2 -m tasks.train.loop` vs 1 process on the default data
             (losses, tokens/s, peak memory); skipped, and said so, with 1 GPU
 5. hygiene  release_memory leaves no reserved CUDA memory; quantizing the 4-bit base for a flow leaves the
             calling process without a CUDA context (it runs in a child)
@@ -38,8 +38,8 @@ def step_env() -> dict:
 
     import torch
 
-    from tasks.config import QuantParams
-    from tasks.modeling import compute_dtype
+    from qlora_ops.tasks.core.config import QuantParams
+    from qlora_ops.tasks.model.modeling import compute_dtype
 
     return {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
             "capability": list(torch.cuda.get_device_capability(0)), "is_bf16_supported": torch.cuda.is_bf16_supported(),
@@ -56,7 +56,7 @@ def step_loop() -> dict:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))},
                "PYTHONPATH": str(ws), "QLORA_OPS_PROGRESS": "off", "PREFECT_HOME": str(Path(t) / "prefect-home")}
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", "params/default.yaml", "--workspace", str(ws)],
+        r = subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--params", "params/default.yaml", "--workspace", str(ws)],
                            cwd=ws, env=env, capture_output=True, text=True)
         secs = time.time() - t0
         s = summary_json(ws)
@@ -94,8 +94,8 @@ def step_ddp() -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     from plain_vs_ours import default_data
 
-    from tasks.base_model import resolve_base_model
-    from tasks.config import Params
+    from qlora_ops.tasks.model.base import resolve_base_model
+    from qlora_ops.tasks.core.config import Params
 
     base, data = resolve_base_model(Params(), ROOT), default_data()
     out = {}
@@ -103,7 +103,7 @@ def step_ddp() -> dict:
         for name, launch in (("1_process", [sys.executable]),
                              ("2_process_ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])):
             run = Path(t) / name
-            r = subprocess.run([*launch, "-m", "tasks.train", "--params", "params/default.yaml", "--kind", "qlora",
+            r = subprocess.run([*launch, "-m", "qlora_ops.tasks.train", "--params", "params/default.yaml", "--kind", "qlora",
                                 "--base-dir", str(base), "--data-dir", str(data), "--out", str(run)],
                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
             if r.returncode != 0:
@@ -117,15 +117,15 @@ def step_ddp() -> dict:
 def step_hygiene() -> dict:
     import torch
 
-    from tasks.base_model import quantized_base, resolve_base_model
-    from tasks.config import Params
+    from qlora_ops.tasks.model.base import quantized_base, resolve_base_model
+    from qlora_ops.tasks.core.config import Params
 
     base = resolve_base_model(Params(), ROOT)
     with tempfile.TemporaryDirectory() as t:
         quantized_base(Params(), Path(t), base)  # in a child on CUDA
         after_quantize = torch.cuda.is_initialized()
-    from tasks.memory import release_memory
-    from tasks.modeling import load_model
+    from qlora_ops.tasks.core.memory import release_memory
+    from qlora_ops.tasks.model.modeling import load_model
 
     model, _ = load_model(base, Params(), quantized=False)
     loaded = torch.cuda.memory_reserved()

@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("kind", choices=["qlora", "lora"])
     ap.add_argument("--gc", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--trim", action="store_true", help="malloc_trim after every step (tasks.memory.release_memory)")
+    ap.add_argument("--trim", action="store_true", help="malloc_trim after every step (tasks.core.memory.release_memory)")
     ap.add_argument("--tiny", action="store_true", help="tiny random Llama and synthetic rows in a temp dir")
     ap.add_argument("--nf4", action=argparse.BooleanOptionalAction, default=True,
                     help="QLoRA loads the cached 4-bit copy of the base, as the flow does (--no-nf4: quantize on load)")
@@ -50,12 +50,12 @@ def main() -> None:
     threading.Thread(target=sampler, daemon=True).start()
     import torch
 
-    from tasks import train as T
-    from tasks.config import Params
-    from tasks.memory import release_memory
-    from tasks.modeling import add_lora, load_model
-    from tasks.prompting import encode
-    from tasks.util import read_jsonl
+    from qlora_ops.tasks.train import loop as T
+    from qlora_ops.tasks.core.config import Params
+    from qlora_ops.tasks.core.memory import release_memory
+    from qlora_ops.tasks.model.modeling import add_lora, load_model
+    from qlora_ops.tasks.model.prompting import encode
+    from qlora_ops.tasks.core.util import read_jsonl
     mark("imports")
     p = Params(training={"gradient_checkpointing": a.gc, "threads": 2})
     torch.set_num_threads(2)
@@ -73,7 +73,7 @@ def main() -> None:
         atexit.register(shutil.rmtree, ws, ignore_errors=True)
         base, data = build_model(TINY, ws / "model"), cls_data(ws / "data", 64, 20)
     if a.kind == "qlora" and a.nf4:
-        from tasks.base_model import quantized_base
+        from qlora_ops.tasks.model.base import quantized_base
         base = quantized_base(p, ws, base)  # made once (its own peak), then only read
         release_memory()
         peak[0] = 0

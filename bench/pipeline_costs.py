@@ -61,7 +61,7 @@ def tiny_params(ws: Path, work: Path) -> str:
 
 def run(ws: Path, params: str) -> tuple[float, str]:
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", params, "--workspace", str(ws)],
+    r = subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--params", params, "--workspace", str(ws)],
                        # nothing of the caller's MLflow/Prefect settings (a test process may hold another
                        # store's MLFLOW_TRACKING_URI): the fresh workspace's own local stores, as on a laptop
                        cwd=ws, env={**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))},

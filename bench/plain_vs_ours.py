@@ -7,14 +7,14 @@ memory, in one run, on two configs (same model, data, batch, steps for every row
     python bench/plain_vs_ours.py                   # the whole table (SmolLM2-135M, CPU or GPU)
     python bench/plain_vs_ours.py --tiny --steps 2  # smoke run (tests use this)
 
-Every run is its own process (ours through tasks.train_process, exactly as the flow runs it), so
+Every run is its own process (ours through tasks.train.process, exactly as the flow runs it), so
 each peak is that run's alone: ru_maxrss on CPU, CUDA max allocated on GPU. "increment" is the peak
 minus the process's RSS after imports, before any model is built. The plain loop is the usual recipe:
 prepare_model_for_kbit_training (gradient checkpointing on, its default), right padding, labels with
 -100 on the prompt, the model's own loss over full-vocabulary logits at every position, torch AdamW,
-glibc's allocator; it trains on the very rows ours trains on at each step (tasks.train.batch_order).
+glibc's allocator; it trains on the very rows ours trains on at each step (tasks.train.loop.batch_order).
 Ours runs as the flow runs it: QLoRA on the 4-bit copy of the base (made once, before the runs), the
-child's allocator chosen by tasks.train_process.child_env (jemalloc where the machine has it).
+child's allocator chosen by tasks.train.process.child_env (jemalloc where the machine has it).
 Ours and plain run one after the other for each kind, so their tokens/s ratio shares the machine's
 conditions; absolute tokens/s on a shared machine are noise. Writes bench/out/plain_vs_ours.json.
 """
@@ -56,9 +56,9 @@ def cls_data(d: Path, n: int, words: int, seed: int = 0) -> Path:
 
 
 def default_data() -> Path:
-    from tasks.config import Params
-    from tasks.data import prepare
-    from tasks.samples import build_sample
+    from qlora_ops.tasks.core.config import Params
+    from qlora_ops.tasks.data.prepare import prepare
+    from qlora_ops.tasks.data.samples import build_sample
 
     d = ROOT / "data" / "prepared" / "default"
     if not (d / "train.jsonl").is_file():
@@ -80,12 +80,12 @@ def steady(tps: list[float]) -> float:
 
 
 def run_ours(p: dict, model: Path, data: Path, kind: str, out: Path) -> dict:
-    from tasks.config import Params
-    from tasks.train_process import train_subprocess
+    from qlora_ops.tasks.core.config import Params
+    from qlora_ops.tasks.train.process import train_subprocess
 
     params = Params.model_validate(p)
     if kind == "qlora":  # as the flow runs it: on the 4-bit copy of the base, made once beforehand
-        from tasks.base_model import quantized_base
+        from qlora_ops.tasks.model.base import quantized_base
         model = quantized_base(params, out.parent, model)
     res = train_subprocess(params, model, data, out, kind, on_log=lambda s: None)
     hist = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
@@ -111,11 +111,11 @@ def plain_child(out: Path, kind: str, model_dir: Path, data: Path) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from tasks.config import Params
-    from tasks.memory import process_peak_bytes
-    from tasks.prompting import encode
-    from tasks.train import batch_order
-    from tasks.util import read_jsonl
+    from qlora_ops.tasks.core.config import Params
+    from qlora_ops.tasks.core.memory import process_peak_bytes
+    from qlora_ops.tasks.model.prompting import encode
+    from qlora_ops.tasks.train.loop import batch_order
+    from qlora_ops.tasks.core.util import read_jsonl
 
     after_import = psutil.Process().memory_info().rss
     p = json.loads((out / "params.json").read_text())
@@ -203,8 +203,8 @@ def main() -> None:
             from train_throughput import TINY, build_model
             model, name = build_model(TINY, work / "model"), "tiny llama"
         else:
-            from tasks.base_model import resolve_base_model
-            from tasks.config import Params
+            from qlora_ops.tasks.model.base import resolve_base_model
+            from qlora_ops.tasks.core.config import Params
             model, name = resolve_base_model(Params(), ROOT), "SmolLM2-135M-Instruct"
         for cname in a.configs.split(","):
             cfg = CONFIGS[cname]

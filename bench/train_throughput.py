@@ -29,7 +29,7 @@ def build_model(shape: dict, out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tasks.base_model import smollm2_gguf_path
+    from qlora_ops.tasks.model.base import smollm2_gguf_path
 
     g = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
@@ -58,7 +58,7 @@ def run_kind(kind: str, model: Path, data: Path, steps: int, bs: int, work: Path
               "training": {"max_steps": steps, "batch_size": bs, "eval_every": 10_000, "save_every": 10_000, "warmup_steps": 0}}
     pf = work / f"{kind}.yaml"
     pf.write_text(yaml.safe_dump(params))
-    r = subprocess.run([sys.executable, "-m", "tasks.train", "--params", str(pf), "--kind", kind, "--base-dir", str(model),
+    r = subprocess.run([sys.executable, "-m", "qlora_ops.tasks.train", "--params", str(pf), "--kind", kind, "--base-dir", str(model),
                         "--data-dir", str(data), "--out", str(work / f"run-{kind}")], cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -84,8 +84,8 @@ def main() -> None:
             model = build_model(LLAMA_1B if a.llama_1b else TINY, work / "model")
             name = "llama-1.1B (random weights)" if a.llama_1b else "tiny llama"
         else:
-            from tasks.base_model import resolve_base_model
-            from tasks.config import Params
+            from qlora_ops.tasks.model.base import resolve_base_model
+            from qlora_ops.tasks.core.config import Params
             model = resolve_base_model(Params(), ROOT)
             name = "SmolLM2-135M-Instruct"
         data = write_data(work / "data", 64, a.words)

@@ -39,7 +39,7 @@ EXIT = {"registered": 0, "skipped": 0, "rejected": 1, "bad_input": 2, "diverged"
 
 def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
     # Entry-point side effects only (nothing at import): no hub at run time, MLflow's client bounded (its
-    # defaults retry a dead server for minutes), and the console (tasks.console): third-party warnings,
+    # defaults retry a dead server for minutes), and the console (tasks.core.console): third-party warnings,
     # progress bars and Prefect's run-state lines off unless --verbose, tracebacks only with --debug.
     # Set before Prefect, transformers or MLflow are imported; child processes inherit the environment.
     for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
@@ -50,7 +50,7 @@ def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
                  # to connect to ephemeral Prefect API server", exit 4 before any work).
                  "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
         os.environ.setdefault(k, v)
-    from tasks import console
+    from qlora_ops.tasks.core import console
     console.configure(verbose=verbose, debug=debug)
     if not (verbose or debug):
         # Python prints "Exception ignored in ..." plus a traceback for an exception raised inside a GC
@@ -59,19 +59,19 @@ def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
         import logging
         sys.unraisablehook = lambda u: logging.getLogger("qlora_ops").debug(
             "exception ignored in %r: %r", u.object, u.exc_value)
-    from flows.runtime import quiet_expected_tracebacks
+    from qlora_ops.flows.runtime import quiet_expected_tracebacks
     if not debug:
         quiet_expected_tracebacks()  # exit 2/3/4: one line naming the key or file:line, not a Prefect stack trace
 
 
 def classify(exc: BaseException) -> str:
-    from flows.remote_stage import ModelStageFailed
-    from flows.runtime import ServiceUnavailable, StageTimedOut, is_transient
-    from tasks.base_model import BaseModelError
-    from tasks.config import ParamsError
-    from tasks.data import DataError
-    from tasks.modeling import DivergenceError
-    from tasks.versioning import DvcError
+    from qlora_ops.flows.remote_stage import ModelStageFailed
+    from qlora_ops.flows.runtime import ServiceUnavailable, StageTimedOut, is_transient
+    from qlora_ops.tasks.model.base import BaseModelError
+    from qlora_ops.tasks.core.config import ParamsError
+    from qlora_ops.tasks.data.prepare import DataError
+    from qlora_ops.tasks.model.modeling import DivergenceError
+    from qlora_ops.tasks.data.versioning import DvcError
 
     if isinstance(exc, (ParamsError, DataError, DvcError, BaseModelError)) or \
             (isinstance(exc, ModelStageFailed) and "orchestration.gpu_required" in str(exc)):  # no GPU on the GPU pool
@@ -82,7 +82,7 @@ def classify(exc: BaseException) -> str:
         return "diverged"
     # A network fault still there after the stage's retries (DVC remote, data.source, tracking server
     # mid-run) is a service that did not answer, not an internal error.
-    from tasks.util import DiskFull
+    from qlora_ops.tasks.core.util import DiskFull
     if isinstance(exc, DiskFull):  # exit 5 like any fault of the machine, but said plainly, with the path
         return "disk_full"
     if isinstance(exc, ServiceUnavailable) or is_transient(exc):
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def fail(kind: str, exc: BaseException, label: str | None = None) -> int:
     """Say what failed in one paragraph (the full traceback first with --debug); the documented exit code."""
-    from tasks import console
+    from qlora_ops.tasks.core import console
 
     if console.is_debug():
         traceback.print_exception(exc)
@@ -166,7 +166,7 @@ def _main(argv: list[str] | None = None) -> int:
         return drop_command(a)
 
     if a.cmd == "deploy":
-        from flows.deploy import deploy_file
+        from qlora_ops.flows.deploy import deploy_file
         try:
             for what, ident in deploy_file(Path(a.workspace) / a.params, Path(a.workspace)).items():
                 print(f"{what}: {ident}")
@@ -176,19 +176,19 @@ def _main(argv: list[str] | None = None) -> int:
             return EXIT[kind if kind != "internal" else "service"]
         return 0
 
-    from tasks.util import TIE_ENV
+    from qlora_ops.tasks.core.util import TIE_ENV
     os.environ[TIE_ENV] = "1"  # our own entry points started below us (via DVC too) die with us
     return run_command(a)
 
 
 def run_command(a) -> int:
-    from flows.runtime import WorkspaceBusy, temporary_prefect_server, workspace_run_lock
+    from qlora_ops.flows.runtime import WorkspaceBusy, temporary_prefect_server, workspace_run_lock
 
     # Before any work (no lock file yet): a bad key, a dead tracking server or Prefect API, in seconds.
     if isinstance(pre := preflight(a), int):
         return pre
     ws, params, uri = pre
-    from flows.registry_slot import RegistryLockUnavailable, check_writer
+    from qlora_ops.flows.registry_slot import RegistryLockUnavailable, check_writer
     try:  # a shared registry's writer needs the team's Prefect API: refused now, not after training
         check_writer(uri, params.registry.model_name)
     except RegistryLockUnavailable as e:
@@ -204,8 +204,8 @@ def run_command(a) -> int:
 
 
 def run_locked(a, api: str | None) -> int:
-    from flows.retrain import retrain  # Prefect is imported here, after PREFECT_API_URL points at `api`
-    from flows.runtime import ServiceUnavailable, wait_prefect_server
+    from qlora_ops.flows.retrain import retrain  # Prefect is imported here, after PREFECT_API_URL points at `api`
+    from qlora_ops.flows.runtime import ServiceUnavailable, wait_prefect_server
     try:
         wait_prefect_server(api)
     except ServiceUnavailable as e:
@@ -223,9 +223,9 @@ def run_locked(a, api: str | None) -> int:
 def preflight(a):
     """(workspace, params, tracking URI), or the exit code after one clear line: a bad params file, or a
     service that does not answer (the tracking server, the Prefect API)."""
-    from flows.runtime import ServiceUnavailable, check_services
-    from tasks.config import ParamsError, load_params
-    from tasks.paths import tracking_uri, ws_path
+    from qlora_ops.flows.runtime import ServiceUnavailable, check_services
+    from qlora_ops.tasks.core.config import ParamsError, load_params
+    from qlora_ops.tasks.core.paths import tracking_uri, ws_path
 
     ws = Path(a.workspace).resolve()
     try:
@@ -241,12 +241,12 @@ def preflight(a):
 
 def data_command(a) -> int:
     """`init` and `check`: plain functions in tasks/, exit 2 with the named error on bad params or data."""
-    from tasks.config import ParamsError
-    from tasks.data import DataError
+    from qlora_ops.tasks.core.config import ParamsError
+    from qlora_ops.tasks.data.prepare import DataError
 
     try:
         if a.cmd == "init":
-            from tasks.init_params import write_params
+            from qlora_ops.tasks.intake.init_params import write_params
             res = write_params(Path(a.datafile), Path(a.workspace), out=a.out, model=a.model, force=a.force,
                                command=" ".join(["qlora-ops", *sys.argv[1:]]) if sys.argv[1:2] == ["init"] else None)
             print(f"wrote {res['path']}: {res['format']}, {res['stats']['rows_after_dedupe']} distinct rows"
@@ -254,7 +254,7 @@ def data_command(a) -> int:
             print(f"  {res['note']}")
             print(f"next: qlora-ops check --params {res['path']}   then   qlora-ops run --params {res['path']}")
         else:
-            from tasks.check import check, format_check
+            from qlora_ops.tasks.intake.check import check, format_check
             print(format_check(check(Path(a.params), Path(a.workspace))))
     except (ParamsError, DataError) as e:
         return fail("bad_input", e)
@@ -265,8 +265,8 @@ def report_command(a) -> int:
     """`report [RUN_ID]`: the run's report and model card rebuilt from its MLflow record alone."""
     import mlflow
 
-    from tasks import report
-    from tasks.paths import state_dir
+    from qlora_ops.tasks.report import html as report
+    from qlora_ops.tasks.core.paths import state_dir
 
     if isinstance(pre := preflight(a), int):
         return pre
@@ -293,11 +293,11 @@ def add_drop_parser(sub) -> None:
 def drop_command(a) -> int:
     """`drop FILE`: exit 2 (file:line) on a bad file or params, 4 when the bucket or the Prefect API did not
     answer (the message says whether the file is in place)."""
-    from flows.drop import DropNotAnnounced, drop
-    from flows.events import EventsUnavailable
-    from tasks.config import ParamsError, load_params
-    from tasks.data import DataError
-    from tasks.paths import ws_path
+    from qlora_ops.flows.drop import DropNotAnnounced, drop
+    from qlora_ops.flows.events import EventsUnavailable
+    from qlora_ops.tasks.core.config import ParamsError, load_params
+    from qlora_ops.tasks.data.prepare import DataError
+    from qlora_ops.tasks.core.paths import ws_path
 
     ws = Path(a.workspace).resolve()
     try:
@@ -325,10 +325,10 @@ def drop_command(a) -> int:
 def registry_command(a) -> int:
     import mlflow
 
-    from flows.registry_slot import RegistryLockUnavailable, registry_writer
-    from tasks import registry_ops
-    from tasks.paths import state_dir
-    from tasks.register import PromotionError, registry_lock
+    from qlora_ops.flows.registry_slot import RegistryLockUnavailable, registry_writer
+    from qlora_ops.tasks.registry import manual as registry_ops
+    from qlora_ops.tasks.core.paths import state_dir
+    from qlora_ops.tasks.registry.register import PromotionError, registry_lock
 
     if isinstance(pre := preflight(a), int):
         return pre
@@ -336,12 +336,12 @@ def registry_command(a) -> int:
     mlflow.set_tracking_uri(uri)
     r = params.registry
     if a.cmd == "status":
-        from tasks.serving_ops import SERVING_ALIAS  # moved by verify-serving / serve --follow on a pass
+        from qlora_ops.tasks.serving.server import SERVING_ALIAS  # moved by verify-serving / serve --follow on a pass
 
         print(registry_ops.format_status(registry_ops.status(r.model_name, (r.champion_alias, r.challenger_alias,
                                                                             SERVING_ALIAS), r.experiment)))
         return 0
-    from tasks.stats import PromotionPolicy  # not flows.retrain: that imports torch, seconds for nothing here
+    from qlora_ops.tasks.gates.stats import PromotionPolicy  # not flows.retrain: that imports torch, seconds for nothing here
     # The same serialization as automatic promotion (flows.registry_slot): the model's global slot, which a
     # shared tracking server requires (refused without it), and the workspace's file lock.
     try:
@@ -408,10 +408,10 @@ def serving_command(a) -> int:
     cannot be served or checked (named), 4 the tracking server or the endpoint did not answer."""
     import mlflow
 
-    from tasks import serving_ops as so
-    from tasks.gguf_export import GGUFExportError
-    from tasks.paths import state_dir
-    from tasks.register import PromotionError
+    from qlora_ops.tasks.serving import server as so
+    from qlora_ops.tasks.serving.gguf import GGUFExportError
+    from qlora_ops.tasks.core.paths import state_dir
+    from qlora_ops.tasks.registry.register import PromotionError
 
     if isinstance(pre := preflight(a), int):
         return pre
@@ -428,7 +428,7 @@ def serving_command(a) -> int:
             refresh_report(ws, params, res["run_id"], r.model_name, v)
             return 0 if res["passed"] else EXIT["rejected"]
         if a.cmd == "export-gguf":
-            from tasks import gguf_export
+            from qlora_ops.tasks.serving import gguf as gguf_export
             res = gguf_export.export_version(r.model_name, v, work / f"gguf-v{v}", out=Path(a.out) if a.out else None,
                                              run_parity=not a.no_parity, confidence=params.gates.confidence)
             print(gguf_export.explain(res))
@@ -457,8 +457,8 @@ def refresh_report(ws: Path, params, run_id: str, model_name: str, v: int) -> No
     agreement, GGUF agreement); a failure is one warning line: the check's result is already recorded."""
     from mlflow.tracking import MlflowClient
 
-    from tasks import report
-    from tasks.paths import state_dir
+    from qlora_ops.tasks.report import html as report
+    from qlora_ops.tasks.core.paths import state_dir
 
     try:
         path = report.publish(run_id, state_dir(ws, params) / "reports" / run_id, model_name, v)
@@ -481,7 +481,7 @@ def _show_new(receiver, shown: tuple[int, int], so) -> tuple[int, int]:
 
 def start_server(so, local: Path, digest: str, a, name: str, v: int):
     """The scoring server of a checked local copy, ready; or the exit code after one line naming why not."""
-    from tasks.util import popen_child
+    from qlora_ops.tasks.core.util import popen_child
 
     proc = popen_child(so.server_command(local, a.host, a.port), env=so.server_env(digest, a.dtype),
                        start_new_session=True)
@@ -497,7 +497,7 @@ def start_server(so, local: Path, digest: str, a, name: str, v: int):
 
 
 def serve_openai(so, gguf: Path, a, name: str, v: int) -> int:
-    from tasks.util import popen_child
+    from qlora_ops.tasks.core.util import popen_child
 
     try:
         import llama_cpp.server  # noqa: F401
@@ -520,12 +520,12 @@ def serve_openai(so, gguf: Path, a, name: str, v: int) -> int:
 
 def serve_follow(so, a, params, work: Path) -> int:
     """`serve --follow`: serve the version holding 'serving' and restart on each version a champion webhook
-    moves it to (tasks.webhook). With no 'serving' yet, the champion is checked first."""
+    moves it to (tasks.serving.webhook). With no 'serving' yet, the champion is checked first."""
     import queue
 
     from mlflow.tracking import MlflowClient
 
-    from tasks import webhook
+    from qlora_ops.tasks.serving import webhook
 
     r, g = params.registry, params.gates
     secret = os.environ.get(webhook.SECRET_ENV, "")

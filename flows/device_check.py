@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from tasks.config import Params, ParamsError
+from qlora_ops.tasks.core.config import Params, ParamsError
 
 
 class NoCudaDevice(ParamsError):

@@ -2,7 +2,7 @@
 
     qlora-ops drop tickets-week07.jsonl --params params/team.yaml
 
-- Validated first, with the same readers and row checks as `check` and `run` (tasks.data.open_rows):
+- Validated first, with the same readers and row checks as `check` and `run` (tasks.data.prepare.open_rows):
   a bad file is refused naming file:line, before anything is written or any run is triggered.
 - A bucket source (s3://bucket/prefix/): one PutObject with the dropper's own key from the environment
   (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE; never the params file). The key needs
@@ -24,12 +24,12 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from flows.events import EventsUnavailable, api_url, drop_event, is_data_key, local_url, post_events
-from tasks.config import Params, ParamsError
-from tasks.data import DataError, open_rows
-from tasks.paths import ws_path
-from tasks.redact import redact_url
-from tasks.sources import _open_fs, is_network_error, is_url
+from qlora_ops.flows.events import EventsUnavailable, api_url, drop_event, is_data_key, local_url, post_events
+from qlora_ops.tasks.core.config import Params, ParamsError
+from qlora_ops.tasks.data.prepare import DataError, open_rows
+from qlora_ops.tasks.core.paths import ws_path
+from qlora_ops.tasks.core.secrets import redact_url
+from qlora_ops.tasks.data.sources import _open_fs, is_network_error, is_url
 
 
 class DropNotAnnounced(EventsUnavailable):

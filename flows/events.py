@@ -25,7 +25,7 @@ EVENT = "qlora-ops.data.dropped"
 # The label the trigger's for_each buckets on: one value per bucket/file system, so all drops into one
 # data.source share one debounce window (see flows/triggers.py for why for_each must be set at all).
 STORE_LABEL = "qlora-ops.store"
-# Names the snapshot treats as data (tasks.readers.DATA_SUFFIXES / is_data_name; repeated here so the relay
+# Names the snapshot treats as data (tasks.data.readers.DATA_SUFFIXES / is_data_name; repeated here so the relay
 # image needs nothing but this module), and never a path part starting with "." or "_" (temp files).
 DATA_SUFFIXES = (".jsonl", ".csv", ".parquet", ".arrow")
 SAVED_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")

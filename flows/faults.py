@@ -5,8 +5,8 @@ connection is worth another try and a bad row never is.
 """
 from __future__ import annotations
 
-from tasks.config import Params
-from tasks.sources import is_network_error
+from qlora_ops.tasks.core.config import Params
+from qlora_ops.tasks.data.sources import is_network_error
 
 
 class ServiceUnavailable(RuntimeError):
@@ -23,11 +23,11 @@ class StageTimedOut(RuntimeError):
 
 
 def deterministic_errors() -> tuple[type[BaseException], ...]:
-    from tasks.base_model import BaseModelError
-    from tasks.config import ParamsError
-    from tasks.data import DataError
-    from tasks.modeling import DivergenceError
-    from tasks.util import DiskFull  # another try fills the same disk
+    from qlora_ops.tasks.model.base import BaseModelError
+    from qlora_ops.tasks.core.config import ParamsError
+    from qlora_ops.tasks.data.prepare import DataError
+    from qlora_ops.tasks.model.modeling import DivergenceError
+    from qlora_ops.tasks.core.util import DiskFull  # another try fills the same disk
 
     return ParamsError, DataError, BaseModelError, DivergenceError, Rejected, DiskFull
 

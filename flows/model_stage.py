@@ -9,7 +9,7 @@ everything a later stage or a user needs in that run's artifact store: adapters,
 the merged model (logged as a pyfunc model), and `model_stage.json`, the small result the parent
 reads. Nothing here depends on a path the parent's machine has.
 
-Caches (tasks/keys.py has the rule): an adapter is reused under its train key; an evaluation under its
+Caches (tasks/model/keys.py has the rule): an adapter is reused under its train key; an evaluation under its
 eval key = score key + the CONTENT of what it evaluates, so a rebuilt or non-deterministic adapter is
 scored again, and the adapter that is logged, merged and registered is the one whose answers the gates
 read. A forced run (`run --force`) adds its run id to both: it trains and evaluates into new dirs.
@@ -26,17 +26,20 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows import prefect_tasks as pt
-from flows.device_check import require_cuda
-from flows.stage_timer import StageTimer
-from flows.stages import stage
-from tasks import keys, register, tracking, verdict
-from tasks.config import Params, SuiteParams
-from tasks.data import DataError
-from tasks.evaluate import cached_metrics, per_row
-from tasks.paths import state_dir, tracking_uri
-from tasks.suites import eval_params, hashed, rows_path
-from tasks.util import DamagedArtifact, atomic_write_json, read_json, verify_manifest
+from qlora_ops.flows import prefect_tasks as pt
+from qlora_ops.flows.device_check import require_cuda
+from qlora_ops.flows.stage_timer import StageTimer
+from qlora_ops.flows.stages import stage
+from qlora_ops.tasks.model import keys
+from qlora_ops.tasks.registry import register
+from qlora_ops.tasks.registry import tracking
+from qlora_ops.tasks.gates import verdict
+from qlora_ops.tasks.core.config import Params, SuiteParams
+from qlora_ops.tasks.data.prepare import DataError
+from qlora_ops.tasks.evaluate.predict import cached_metrics, per_row
+from qlora_ops.tasks.core.paths import state_dir, tracking_uri
+from qlora_ops.tasks.evaluate.suites import eval_params, hashed, rows_path
+from qlora_ops.tasks.core.util import DamagedArtifact, atomic_write_json, read_json, verify_manifest
 
 RESULT = "model_stage.json"
 METRIC = "test_accuracy"

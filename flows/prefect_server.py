@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from flows.faults import ServiceUnavailable
-from flows.services import probe
+from qlora_ops.flows.faults import ServiceUnavailable
+from qlora_ops.flows.services import probe
 
 # Set (to its URL) while a temporary server runs; inherited by every process we start, so a child can
 # tell that PREFECT_API_URL points at a server nobody else talks to (flows.registry_slot refuses it).
@@ -36,7 +36,7 @@ class _Server:
         self.start()
 
     def start(self) -> None:
-        from tasks.util import popen_child
+        from qlora_ops.tasks.core.util import popen_child
 
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.proc = popen_child(self.args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -65,7 +65,7 @@ def is_temporary(api_url: str | None) -> bool:
 def temporary_prefect_server(timeout: float | None = None) -> Iterator[str | None]:
     """With PREFECT_API_URL unset, start the temporary API server Prefect would start by itself
     (prefect.server.api.server.SubprocessASGIServer: the same uvicorn command and settings), but as our
-    child with PR_SET_PDEATHSIG (tasks.util.popen_child): a `kill -9` of the CLI takes it down too,
+    child with PR_SET_PDEATHSIG (tasks.core.util.popen_child): a `kill -9` of the CLI takes it down too,
     where Prefect's own is left running as an orphan. PREFECT_API_URL points at it before Prefect is
     imported, so this process and every child it starts use it. Yields the API URL (None: one was set).
     The caller imports what it needs meanwhile; wait_prefect_server() waits for it to answer."""

@@ -12,7 +12,12 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import base_model, evaluate, merge, register, train_process, versioning
+from qlora_ops.tasks.model import base as base_model
+from qlora_ops.tasks.evaluate import predict as evaluate
+from qlora_ops.tasks.model import merge
+from qlora_ops.tasks.registry import register
+from qlora_ops.tasks.train import process as train_process
+from qlora_ops.tasks.data import versioning
 
 _opts = dict(cache_policy=NO_CACHE, persist_result=False)
 
@@ -34,7 +39,7 @@ def quantize_base(params, workspace: Path, base_dir: str) -> str:
 
 @task(name="train", task_run_name="train-{kind}", **_opts)
 def train_adapter(params, base_dir: str, data_dir: str, out_dir: str, kind: str) -> dict:
-    # a fresh process per training: its peak is its own and its memory goes back to the OS (tasks.train_process)
+    # a fresh process per training: its peak is its own and its memory goes back to the OS (tasks.train.process)
     return train_process.train_subprocess(params, Path(base_dir), Path(data_dir), Path(out_dir), kind, on_log=print)
 
 
@@ -48,7 +53,7 @@ def evaluate_model(params, name: str, model_dir: str, test_path: str, out_dir: s
 @task(name="evaluate-lm-eval", task_run_name="evaluate-lm-eval-{name}", **_opts)
 def evaluate_lm_eval(params, name: str, model_dir: str, task_yaml: str, out_dir: str,
                      adapter_dir: str | None = None, quantized: bool = False, as_saved: bool = False, **kw) -> dict:
-    from tasks.lm_eval_suite import evaluate_suite  # an optional extra (lm-eval); imported only for such a suite
+    from qlora_ops.tasks.evaluate.lm_eval_suite import evaluate_suite  # an optional extra (lm-eval); imported only for such a suite
     return evaluate_suite(params, name, Path(model_dir), Path(task_yaml), Path(out_dir),
                           Path(adapter_dir) if adapter_dir else None, quantized, as_saved, **kw)
 

@@ -3,13 +3,13 @@
 Every write to the registry (a run's register + promote, `qlora-ops promote`, `qlora-ops rollback`) goes
 through `registry_writer`. Against a shared (http/https) tracking server it takes the model's slot on
 the team's Prefect API, or refuses before any work: a writer without it could tag a live writer's
-in-flight version `abandoned` (tasks.register trusts the lock) and both could move the champion alias.
+in-flight version `abandoned` (tasks.registry.register trusts the lock) and both could move the champion alias.
 Loopback counts as shared (a port-forward to the team's server is 127.0.0.1 too).
 
 "The team's Prefect API" is checked, not assumed: the first writer records the id of the slot it holds
 on the registered model (tag `qlora_ops.registry_lock`); a writer whose PREFECT_API_URL has another slot
 (a laptop's own `prefect server start`, the CLI's temporary server) is refused, naming the API to use.
-A local store (sqlite/file) needs no Prefect: the fcntl lock in tasks.register serializes its writers,
+A local store (sqlite/file) needs no Prefect: the fcntl lock in tasks.registry.register serializes its writers,
 and a configured, real Prefect API's slot is taken as well.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from flows.faults import ServiceUnavailable
-from flows.prefect_server import is_temporary
-from tasks.redact import redact_url
+from qlora_ops.flows.faults import ServiceUnavailable
+from qlora_ops.flows.prefect_server import is_temporary
+from qlora_ops.tasks.core.secrets import redact_url
 
 LOCK_TAG = "qlora_ops.registry_lock"          # on the registered model: id of the slot its writers share
 LOCK_API_TAG = "qlora_ops.registry_lock_api"  # where that slot lives (redacted URL), for the message only

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 
-from flows.events import EventsUnavailable, apost_events, events_from_minio
+from qlora_ops.flows.events import EventsUnavailable, apost_events, events_from_minio
 
 MAX_BODY = 1 << 20  # a notification is one record of ~1 KiB; anything near this is not MinIO
 log = logging.getLogger("qlora_ops.relay")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import time
 
-from flows.faults import StageTimedOut, backoff, is_transient
-from flows.model_stage import RESULT  # the stage writes it into the parent's MLflow run
-from tasks.config import Params
+from qlora_ops.flows.faults import StageTimedOut, backoff, is_transient
+from qlora_ops.flows.model_stage import RESULT  # the stage writes it into the parent's MLflow run
+from qlora_ops.tasks.core.config import Params
 
 MODEL_STAGE_FLOW = "qlora-model-stage"
 

@@ -1,14 +1,14 @@
 """The retraining loop, wired: snapshot + version the data (DVC, pushed to the remote) -> skip if
 nothing is new -> model stage (train QLoRA + LoRA baseline, evaluate, merge, evaluate merged; on the
 GPU pool when `orchestration.gpu_pool` is set) -> gates -> register + promote under the registered
-model's global slot -> run report (tasks/report.py; never changes the outcome).
+model's global slot -> run report (tasks/report/html.py; never changes the outcome).
 
     qlora-ops run                                # params/default.yaml, embedded SmolLM2, in-process
     qlora-ops run --params params/my-domain.yaml --force   # retrain and re-evaluate even if nothing is new
     qlora-ops deploy --params params/team.yaml   # the same flow as a scheduled deployment
 
 The run's Prefect state says what happened: Completed (registered), Completed named Skipped (nothing
-new: the same fingerprint as an earlier decision, tasks/keys.py), Failed named Rejected (a gate refused,
+new: the same fingerprint as an earlier decision, tasks/model/keys.py), Failed named Rejected (a gate refused,
 on the domain split or on a suite; the gate table is the message). Stages are plain functions in tasks/; this file decides order, what
 passes between them (versions, URIs, small JSON) and the run's final state.
 """
@@ -21,15 +21,21 @@ from pathlib import Path
 from prefect import flow
 from prefect.states import Completed, Failed
 
-from flows import prefect_tasks as pt
-from flows import registry_slot, runtime
-from flows.model_stage import METRIC, model_stage
-from flows.remote_stage import MODEL_STAGE_FLOW, ModelStageFailed, remote_model_stage  # noqa: F401 (re-exported)
-from tasks import gate, keys, report, stats, suites, tracking, verdict
-from tasks.verdict import gate_decision  # noqa: F401  (the flow's decision; tests import it from here)
-from tasks.config import Params, load_params
-from tasks.paths import artifact_root, state_dir, tracking_uri, ws_path
-from tasks.util import read_json
+from qlora_ops.flows import prefect_tasks as pt
+from qlora_ops.flows import registry_slot, runtime
+from qlora_ops.flows.model_stage import METRIC, model_stage
+from qlora_ops.flows.remote_stage import MODEL_STAGE_FLOW, ModelStageFailed, remote_model_stage  # noqa: F401 (re-exported)
+from qlora_ops.tasks.gates import gate
+from qlora_ops.tasks.model import keys
+from qlora_ops.tasks.report import html as report
+from qlora_ops.tasks.gates import stats
+from qlora_ops.tasks.evaluate import suites
+from qlora_ops.tasks.registry import tracking
+from qlora_ops.tasks.gates import verdict
+from qlora_ops.tasks.gates.verdict import gate_decision  # noqa: F401  (the flow's decision; tests import it from here)
+from qlora_ops.tasks.core.config import Params, load_params
+from qlora_ops.tasks.core.paths import artifact_root, state_dir, tracking_uri, ws_path
+from qlora_ops.tasks.core.util import read_json
 
 
 
@@ -231,7 +237,7 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
                   "gate_metric": params.eval.metric, "gate_score": repr(models["merged"].get("score", models["merged"]["accuracy"])),
                   "qlora_accuracy": str(models["qlora"]["accuracy"]), "base_accuracy": str(models["base"]["accuracy"]),
                   # The adapter (what multi-LoRA servers load) travels with the version, with the content
-                  # hash its scores were keyed on (tasks/keys.py) and the merged weights' own.
+                  # hash its scores were keyed on (tasks/model/keys.py) and the merged weights' own.
                   "adapter_uri": f"runs:/{run_id}/adapters/qlora", "adapter_digest": ms.get("adapter_digests", {}).get("qlora", ""),
                   "merged_digest": ms.get("merged_digest", ""),
                   # Each suite's score key: a later run reuses these saved predictions when its key matches.
@@ -261,8 +267,8 @@ def moved_champion(params: Params, ms: dict, champion_v: int, work: Path) -> dic
     inside the registry slot, so the champion would be scored on other hardware than the GPU candidate
     (under the candidate's score key), and a GPU re-score would hold every registry writer for a model
     stage. The champion stays; the version is registered `deferred` and the next run decides."""
-    from tasks.register import Deferred
-    from tasks.registry_ops import version_rows
+    from qlora_ops.tasks.registry.register import Deferred
+    from qlora_ops.tasks.registry.manual import version_rows
 
     was = (ms.get("champion") or {}).get("version")
     moved = f"the champion moved from {f'v{was}' if was else 'none'} to v{champion_v} while this run's model stage ran"

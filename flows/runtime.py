@@ -12,16 +12,16 @@
 """
 from __future__ import annotations
 
-from flows.faults import (Rejected, ServiceUnavailable, StageTimedOut, backoff, deterministic_errors,
+from qlora_ops.flows.faults import (Rejected, ServiceUnavailable, StageTimedOut, backoff, deterministic_errors,
                           is_transient)
-from flows.prefect_server import temporary_prefect_server, wait_prefect_server
-from flows.registry_slot import ensure_registry_limit, registry_limit_name, registry_slot
-from flows.services import check_services
-from flows.stage_timer import StageTimer
-from flows.stages import stage
-from flows.tracebacks import quiet_expected_tracebacks
-from flows.workspace_lock import WorkspaceBusy, workspace_run_lock
-from tasks.redact import redact_url as redact
+from qlora_ops.flows.prefect_server import temporary_prefect_server, wait_prefect_server
+from qlora_ops.flows.registry_slot import ensure_registry_limit, registry_limit_name, registry_slot
+from qlora_ops.flows.services import check_services
+from qlora_ops.flows.stage_timer import StageTimer
+from qlora_ops.flows.stages import stage
+from qlora_ops.flows.tracebacks import quiet_expected_tracebacks
+from qlora_ops.flows.workspace_lock import WorkspaceBusy, workspace_run_lock
+from qlora_ops.tasks.core.secrets import redact_url as redact
 
 __all__ = ["Rejected", "ServiceUnavailable", "StageTimedOut", "StageTimer", "WorkspaceBusy", "backoff",
            "check_services", "deterministic_errors", "ensure_registry_limit", "is_transient",

@@ -4,8 +4,8 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 
-from flows.faults import ServiceUnavailable
-from tasks.redact import redact_url
+from qlora_ops.flows.faults import ServiceUnavailable
+from qlora_ops.tasks.core.secrets import redact_url
 
 
 def probe(url: str, timeout: float) -> str | None:

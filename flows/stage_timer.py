@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import time
 
-from tasks.memory import PeakMemory
+from qlora_ops.tasks.core.memory import PeakMemory
 
 
 class StageTimer:
     """`timer("train_qlora", fn, *a)` runs fn and records its wall seconds in `timer.seconds` and its
-    peak memory in `timer.peak_mb` (MiB, measured from the stage's own start: tasks.memory)."""
+    peak memory in `timer.peak_mb` (MiB, measured from the stage's own start: tasks.core.memory)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}

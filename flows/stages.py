@@ -1,8 +1,8 @@
 """A Prefect task as one stage of the loop: its timeout from params and transient-only retries."""
 from __future__ import annotations
 
-from flows.faults import StageTimedOut, backoff, retry_if_transient
-from tasks.config import Params
+from qlora_ops.flows.faults import StageTimedOut, backoff, retry_if_transient
+from qlora_ops.tasks.core.config import Params
 
 
 def stage(task, params: Params, timeout: str):

@@ -1,7 +1,7 @@
 """One line for an expected failure: no stack trace of Prefect internals on top of it."""
 from __future__ import annotations
 
-from flows.faults import ServiceUnavailable, StageTimedOut, deterministic_errors, is_transient
+from qlora_ops.flows.faults import ServiceUnavailable, StageTimedOut, deterministic_errors, is_transient
 
 
 class _ExpectedFailureFilter:
@@ -13,7 +13,7 @@ class _ExpectedFailureFilter:
     def filter(self, record) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            from tasks.versioning import DvcError
+            from qlora_ops.tasks.data.versioning import DvcError
 
             if isinstance(exc, deterministic_errors() + (ServiceUnavailable, StageTimedOut, DvcError)) \
                     or is_transient(exc):

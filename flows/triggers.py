@@ -30,10 +30,10 @@ from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
-from flows.events import EVENT, STORE_LABEL, local_url, source_glob
-from tasks.config import Params
-from tasks.paths import ws_path
-from tasks.sources import is_url
+from qlora_ops.flows.events import EVENT, STORE_LABEL, local_url, source_glob
+from qlora_ops.tasks.core.config import Params
+from qlora_ops.tasks.core.paths import ws_path
+from qlora_ops.tasks.data.sources import is_url
 
 
 def source_url(params: Params, workspace: Path) -> str | None:

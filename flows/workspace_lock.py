@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from flows.faults import ServiceUnavailable
+from qlora_ops.flows.faults import ServiceUnavailable
 
 
 class WorkspaceBusy(ServiceUnavailable):

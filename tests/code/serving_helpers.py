@@ -31,8 +31,8 @@ def register_evaluated(merged_dir: Path, evaluation: dict, tmp: Path, system_pro
     params; the model logged by the real log path (serving.json's system prompt = `system_prompt`)."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.register import log_merged_model, register_and_promote
-    from tasks.util import read_json
+    from qlora_ops.tasks.registry.register import log_merged_model, register_and_promote
+    from qlora_ops.tasks.core.util import read_json
 
     name = name or f"serve-{uuid.uuid4().hex[:8]}"
     c = MlflowClient()
@@ -67,7 +67,7 @@ def cli_env() -> dict[str, str]:
 
 
 def qlora_ops(ws: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--workspace", str(ws)], cwd=ws, env=cli_env(),
+    return subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", *args, "--workspace", str(ws)], cwd=ws, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -82,7 +82,7 @@ class Served:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = ws / f"serve-{self.port}.log"
         with open(self.log, "w") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *args, "--port", str(self.port),
+            self.proc = subprocess.Popen([sys.executable, "-m", "qlora_ops.flows.cli", "serve", *args, "--port", str(self.port),
                                           "--workspace", str(ws)], cwd=ws, env={**cli_env(), **(env or {})}, stdout=fh,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -1,8 +1,8 @@
-"""Without jemalloc the training says once what that costs and how to get it (tasks/train_process.py),
+"""Without jemalloc the training says once what that costs and how to get it (tasks/train/process.py),
 and trains anyway (on glibc with the fixed mmap threshold)."""
 from __future__ import annotations
 
-from tasks import train_process
+from qlora_ops.tasks.train import process as train_process
 
 
 def test_missing_jemalloc_is_noted_once_with_cost_and_remedy(monkeypatch, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import Params, ParamsError, load_params
+from qlora_ops.tasks.core.config import Params, ParamsError, load_params
 from tests.conftest import ROOT
 
 

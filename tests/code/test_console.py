@@ -1,4 +1,4 @@
-"""tasks.console.configure in a fresh interpreter: third-party warnings and log lines off by default (also in
+"""tasks.core.console.configure in a fresh interpreter: third-party warnings and log lines off by default (also in
 child processes, through the environment), back with verbose; tracebacks on log records only with debug."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 SNIPPET = r"""
 import logging, subprocess, sys, warnings
-from tasks import console
+from qlora_ops.tasks.core import console
 console.configure(verbose={verbose}, debug={debug})
 warnings.warn("third-party FutureWarning", FutureWarning)
 with warnings.catch_warnings():  # as MLflow does around its "add type hints" UserWarning

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import Params
+from qlora_ops.tasks.core.config import Params
 
 
 def _no_cuda(monkeypatch):
@@ -14,8 +14,8 @@ def _no_cuda(monkeypatch):
 
 
 def test_the_gpu_pool_stage_refuses_to_train_without_cuda(tmp_path, monkeypatch):
-    from flows.device_check import NoCudaDevice
-    from flows.model_stage import model_stage
+    from qlora_ops.flows.device_check import NoCudaDevice
+    from qlora_ops.flows.model_stage import model_stage
 
     _no_cuda(monkeypatch)
     monkeypatch.setenv("QLORA_OPS_IMAGE", "registry.example/qlora-ops/worker-gpu:1.2")
@@ -36,7 +36,7 @@ def test_the_gpu_pool_stage_refuses_to_train_without_cuda(tmp_path, monkeypatch)
     ({"gpu_pool": "gpu"}, True),
 ])
 def test_who_needs_a_gpu(orchestration, refused, monkeypatch):
-    from flows.device_check import NoCudaDevice, require_cuda
+    from qlora_ops.flows.device_check import NoCudaDevice, require_cuda
 
     _no_cuda(monkeypatch)
     p = Params(orchestration=orchestration)
@@ -55,9 +55,9 @@ def test_heartbeat_window_must_tolerate_a_late_heartbeat():
 
 
 def test_a_gpu_pool_without_cuda_is_a_params_fault_for_the_parent_too():
-    from flows.cli import classify
-    from flows.device_check import NoCudaDevice
-    from flows.remote_stage import ModelStageFailed
+    from qlora_ops.flows.cli import classify
+    from qlora_ops.flows.device_check import NoCudaDevice
+    from qlora_ops.flows.remote_stage import ModelStageFailed
 
     msg = "qlora-model-stage/x run 1 ended Failed: ... set orchestration.gpu_required: false in the params if CPU is intended"
     assert classify(ModelStageFailed(msg)) == "bad_input"  # exit 2, as in-process

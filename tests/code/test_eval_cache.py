@@ -1,10 +1,10 @@
 """A damaged eval cache (metrics.json or predictions.jsonl cut short by the disk) is evaluated again,
-never trusted: tasks.evaluate.cached_metrics, which the model stage reads its cache through."""
+never trusted: tasks.evaluate.predict.cached_metrics, which the model stage reads its cache through."""
 from __future__ import annotations
 
 import json
 
-from tasks.evaluate import cached_metrics
+from qlora_ops.tasks.evaluate.predict import cached_metrics
 
 
 def write_eval(d, n=4):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import events
+from qlora_ops.flows import events
 from tests.conftest import ROOT
 
 # What MinIO's webhook target POSTs for one PutObject (internal/event: event.Log{EventName, Key, Records});
@@ -75,8 +75,8 @@ def test_notifications_that_are_not_new_data_relay_nothing(key, name):
 
 
 def test_data_names_match_the_snapshot():
-    """The relay image carries only flows/: its copy of the data-file rule must equal tasks.readers'."""
-    from tasks import readers as data
+    """The relay image carries only flows/: its copy of the data-file rule must equal tasks.data.readers'."""
+    from qlora_ops.tasks.data import readers as data
 
     assert events.DATA_SUFFIXES == data.DATA_SUFFIXES and events.SAVED_FILES == data.SAVED_FILES
     for key in ("a.jsonl", "x/y.CSV", "d/state.json", "d/data-00000-of-00001.arrow", "notes.md", "a.json"):
@@ -96,7 +96,7 @@ def test_source_glob_matches_its_own_prefix_only():
 
 
 def _params(tmp_path: Path, **data):
-    from tasks.config import Params
+    from qlora_ops.tasks.core.config import Params
 
     return Params(data={"raw": "data/raw/x", **data}, orchestration={"deployment": "team", "debounce_s": 42})
 
@@ -105,7 +105,7 @@ def test_trigger_is_a_proactive_debounce_on_the_source(tmp_path):
     from prefect.events.schemas.automations import Posture
     from prefect.server.events.schemas.automations import AutomationCore  # what the server validates
 
-    from flows.triggers import retrain_triggers
+    from qlora_ops.flows.triggers import retrain_triggers
 
     [t] = retrain_triggers(_params(tmp_path, source="s3://qlora-ops/drops/"), tmp_path, "qlora-retrain/team")
     assert t.posture == Posture.Proactive and t.threshold == 1 and t.within == timedelta(seconds=42)
@@ -124,7 +124,7 @@ def test_trigger_is_a_proactive_debounce_on_the_source(tmp_path):
 
 
 def test_debounce_below_prefects_minimum_is_refused_naming_the_key(tmp_path):
-    from tasks.config import ParamsError, load_params
+    from qlora_ops.tasks.core.config import ParamsError, load_params
 
     p = tmp_path / "p.yaml"
     p.write_text("orchestration:\n  debounce_s: 5\n")
@@ -137,7 +137,7 @@ def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     import os
 
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env={**base, "PYTHONPATH": str(ROOT), **env})
 
 
@@ -161,8 +161,8 @@ def test_bad_file_is_refused_with_file_and_line_and_nothing_lands(tmp_path, drop
 def test_good_file_lands_whole_in_a_directory_source(tmp_path, dropbox):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.drop import drop
-    from tasks.config import load_params
+    from qlora_ops.flows.drop import drop
+    from qlora_ops.tasks.core.config import load_params
 
     good = tmp_path / "week07.csv"
     good.write_text("instruction,output\nWhich?,json\nWhat?,os\n")
@@ -187,8 +187,8 @@ def test_directory_drop_whose_event_is_not_taken_exits_4_with_the_file_in_place(
 @pytest.mark.parametrize("source,why", [(None, "data.source is null"), ("incoming/all.jsonl", "is one file"),
                                         ("s3://b/drops/all.parquet", "is one file")])
 def test_drop_needs_a_directory_or_prefix_source(tmp_path, source, why):
-    from flows.drop import drop
-    from tasks.config import Params, ParamsError
+    from qlora_ops.flows.drop import drop
+    from qlora_ops.tasks.core.config import Params, ParamsError
 
     f = tmp_path / "a.jsonl"
     f.write_text('{"instruction": "a", "output": "b"}\n')
@@ -197,9 +197,9 @@ def test_drop_needs_a_directory_or_prefix_source(tmp_path, source, why):
 
 
 def test_hidden_or_unknown_names_are_refused(tmp_path):
-    from flows.drop import drop
-    from tasks.config import Params
-    from tasks.data import DataError
+    from qlora_ops.flows.drop import drop
+    from qlora_ops.tasks.core.config import Params
+    from qlora_ops.tasks.data.prepare import DataError
 
     for name in (".a.jsonl", "_a.jsonl", "a.txt"):
         f = tmp_path / name
@@ -214,7 +214,7 @@ def relay():
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
     from starlette.testclient import TestClient
 
-    from flows.relay import create_app
+    from qlora_ops.flows.relay import create_app
 
     # Nothing listens there, and no retries: the 502 path answers at once.
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 0}), \
@@ -239,7 +239,7 @@ def test_relay_refuses_what_minio_did_not_send(relay):
 
 
 def test_relay_will_not_start_without_a_token():
-    from flows.relay import create_app
+    from qlora_ops.flows.relay import create_app
 
     with pytest.raises(ValueError, match="QLORA_RELAY_SECRET"):
         create_app("")

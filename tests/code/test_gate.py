@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks import gate
-from tasks.config import GateParams
-from tasks.metrics import get
+from qlora_ops.tasks.gates import gate
+from qlora_ops.tasks.core.config import GateParams
+from qlora_ops.tasks.metrics import get
 
 G = GateParams(min_gain_over_base=0.2, min_retention_vs_lora=0.9, max_merge_disagreement=0.05)
 N = 200

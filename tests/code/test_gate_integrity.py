@@ -2,12 +2,12 @@
 ever moves to a candidate that passed every gate and that the promotion policy found significantly better.
 
 1. The pure decision path, many hypothesis examples: random per-row outcomes of base / LoRA / QLoRA /
-   merged / champion and random thresholds (gates.*, registry.* policy) through the real tasks.gate and
-   tasks.stats.decide, in the order flows/retrain.run_pipeline calls them; every verdict is checked
+   merged / champion and random thresholds (gates.*, registry.* policy) through the real tasks.gates.gate and
+   tasks.gates.stats.decide, in the order flows/retrain.run_pipeline calls them; every verdict is checked
    against numbers computed here by hand from the counts (gain, retention of the gain over the base,
-   normalised answer flips, exact McNemar by math.comb), never by calling tasks.stats or copying gate.py.
-2. The real registry path: a hypothesis state machine drives tasks.register.register_and_promote (and
-   tasks.registry_ops.rollback) against a real MLflow SQLite store in a temp dir, and after every step
+   normalised answer flips, exact McNemar by math.comb), never by calling tasks.gates.stats or copying gate.py.
+2. The real registry path: a hypothesis state machine drives tasks.registry.register.register_and_promote (and
+   tasks.registry.manual.rollback) against a real MLflow SQLite store in a temp dir, and after every step
    checks the alias invariants on the store itself.
 """
 from __future__ import annotations
@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from hypothesis import given
 
-from flows.retrain import format_summary, gate_decision, gate_table, policy, power_line
-from tasks import gate, stats
-from tasks.config import GateParams, Params, RegistryParams
+from qlora_ops.flows.retrain import format_summary, gate_decision, gate_table, policy, power_line
+from qlora_ops.tasks.gates import gate
+from qlora_ops.tasks.gates import stats
+from qlora_ops.tasks.core.config import GateParams, Params, RegistryParams
 
 LABELS = ("a", "b", "c")
 FORMATTED = ("A.", "B.", "C.")  # the same answers as exact match sees them
@@ -101,7 +102,7 @@ def flow_decision(params: Params, o: dict, champion_correct: list[bool] | None,
     if not passed:
         return verdicts, False  # nothing registered, so nothing promoted
     if champion_correct is None:
-        return verdicts, True  # first champion (tasks.register: no version held the alias)
+        return verdicts, True  # first champion (tasks.registry.register: no version held the alias)
     return verdicts, stats.decide(policy(params), o["merged"], champion_correct, seed=params.seed)["promote"]
 
 
@@ -228,7 +229,7 @@ def test_a_candidate_no_better_than_the_champion_is_never_promoted(o, params):
 
 # ---------------------------------------------------------------- the real registry
 class RegistryMachine(RuleBasedStateMachine):
-    """Candidates arrive; those that pass the gates are registered through tasks.register with the flow's
+    """Candidates arrive; those that pass the gates are registered through tasks.registry.register with the flow's
     decide; now and then the champion is rolled back. The real store must always agree with the model."""
 
     N = 24
@@ -258,7 +259,7 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), params=st.one_of(thresholds, lax_gates, lax_gates), reuse_fp=st.booleans())
     def candidate(self, data, params, reuse_fp):
-        from tasks.register import register_and_promote
+        from qlora_ops.tasks.registry.register import register_and_promote
 
         o = data.draw(outcomes(self.N, base_skill=3))
         fp = (data.draw(st.sampled_from(sorted(self.rejected))) if reuse_fp and self.rejected
@@ -296,8 +297,8 @@ class RegistryMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.champion is not None)
     @rule()
     def rollback(self):
-        from tasks.register import PromotionError
-        from tasks.registry_ops import rollback
+        from qlora_ops.tasks.registry.register import PromotionError
+        from qlora_ops.tasks.registry.manual import rollback
 
         prev = self.previous.get(self.champion)
         if prev is None or self.fingerprint[prev] in self.rejected:

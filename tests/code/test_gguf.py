@@ -38,7 +38,7 @@ def need_llama_cpp():
 
 @pytest.fixture(scope="module")
 def written(merged_model_dir, tmp_path_factory):
-    from tasks.gguf_export import write_model
+    from qlora_ops.tasks.serving.gguf import write_model
 
     d = tmp_path_factory.mktemp("gguf")
     return {k: write_model(merged_model_dir, d / f"model-{k}.gguf", k, "tiny") for k in ("f16", "q8_0")}
@@ -51,7 +51,7 @@ def test_written_gguf_reads_back_as_the_same_model(written, merged_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.gguf_export import permute_qk
+    from qlora_ops.tasks.serving.gguf import permute_qk
 
     ref_tok = AutoTokenizer.from_pretrained(merged_model_dir)
     ref = AutoModelForCausalLM.from_pretrained(merged_model_dir, dtype=torch.float32).state_dict()
@@ -105,7 +105,7 @@ def test_adapter_gguf_holds_the_lora_tensors(adapter_dir, merged_model_dir, tmp_
     import gguf
     from safetensors.torch import load_file
 
-    from tasks.gguf_export import permute_qk, write_adapter
+    from qlora_ops.tasks.serving.gguf import permute_qk, write_adapter
 
     cfg = json.loads((merged_model_dir / "config.json").read_text())
     path = write_adapter(adapter_dir, cfg, tmp_path / "adapter.gguf", "tiny adapter")
@@ -130,8 +130,8 @@ def test_llama_cpp_applies_the_adapter_as_the_merge_does(adapter_dir, merged_mod
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.gguf_export import write_adapter, write_model
-    from tasks.util import atomic_dir
+    from qlora_ops.tasks.serving.gguf import write_adapter, write_model
+    from qlora_ops.tasks.core.util import atomic_dir
 
     merged = tmp_path / "merged"
     base = AutoModelForCausalLM.from_pretrained(merged_model_dir, dtype=torch.float32)
@@ -166,7 +166,7 @@ def test_export_gguf_then_serve_it_openai_and_verify(tracking, merged_model_dir,
     need_llama_cpp()
     from mlflow.tracking import MlflowClient
 
-    from tasks.util import sha256_file
+    from qlora_ops.tasks.core.util import sha256_file
 
     name, v = register_evaluated(merged_model_dir, evaluated_merged, tmp_path)
     c = MlflowClient()

@@ -279,7 +279,7 @@ def test_k8s_init_scripts_are_copies():
 
 
 def test_team_params_validate_and_point_at_the_stack():
-    from tasks.config import load_params
+    from qlora_ops.tasks.core.config import load_params
 
     path = ROOT / "params" / "team.yaml"
     assert "qlora-ops deploy --params params/team.yaml" in "\n".join(path.read_text().splitlines()[:3])
@@ -565,7 +565,7 @@ def test_images_are_pinned_and_fully_qualified(compose):
 
 
 def test_mlflow_setup_names_the_team_params_resources(compose):
-    from tasks.config import load_params
+    from qlora_ops.tasks.core.config import load_params
 
     p = load_params(ROOT / "params" / "team.yaml")
     env = compose["services"]["mlflow-setup"]["environment"]

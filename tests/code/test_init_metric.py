@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.check import check, format_check
-from tasks.config import load_params
-from tasks.data import DataError
-from tasks.init_params import GATES, choose_metric, write_params
+from qlora_ops.tasks.intake.check import check, format_check
+from qlora_ops.tasks.core.config import load_params
+from qlora_ops.tasks.data.prepare import DataError
+from qlora_ops.tasks.intake.init_params import GATES, choose_metric, write_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,8 +72,8 @@ def test_check_refuses_json_match_on_answers_that_are_not_json(tmp_path):
 def test_free_text_sample_params_check_and_build(tmp_path):
     """params/free-text.yaml is valid, its sample builds deterministically (a stage of its own in dvc.yaml),
     and check builds it in a scratch directory like the default sample."""
-    from tasks.samples import SUMMARY_INPUT_CHARS, SUMMARY_INSTRUCTION, SUMMARY_ROWS, build_sample
-    from tasks.versioning import SAMPLES
+    from qlora_ops.tasks.data.samples import SUMMARY_INPUT_CHARS, SUMMARY_INSTRUCTION, SUMMARY_ROWS, build_sample
+    from qlora_ops.tasks.data.versioning import SAMPLES
 
     p = load_params(ROOT / "params" / "free-text.yaml")
     assert p.eval.metric == "rouge_l" and p.data.prepared != load_params(ROOT / "params" / "default.yaml").data.prepared
@@ -95,10 +95,10 @@ def test_free_text_sample_params_check_and_build(tmp_path):
 
 
 def test_default_sample_bytes_unchanged_by_the_move(tmp_path):
-    """The default data version must not move: dvc.lock's md5 of the default sample, rebuilt by tasks.samples."""
+    """The default data version must not move: dvc.lock's md5 of the default sample, rebuilt by tasks.data.samples."""
     import hashlib
 
-    from tasks.samples import build_sample
+    from qlora_ops.tasks.data.samples import build_sample
 
     lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]["sample"]["outs"][0]
     build_sample(tmp_path / "s.jsonl")

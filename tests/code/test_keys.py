@@ -1,4 +1,4 @@
-"""tasks/keys.py: every key covers exactly the inputs that decide the bytes it names.
+"""tasks/model/keys.py: every key covers exactly the inputs that decide the bytes it names.
 
 The fingerprint moves with the code that decides the model and its verdict and stays when only the
 report, the console or the CLI change; score keys and train keys move with library versions and the
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import keys
-from tasks.config import Params
+from qlora_ops.tasks.model import keys
+from qlora_ops.tasks.core.config import Params
 from tests.conftest import ROOT
 
 
@@ -33,8 +33,8 @@ def _fp(root: Path, p: Params | None = None) -> str:
     return keys.fingerprint("data-v1", p or Params(), "base-1", root=root)
 
 
-@pytest.mark.parametrize("rel", ["tasks/report.py", "tasks/console.py", "flows/cli.py", "flows/retrain.py",
-                                 "tasks/register.py", "tasks/tracking.py"])
+@pytest.mark.parametrize("rel", ["tasks/report/scores.py", "tasks/core/console.py", "flows/retrain.py",
+                                 "tasks/registry/register.py", "tasks/registry/tracking.py"])
 def test_editing_what_is_shown_or_recorded_keeps_the_fingerprint(tree, rel):
     before, sha = _fp(tree), keys.code_version(tree)["source_sha"]
     _edit(tree, rel)
@@ -42,11 +42,11 @@ def test_editing_what_is_shown_or_recorded_keeps_the_fingerprint(tree, rel):
     assert keys.code_version(tree)["source_sha"] != sha  # still recorded on the run: what code ran
 
 
-@pytest.mark.parametrize("rel", ["tasks/train.py", "tasks/evaluate.py", "tasks/prompting.py", "tasks/merge.py",
-                                 "tasks/gate.py", "tasks/stats.py", "tasks/data.py", "tasks/modeling.py",
+@pytest.mark.parametrize("rel", ["tasks/train/loop.py", "tasks/evaluate/predict.py", "tasks/model/prompting.py", "tasks/model/merge.py",
+                                 "tasks/gates/gate.py", "tasks/data/prepare.py", "tasks/model/modeling.py",
                                  *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("tasks/metrics/*/*.py"))[:1],
                                  "tasks/metrics/__init__.py", "flows/model_stage.py",
-                                 "tasks/verdict.py"])
+                                 "tasks/gates/verdict.py"])
 def test_editing_decision_code_changes_the_fingerprint(tree, rel):
     before = _fp(tree)
     _edit(tree, rel)
@@ -60,12 +60,23 @@ def test_a_new_unclassified_source_counts_as_deciding(tree):
     assert _fp(tree) != before
 
 
+def test_code_groups_follow_packages_a_file_moved_inside_one_keeps_the_fingerprint(tree):
+    before = _fp(tree)
+    (tree / "tasks" / "train" / "brand_new.py").write_text("X = 1\n")  # a new file of a deciding package
+    assert keys.unclassified(tree) == [] and _fp(tree) != before
+    added = _fp(tree)
+    (tree / "tasks" / "train" / "brand_new.py").rename(tree / "tasks" / "train" / "renamed.py")
+    assert _fp(tree) == added
+    (tree / "tasks" / "report" / "brand_new.py").write_text("X = 1\n")  # a new file of a package that decides nothing
+    assert keys.unclassified(tree) == [] and _fp(tree) == added
+
+
 def test_every_source_file_is_classified():
     # A new file under tasks/ or flows/ goes into keys.CODE_GROUPS (it decides the model or its verdict)
     # or keys.NOT_DECIDING; until then it counts as deciding (retrains on every edit).
-    assert keys.unclassified() == [], "classify these in tasks/keys.py (CODE_GROUPS or NOT_DECIDING)"
+    assert keys.unclassified() == [], "classify these in tasks/model/keys.py (CODE_GROUPS or NOT_DECIDING)"
     assert all(list(ROOT.glob(g)) for gs in keys.CODE_GROUPS.values() for g in gs
-               if g != "tasks/lm_eval_suite.py"), "a code group names a file that is not there"
+               if g != "tasks/evaluate/lm_eval_suite.py"), "a code group names a file that is not there"
 
 
 def test_score_and_train_keys_and_fingerprint_follow_library_versions(monkeypatch):
@@ -91,7 +102,7 @@ def test_score_key_follows_the_gpu_model(monkeypatch):
 
 
 def test_score_key_covers_how_a_suite_is_scored_and_nothing_else():
-    from tasks.config import SuiteParams
+    from qlora_ops.tasks.core.config import SuiteParams
 
     p = Params()
     k = keys.score_key(p, "rows")
@@ -106,7 +117,7 @@ def test_score_key_covers_how_a_suite_is_scored_and_nothing_else():
 
 
 def _adapter(d: Path, weights: bytes) -> Path:
-    from tasks.util import write_manifest
+    from qlora_ops.tasks.core.util import write_manifest
 
     d.mkdir(parents=True)
     (d / "adapter_model.safetensors").write_bytes(weights)
@@ -127,7 +138,7 @@ def test_an_evaluation_is_keyed_on_the_content_it_evaluates(tmp_path):
 
 
 def test_content_hash_is_what_is_loaded_not_how_peft_happened_to_write_it(tmp_path):
-    from tasks.util import write_manifest
+    from qlora_ops.tasks.core.util import write_manifest
 
     a = _adapter(tmp_path / "a", b"\x00" * 64)
     b = _adapter(tmp_path / "b", b"\x00" * 64)
@@ -173,10 +184,11 @@ def test_data_version_recipe_is_unchanged():
 def test_a_champion_that_moved_is_never_scored_under_another_score_key(monkeypatch, tmp_path):
     """The champion moved while a (GPU) model stage ran: this (CPU) parent must not score it and compare it
     with the candidate's GPU scores. Its own saved predictions under the same score key may be used (both were
-    scored alike); otherwise the decision is deferred (tasks.register.Deferred), never re-scored here."""
-    from flows import retrain
-    from tasks import evaluate, registry_ops
-    from tasks.register import Deferred
+    scored alike); otherwise the decision is deferred (tasks.registry.register.Deferred), never re-scored here."""
+    from qlora_ops.flows import retrain
+    from qlora_ops.tasks.evaluate import predict as evaluate
+    from qlora_ops.tasks.registry import manual as registry_ops
+    from qlora_ops.tasks.registry.register import Deferred
 
     rows = {"ids": ["a", "b", "c"], "correct": [True, True, False], "answers": ["x", "y", "z"]}
     ms = {"rows": {"merged": rows}, "champion": {"version": 1, "how": "saved", **rows}, "score_key": "gpu-stage-key"}

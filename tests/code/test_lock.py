@@ -1,4 +1,4 @@
-"""The dependency lock (locks/, tasks/lockfile.py): this environment is the locked one, the platform locks
+"""The dependency lock (locks/, tasks/core/lockfile.py): this environment is the locked one, the platform locks
 agree with each other and with pyproject.toml, the lock's hash moves with any lock file, and every MLflow
 run records the hash and the versions of the libraries that decide the model."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import lockfile
+from qlora_ops.tasks.core import lockfile
 from tests.conftest import ROOT
 
 
@@ -116,8 +116,8 @@ def test_every_mlflow_run_is_tagged_with_the_lock_and_library_versions(tracking,
 
     from mlflow.tracking import MlflowClient
 
-    from tasks import tracking as tr
-    from tasks.config import Params
+    from qlora_ops.tasks.registry import tracking as tr
+    from qlora_ops.tasks.core.config import Params
 
     exp = tr.ensure_experiment(f"lock-{uuid.uuid4().hex[:8]}", (tmp_path / "a").as_uri(), remote=True)
     run_id = tr.start_run(Params(), exp, tags={"qlora_ops.fingerprint": "fp"}, run_name="tags")

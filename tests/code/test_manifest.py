@@ -1,10 +1,10 @@
-"""Directory manifests (tasks.util): every dir tasks.util.atomic_dir completes carries the sha256 and
+"""Directory manifests (tasks.core.util): every dir tasks.core.util.atomic_dir completes carries the sha256 and
 size of its files; a truncated, rewritten, missing or extra-unlisted file is named, never loaded."""
 from __future__ import annotations
 
 import pytest
 
-from tasks.util import MANIFEST, DamagedArtifact, atomic_dir, check_manifest, verify_manifest
+from qlora_ops.tasks.core.util import MANIFEST, DamagedArtifact, atomic_dir, check_manifest, verify_manifest
 
 
 def _write(d, files):

@@ -2,7 +2,7 @@
 mark), so a small stage after a big one reports its own, small peak."""
 import time
 
-from flows.runtime import StageTimer
+from qlora_ops.flows.runtime import StageTimer
 
 
 def hold(mb: int) -> int:

@@ -12,8 +12,8 @@ import typing
 
 import pytest
 
-from tasks import metrics as M
-from tasks.config import MetricName
+from qlora_ops.tasks import metrics as M
+from qlora_ops.tasks.core.config import MetricName
 
 PAIRS = [("Read the whole file.", "Read the file."), ("Return a list of names", "Return the list of all names."),
          ("open a connection to the server", "Open the server connection."), ("", "Close the socket."),

@@ -1,4 +1,4 @@
-"""Children die with the process that started them (tasks.util.popen_child: PR_SET_PDEATHSIG), and one
+"""Children die with the process that started them (tasks.core.util.popen_child: PR_SET_PDEATHSIG), and one
 run per workspace (flows.runtime.workspace_run_lock): real processes, real signals, real flocks."""
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import time
 import psutil
 import pytest
 
-from flows.runtime import WorkspaceBusy, workspace_run_lock
+from qlora_ops.flows.runtime import WorkspaceBusy, workspace_run_lock
 from tests.conftest import ROOT
 
 PARENT = textwrap.dedent("""
     import sys, time
-    from tasks.util import popen_child
+    from qlora_ops.tasks.core.util import popen_child
     child = popen_child([sys.executable, "-c", "import time; time.sleep(120)"])
     print(child.pid, flush=True)
     time.sleep(120)
@@ -52,7 +52,7 @@ def test_a_child_dies_when_its_parent_is_killed_9():
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from flows.runtime import workspace_run_lock
+    from qlora_ops.flows.runtime import workspace_run_lock
     with workspace_run_lock(Path(sys.argv[1]), 1):
         print("locked", flush=True)
         time.sleep(120)
@@ -83,10 +83,10 @@ def test_second_run_waits_names_the_holder_then_refuses_and_a_killed_holder_free
 
 CHAIN = textwrap.dedent("""
     import os, subprocess, sys, time
-    from tasks.util import TIE_ENV, popen_child
+    from qlora_ops.tasks.core.util import TIE_ENV, popen_child
     os.environ[TIE_ENV] = sys.argv[1]
-    # like the CLI -> dvc -> `python -m tasks.data`: the middle one is not ours, the last one is
-    grand = ("from tasks.util import die_with_parent_if_tied; die_with_parent_if_tied(); import sys, time; "
+    # like the CLI -> dvc -> `python -m tasks.data.prepare`: the middle one is not ours, the last one is
+    grand = ("from tasks.core.util import die_with_parent_if_tied; die_with_parent_if_tied(); import sys, time; "
              "open(sys.argv[1], 'w').close(); time.sleep(120)")
     mid = popen_child([sys.executable, "-c", f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {grand!r}, {sys.argv[2]!r}]); print(p.pid, flush=True); time.sleep(120)"],
                       stdout=subprocess.PIPE, text=True)

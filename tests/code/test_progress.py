@@ -1,11 +1,11 @@
-"""tasks.progress: a tqdm bar on a terminal, a plain line every ~10 % elsewhere, nothing when switched off."""
+"""tasks.core.progress: a tqdm bar on a terminal, a plain line every ~10 % elsewhere, nothing when switched off."""
 from __future__ import annotations
 
 import re
 
 import pytest
 
-from tasks.progress import Progress, fmt_duration, fmt_value, progress
+from qlora_ops.tasks.core.progress import Progress, fmt_duration, fmt_value, progress
 
 
 def run(total: int, updates: int, step: int = 1, initial: int = 0, **postfix) -> None:

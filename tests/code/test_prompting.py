@@ -28,7 +28,7 @@ def styled_tokenizer(base_dir, style: str):
 
 @pytest.mark.parametrize("style, turn_end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"), ("gemma", "<end_of_turn>")])
 def test_turn_end_is_read_from_the_template(smol_tokenizer_dir, style, turn_end):
-    from tasks.prompting import encode, format_prompt, stop_ids, turn_end_id
+    from qlora_ops.tasks.model.prompting import encode, format_prompt, stop_ids, turn_end_id
 
     tok = styled_tokenizer(smol_tokenizer_dir, style)
     end = tok.convert_tokens_to_ids(turn_end)

@@ -39,7 +39,7 @@ def _unique(prefix: str) -> str:
 def _log_model(model_dir: Path, experiment: str) -> str:
     import mlflow
 
-    from tasks.register import log_merged_model
+    from qlora_ops.tasks.registry.register import log_merged_model
 
     exp_id = mlflow.create_experiment(experiment)
     with mlflow.start_run(experiment_id=exp_id):
@@ -51,7 +51,7 @@ def _never_called(v: int):
 
 
 def _promote(uri, name, tmp_path, decide=_never_called, **tags):
-    from tasks.register import register_and_promote
+    from qlora_ops.tasks.registry.register import register_and_promote
 
     return register_and_promote(model_uri=uri, model_name=name, alias="champion", challenger_alias="challenger",
                                 tags={"run": "test", **tags}, decide=decide,
@@ -70,7 +70,7 @@ def _verdict(promote: bool, seen: list):
 def test_promotion_writes_tags_then_aliases(tracking, merged_model_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tasks.register import champion_info
+    from qlora_ops.tasks.registry.register import champion_info
 
     name = _unique("reg-rules")
     assert champion_info(name, "champion") is None  # no registered model yet
@@ -136,7 +136,7 @@ _PREDICT_SCRIPT = textwrap.dedent("""
 
 def test_champion_loads_in_fresh_process_and_answers_exactly_as_evaluated(tracking, merged_model_dir, evaluated_merged,
                                                                           tmp_path):
-    """The registered format: a pyfunc whose loader is the installed module tasks.serving (no code or
+    """The registered format: a pyfunc whose loader is the installed module tasks.registry.loader (no code or
     pickle in the artifact), the manifest inside, its digest on the version; loaded through the registry
     in a fresh process, the champion gives the very answers the evaluation saved for the same rows."""
     import hashlib
@@ -145,10 +145,10 @@ def test_champion_loads_in_fresh_process_and_answers_exactly_as_evaluated(tracki
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from tasks.register import log_merged_model
-    from tasks.util import read_jsonl
+    from qlora_ops.tasks.registry.register import log_merged_model
+    from qlora_ops.tasks.core.util import read_jsonl
 
-    evaluated = read_jsonl(evaluated_merged["eval"] / "predictions.jsonl")  # tasks.evaluate's saved answers
+    evaluated = read_jsonl(evaluated_merged["eval"] / "predictions.jsonl")  # tasks.evaluate.predict's saved answers
     rows = read_jsonl(evaluated_merged["test"])
     assert len({r["prediction"] for r in evaluated}) > 3  # answers that can differ: the comparison means something
 
@@ -165,7 +165,7 @@ def test_champion_loads_in_fresh_process_and_answers_exactly_as_evaluated(tracki
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "art")))
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-    assert flavor["loader_module"] == "tasks.serving" and flavor["data"] == "data/model" and not flavor.get("code")
+    assert flavor["loader_module"] == "qlora_ops.tasks.registry.loader" and flavor["data"] == "data/model" and not flavor.get("code")
     assert not [f for f in local.rglob("*") if f.suffix in (".py", ".pkl")]  # nothing to execute travels
     assert "qlora-ops==" in (local / "requirements.txt").read_text()  # a managed env installs the loader
     digest = hashlib.sha256((local / "data" / "model" / "qlora_ops_manifest.json").read_bytes()).hexdigest()
@@ -189,8 +189,8 @@ def test_tampered_weights_are_refused(tracking, merged_model_dir, tmp_path, tmp_
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks.register import PromotionError, download_hf_model
-    from tasks.serving import WeightsRefused, _load_pyfunc
+    from qlora_ops.tasks.registry.register import PromotionError, download_hf_model
+    from qlora_ops.tasks.registry.loader import WeightsRefused, _load_pyfunc
 
     name = _unique("reg-tamper")
     uri = _log_model(merged_model_dir, _unique("exp-tamper"))
@@ -211,7 +211,7 @@ def test_tampered_weights_are_refused(tracking, merged_model_dir, tmp_path, tmp_
         download_hf_model(name, 1, tmp_path / "dl")
 
     # The attacker also rewrites the manifest: the files match it, the registered digest does not.
-    from tasks.util import write_manifest
+    from qlora_ops.tasks.core.util import write_manifest
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "art")))
     write_manifest(local / "data" / "model")
     with pytest.raises(WeightsRefused, match="not the registered weights_digest"):
@@ -225,7 +225,7 @@ _WORKER_SCRIPT = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from mlflow.tracking import MlflowClient
-    from tasks.register import register_and_promote
+    from qlora_ops.tasks.registry.register import register_and_promote
     uri, name, metric, lock, ready, go = sys.argv[1:7]
     def decide(v):
         champ = float(MlflowClient().get_model_version(name, str(v)).tags["accuracy"])
@@ -283,7 +283,7 @@ def test_planted_candidates_never_move_the_champion(tracking, merged_model_dir, 
     import numpy as np
     from mlflow.tracking import MlflowClient
 
-    from tasks.stats import PromotionPolicy, decide
+    from qlora_ops.tasks.gates.stats import PromotionPolicy, decide
 
     rng = np.random.default_rng(0)
     champ = rng.random(500) < 0.70
@@ -313,7 +313,7 @@ def test_a_version_left_incomplete_by_a_killed_run_is_abandoned_never_champion(t
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import find_fingerprint
+    from qlora_ops.tasks.registry.tracking import find_fingerprint
 
     name = _unique("reg-killed")
     uri = _log_model(merged_model_dir, exp := _unique("exp-killed"))

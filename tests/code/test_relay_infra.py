@@ -30,7 +30,7 @@ def k8s() -> dict[tuple[str, str], dict]:
 
 
 def _route_and_port() -> tuple[str, int]:
-    import flows.relay as relay
+    import qlora_ops.flows.relay as relay
 
     app = relay.create_app("x")
     paths = {r.path for r in app.routes}
@@ -154,5 +154,5 @@ def test_k8s_minio_events_script_is_a_copy(k8s):
     assert cm["data"]["minio-events.sh"] == script
     # The ARN names MinIO's target QLORA (MINIO_NOTIFY_WEBHOOK_*_QLORA) and the prefix is where drops land.
     assert "arn:minio:sqs::QLORA:webhook --event put --prefix drops/" in script
-    from tasks.config import load_params
+    from qlora_ops.tasks.core.config import load_params
     assert load_params(ROOT / "params" / "team.yaml").data.source.endswith("/drops/")

@@ -2,7 +2,7 @@
 rows, worst-first ordering of the side-by-side rows, the stage table's optional memory column, the card."""
 from __future__ import annotations
 
-from tasks import report
+from qlora_ops.tasks.report import html as report
 
 
 def test_confusion_and_per_class_from_rows():

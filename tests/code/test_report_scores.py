@@ -1,8 +1,8 @@
-"""The report's free-text and suite parts (tasks/report_scores.py, report.scored_sections) from rows alone."""
+"""The report's free-text and suite parts (tasks/report/scores.py, report.scored_sections) from rows alone."""
 from __future__ import annotations
 
-from tasks import report
-from tasks import report_scores as rs
+from qlora_ops.tasks.report import html as report
+from qlora_ops.tasks.report import scores as rs
 
 REFS = ["Read the file.", "Close the socket.", "Parse the query.", "Set the flag."]
 ANSWERS = {  # model -> (answers, rouge_l, nll) per row

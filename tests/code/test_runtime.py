@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from flows.runtime import Rejected, ServiceUnavailable, check_services, is_transient, redact, registry_limit_name
+from qlora_ops.flows.runtime import Rejected, ServiceUnavailable, check_services, is_transient, redact, registry_limit_name
 from tests.conftest import free_port
 
 
@@ -35,9 +35,9 @@ def test_client_library_network_errors_are_transient():
 def test_deterministic_faults_never_retry_even_with_network_words():
     from prefect.task_engine import TaskRunTimeoutError
 
-    from tasks.config import ParamsError
-    from tasks.data import DataError
-    from tasks.modeling import DivergenceError
+    from qlora_ops.tasks.core.config import ParamsError
+    from qlora_ops.tasks.data.prepare import DataError
+    from qlora_ops.tasks.model.modeling import DivergenceError
 
     for exc in (ParamsError("connection refused in key x"), DataError("f.jsonl:3: timed out?"),
                 DivergenceError("loss nan"), Rejected("gain_over_base 503"), TaskRunTimeoutError("timed out")):

@@ -1,6 +1,6 @@
 """Serving, proven equal to what was evaluated: real `mlflow server` (SQLite, with registry webhooks),
 real scoring servers (`qlora-ops serve` = `mlflow models serve --env-manager local`) on 127.0.0.1, the
-real CLI, a model registered through the real log path and evaluated by tasks.evaluate.
+real CLI, a model registered through the real log path and evaluated by tasks.evaluate.predict.
 
 A tiny random Llama (merged_model_dir) stands in for the merged model: its answers are noise, but
 noise that a changed dtype or system prompt changes, which is what a parity check must see.
@@ -103,7 +103,7 @@ def test_served_in_another_dtype_is_caught_and_named(tracking, merged_model_dir,
 def test_missing_system_prompt_is_caught_and_named(tracking, merged_model_dir, evaluated_merged, tmp_path):
     """A version whose served copy lost its system prompt (serving.json says ""), checked through the
     library path (the one the webhook receiver takes): caught, the system prompt named."""
-    from tasks import serving_ops as so
+    from qlora_ops.tasks.serving import server as so
 
     name, v = register_evaluated(merged_model_dir, evaluated_merged, tmp_path, system_prompt="")
     local, digest = so.fetch_model(name, v, tmp_path / "model")
@@ -117,7 +117,7 @@ def test_missing_system_prompt_is_caught_and_named(tracking, merged_model_dir, e
 def test_a_tampered_version_is_never_served(tracking, merged_model_dir, evaluated_merged, tmp_path, registry):
     """`qlora-ops serve` checks the bytes against the version's digest before starting anything; the
     scoring server's own loader refuses them too when started by hand with the digest."""
-    from tasks import serving_ops as so
+    from qlora_ops.tasks.serving import server as so
 
     name, v = register_evaluated(merged_model_dir, evaluated_merged, tmp_path)
     rel = write_params(tmp_path, tracking, name, merged_model_dir)
@@ -197,7 +197,7 @@ def test_receiver_accepts_exactly_what_mlflow_signs():
     and timestamp pass; any change, another secret or an old timestamp does not."""
     from mlflow.webhooks.delivery import _generate_hmac_signature
 
-    from tasks.webhook import signature_error
+    from qlora_ops.tasks.serving.webhook import signature_error
 
     body, ts = '{"entity": "model_version_alias", "action": "created"}', str(int(time.time()))
     h = {"X-MLflow-Signature": _generate_hmac_signature("s3", "d-1", ts, body), "X-MLflow-Timestamp": ts,

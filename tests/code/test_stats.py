@@ -1,4 +1,4 @@
-"""tasks.stats: paired comparison numbers by hand, intervals that cover, and a promotion policy whose
+"""tasks.gates.stats: paired comparison numbers by hand, intervals that cover, and a promotion policy whose
 error rates are measured by simulation against the targets of docs/gates.md (and against the old
 `candidate > champion` rule, so the simulation demonstrably discriminates). Both paths: 0/1 scores
 (McNemar) and continuous scores (sign-flip permutation test), and the yearly error budget."""
@@ -16,7 +16,7 @@ from scipy import stats as sps
 from scipy.stats import norm
 from statsmodels.stats.contingency_tables import mcnemar
 
-from tasks.stats import (
+from qlora_ops.tasks.gates.stats import (
     ASSUMED_SD, PromotionPolicy, _compare_many, _decide_many, _mcnemar_p, accuracy_interval, agreement, decide,
     level, mean_abs_diff, mean_interval, min_detectable_diff, paired_compare, paired_noise, power_check,
     rows_needed, simulate, simulate_scores, simulate_year, synthetic_pairs, synthetic_scores,

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from tasks import keys, suites
-from tasks.config import Params, ParamsError, load_params
-from tasks.data import DataError
+from qlora_ops.tasks.model import keys
+from qlora_ops.tasks.evaluate import suites
+from qlora_ops.tasks.core.config import Params, ParamsError, load_params
+from qlora_ops.tasks.data.prepare import DataError
 
 
 def _params_file(tmp_path, suites_yaml: str):

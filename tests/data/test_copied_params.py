@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ParamsError, load_params
-from tasks.versioning import ensure_stage
+from qlora_ops.tasks.core.config import ParamsError, load_params
+from qlora_ops.tasks.data.versioning import ensure_stage
 from tests.conftest import make_workspace
 
 
@@ -28,7 +28,7 @@ def ws(tmp_path_factory) -> Path:
 def cli(ws: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "QLORA_OPS_", "MLFLOW_"))}
     env.update(PYTHONPATH=str(ws), PREFECT_HOME=str(ws.parent / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--workspace", str(ws)], cwd=ws, env=env,
+    return subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", *args, "--workspace", str(ws)], cwd=ws, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,4 +1,4 @@
-"""Data stage (tasks/data.py): a fair stdlib sample, loud file:line errors, dedupe, stable hash split, CLI exit 2.
+"""Data stage (tasks/data/prepare.py): a fair stdlib sample, loud file:line errors, dedupe, stable hash split, CLI exit 2.
 
 Fast: no model, no network; the sample is built once per session (~1 s).
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DataParams, Params, SplitParams
-from tasks.data import DataError, load_raw, prepare
-from tasks.samples import INSTRUCTION, PER_MODULE, SAMPLE_MODULES, build_sample
-from tasks.util import read_jsonl
+from qlora_ops.tasks.core.config import DataParams, Params, SplitParams
+from qlora_ops.tasks.data.prepare import DataError, load_raw, prepare
+from qlora_ops.tasks.data.samples import INSTRUCTION, PER_MODULE, SAMPLE_MODULES, build_sample
+from qlora_ops.tasks.core.util import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 SPLITS = ("train", "val", "test")
@@ -203,7 +203,7 @@ def test_too_little_data_says_how_many_and_what_to_change(tmp_path):
 # ---------------------------------------------------------------- CLI
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     # cwd = the workspace, as under DVC; PYTHONPATH so this checkout's `tasks` is the one imported
-    return subprocess.run([sys.executable, "-m", "tasks.data", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qlora_ops.tasks.data", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
 
 

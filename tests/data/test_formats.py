@@ -1,4 +1,4 @@
-"""Data in the formats people have (tasks/data.py, tasks/init_params.py, tasks/check.py): row shapes
+"""Data in the formats people have (tasks/data/prepare.py, tasks/intake/init_params.py, tasks/intake/check.py): row shapes
 (alpaca, chat `messages`, prompt/completion), data.columns, data.labels, CSV / Parquet / .arrow /
 save_to_disk directories, and every bad row named file:line or file:row in one error.
 
@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks.config import DataParams, Params, ParamsError, load_params
-from tasks.data import DataError, detect_format, load_raw, prepare
-from tasks.readers import columns_of
-from tasks.util import read_jsonl
+from qlora_ops.tasks.core.config import DataParams, Params, ParamsError, load_params
+from qlora_ops.tasks.data.prepare import DataError, detect_format, load_raw, prepare
+from qlora_ops.tasks.data.readers import columns_of
+from qlora_ops.tasks.core.util import read_jsonl
 
 LABELS = ["json", "math", "os", "re"]
 
@@ -183,7 +183,7 @@ def test_directory_with_saved_dataset_and_files_lists_one_unit_each(tmp_path):
 def test_snapshot_of_a_save_to_disk_source_mirrors_it_whole(tmp_path):
     import datasets
 
-    from tasks.sources import snapshot
+    from qlora_ops.tasks.data.sources import snapshot
 
     datasets.Dataset.from_dict({"prompt": ["p"], "completion": ["c"]}).save_to_disk(str(tmp_path / "src"))
     res = snapshot(str(tmp_path / "src"), tmp_path / "raw")
@@ -208,8 +208,8 @@ def test_thousands_of_bad_rows_list_the_first_twenty_and_count_all(tmp_path):
 
 # ---------------------------------------------------------------- init and check
 def test_init_detects_aliases_labels_and_sizes_the_test_set(tmp_path):
-    from tasks.init_params import detect, label_set, split_for
-    from tasks.stats import PromotionPolicy
+    from qlora_ops.tasks.intake.init_params import detect, label_set, split_for
+    from qlora_ops.tasks.gates.stats import PromotionPolicy
 
     assert detect(["Question", "Answer"]) == ("alpaca", {"instruction": "Question", "output": "Answer"}, True)
     assert detect(["text", "label"]) == ("prompt_completion", {"prompt": "text", "completion": "label"}, True)
@@ -227,7 +227,7 @@ def test_init_detects_aliases_labels_and_sizes_the_test_set(tmp_path):
 
 
 def test_init_writes_a_loadable_params_file_and_refuses_to_overwrite(tmp_path):
-    from tasks.init_params import write_params
+    from qlora_ops.tasks.intake.init_params import write_params
 
     ws = tmp_path / "ws"
     (ws / "data").mkdir(parents=True)
@@ -253,7 +253,7 @@ def test_init_writes_a_loadable_params_file_and_refuses_to_overwrite(tmp_path):
 
 
 def test_check_reports_the_run_and_names_bad_rows(tmp_path):
-    from tasks.check import check, format_check
+    from qlora_ops.tasks.intake.check import check, format_check
 
     ws = tmp_path / "ws"
     (ws / "params").mkdir(parents=True)

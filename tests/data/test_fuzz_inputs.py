@@ -21,8 +21,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tasks.config import DataParams, Params, ParamsError, SplitParams, load_params
-from tasks.data import DataError, load_raw, prepare
+from qlora_ops.tasks.core.config import DataParams, Params, ParamsError, SplitParams, load_params
+from qlora_ops.tasks.data.prepare import DataError, load_raw, prepare
 
 # Function-level fuzzing: each example touches a few small files; 150-300 examples run in seconds.
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -239,7 +239,7 @@ def _cli(ws: Path, params_rel: str) -> subprocess.CompletedProcess:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
     env.update(PYTHONPATH=str(ws), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(ws / ".prefect-home"))
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", params_rel, "--workspace", str(ws)],
+    return subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--params", params_rel, "--workspace", str(ws)],
                           cwd=ws, env=env, capture_output=True, text=True, timeout=600)
 
 

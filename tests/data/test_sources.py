@@ -1,4 +1,4 @@
-"""data.source snapshots (tasks/sources.py) and raw directories (tasks.data.load_raw on a snapshot).
+"""data.source snapshots (tasks/data/sources.py) and raw directories (tasks.data.prepare.load_raw on a snapshot).
 
 Real parts: local directories, moto's standalone S3 server on 127.0.0.1 (a subprocess, stopped at the end
 of the module), s3fs, pandas/pyarrow CSV and Parquet files.
@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.config import ParamsError
-from tasks.data import DataError, load_raw
-from tasks.redact import redact_url
-from tasks.sources import snapshot
+from qlora_ops.tasks.core.config import ParamsError
+from qlora_ops.tasks.data.prepare import DataError, load_raw
+from qlora_ops.tasks.core.secrets import redact_url
+from qlora_ops.tasks.data.sources import snapshot
 from tests.conftest import S3_ENV, free_port, make_bucket, start_moto
 
 BUCKET = "drops-bucket"
@@ -255,8 +255,8 @@ def test_load_raw_directory_file_level_errors(tmp_path):
 
 
 def test_prepare_conflicts_name_file_and_row_across_files(tmp_path):
-    from tasks.config import DataParams, Params
-    from tasks.data import prepare
+    from qlora_ops.tasks.core.config import DataParams, Params
+    from qlora_ops.tasks.data.prepare import prepare
 
     d = tmp_path / "raw"
     d.mkdir()

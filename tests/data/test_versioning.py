@@ -1,4 +1,4 @@
-"""Data versioning (tasks/versioning.py) for real: DVC on temp git repos, a local directory remote and an
+"""Data versioning (tasks/data/versioning.py) for real: DVC on temp git repos, a local directory remote and an
 S3 remote on moto's standalone server (a subprocess on 127.0.0.1, stopped at the end of the module).
 
 What it proves: a drop in data.source becomes a new data version, every version is pushed, an unchanged
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import versioning
-from tasks.config import ParamsError, load_params
-from tasks.versioning import REMOTE, configure_remote, prepare_via_dvc
+from qlora_ops.tasks.data import versioning
+from qlora_ops.tasks.core.config import ParamsError, load_params
+from qlora_ops.tasks.data.versioning import REMOTE, configure_remote, prepare_via_dvc
 from tests.conftest import S3_ENV, free_port, make_bucket, make_workspace, start_moto
 
 LABELS = ["json", "os", "re", "math"]

@@ -16,8 +16,8 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.config import load_params
-from tasks.paths import ws_path
+from qlora_ops.tasks.core.config import load_params
+from qlora_ops.tasks.core.paths import ws_path
 
 
 @flow(name="qlora-ops-probe", log_prints=True)

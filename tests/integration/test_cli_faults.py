@@ -18,7 +18,7 @@ from tests.conftest import make_workspace
 pytestmark = pytest.mark.slow
 
 PLANT = '''
-import tasks.evaluate as ev
+import qlora_ops.tasks.evaluate.predict as ev
 def _bug(*a, **k):
     raise ZeroDivisionError("planted bug in evaluate")
 ev.evaluate_model = _bug
@@ -49,7 +49,7 @@ def run_cli(ws: Path, *args: str, plant: bool = False) -> subprocess.CompletedPr
     path = [str(ws.parent / "plant")] if plant else []
     env.update(PYTHONPATH=os.pathsep.join([*path, str(ws)]), PREFECT_HOME=str(ws.parent / "prefect-home"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", *args, "--workspace", str(ws)], cwd=ws, env=env,
+    return subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "run", *args, "--workspace", str(ws)], cwd=ws, env=env,
                           capture_output=True, text=True, timeout=900)
 
 

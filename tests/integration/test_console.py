@@ -65,7 +65,7 @@ def run_cli(ws: Path, *args: str) -> tuple[int, str]:
     env.update(PYTHONPATH=str(ws), PREFECT_HOME=str(ws.parent / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     out = ws.parent / "console.txt"
     with open(out, "w") as fh:
-        r = subprocess.run([sys.executable, "-m", "flows.cli", *args, "--workspace", str(ws)], cwd=ws, env=env,
+        r = subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", *args, "--workspace", str(ws)], cwd=ws, env=env,
                            stdout=fh, stderr=subprocess.STDOUT, timeout=900)
     return r.returncode, out.read_text(errors="replace")
 

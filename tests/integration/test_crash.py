@@ -83,7 +83,7 @@ class Run:
                    PREFECT_SERVER_ANALYTICS_ENABLED="false")
         self.log = ws.parent / f"{tag}.txt"
         self.fh = open(self.log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--params", params, *extra,
+        self.proc = subprocess.Popen([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--params", params, *extra,
                                       "--workspace", str(ws)], cwd=ws, env=env, stdout=self.fh, stderr=subprocess.STDOUT,
                                      preexec_fn=preexec)
         self.pid = self.proc.pid
@@ -252,7 +252,7 @@ def test_kill_9_in_merge_then_in_register_then_the_rerun_finishes(ws):
     assert reg[killed[0]]["tags"]["status"] == "abandoned"
     assert "abandoned" in reg[killed[0]]["tags"]["promotion_reason"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    st = subprocess.run([sys.executable, "-m", "flows.cli", "status", "--params", "params/crash.yaml", "--workspace",
+    st = subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "status", "--params", "params/crash.yaml", "--workspace",
                          str(ws)], cwd=ws, env={**env, "PYTHONPATH": str(ws)}, capture_output=True, text=True, timeout=120)
     assert st.returncode == 0, st.stdout + st.stderr
     assert re.search(rf"^\s*{killed[0]}\b.*abandoned", st.stdout, re.M), st.stdout

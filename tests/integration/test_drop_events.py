@@ -103,13 +103,13 @@ def stack(tmp_path_factory, tiny_model_dir, mlflow_server):
             r = prefect.cli("work-pool", "create", "cpu", "--type", "process", PREFECT_API_AUTH_STRING=AUTH)
             assert r.returncode == 0, r.stdout + r.stderr
             for name in ("dir", "s3"):
-                r = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--params", f"params/{name}.yaml"],
+                r = subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "deploy", "--params", f"params/{name}.yaml"],
                                    cwd=ws, env=env, capture_output=True, text=True, timeout=300)
                 assert r.returncode == 0 and "drop trigger: " in r.stdout, r.stdout + r.stderr
             relay_port = free_port()
             procs = []
             with open(root / "relay.log", "w") as fh:
-                procs.append(subprocess.Popen([sys.executable, "-m", "flows.relay", "--port", str(relay_port)], cwd=ws,
+                procs.append(subprocess.Popen([sys.executable, "-m", "qlora_ops.flows.relay", "--port", str(relay_port)], cwd=ws,
                                               env={**env, "QLORA_RELAY_SECRET": TOKEN}, stdout=fh, stderr=subprocess.STDOUT,
                                               start_new_session=True))
             wait_http(f"http://127.0.0.1:{relay_port}/healthz", procs[0], timeout=120)
@@ -173,7 +173,7 @@ def next_run(stack, name: str, after: int, t_event: float, timeout: float = 900)
 
 def cli_drop(stack, file: Path, name: str, prefect: bool = True, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in stack["env"].items() if prefect or k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")}
-    return subprocess.run([sys.executable, "-m", "flows.cli", "drop", str(file), "--params", f"params/{name}.yaml"],
+    return subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "drop", str(file), "--params", f"params/{name}.yaml"],
                           cwd=stack["ws"], env={**base, **env}, capture_output=True, text=True, timeout=300)
 
 

@@ -41,7 +41,7 @@ def write_params(ws: Path, name: str, model_dir: Path, tracking_uri: str, model_
 
 def cli(ws: Path, params_rel: str, server) -> subprocess.CompletedProcess:
     env = server.client_env(PYTHONPATH=str(ws))
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", params_rel, "--workspace", str(ws)],
+    return subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--params", params_rel, "--workspace", str(ws)],
                           cwd=ws, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -84,7 +84,7 @@ def stage_result(server: str, run_id: str) -> dict:
 def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_server, prefect):
     from mlflow.tracking import MlflowClient
 
-    from flows.retrain import retrain
+    from qlora_ops.flows.retrain import retrain
 
     name = f"tiny-{uuid.uuid4().hex[:6]}"
     rel = write_params(ws, "tiny", tiny_model_dir, mlflow_server, name)
@@ -96,7 +96,7 @@ def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_
     peaks = s1["stage_peak_mb"]
     assert {"prepare", "model_stage", "register", "ms.train_qlora", "ms.train_lora", "ms.eval_base", "ms.eval_qlora",
             "ms.merge", "ms.eval_merged"} <= set(peaks) and all(v > 0 for v in peaks.values()), peaks
-    from flows.retrain import format_summary
+    from qlora_ops.flows.retrain import format_summary
     text = format_summary(s1).splitlines()
     at = next(i for i, ln in enumerate(text) if ln.startswith("stage seconds: "))
     assert text[at + 1].startswith("stage peak MiB: prepare ") and "ms.train_lora " in text[at + 1]
@@ -227,8 +227,8 @@ def test_dead_tracking_server_exits_4_in_seconds_naming_it(ws, tiny_model_dir, p
 def test_experiment_with_worker_local_artifacts_is_refused_on_a_server(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tasks import tracking
-    from tasks.config import ParamsError
+    from qlora_ops.tasks.registry import tracking
+    from qlora_ops.tasks.core.config import ParamsError
 
     name = f"local-{uuid.uuid4().hex[:6]}"
     MlflowClient(mlflow_server).create_experiment(name, artifact_location=(tmp_path / "a").as_uri())
@@ -266,9 +266,9 @@ def test_a_damaged_adapter_is_rebuilt_and_a_changed_one_scored_again(ws, tiny_mo
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file, save_file
 
-    from flows.retrain import retrain
-    from tasks.keys import content_hash
-    from tasks.util import verify_manifest, write_manifest
+    from qlora_ops.flows.retrain import retrain
+    from qlora_ops.tasks.model.keys import content_hash
+    from qlora_ops.tasks.core.util import verify_manifest, write_manifest
 
     name = f"rebuild-{uuid.uuid4().hex[:6]}"
     own = {"lora": {"r": 4}}  # its own train key: the other tests' adapters are not touched
@@ -317,10 +317,10 @@ def test_a_candidate_that_forgets_a_non_inferior_suite_is_refused_naming_it(ws, 
     from mlflow.tracking import MlflowClient
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tasks.config import load_params
-    from tasks.data import prepared_rows
-    from tasks.evaluate import evaluate_model
-    from tasks.suites import data_params, eval_params
+    from qlora_ops.tasks.core.config import load_params
+    from qlora_ops.tasks.data.prepare import prepared_rows
+    from qlora_ops.tasks.evaluate.predict import evaluate_model
+    from qlora_ops.tasks.evaluate.suites import data_params, eval_params
 
     tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

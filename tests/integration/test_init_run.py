@@ -39,7 +39,7 @@ def prefect(tmp_path_factory):
 def qlora_ops(ws: Path, server, *args: str) -> subprocess.CompletedProcess:
     env = server.client_env(PYTHONPATH=str(ws))
     env.pop("MLFLOW_TRACKING_URI", None)  # the workspace's own SQLite store
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--workspace", str(ws)], cwd=ws, env=env,
+    return subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", *args, "--workspace", str(ws)], cwd=ws, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -168,7 +168,7 @@ def test_init_then_run_names_the_bad_row_then_completes(ws, prefect, tiny_model_
             for l in (ws / "data" / "prepared" / stem / f"{s}.jsonl").read_text().splitlines()]
     assert len(rows) == N and {r["completion"] for r in rows} == set(LABELS)
     if case == "chat":  # a row's own system turn wins; the others get data.system_prompt
-        from tasks.config import DataParams
+        from qlora_ops.tasks.core.config import DataParams
 
         assert {r["system"] for r in rows} == {"You label items.", p["data"].get("system_prompt", DataParams().system_prompt)}
         assert all(r["prompt"].startswith("Item ") for r in rows)

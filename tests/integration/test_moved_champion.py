@@ -38,9 +38,9 @@ def test_a_champion_that_moved_is_compared_only_where_the_candidate_was_scored(t
     import mlflow
     from mlflow import MlflowClient
 
-    from flows.retrain import register
-    from tasks import tracking
-    from tasks.config import Params
+    from qlora_ops.flows.retrain import register
+    from qlora_ops.tasks.registry import tracking
+    from qlora_ops.tasks.core.config import Params
 
     uri = f"sqlite:///{tmp_path}/m.db"
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)  # restored after the test

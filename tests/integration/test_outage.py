@@ -44,7 +44,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 def cli(ws: Path, out: Path, prefect) -> subprocess.Popen:
     env = {k: v for k, v in prefect.client_env().items() if not k.startswith(("QLORA_OPS_", "MLFLOW_"))}
     env.update(PYTHONPATH=str(ws))
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--params", "params/tiny.yaml", "--workspace",
+    return subprocess.Popen([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--params", "params/tiny.yaml", "--workspace",
                              str(ws)], cwd=ws, env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 

@@ -66,7 +66,7 @@ def _deploy_probe(server: PrefectServer, name: str) -> str:
 def test_worker_runs_deployment_from_local_source(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from tasks.config import load_params
+    from qlora_ops.tasks.core.config import load_params
 
     server = prefect_server
     expected_digest = load_params(ROOT / "params" / "default.yaml").digest()
@@ -147,7 +147,7 @@ def test_worker_runs_deployment_from_local_source(prefect_server, tmp_path):
 
     records = [json.loads(o.read_text()) for o in outs]
     for rec in records:
-        assert rec["digest"] == expected_digest  # our params file, parsed by our tasks.config
+        assert rec["digest"] == expected_digest  # our params file, parsed by our tasks.core.config
         assert Path(rec["cwd"]).resolve() == ROOT.resolve()  # the pull step moved the run into the source dir
         assert Path(rec["workspace"]) == ROOT.resolve()  # so workspace="." is the checkout, as for retrain
         assert Path(rec["prefix"]).resolve() == Path(sys.prefix).resolve()  # our venv's interpreter

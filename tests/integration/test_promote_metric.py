@@ -23,9 +23,9 @@ def test_promote_decides_on_the_versions_gate_metric(tmp_path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
-    from tasks.register import PromotionError
-    from tasks.registry_ops import Actor, format_status, promote, status
-    from tasks.stats import PromotionPolicy
+    from qlora_ops.tasks.registry.register import PromotionError
+    from qlora_ops.tasks.registry.manual import Actor, format_status, promote, status
+    from qlora_ops.tasks.gates.stats import PromotionPolicy
 
     uri = f"sqlite:///{tmp_path}/m.db"
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)  # restored after the test

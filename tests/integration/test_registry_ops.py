@@ -34,14 +34,14 @@ def setup(tmp_path_factory, tiny_model_dir, mlflow_server):
 def ops(ws, prefect, *args):
     env = prefect.client_env(PYTHONPATH=str(ws))
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--params", "params/first.yaml"], cwd=ws,
+    return subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", *args, "--params", "params/first.yaml"], cwd=ws,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_status_promote_rollback(setup, mlflow_server, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from flows.retrain import retrain
+    from qlora_ops.flows.retrain import retrain
 
     ws, name, prefect = setup
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -1,7 +1,7 @@
 """Two `qlora-ops run` from two workspaces (two machines, as far as the filesystem lock can tell) against one
 MLflow registry and one Prefect API, started together. The fcntl lock cannot see across workspaces; the
 registered model's Prefect global concurrency limit must serialize register + promote, so the second
-decision sees the first's champion, and the champion is the one the promotion policy (tasks.stats.decide on the
+decision sees the first's champion, and the champion is the one the promotion policy (tasks.gates.stats.decide on the
 two versions' saved per-row results) picks: not simply the higher accuracy, which a tie would satisfy."""
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_two_workspaces_never_both_take_the_empty_champion_slot(tmp_path, tiny_m
             (ws / "params" / "race.yaml").write_text(yaml.safe_dump(_params(tiny_model_dir, mlflow_server, lr)))
             env = prefect.client_env(PYTHONPATH=str(ws))
             env.pop("MLFLOW_TRACKING_URI", None)
-            procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--params", "params/race.yaml"],
+            procs.append(subprocess.Popen([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--params", "params/race.yaml"],
                                           cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outs = [p.communicate(timeout=900)[0] for p in procs]
         for p, out in zip(procs, outs):
@@ -61,9 +61,9 @@ def test_two_workspaces_never_both_take_the_empty_champion_slot(tmp_path, tiny_m
     # champion iff decide() promotes it over v1, and the reason on v2 is that decision, numbers and all.
     import mlflow
 
-    from tasks.config import Params, RegistryParams
-    from tasks.registry_ops import version_rows
-    from tasks.stats import PromotionPolicy, decide
+    from qlora_ops.tasks.core.config import Params, RegistryParams
+    from qlora_ops.tasks.registry.manual import version_rows
+    from qlora_ops.tasks.gates.stats import PromotionPolicy, decide
 
     mlflow.set_tracking_uri(mlflow_server)
     (k1, r1), (k2, r2) = (version_rows("race-model", v, tmp_path / "rows") for v in (1, 2))

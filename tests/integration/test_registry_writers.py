@@ -118,7 +118,7 @@ def env(user: tuple[str, str] = ALICE, prefect=None, **extra) -> dict[str, str]:
 
 
 def cli(ws: Path, e: dict, *args: str, popen: bool = False):
-    cmd = [sys.executable, "-m", "flows.cli", *args, "--params", "params/w.yaml", "--workspace", str(ws)]
+    cmd = [sys.executable, "-m", "qlora_ops.flows.cli", *args, "--params", "params/w.yaml", "--workspace", str(ws)]
     if popen:
         return subprocess.Popen(cmd, cwd=ws, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=ws, env=e, capture_output=True, text=True, timeout=300)
@@ -159,7 +159,7 @@ def test_shared_registry_writes_without_the_team_prefect_api_are_refused(auth_se
 def test_writers_on_the_team_api_take_turns_and_another_api_is_refused(auth_server, prefect, tmp_path, monkeypatch):
     from prefect.client.orchestration import get_client
 
-    from flows.registry_slot import LOCK_TAG, registry_limit_name, registry_writer
+    from qlora_ops.flows.registry_slot import LOCK_TAG, registry_limit_name, registry_writer
 
     name = "turns"
     make_model(auth_server, name)
@@ -226,7 +226,8 @@ def test_a_local_store_records_the_os_user_as_unauthenticated(tmp_path, monkeypa
     import mlflow
     from mlflow import MlflowClient
 
-    from tasks import registry_ops, stats
+    from qlora_ops.tasks.registry import manual as registry_ops
+    from qlora_ops.tasks.gates import stats
 
     uri = f"sqlite:///{tmp_path}/m.db"
     monkeypatch.setenv("USER", "bob")

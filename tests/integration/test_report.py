@@ -78,7 +78,7 @@ def run(tmp_path_factory, tiny_model_dir, mlflow_server):
     rel = write_params(ws, "rep", tiny_model_dir, mlflow_server, name)
     with start_prefect_server(tmp_path_factory.mktemp("prefect") / "home") as server:
         with server.settings():
-            from flows.retrain import retrain
+            from qlora_ops.flows.retrain import retrain
 
             s = retrain(params_path=rel, workspace=str(ws))
             yield {"ws": ws, "rel": rel, "summary": s, "name": name, "prefect": server}
@@ -123,11 +123,11 @@ def test_report_renders_in_chromium_and_card_is_the_version_description(run, mlf
 def test_cli_report_rebuilds_it_from_mlflow(run, mlflow_server, tmp_path):
     import mlflow
 
-    from tasks import report
+    from qlora_ops.tasks.report import html as report
 
     ws, s = run["ws"], run["summary"]
     run_id, out = s["mlflow_run_id"], tmp_path / "rebuilt"
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "report", run_id, "--params", run["rel"],
+    r = subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "report", run_id, "--params", run["rel"],
                         "--workspace", str(ws), "--out", str(out)],
                        cwd=ws, env=run["prefect"].client_env(PYTHONPATH=str(ws)), capture_output=True, text=True,
                        timeout=300)
@@ -143,7 +143,7 @@ def test_cli_report_rebuilds_it_from_mlflow(run, mlflow_server, tmp_path):
 
 
 def test_report_failure_never_changes_the_outcome(run, caplog, mlflow_server, tmp_path):
-    from flows.retrain import retrain
+    from qlora_ops.flows.retrain import retrain
 
     reports = run["ws"] / ".qlora-ops" / "reports"  # holds the first run's report
     aside = reports.with_name("reports-aside")
@@ -165,7 +165,7 @@ def test_report_failure_never_changes_the_outcome(run, caplog, mlflow_server, tm
     # What the warning says works: rebuilt from MLflow, now with the champion it was compared with.
     import mlflow
 
-    from tasks import report
+    from qlora_ops.tasks.report import html as report
 
     mlflow.set_tracking_uri(mlflow_server)
     page = report.build_report(s["mlflow_run_id"], tmp_path / "later")

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from flows.runtime import Rejected, stage
-from tasks.config import Params
+from qlora_ops.flows.runtime import Rejected, stage
+from qlora_ops.tasks.core.config import Params
 from tests.conftest import start_prefect_server
 
 
@@ -53,8 +53,8 @@ def test_retries_are_bounded(prefect):
 
 
 @pytest.mark.parametrize("make", [lambda: Rejected("gain_over_base FAIL"),
-                                  lambda: __import__("tasks.data", fromlist=["DataError"]).DataError("f.jsonl:2: bad"),
-                                  lambda: __import__("tasks.config", fromlist=["ParamsError"]).ParamsError("x: bad")])
+                                  lambda: __import__("qlora_ops.tasks.data.prepare", fromlist=["DataError"]).DataError("f.jsonl:2: bad"),
+                                  lambda: __import__("qlora_ops.tasks.core.config", fromlist=["ParamsError"]).ParamsError("x: bad")])
 def test_deterministic_fault_is_not_retried(prefect, make):
     state, calls = _run(make, fail_times=99)
     assert state.is_failed() and len(calls) == 1

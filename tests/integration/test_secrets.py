@@ -67,7 +67,7 @@ def test_planted_tracking_password_is_nowhere(tmp_path, server, tiny_model_dir):
         env = prefect.client_env(PYTHONPATH=str(ws), MLFLOW_TRACKING_URI=uri, AWS_SECRET_ACCESS_KEY=AWS_SECRET,
                                  AWS_ACCESS_KEY_ID="qops", PREFECT_LOGGING_TO_API_ENABLED="true",
                                  PREFECT_LOGGING_LEVEL="DEBUG")
-        run = lambda *a: subprocess.run([sys.executable, "-m", "flows.cli", *a, "--workspace", str(ws)],  # noqa: E731
+        run = lambda *a: subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", *a, "--workspace", str(ws)],  # noqa: E731
                                         cwd=ws, env=env, capture_output=True, text=True, timeout=900)
         r = run("run", "--params", "params/secret.yaml")
         out = r.stdout + r.stderr
@@ -110,8 +110,8 @@ def test_tracking_password_moves_to_the_environment_and_out_of_client_errors(tmp
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from tasks.config import Params
-    from tasks.paths import tracking_uri
+    from qlora_ops.tasks.core.config import Params
+    from qlora_ops.tasks.core.paths import tracking_uri
 
     dead = free_port()
     planted = f"http://qops:{PASSWORD}@127.0.0.1:{dead}"
@@ -140,7 +140,7 @@ def test_tracking_password_moves_to_the_environment_and_out_of_client_errors(tmp
     ({"data": {"source_options": {"session_token": PASSWORD}}}, "data.source_options.session_token"),
 ])
 def test_a_credential_in_the_params_file_is_refused_naming_the_key_not_the_value(tmp_path, doc, key):
-    from tasks.config import ParamsError, load_params
+    from qlora_ops.tasks.core.config import ParamsError, load_params
 
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump(doc))
@@ -150,7 +150,7 @@ def test_a_credential_in_the_params_file_is_refused_naming_the_key_not_the_value
 
 
 def test_options_that_are_not_secrets_and_users_without_passwords_load(tmp_path):
-    from tasks.config import load_params
+    from qlora_ops.tasks.core.config import load_params
 
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump({
@@ -164,7 +164,7 @@ def test_options_that_are_not_secrets_and_users_without_passwords_load(tmp_path)
 
 
 def test_a_wrong_type_error_never_echoes_a_password(tmp_path):
-    from tasks.config import ParamsError, load_params
+    from qlora_ops.tasks.core.config import ParamsError, load_params
 
     f = tmp_path / "p.yaml"
     f.write_text(yaml.safe_dump({"registry": {"tracking_uri": [f"http://qops:{PASSWORD}@h"]}}))

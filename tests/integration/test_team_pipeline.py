@@ -72,7 +72,7 @@ def stack(tmp_path_factory, tiny_model_dir):
                 r = prefect.cli("work-pool", "create", pool, "--type", "process")
                 assert r.returncode == 0, r.stdout + r.stderr
             for _ in range(2):  # deploying again updates in place: still two deployments, one schedule
-                r = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--params", "params/team.yaml"],
+                r = subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "deploy", "--params", "params/team.yaml"],
                                    cwd=cpu_ws, env={**env, "PYTHONPATH": str(cpu_ws)}, capture_output=True, text=True,
                                    timeout=180)
                 assert r.returncode == 0, r.stdout + r.stderr

@@ -26,7 +26,7 @@ def test_unreachable_dvc_remote_exits_4_naming_it(tmp_path):
     }))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
     env.update(S3_ENV, PYTHONPATH=str(ws), PREFECT_HOME=str(tmp_path / "prefect-home"))
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", "params/dead.yaml", "--workspace", str(ws)],
+    r = subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--params", "params/dead.yaml", "--workspace", str(ws)],
                        cwd=ws, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-3000:]
     lines = [l for l in r.stderr.splitlines() if l.startswith("qlora-ops: ")]
@@ -42,7 +42,7 @@ def test_dead_prefect_api_exits_4_in_seconds_naming_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     env.update(PYTHONPATH=str(ws), PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=dead)
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--workspace", str(ws)],
+    r = subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--workspace", str(ws)],
                        cwd=ws, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-3000:]
     assert time.time() - t < 60  # the preflight probe, not the Prefect client's minutes of retries

@@ -68,14 +68,14 @@ def mlflow_run(stack, tmp_path, monkeypatch):
 
 
 def params(**timeouts):
-    from tasks.config import Params
+    from qlora_ops.tasks.core.config import Params
 
     return Params(orchestration={"gpu_pool": POOL, "deployment": "crash-test", "retries": 2, "retry_delay_s": 1,
                                  "timeouts": {"model_stage": 240, **timeouts}})
 
 
 def call(stack, p, run_id, scratch):
-    from flows.remote_stage import remote_model_stage
+    from qlora_ops.flows.remote_stage import remote_model_stage
 
     args = {"params": p.model_dump(mode="json"), "run_id": run_id, "data_uri": str(scratch), "test_hash": "abc"}
     with stack["server"].settings():
@@ -106,7 +106,7 @@ def test_a_crashed_model_stage_run_is_started_again(stack, mlflow_run, tmp_path)
 
 @pytest.mark.timeout(500)
 def test_a_timed_out_model_stage_run_is_cancelled_and_frees_the_worker(stack, mlflow_run, tmp_path):
-    from flows.faults import StageTimedOut
+    from qlora_ops.flows.faults import StageTimedOut
 
     (tmp_path / "hang").touch()
     with pytest.raises(StageTimedOut, match="orchestration.timeouts.model_stage.*cancelled it"):
@@ -157,7 +157,7 @@ def test_a_dead_gpu_worker_is_seen_crashed_and_the_stage_restarts_on_the_other(s
     base = {k: v for k, v in server.client_env().items() if not k.startswith(("MLFLOW_", "QLORA_OPS_"))}
     for pool in ("cpu-hb", "gpu-hb"):
         assert server.cli("work-pool", "create", pool, "--type", "process").returncode == 0
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--params", "params/hb.yaml"], cwd=ws,
+    r = subprocess.run([sys.executable, "-m", "qlora_ops.flows.cli", "deploy", "--params", "params/hb.yaml"], cwd=ws,
                        env={**base, "PYTHONPATH": str(ws)}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "automation: qlora-ops: crash hb runs without heartbeats" in r.stdout, r.stdout + r.stderr
 
@@ -172,7 +172,7 @@ def test_a_dead_gpu_worker_is_seen_crashed_and_the_stage_restarts_on_the_other(s
     a, a_log = worker("gpu-a")
     b = None
     out = tmp_path / "run.txt"
-    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--params", "params/hb.yaml"], cwd=ws,
+    run = subprocess.Popen([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--params", "params/hb.yaml"], cwd=ws,
                            env={**base, "PYTHONPATH": str(ws)}, stdout=open(out, "w"), stderr=subprocess.STDOUT,
                            start_new_session=True)
     try:

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/model/dist_worker.py BASE DATA OUT_ROOT NAME=PARAMS.yaml [NAME=PARAMS.yaml ...]
 
-Trains each params file with tasks.train.train (what `-m tasks.train` runs) into OUT_ROOT/NAME, one
+Trains each params file with tasks.train.loop.train (what `-m tasks.train.loop` runs) into OUT_ROOT/NAME, one
 after the other in the same process group, and counts DDP's gradient all-reduces with a comm hook
 (torch's own allreduce hook, wrapped): OUT_ROOT/NAME/allreduces-rank<r>.json.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 def main(argv: list[str]) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from tasks import distributed
-    from tasks.config import load_params
-    from tasks.train import train
+    from qlora_ops.tasks.train import distributed
+    from qlora_ops.tasks.core.config import load_params
+    from qlora_ops.tasks.train.loop import train
 
     base, data, root = Path(argv[0]), Path(argv[1]), Path(argv[2])
     calls: list[int] = []

@@ -5,7 +5,7 @@ gradient accumulation, DDP all-reduces once per optimizer step, FSDP really shar
 and clips by the global norm, and launches that cannot work are refused before any model is loaded.
 
 bitsandbytes' 4-bit layers wrap under FSDP1 on CPU with a float quant_storage and peft's wrap policy
-(tasks.distributed), so the FSDP run here is QLoRA itself, with quant_storage float32 (the CPU compute
+(tasks.train.distributed), so the FSDP run here is QLoRA itself, with quant_storage float32 (the CPU compute
 dtype); bf16 storage is checked for its dtype rules in-process.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tasks.config import ParamsError
-from tasks.modeling import add_lora, load_model
-from tasks.train import checkpoints, train
+from qlora_ops.tasks.core.config import ParamsError
+from qlora_ops.tasks.model.modeling import add_lora, load_model
+from qlora_ops.tasks.train.loop import checkpoints, train
 from tests.conftest import ROOT, free_port, tiny_params, write_toy_splits
 
 TOL = 1e-5
@@ -108,9 +108,9 @@ def plain_loop(p, model_dir: Path, data: Path, kind: str) -> tuple[dict, list[tu
 
     from transformers import get_scheduler
 
-    from tasks.prompting import encode
-    from tasks.train import _adapter_state, batch_loss, batch_order, make_batch, make_optimizer
-    from tasks.util import read_jsonl
+    from qlora_ops.tasks.model.prompting import encode
+    from qlora_ops.tasks.train.loop import _adapter_state, batch_loss, batch_order, make_batch, make_optimizer
+    from qlora_ops.tasks.core.util import read_jsonl
 
     tp, cpu = p.training, torch.device("cpu")
     torch.set_num_threads(tp.threads)
@@ -158,7 +158,7 @@ def test_fsdp_dtype_rules_on_the_4bit_model(tiny_model_dir):
     every other frozen float (norms, embeddings) is cast to bf16; LoRA keeps fp32 (units of its own)."""
     import bitsandbytes as bnb
 
-    from tasks.distributed import prepare_for_fsdp
+    from qlora_ops.tasks.train.distributed import prepare_for_fsdp
 
     p = tiny_params(tiny_model_dir)
     p = p.model_copy(update={"quantization": p.quantization.model_copy(update={"quant_storage": "bfloat16"})})
@@ -175,7 +175,7 @@ def test_fsdp_dtype_rules_on_the_4bit_model(tiny_model_dir):
 
 def test_fsdp_with_uint8_storage_is_refused_before_any_model_is_loaded(tiny_model_dir, tmp_path, monkeypatch):
     """The environment `accelerate launch` gives an FSDP config; the default quant_storage (uint8)."""
-    import tasks.train as T
+    import qlora_ops.tasks.train.loop as T
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the launch was checked")
@@ -187,7 +187,7 @@ def test_fsdp_with_uint8_storage_is_refused_before_any_model_is_loaded(tiny_mode
     assert p.quantization.quant_storage == "uint8"
     with pytest.raises(ParamsError, match=r"quantization\.quant_storage=uint8 .*FSDP.*bfloat16"):
         train(p, tiny_model_dir, tmp_path / "data", tmp_path / "run", "qlora")
-    from tasks.distributed import check_launch
+    from qlora_ops.tasks.train.distributed import check_launch
 
     check_launch(p, "lora")  # the LoRA baseline stores no 4-bit weights: nothing to refuse
     float_storage = p.model_copy(update={"quantization": p.quantization.model_copy(update={"quant_storage": "bfloat16"})})
@@ -199,7 +199,7 @@ def test_fsdp_with_uint8_storage_is_refused_before_any_model_is_loaded(tiny_mode
 @pytest.mark.slow
 def test_batch_smaller_than_world_is_refused(tiny_model_dir, data, tmp_path):
     pf = write_params(dist_params(tiny_model_dir, batch_size=1), tmp_path / "p.yaml")
-    r = run(torchrun("-m", "tasks.train", "--params", str(pf), "--kind", "qlora", "--base-dir", str(tiny_model_dir),
+    r = run(torchrun("-m", "qlora_ops.tasks.train", "--params", str(pf), "--kind", "qlora", "--base-dir", str(tiny_model_dir),
                      "--data-dir", str(data), "--out", str(tmp_path / "run")), timeout=300)
     assert r.returncode != 0
     assert "training.batch_size=1 is smaller than the number of processes (2)" in r.stderr, r.stderr[-3000:]
@@ -243,7 +243,7 @@ def test_fsdp_shards_the_4bit_model_and_clips_by_the_global_norm(tiny_model_dir,
     cf.write_text(yaml.safe_dump(cfg))
     pf = write_params(dist_params(tiny_model_dir, batch_size=4, grad_accum=2), tmp_path / "p.yaml")
     out = tmp_path / "fsdp"
-    r = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cf), "-m", "tasks.train",
+    r = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cf), "-m", "qlora_ops.tasks.train",
              "--params", str(pf), "--kind", "qlora", "--base-dir", str(tiny_model_dir), "--data-dir", str(data),
              "--out", str(out)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

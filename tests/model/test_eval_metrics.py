@@ -1,4 +1,4 @@
-"""tasks.evaluate with several metrics on the tiny random Llama: the files of contract A, nll equal to the
+"""tasks.evaluate.predict with several metrics on the tiny random Llama: the files of contract A, nll equal to the
 training loss of each row, per_row of old evaluations."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tasks.evaluate import evaluate_model, per_row
-from tasks.util import read_jsonl
+from qlora_ops.tasks.evaluate.predict import evaluate_model, per_row
+from qlora_ops.tasks.core.util import read_jsonl
 from tests.conftest import tiny_params, write_toy_splits
 
 
@@ -43,12 +43,12 @@ def test_files_follow_the_contract(evaluated):
 
 
 def test_nll_is_the_training_loss_of_each_row(evaluated, tiny_model_dir):
-    """Batched with left padding (evaluate) == one row at a time through the training loss (tasks.train)."""
+    """Batched with left padding (evaluate) == one row at a time through the training loss (tasks.train.loop)."""
     import torch
 
-    from tasks.modeling import load_with_adapter
-    from tasks.prompting import encode
-    from tasks.train import batch_loss, collate
+    from qlora_ops.tasks.model.modeling import load_with_adapter
+    from qlora_ops.tasks.model.prompting import encode
+    from qlora_ops.tasks.train.loop import batch_loss, collate
 
     p, data, ev, _ = evaluated
     model, tok = load_with_adapter(p, tiny_model_dir)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.config import QuantParams
-from tasks.modeling import compute_dtype
+from qlora_ops.tasks.core.config import QuantParams
+from qlora_ops.tasks.model.modeling import compute_dtype
 from tests.conftest import tiny_params
 
 
@@ -32,8 +32,8 @@ def test_fp16_trains_with_a_gradient_scaler_that_skips_overflowing_steps(tiny_mo
     """fp16 compute (here on CPU): the loss is scaled, gradients are unscaled before clipping, and a step
     whose scaled gradients overflow is skipped (the scale halves, the schedule waits) instead of stopping
     the run as diverged. The scaler starts at 2^24 here so that the first steps really overflow."""
-    from tasks.distributed import Dist
-    from tasks.train import train
+    from qlora_ops.tasks.train.distributed import Dist
+    from qlora_ops.tasks.train.loop import train
 
     asked = []
 
@@ -59,7 +59,7 @@ def test_fp16_trains_with_a_gradient_scaler_that_skips_overflowing_steps(tiny_mo
 
 
 def test_release_memory_hands_the_cuda_cache_back(monkeypatch):
-    from tasks.memory import release_memory
+    from qlora_ops.tasks.core.memory import release_memory
 
     emptied = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -72,10 +72,10 @@ def test_release_memory_hands_the_cuda_cache_back(monkeypatch):
 def test_on_cuda_the_4bit_base_is_quantized_in_a_child_process(tiny_model_dir, tmp_path, monkeypatch):
     """The parent (which then starts the trainings) never loads a model; the copy is the one the
     in-process path makes and finds."""
-    import tasks.modeling as M
-    from tasks.base_model import quantized_base
-    from tasks.modeling import saved_4bit
-    from tasks.util import verify_manifest
+    import qlora_ops.tasks.model.modeling as M
+    from qlora_ops.tasks.model.base import quantized_base
+    from qlora_ops.tasks.model.modeling import saved_4bit
+    from qlora_ops.tasks.core.util import verify_manifest
 
     def no_load(*a, **k):
         raise AssertionError("the parent process loaded a model")

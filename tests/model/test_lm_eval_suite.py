@@ -1,5 +1,5 @@
-"""tasks.lm_eval_suite: a local lm-eval task YAML (local data, offline) run on the tiny Llama, plain and
-4-bit + LoRA adapter, written as tasks.evaluate's files so the paired statistics read it."""
+"""tasks.evaluate.lm_eval_suite: a local lm-eval task YAML (local data, offline) run on the tiny Llama, plain and
+4-bit + LoRA adapter, written as tasks.evaluate.predict's files so the paired statistics read it."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.evaluate import per_row
-from tasks.lm_eval_suite import SuiteError, evaluate_suite, load_task, run_suite
-from tasks.util import read_jsonl
+from qlora_ops.tasks.evaluate.predict import per_row
+from qlora_ops.tasks.evaluate.lm_eval_suite import SuiteError, evaluate_suite, load_task, run_suite
+from qlora_ops.tasks.core.util import read_jsonl
 from tests.conftest import tiny_params
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_multiple_choice_suite_on_4bit_model_with_adapter(suite_dir, tiny_model_
     """What lm-eval runs on is our own QLoRA model object: 4-bit NF4 base (bitsandbytes on CPU) + LoRA."""
     from peft import LoraConfig, get_peft_model
 
-    from tasks.modeling import load_model
+    from qlora_ops.tasks.model.modeling import load_model
 
     p = tiny_params(tiny_model_dir)
     model, tok = load_model(tiny_model_dir, p, True)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.evaluate import evaluate_model, score
-from tasks.merge import logit_drift, merge
-from tasks.train import train
+from qlora_ops.tasks.evaluate.predict import evaluate_model, score
+from qlora_ops.tasks.model.merge import logit_drift, merge
+from qlora_ops.tasks.train.loop import train
 from tests.conftest import tiny_params
 
 
@@ -61,7 +61,7 @@ def test_merged_model_is_what_people_deploy(tiny_model_dir, trained, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.prompting import format_prompt, turn_end_id
+    from qlora_ops.tasks.model.prompting import format_prompt, turn_end_id
 
     p, data, adapter, d = trained
     bf16_base = tmp_path / "bf16-base"

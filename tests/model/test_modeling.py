@@ -1,4 +1,4 @@
-"""The 4-bit copy of the base (tasks.modeling.save_quantized, tasks.base_model.quantized_base): the same
+"""The 4-bit copy of the base (tasks.model.modeling.save_quantized, tasks.model.base.quantized_base): the same
 tensors and outputs as quantizing while loading, made once, rebuilt when damaged, refused when it
 was made with other quantization settings."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.base_model import quantized_base
-from tasks.modeling import load_model, save_quantized
+from qlora_ops.tasks.model.base import quantized_base
+from qlora_ops.tasks.model.modeling import load_model, save_quantized
 from tests.conftest import tiny_params
 
 
@@ -108,8 +108,8 @@ def test_training_and_merging_on_the_4bit_copy_match_the_full_precision_base(tin
     quantizing while loading gives."""
     from safetensors.torch import load_file
 
-    from tasks.merge import merge
-    from tasks.train import train
+    from qlora_ops.tasks.model.merge import merge
+    from qlora_ops.tasks.train.loop import train
     from tests.conftest import write_toy_splits
 
     p, d = nf4_dir

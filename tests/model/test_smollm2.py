@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.base_model import resolve_base_model
-from tasks.config import Params
-from tasks.evaluate import evaluate_model, generate
-from tasks.modeling import load_with_adapter
-from tasks.train import train
+from qlora_ops.tasks.model.base import resolve_base_model
+from qlora_ops.tasks.core.config import Params
+from qlora_ops.tasks.evaluate.predict import evaluate_model, generate
+from qlora_ops.tasks.model.modeling import load_with_adapter
+from qlora_ops.tasks.train.loop import train
 from tests.conftest import write_toy_splits
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def test_llama3_style_template_trains_and_stops_on_its_turn_end(smollm2, tmp_pat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.prompting import turn_end_id
+    from qlora_ops.tasks.model.prompting import turn_end_id
     from tests.code.test_prompting import LLAMA3
 
     p, base = smollm2
@@ -100,8 +100,8 @@ def test_llama3_style_template_trains_and_stops_on_its_turn_end(smollm2, tmp_pat
     assert m["eos_rate"] == 1.0, m  # every answer ended on a stop token, none ran to max_new_tokens ...
 
     # ... and that token is the template's turn end: regenerate raw ids and look at what ended each answer.
-    from tasks.modeling import load_with_adapter
-    from tasks.prompting import format_prompt
+    from qlora_ops.tasks.model.modeling import load_with_adapter
+    from qlora_ops.tasks.model.prompting import format_prompt
     mdl, t2 = load_with_adapter(q, l3, Path(res["adapter_dir"]), quantized=True)
     rows = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()]
     t2.padding_side = "left"

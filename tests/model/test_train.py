@@ -14,9 +14,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tasks.modeling import DivergenceError
-from tasks.prompting import encode
-from tasks.train import batch_order, checkpoints, collate, train
+from qlora_ops.tasks.model.modeling import DivergenceError
+from qlora_ops.tasks.model.prompting import encode
+from qlora_ops.tasks.train.loop import batch_order, checkpoints, collate, train
 from tests.conftest import ROOT, tiny_params
 
 
@@ -104,7 +104,7 @@ def test_absurd_lr_stops_with_divergence_error(tiny_model_dir, toy_data, tmp_pat
 
 
 def _cli(params_file: Path, model: Path, data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "tasks.train", "--params", str(params_file), "--kind", "qlora",
+    return [sys.executable, "-m", "qlora_ops.tasks.train", "--params", str(params_file), "--kind", "qlora",
             "--base-dir", str(model), "--data-dir", str(data), "--out", str(out)]
 
 
@@ -153,8 +153,8 @@ def test_packing_has_no_cross_sample_leakage(tiny_model_dir):
     """Packed loss == unpacked loss: with a leak, later examples would see earlier ones and differ."""
     from transformers import AutoTokenizer
 
-    from tasks.modeling import load_model
-    from tasks.train import batch_loss, collate_packed
+    from qlora_ops.tasks.model.modeling import load_model
+    from qlora_ops.tasks.train.loop import batch_loss, collate_packed
 
     p = tiny_params(tiny_model_dir)
     model, _ = load_model(tiny_model_dir, p, quantized=False)

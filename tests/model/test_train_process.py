@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tasks.data import DataError
-from tasks.modeling import DivergenceError
-from tasks.train_process import JEMALLOC_CONF, child_env, jemalloc, train_subprocess
+from qlora_ops.tasks.data.prepare import DataError
+from qlora_ops.tasks.model.modeling import DivergenceError
+from qlora_ops.tasks.train.process import JEMALLOC_CONF, child_env, jemalloc, train_subprocess
 from tests.conftest import tiny_params
 
 

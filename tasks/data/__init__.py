@@ -1,0 +1,1 @@
+"""Data: raw readers, the built-in samples, data sources and snapshots, DVC versioning, and prepare (validate, dedupe, split, format)."""

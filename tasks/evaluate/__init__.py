@@ -1,0 +1,1 @@
+"""Evaluation: greedy predictions scored per row, extra suites, lm-evaluation-harness suites."""

@@ -1,0 +1,91 @@
+"""The run's verdict, from the model stage's per-row results: every gate (the domain test split's and each
+suite's), each model's score with its interval, and the comparison with the champion.
+
+Plain functions of (params, model-stage result): flows/model_stage.py asks `merge_worthwhile` before
+merging, flows/retrain.py asks `gate_decision` before registering and `promotion` inside the registry
+slot. The statistics are tasks.gates.stats and tasks.gates.gate; this module only decides which rows go where: the
+gate metric's (eval.metric) per-row scores for the domain split, each suite's own metric for its suite,
+and the candidate a suite judges (the merged model, the bytes registered, once it exists; QLoRA before).
+"""
+from __future__ import annotations
+
+from qlora_ops.tasks.gates import gate
+from qlora_ops.tasks.gates import stats
+from qlora_ops.tasks.core.config import Params
+
+
+def candidate(ms: dict) -> str:
+    """The model the suites judge: the merged model (the bytes registered) once it exists, else QLoRA."""
+    return "merged" if "merged" in ms["rows"] else "qlora"
+
+
+def suite_gates(params: Params, ms: dict, cand: str) -> list[dict]:
+    """One verdict per gated suite (role gain or non_inferior): `cand` against the base on the suite's rows."""
+    from qlora_ops.tasks.metrics import get
+
+    out = []
+    for s in params.eval.suites:
+        if s.role == "report":
+            continue
+        m, r = get(s.metric), ms["suites"][s.name]["rows"]
+        out.append(gate.suite_gate(s.name, s.role, m, gate.gate_scores(r["base"], m), gate.gate_scores(r[cand], m),
+                                   threshold=s.threshold, confidence=params.gates.confidence, seed=params.seed))
+    return out
+
+
+def pre_merge(params: Params, ms: dict) -> list[dict]:
+    m, rows = gate.gate_metric(params), ms["rows"]
+    base, lora, qlora = (gate.gate_scores(rows[k], m) for k in ("base", "lora", "qlora"))
+    return gate.pre_merge_gates(params.gates, m, base, lora, qlora, seed=params.seed)
+
+
+def merge_worthwhile(params: Params, ms: dict) -> bool:
+    """Merge only a candidate that the pre-merge gates and every gated suite (QLoRA vs base) accept."""
+    return gate.passed(pre_merge(params, ms) + suite_gates(params, ms, "qlora"))
+
+
+def gate_decision(params: Params, ms: dict) -> tuple[list[dict], bool]:
+    """Every gate on the model stage's saved per-row results, and whether the candidate may be registered:
+    all gates passed AND a merged model was logged (the stage merges only after the pre-merge gates pass).
+    The merge gate compares the merged model with the QLoRA answers of the adapter that was logged and
+    merged: the evaluation is keyed on that adapter's content (tasks/model/keys.py)."""
+    rows, m = ms["rows"], gate.gate_metric(params)
+    verdicts = pre_merge(params, ms)
+    if "merged" in rows:
+        verdicts.append(gate.merge_gate(params.gates, m, gate.gate_scores(rows["qlora"], m),
+                                        gate.gate_scores(rows["merged"], m), rows["qlora"]["answers"],
+                                        rows["merged"]["answers"], seed=params.seed))
+    verdicts += suite_gates(params, ms, candidate(ms))
+    return verdicts, gate.passed(verdicts) and ms.get("model_uri") is not None
+
+
+def _score(params: Params, metric, m: dict, rows: dict) -> None:
+    sc = gate.gate_scores(rows, metric)
+    m["metric"], m["score"] = metric.name, sum(sc) / len(sc)
+    m["ci_low"], m["ci_high"] = stats.mean_interval(sc, params.gates.confidence, binary=metric.binary, seed=params.seed)
+
+
+def with_intervals(params: Params, models: dict, rows: dict) -> None:
+    """Each model's score on the gate metric with its interval at gates.confidence, into its metrics dict
+    (exact match: accuracy with its Wilson interval, as before)."""
+    metric = gate.gate_metric(params)
+    for name, m in models.items():
+        _score(params, metric, m, rows[name])
+
+
+def with_suite_intervals(params: Params, suite, models: dict, rows: dict) -> None:
+    """The same for one suite's models, in the suite's metric."""
+    from qlora_ops.tasks.metrics import get
+
+    for name, m in models.items():
+        _score(params, get(suite.metric), m, rows[name])
+
+
+def promotion(params: Params, cand: dict, champ: dict) -> dict:
+    """stats.decide on the gate metric's per-row scores of the candidate and the champion, same rows."""
+    if champ["ids"] != cand["ids"]:
+        raise RuntimeError(f"champion v{champ.get('version')} was scored on other rows than the candidate; not comparable")
+    m = gate.gate_metric(params)
+    return stats.decide(stats.PromotionPolicy.from_registry(params.registry), gate.gate_scores(cand, m),
+                        gate.gate_scores(champ, m), seed=params.seed, higher_is_better=m.higher_is_better,
+                        binary=m.binary, metric_name=m.name)

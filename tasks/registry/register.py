@@ -1,0 +1,348 @@
+"""Log the merged model as an MLflow pyfunc, register it, and move the champion alias if it wins.
+
+Promotion is a read-compare-write on the registry (who holds the alias, what did it score, set
+the alias). MLflow alias writes are last-writer-wins and version numbers are max+1, so two local
+runs finishing together could both "win". `register_and_promote` therefore runs the whole
+sequence under an exclusive fcntl lock on a file next to the store, and re-reads the alias after
+writing it. (The lock serializes processes on one machine / shared filesystem only.)
+
+Whether a candidate beats the champion is the caller's `decide` (flows: the paired promotion policy
+of tasks.gates.stats on both models' per-row results on the same test rows); this module owns the order of
+registry writes and who may write.
+
+No tracking URI is set here: entry points call mlflow.set_tracking_uri.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version as pkg_version
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+LOADER_MODULE = "qlora_ops.tasks.registry.loader"  # the pyfunc loader: a module of the installed package, not artifact code
+PIP_PACKAGES = ("qlora-ops", "mlflow", "torch", "transformers", "safetensors")
+
+
+class PromotionError(RuntimeError):
+    """The registry did not end in the state we wrote (alias points elsewhere), or a step failed."""
+
+
+def _pip_requirements() -> list[str]:
+    # qlora-ops itself first: a managed env (`mlflow models serve` without --env-manager local) must
+    # install the loader module; with --env-manager local the installed package is used.
+    reqs = []
+    for p in PIP_PACKAGES:
+        try:
+            v = pkg_version(p).split("+")[0]  # drop local labels such as torch's "+cpu"
+            reqs.append(f"{p}=={v}")
+        except PackageNotFoundError:
+            reqs.append(p)
+    return reqs
+
+
+def stage_model_dir(merged_dir: Path, serving: dict, dst: Path) -> str:
+    """`dst`: the merged model's files (symlinks, no copy) + serving.json + a manifest covering both;
+    returns the manifest's sha256 (the version's `weights_digest`). The merged dir is verified against
+    its own manifest first, whose hashes are reused (a multi-GB model is not hashed twice)."""
+    from qlora_ops.tasks.registry.loader import SERVING_FILE, manifest_digest
+    from qlora_ops.tasks.core.util import MANIFEST, atomic_write_json, check_manifest, read_json, sha256_file
+
+    merged_dir = check_manifest(Path(merged_dir))  # a truncated merged dir is never registered
+    if not (merged_dir / MANIFEST).is_file():
+        raise FileNotFoundError(f"{merged_dir}: no {MANIFEST}; only a merged dir written by the merge stage "
+                                "(tasks.model.merge, with its manifest) can be registered")
+    if not (merged_dir / "config.json").is_file() or not any(merged_dir.glob("*.safetensors")):
+        raise FileNotFoundError(f"{merged_dir}: not a safetensors model dir (config.json + *.safetensors expected)")
+    missing = {"system_prompt", "max_new_tokens"} - set(serving)
+    if missing:
+        raise ValueError(f"serving config lacks {sorted(missing)}")
+    cfg = {"system_prompt": str(serving["system_prompt"]), "max_new_tokens": int(serving["max_new_tokens"]),
+           "batch_size": int(serving.get("batch_size") or 16)}
+    files = dict(read_json(merged_dir / MANIFEST)["files"])
+    if SERVING_FILE in files:
+        raise ValueError(f"{merged_dir} already holds a {SERVING_FILE}; it is written at registration")
+    dst.mkdir(parents=True)
+    for rel in files:  # only what the manifest lists travels
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).symlink_to((merged_dir / rel).resolve())
+    (dst / SERVING_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    files[SERVING_FILE] = {"sha256": sha256_file(dst / SERVING_FILE), "size": (dst / SERVING_FILE).stat().st_size}
+    atomic_write_json(dst / MANIFEST, {"files": dict(sorted(files.items()))})
+    return manifest_digest(dst)
+
+
+def log_merged_model(merged_dir: Path, serving: dict, artifact_path: str = "model", *,
+                     run_id: str | None = None) -> str:
+    """Log `merged_dir` as a pyfunc whose loader is the installed module tasks.registry.loader; return its URI.
+
+    The artifact holds data only: the model files, serving.json and the manifest (no code, no pickle).
+    The manifest's sha256 goes on the logged model as tag `weights_digest`; register_and_promote copies
+    it onto the version. Logs into the active MLflow run, or into `run_id` if given (no active run
+    needed then). Returns the logged model's URI (``models:/<model_id>``).
+    """
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory(prefix="qlora-ops-serving-") as td:
+        data = Path(td) / "model"  # -> data/model inside the logged model
+        digest = stage_model_dir(Path(merged_dir), serving, data)
+        # model_config: declared here so that a load may override it (MLflow drops undeclared keys)
+        kwargs = dict(loader_module=LOADER_MODULE, data_path=str(data), pip_requirements=_pip_requirements(),
+                      signature=_signature(), model_config={"weights_digest": digest, "dtype": ""})
+        client = MlflowClient()
+        if run_id is None:
+            if mlflow.active_run() is None:
+                raise RuntimeError("log_merged_model needs an active MLflow run (mlflow.start_run) or run_id=")
+            info = mlflow.pyfunc.log_model(name=artifact_path, **kwargs)
+        else:
+            exp_id = client.get_run(run_id).info.experiment_id
+            lm = client.create_logged_model(experiment_id=exp_id, name=artifact_path, source_run_id=run_id)
+            info = Model.log(artifact_path=None, name=artifact_path, flavor=mlflow.pyfunc, run_id=run_id,
+                             model_id=lm.model_id, **kwargs)
+    client.set_logged_model_tags(info.model_id, {WEIGHTS_DIGEST: digest})
+    return info.model_uri
+
+
+WEIGHTS_DIGEST = "weights_digest"
+
+
+def _signature():
+    # No input schema (a str, a list of str or a DataFrame with "prompt" [+ "system"] are all taken);
+    # the params schema lets `describe` through (MLflow drops params a signature does not declare).
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec("describe", "boolean", False)]))
+
+
+def logged_model_tags(model_uri: str) -> dict[str, str]:
+    """The tags a version registered from `model_uri` carries from its logged model: `weights_digest`
+    (empty for a URI that is not ``models:/<model_id>`` of a model logged by log_merged_model)."""
+    from mlflow.exceptions import MlflowException
+
+    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    if not model_id or "/" in model_id or "@" in model_id:
+        return {}
+    try:
+        tags = MlflowClient().get_logged_model(model_id).tags or {}
+    except MlflowException:
+        return {}
+    return {WEIGHTS_DIGEST: tags[WEIGHTS_DIGEST]} if WEIGHTS_DIGEST in tags else {}
+
+
+@contextmanager
+def registry_lock(lock_path: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Exclusive advisory lock (fcntl.flock) on `lock_path`; released on exit or process death."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if timeout_s is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"registry lock {lock_path} still held after {timeout_s}s") from None
+                    time.sleep(0.2)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str) -> int | None:
+    """Version currently holding `alias`, or None. (A missing alias is not an error here.)"""
+    aliases = client.get_registered_model(name).aliases or {}
+    v = aliases.get(alias)
+    return int(v) if v is not None else None
+
+
+def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
+    """Download the HF model dir of a registered version into dst, checked: every file against the
+    artifact's manifest, and the manifest against the version's `weights_digest` tag. Reads the pyfunc's
+    data dir (this format) or the "model" artifact of the earlier models-from-code format (its code is
+    never run here: only the weights are read)."""
+    from qlora_ops.tasks.registry.loader import WeightsRefused, check_weights
+    from qlora_ops.tasks.core.util import MANIFEST
+
+    client = MlflowClient()
+    root = client.get_model_version_download_uri(model_name, str(version)).rstrip("/")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=str(dst / "meta")))
+    meta = yaml.safe_load(mlmodel.read_text())
+    pyfunc = ((meta or {}).get("flavors") or {}).get("python_function") or {}
+    rel = pyfunc.get("data") if pyfunc.get("loader_module") == LOADER_MODULE else \
+        ((pyfunc.get("artifacts") or {}).get("model") or {}).get("path")
+    if not rel:
+        raise PromotionError(f"{model_name} v{version} ({root}) has no model data in its MLmodel; "
+                             "was it logged with tasks.registry.register.log_merged_model?")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{rel}", dst_path=str(dst / "model")))
+    if not (local / "config.json").is_file():
+        raise PromotionError(f"{model_name} v{version}: downloaded model dir {local} has no config.json")
+    expected = (client.get_model_version(model_name, str(version)).tags or {}).get(WEIGHTS_DIGEST)
+    if expected or (local / MANIFEST).is_file():
+        try:
+            check_weights(local, expected)
+        except WeightsRefused as e:
+            raise PromotionError(f"{model_name} v{version}: {e}") from None
+    return local
+
+
+# Version lifecycle, in the `status` tag: "incomplete" from the moment the version exists until every
+# tag of the decision is written, then "ready". A version whose run died halfway stays "incomplete" and
+# is never promoted (status, promote and the skip check all read it). "rejected" = rolled back by hand.
+INCOMPLETE, READY, REJECTED = "incomplete", "ready", "rejected"
+# An "incomplete" version seen by a writer holding the lock has no live writer (every writer holds it
+# from version create to the alias move): its run was killed. It is tagged "abandoned" and stays so.
+ABANDONED = "abandoned"
+# "deferred": complete, but no decision was possible (decide raised Deferred); the champion stays, the
+# version does not count as a decision on its inputs (the next run decides), and may be promoted by hand.
+DEFERRED = "deferred"
+
+Decision = Callable[[int], tuple[bool, str]]
+
+
+class Deferred(Exception):
+    """Raised by a `decide` that cannot compare the candidate with this champion; its text is the reason
+    recorded on the version."""
+
+
+def _rolled_back_twin(client: MlflowClient, model_name: str, fingerprint: str | None) -> str | None:
+    if not fingerprint:
+        return None
+    found = client.search_model_versions(f"name = '{model_name}' and tags.fingerprint = '{fingerprint}' "
+                                         f"and tags.status = '{REJECTED}'")
+    return found[0].version if found else None
+
+
+def register_and_promote(*, model_uri: str, model_name: str, alias: str, challenger_alias: str | None,
+                         tags: dict[str, str], decide: Decision, lock_path: Path,
+                         describe: Callable[[int, bool, str], str | None] | None = None) -> dict:
+    """Register `model_uri` as a new version; move `alias` to it only if `decide(champion_version)` says so.
+
+    The whole read-compare-write runs under an exclusive lock on `lock_path` (the caller also holds the
+    registered model's Prefect global concurrency slot). Write order, so that a crash anywhere leaves
+    the registry truthful: the version is born `status=incomplete`; the decision's tags follow; then
+    `status=ready` (`deferred` when `decide` raised Deferred: registered, not decided); then `challenger_alias`; the champion alias move is the last write. Idempotent per
+    MLflow run: a retry finds the version this run already registered (tag mlflow_run_id). A version
+    whose fingerprint was rolled back before is never auto-promoted again. `describe(version, promoted,
+    reason)` gives the version's description (its model card), written before `status=ready`.
+    """
+    client = MlflowClient()
+    with registry_lock(lock_path):
+        vtags = {str(k): str(v) for k, v in (tags or {}).items()}
+        vtags = {**logged_model_tags(model_uri), **vtags}  # weights_digest (serve engineer)
+        mv = _version_of_run(client, model_name, vtags.get("mlflow_run_id"))
+        _abandon_incomplete(client, model_name, keep=mv.version if mv is not None else None,
+                            by=vtags.get("mlflow_run_id", ""))
+        if mv is None:
+            # Creates the registered model if missing, then a new version (max+1, server-side).
+            mv = mlflow.register_model(model_uri, model_name, tags={**vtags, "status": INCOMPLETE})
+        new_v = int(mv.version)
+        status = READY
+        try:
+            prev_v = _alias_holder(client, model_name, alias)
+            if prev_v == new_v:  # an earlier attempt of this run already moved the alias, then faulted
+                promote, reason, prev_v = True, f"already '{alias}' (set by an earlier attempt of this run)", None
+            elif (twin := _rolled_back_twin(client, model_name, vtags.get("fingerprint"))) is not None:
+                promote, reason = False, (f"not promoted: v{twin}, trained from the same inputs (fingerprint "
+                                          f"{vtags['fingerprint']}), was rolled back; never auto-promoted again")
+            elif prev_v is None:
+                promote, reason = True, f"first champion: no version held alias '{alias}'"
+            else:
+                try:
+                    promote, reason = decide(prev_v)
+                except Deferred as d:
+                    promote, reason, status = False, str(d), DEFERRED
+            if describe is not None and (card := describe(new_v, promote, reason)):
+                client.update_model_version(model_name, str(new_v), description=card)
+            decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000], "status": status}
+            if promote and prev_v is not None:
+                decision["previous_champion"] = str(prev_v)  # what `qlora-ops rollback` returns to
+            for k, v in decision.items():  # `status=ready` last of the tags: it vouches for the others
+                client.set_model_version_tag(model_name, str(new_v), k, v)
+            if challenger_alias:
+                client.set_registered_model_alias(model_name, challenger_alias, str(new_v))
+            if promote:
+                if prev_v is not None:
+                    client.set_model_version_tag(model_name, str(prev_v), "replaced_by", str(new_v))
+                client.set_registered_model_alias(model_name, alias, str(new_v))  # the last write
+                now = int(client.get_model_version_by_alias(model_name, alias).version)
+                if now != new_v:
+                    raise PromotionError(f"alias '{alias}' of {model_name} points at v{now} right after setting it "
+                                         f"to v{new_v}: another writer bypassed the lock {lock_path}")
+        except BaseException as e:
+            try:
+                client.set_model_version_tag(model_name, str(new_v), "promotion_error", f"{type(e).__name__}: {e}"[:5000])
+            except Exception:
+                pass  # keep the original error
+            raise
+        champ_after = _alias_holder(client, model_name, alias)
+    return {"model_name": model_name, "version": new_v, "promoted": promote, "alias": alias, "status": status,
+            "deferred": status == DEFERRED, "champion_version": champ_after, "previous_champion_version": prev_v,
+            "reason": reason}
+
+
+def _abandon_incomplete(client: MlflowClient, model_name: str, keep: str | None, by: str) -> list[int]:
+    """Tag every `status=incomplete` version (but this run's own, `keep`) `abandoned`; the caller holds
+    the registry lock, so their writers are dead. `status` shows them; nothing promotes them."""
+    from mlflow.exceptions import MlflowException
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and tags.status = '{INCOMPLETE}'")
+    except MlflowException:
+        return []  # no such registered model yet
+    out = []
+    for mv in found:
+        if mv.version != keep:
+            client.set_model_version_tag(model_name, mv.version, "promotion_reason",
+                                         f"abandoned: its run was killed before registration finished (seen by run {by})")
+            client.set_model_version_tag(model_name, mv.version, "status", ABANDONED)
+            out.append(int(mv.version))
+    return out
+
+
+def _version_of_run(client: MlflowClient, model_name: str, run_id: str | None):
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+    try:
+        found = client.search_model_versions(f"name = '{model_name}' and tags.mlflow_run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return max(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def champion_info(model_name: str, alias: str) -> dict | None:
+    """{"version": int, "tags": {...}} of the version holding `alias`, or None (no model / no alias)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    client = MlflowClient()
+    try:
+        v = _alias_holder(client, model_name, alias)
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None  # no such registered model
+        raise
+    if v is None:
+        return None
+    mv = client.get_model_version(model_name, str(v))
+    return {"version": v, "tags": dict(mv.tags or {})}

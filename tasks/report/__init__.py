@@ -1,0 +1,1 @@
+"""The run report (HTML) and the model card."""
