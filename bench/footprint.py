@@ -12,7 +12,7 @@ not quantized (embeddings, norms, the LM head: every Linear of the decoder layer
 The training estimate (GPU, bf16 compute): 4-bit base + LoRA r=16 on every linear (fp32 weights,
 grads and two AdamW moments: 16 bytes per trainable parameter) + gradient-checkpointed activations
 (one bf16 hidden state per layer boundary, plus one layer's full activations recomputed in
-backward) + fp32 logits only at the completion positions (tasks.train.loop keeps the last K).
+backward) + fp32 logits only at the completion positions (tasks.train.batches keeps the last K).
 """
 from __future__ import annotations
 

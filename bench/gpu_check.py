@@ -9,7 +9,7 @@
             with native bf16) and paged AdamW; scores, stage seconds and peaks
 3. memory   QLoRA vs LoRA peak memory and tokens/s: bench/train_throughput.py on SmolLM2-135M and on the
             random-weight 1.1B Llama (--llama-1b), 20 steps each
-4. ddp      with 2+ GPUs: `torchrun --nproc_per_node 2 -m tasks.train.loop` vs 1 process on the default data
+4. ddp      with 2+ GPUs: `torchrun --nproc_per_node 2 -m qlora_ops.tasks.train` vs 1 process on the default data
             (losses, tokens/s, peak memory); skipped, and said so, with 1 GPU
 5. hygiene  release_memory leaves no reserved CUDA memory; quantizing the 4-bit base for a flow leaves the
             calling process without a CUDA context (it runs in a child)

@@ -50,7 +50,7 @@ def main() -> None:
     threading.Thread(target=sampler, daemon=True).start()
     import torch
 
-    from qlora_ops.tasks.train import loop as T
+    from qlora_ops.tasks.train import batches as B, loop as T
     from qlora_ops.tasks.core.config import Params
     from qlora_ops.tasks.core.memory import release_memory
     from qlora_ops.tasks.model.modeling import add_lora, load_model
@@ -86,9 +86,9 @@ def main() -> None:
     opt, _ = T.make_optimizer(model, p, dev)
     model.train()
     for s in range(a.steps):
-        b = T.make_batch([rows[i] for i in T.batch_order(len(rows), s, 8, p.seed)], tok.pad_token_id, p)
+        b = B.make_batch([rows[i] for i in B.batch_order(len(rows), s, 8, p.seed)], tok.pad_token_id, p)
         t = time.time()
-        loss, _ = T.batch_loss(model, b, dev)
+        loss, _ = B.batch_loss(model, b, dev)
         mark(f"forward {s} (T={b['input_ids'].shape[1]}, K={b['keep']})")
         loss.backward()
         opt.step()

@@ -12,7 +12,7 @@ each peak is that run's alone: ru_maxrss on CPU, CUDA max allocated on GPU. "inc
 minus the process's RSS after imports, before any model is built. The plain loop is the usual recipe:
 prepare_model_for_kbit_training (gradient checkpointing on, its default), right padding, labels with
 -100 on the prompt, the model's own loss over full-vocabulary logits at every position, torch AdamW,
-glibc's allocator; it trains on the very rows ours trains on at each step (tasks.train.loop.batch_order).
+glibc's allocator; it trains on the very rows ours trains on at each step (tasks.train.batches.batch_order).
 Ours runs as the flow runs it: QLoRA on the 4-bit copy of the base (made once, before the runs), the
 child's allocator chosen by tasks.train.process.child_env (jemalloc where the machine has it).
 Ours and plain run one after the other for each kind, so their tokens/s ratio shares the machine's
@@ -114,7 +114,7 @@ def plain_child(out: Path, kind: str, model_dir: Path, data: Path) -> None:
     from qlora_ops.tasks.core.config import Params
     from qlora_ops.tasks.core.memory import process_peak_bytes
     from qlora_ops.tasks.model.prompting import encode
-    from qlora_ops.tasks.train.loop import batch_order
+    from qlora_ops.tasks.train.batches import batch_order
     from qlora_ops.tasks.core.util import read_jsonl
 
     after_import = psutil.Process().memory_info().rss

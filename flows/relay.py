@@ -1,7 +1,7 @@
 """MinIO bucket notification -> Prefect event: the relay of the team stack (infra/relay/).
 
     QLORA_RELAY_SECRET=<token MinIO sends> PREFECT_API_URL=http://prefect-server:4200/api \\
-    PREFECT_API_AUTH_STRING=<user:secret> python -m flows.relay --host 0.0.0.0 --port 8080
+    PREFECT_API_AUTH_STRING=<user:secret> python -m qlora_ops.flows.relay --host 0.0.0.0 --port 8080
 
 MinIO's webhook target (MINIO_NOTIFY_WEBHOOK_*_QLORA, `mc event add ... --event put`) POSTs one
 notification per created object to /minio with `Authorization: Bearer <QLORA_RELAY_SECRET>`; the relay
@@ -80,7 +80,7 @@ def create_app(token: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.relay", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m qlora_ops.flows.relay", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default=os.environ.get("QLORA_RELAY_HOST", "127.0.0.1"))
     ap.add_argument("--port", type=int, default=int(os.environ.get("QLORA_RELAY_PORT", "8080")))
     a = ap.parse_args(argv)

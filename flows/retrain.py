@@ -28,7 +28,10 @@ from qlora_ops.flows.remote_stage import MODEL_STAGE_FLOW, ModelStageFailed, rem
 from qlora_ops.tasks.gates import gate
 from qlora_ops.tasks.model import keys
 from qlora_ops.tasks.report import html as report
-from qlora_ops.tasks.gates import stats
+from qlora_ops.tasks.report.card import model_card
+from qlora_ops.tasks.report.gather import label_set
+from qlora_ops.tasks.gates import paired
+from qlora_ops.tasks.gates.policy import PromotionPolicy, power_check
 from qlora_ops.tasks.evaluate import suites
 from qlora_ops.tasks.registry import tracking
 from qlora_ops.tasks.gates import verdict
@@ -186,7 +189,7 @@ def power_line(params: Params, ms: dict) -> str | None:
     else:
         pair, what = (rows["qlora"], rows["lora"]), "QLoRA vs LoRA"
     a, b = (gate.gate_scores(r, m) for r in pair)
-    return stats.power_check(policy(params), len(a), **stats.paired_noise(a, b, binary=m.binary), measured=what)
+    return power_check(policy(params), len(a), **paired.paired_noise(a, b, binary=m.binary), measured=what)
 
 
 def call_model_stage(params: Params, ws: Path, run_id: str, data_uri: str, local_data: str, handoff: dict,
@@ -201,8 +204,8 @@ def call_model_stage(params: Params, ws: Path, run_id: str, data_uri: str, local
     return remote_model_stage(params, run_id, {**args, "data_uri": data_uri})
 
 
-def policy(params: Params) -> stats.PromotionPolicy:
-    return stats.PromotionPolicy.from_registry(params.registry)
+def policy(params: Params) -> PromotionPolicy:
+    return PromotionPolicy.from_registry(params.registry)
 
 
 def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: str, code: dict,
@@ -216,7 +219,7 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
         try:
             stats_file = Path(data["prepared_dir"]) / "stats.json"
             counts = read_json(stats_file).get("labels") if stats_file.is_file() else None
-            return report.model_card(summary, tracking.logged_params(params), report.label_set(params.data.labels, counts),
+            return model_card(summary, tracking.logged_params(params), label_set(params.data.labels, counts),
                                      {"version": version, "promoted": promoted, "reason": reason})
         except Exception as e:
             print(f"warning: model card not written ({type(e).__name__}: {str(e)[:300]})")
@@ -288,7 +291,7 @@ def moved_champion(params: Params, ms: dict, champion_v: int, work: Path) -> dic
 
 def gate_table(verdicts: list[dict]) -> str:
     levels = {v.get("confidence") for v in verdicts}
-    head = f"{stats.level(levels.pop())} interval" if len(levels) == 1 and None not in levels else "interval"
+    head = f"{paired.level(levels.pop())} interval" if len(levels) == 1 and None not in levels else "interval"
     L = [f"{'gate':<20}{'value':>8}  {head:<17}{'op':<3}{'threshold':>9}  verdict"]
     for v in verdicts:
         # The interval of the gate's own value; retention's (of QLoRA - LoRA) is in its detail line.
@@ -311,7 +314,7 @@ def format_summary(s: dict) -> str:
           *([f"rows train/val/test {st['train']}/{st['val']}/{st['test']}, inputs truncated to "
              f"{st['max_input_chars']} chars: {st['inputs_truncated']}"]
             if (st := s["data"].get("stats")) and "inputs_truncated" in st else []),
-          "", f"{'model':<10}{score_label(s['models']):>10}  {stats.level(s.get('confidence', 0.95)) + ' interval':<17}"
+          "", f"{'model':<10}{score_label(s['models']):>10}  {paired.level(s.get('confidence', 0.95)) + ' interval':<17}"
           f"{'eos_rate':>8}{'n':>6}{'eval_s':>9}"]
     for name, m in s["models"].items():
         ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else ""

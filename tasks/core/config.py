@@ -134,7 +134,7 @@ class TrainParams(_Strict):
     optimizer: Literal["auto", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"] = "auto"
     # On by default: measured on CPU, QLoRA training peak 1.65 GB -> 0.83 GB (SmolLM2-135M, batch 8; bench/RESULTS.md)
     gradient_checkpointing: bool = True
-    # Batches of rows of similar length (seeded; tasks.train.loop.epoch_order): less padding computed. Off by
+    # Batches of rows of similar length (seeded; tasks.train.batches.epoch_order): less padding computed. Off by
     # default: on the default task it cost ~6.5 accuracy points for both QLoRA and LoRA (0.533/0.561 vs
     # 0.598/0.626 with it off, same seed, 2026-12-01), so it is opt-in until measured over seeds.
     length_bucketing: bool = False

@@ -3,7 +3,7 @@ warnings, progress bars and Prefect's engine chatter ("Finished in state Complet
 `verbose` brings all of it back; `debug` also keeps full tracebacks (without it a failure is one
 paragraph). Prefect's API handler still receives every run log: only the console is quieter.
 
-Entry points call `configure()` (the CLI, `python -m tasks.train.loop`); nothing happens at import. The
+Entry points call `configure()` (the CLI, `python -m qlora_ops.tasks.train`); nothing happens at import. The
 choice travels to child processes in the environment (QLORA_OPS_VERBOSE, QLORA_OPS_DEBUG, and the
 third-party variables set here), so a training subprocess is as quiet as its parent.
 """

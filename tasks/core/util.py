@@ -210,9 +210,9 @@ TIE_ENV = "QLORA_OPS_DIE_WITH_PARENT"  # set by `qlora-ops run`; inherited by ev
 
 
 def die_with_parent_if_tied() -> None:
-    """For our own entry points (python -m tasks.data.prepare / tasks.train.loop) when a `qlora-ops run` started them,
+    """For our own entry points (python -m qlora_ops.tasks.data / tasks.train.loop) when a `qlora-ops run` started them,
     perhaps through DVC: die with the parent too, so a chain CLI -> dvc -> stage never leaves the stage
-    running. A user's own `python -m tasks.train.loop` (nohup, a shell) is left alone."""
+    running. A user's own `python -m qlora_ops.tasks.train` (nohup, a shell) is left alone."""
     if os.environ.get(TIE_ENV) == "1" and sys.platform.startswith("linux"):
         if os.getppid() == 1:  # the parent is already gone (we were handed to init)
             os._exit(1)

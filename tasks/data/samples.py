@@ -1,7 +1,7 @@
 """The built-in sample tasks: real text that ships with Python, turned into training data.
 
-    python -m tasks.data.prepare sample --out data/raw/stdlib_docstrings.jsonl                       # dvc.yaml `sample`
-    python -m tasks.data.prepare sample --task free-text --out data/raw/stdlib_summaries.jsonl       # `sample-free-text`
+    python -m qlora_ops.tasks.data sample --out data/raw/stdlib_docstrings.jsonl                       # dvc.yaml `sample`
+    python -m qlora_ops.tasks.data sample --task free-text --out data/raw/stdlib_summaries.jsonl       # `sample-free-text`
 
 - `docstrings` (the default task, params/default.yaml): the first sentence of a stdlib docstring ->
   which of 8 stdlib modules it comes from. Short labels, scored by exact match.

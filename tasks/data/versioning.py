@@ -149,6 +149,9 @@ def _raw_dvc_file(workspace: Path, params: Params) -> str | None:
     return None if rel in SAMPLES else f"{rel}.dvc"
 
 
+LEGACY_DEPS = ("tasks/data.py", "tasks/config.py")  # a prepare stage's code deps before the stage packages
+
+
 def _dvc_stages(workspace: Path) -> dict:
     f = workspace / "dvc.yaml"
     return (yaml.safe_load(f.read_text()) or {}).get("stages", {}) if f.is_file() else {}
@@ -194,13 +197,18 @@ def ensure_stage(workspace: Path, params_path: Path, params: Params) -> str:
                               "JSONL (or CSV/Parquet) file or a directory of them, or set data.source")
         dvc(workspace, "add", raw_rel)  # version the user's raw data (a no-op when unchanged)
     name = stage_name(prel)
-    if name not in _dvc_stages(workspace):
+    stage = _dvc_stages(workspace).get(name)
+    # A stage written before the stage packages runs `python -m tasks.data` and depends on tasks/data.py and
+    # tasks/config.py, which no longer exist: DVC would refuse it. Rewritten once, with the same outputs.
+    legacy = stage is not None and any(d in LEGACY_DEPS for d in stage.get("deps") or ())
+    if stage is None or legacy:
         # DVC fails on a params key absent from the file; keys left to their defaults are covered by
         # the dependency on tasks/core/config.py, where the defaults live.
         present = [k for k in ("data", "seed") if k in (yaml.safe_load(params_path.read_text()) or {})]
         p_args = ["-p", f"{prel}:{','.join(present)}"] if present else []
-        dvc(workspace, "stage", "add", "-n", name, "-d", "tasks/data/prepare.py", "-d", "tasks/core/config.py", "-d", raw_rel,
-            *p_args, "-o", out_rel, f"python -m tasks.data.prepare prepare --params {prel}")
+        dvc(workspace, "stage", "add", *(["--force"] if legacy else []), "-n", name,
+            "-d", "tasks/data/prepare.py", "-d", "tasks/core/config.py", "-d", raw_rel,
+            *p_args, "-o", out_rel, f"python -m qlora_ops.tasks.data prepare --params {prel}")
     return name
 
 

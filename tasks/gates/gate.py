@@ -1,7 +1,7 @@
 """Gate stage: thresholds from params, one verdict per gate, each with its numbers AND its interval.
 
 Every comparison is paired on the saved per-row scores of one metric (the same test rows for every
-model), through tasks.gates.stats: the difference, a seeded paired-bootstrap interval, the paired test (exact
+model), through tasks.gates.paired: the difference, a seeded paired-bootstrap interval, the paired test (exact
 McNemar for 0/1 scores, sign-flip permutation for continuous ones). Numbers are in the metric's units and
 oriented so that + is better (nll: lower is better, so its "gain" is a reduction). Pre-merge gates decide
 whether merging is worth doing at all; the merge gate re-checks the merged model against the QLoRA model it
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qlora_ops.tasks.gates import stats
+from qlora_ops.tasks.gates import paired
 from qlora_ops.tasks.core.config import GateParams, Params
 from qlora_ops.tasks.metrics import Metric, get, normalize
 
@@ -49,7 +49,7 @@ def _metric(metric: Metric | str) -> Metric:
 
 def _gain(metric: Metric, cand: Sequence[float], ref: Sequence[float], confidence: float, seed: int) -> dict:
     """paired_compare(cand, ref) plus the gain oriented so + is better, and its interval."""
-    c = stats.paired_compare(cand, ref, higher_is_better=metric.higher_is_better, binary=metric.binary,
+    c = paired.paired_compare(cand, ref, higher_is_better=metric.higher_is_better, binary=metric.binary,
                              confidence=confidence, seed=seed)
     s = 1.0 if metric.higher_is_better else -1.0
     lo, hi = sorted((s * c["ci_low"], s * c["ci_high"]))
@@ -66,7 +66,7 @@ def _ci(m: Metric, lo: float, hi: float) -> str:
 
 
 def _test(c: dict) -> str:
-    return f"McNemar p={c['p_value']:.3g}" if c["test"] == stats.MCNEMAR else f"{c['test']} p={c['p_value']:.3g}"
+    return f"McNemar p={c['p_value']:.3g}" if c["test"] == paired.MCNEMAR else f"{c['test']} p={c['p_value']:.3g}"
 
 
 def _better(metric: Metric) -> str:
@@ -125,13 +125,13 @@ def merge_gate(g: GateParams, metric: Metric | str, qlora_scores: Sequence[float
     interval), with the share of differing normalised answers reported beside it."""
     m = _metric(metric)
     conf = level(g.confidence)
-    a = stats.agreement(merged_answers, qlora_answers, confidence=g.confidence, normalize=_normalise)
+    a = paired.agreement(merged_answers, qlora_answers, confidence=g.confidence, normalize=_normalise)
     answers = (f"merged and QLoRA answer differently (normalised) on {a['differ']}/{a['n']} rows, {conf} CI "
                f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]")
     if m.binary:
         return _verdict("merge_disagreement", a["share"], "<=", g.max_merge_disagreement, answers,
                         ci=(a["ci_low"], a["ci_high"]), metric=m, confidence=g.confidence)
-    d = stats.mean_abs_diff(merged_scores, qlora_scores, confidence=g.confidence, seed=seed)
+    d = paired.mean_abs_diff(merged_scores, qlora_scores, confidence=g.confidence, seed=seed)
     return _verdict("merge_disagreement", d["value"], "<=", g.max_merge_disagreement,
                     f"mean |merged - QLoRA| {m.name} per row = {d['value']:.4f}, {conf} CI [{d['ci_low']:.4f}, "
                     f"{d['ci_high']:.4f}]; {answers}",
@@ -163,7 +163,7 @@ def suite_gate(suite: str, role: str, metric: Metric | str, base_scores: Sequenc
 
 
 def level(confidence: float) -> str:
-    return stats.level(confidence)
+    return paired.level(confidence)
 
 
 def gate_metric(params: Params) -> Metric:

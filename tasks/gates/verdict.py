@@ -3,14 +3,15 @@ suite's), each model's score with its interval, and the comparison with the cham
 
 Plain functions of (params, model-stage result): flows/model_stage.py asks `merge_worthwhile` before
 merging, flows/retrain.py asks `gate_decision` before registering and `promotion` inside the registry
-slot. The statistics are tasks.gates.stats and tasks.gates.gate; this module only decides which rows go where: the
+slot. The statistics are tasks.gates.{paired,policy,gate}; this module only decides which rows go where: the
 gate metric's (eval.metric) per-row scores for the domain split, each suite's own metric for its suite,
 and the candidate a suite judges (the merged model, the bytes registered, once it exists; QLoRA before).
 """
 from __future__ import annotations
 
 from qlora_ops.tasks.gates import gate
-from qlora_ops.tasks.gates import stats
+from qlora_ops.tasks.gates import paired
+from qlora_ops.tasks.gates import policy
 from qlora_ops.tasks.core.config import Params
 
 
@@ -62,7 +63,7 @@ def gate_decision(params: Params, ms: dict) -> tuple[list[dict], bool]:
 def _score(params: Params, metric, m: dict, rows: dict) -> None:
     sc = gate.gate_scores(rows, metric)
     m["metric"], m["score"] = metric.name, sum(sc) / len(sc)
-    m["ci_low"], m["ci_high"] = stats.mean_interval(sc, params.gates.confidence, binary=metric.binary, seed=params.seed)
+    m["ci_low"], m["ci_high"] = paired.mean_interval(sc, params.gates.confidence, binary=metric.binary, seed=params.seed)
 
 
 def with_intervals(params: Params, models: dict, rows: dict) -> None:
@@ -82,10 +83,10 @@ def with_suite_intervals(params: Params, suite, models: dict, rows: dict) -> Non
 
 
 def promotion(params: Params, cand: dict, champ: dict) -> dict:
-    """stats.decide on the gate metric's per-row scores of the candidate and the champion, same rows."""
+    """policy.decide on the gate metric's per-row scores of the candidate and the champion, same rows."""
     if champ["ids"] != cand["ids"]:
         raise RuntimeError(f"champion v{champ.get('version')} was scored on other rows than the candidate; not comparable")
     m = gate.gate_metric(params)
-    return stats.decide(stats.PromotionPolicy.from_registry(params.registry), gate.gate_scores(cand, m),
+    return policy.decide(policy.PromotionPolicy.from_registry(params.registry), gate.gate_scores(cand, m),
                         gate.gate_scores(champ, m), seed=params.seed, higher_is_better=m.higher_is_better,
                         binary=m.binary, metric_name=m.name)

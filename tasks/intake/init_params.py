@@ -13,7 +13,7 @@ then writes a params file holding what differs from the defaults for this data:
   rouge_l, or chrf for text rouge-score cannot split into words), with gate thresholds and promotion
   margins on that metric's scale and one comment saying why (choose_metric, GATES);
 - data.split sized for the promotion policy: enough test rows to tell a registry.non_inferiority_margin
-  difference (tasks.gates.stats.rows_needed) where the data has them, capped so training keeps most of the
+  difference (tasks.gates.policy.rows_needed) where the data has them, capped so training keeps most of the
   rows; a comment says what the chosen size can detect;
 - data.raw pointing at the file when it is inside the workspace (DVC versions it there), else
   data.source pointing at it (each run snapshots it into data.raw);
@@ -34,7 +34,8 @@ from qlora_ops.tasks import metrics as M
 from qlora_ops.tasks.core.config import DataParams, ModelParams, Params, ParamsError, RegistryParams
 from qlora_ops.tasks.data.prepare import FIELDS, DataError, detect_format, prepare
 from qlora_ops.tasks.data.readers import columns_of
-from qlora_ops.tasks.gates.stats import PromotionPolicy, level, min_detectable_diff, rows_needed
+from qlora_ops.tasks.gates.paired import level, min_detectable_diff
+from qlora_ops.tasks.gates.policy import PromotionPolicy, rows_needed
 from qlora_ops.tasks.core.util import read_jsonl
 
 # Column names people use for our fields, most specific first (first match wins).
@@ -147,7 +148,7 @@ def split_for(n: int, policy: PromotionPolicy) -> tuple[float, float, str]:
 
     DISCORDANCE plays the per-row variance of the paired score difference (for 0/1 scores the two are
     the same number); a 0..1 overlap metric shaped like ROUGE-L has about that variance between two
-    similar models, so the same sizing serves it (tasks.gates.stats' continuous path refines the power line)."""
+    similar models, so the same sizing serves it (tasks.gates.paired's continuous path refines the power line)."""
     margin = min(policy.non_inferiority_margin, DISCORDANCE)
     need = rows_needed(policy, discordance=DISCORDANCE, regression=margin)
     test = min(math.ceil(10000 * SPLIT_SLACK * need / max(n, 1)) / 10000, MAX_TEST)

@@ -10,7 +10,7 @@ same rows. Generation metrics score the generated answer against the reference; 
 offline) built on the maintained library for its maths. `nll` needs the model itself (teacher-forced
 likelihood of the reference): tasks/evaluate/predict.py computes it.
 
-Imports nothing heavy at import time: tasks.gates.stats and tasks.gates.gate import this module.
+Imports nothing heavy at import time: tasks.gates.gate imports this module.
 """
 from __future__ import annotations
 

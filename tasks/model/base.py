@@ -59,7 +59,7 @@ def quantized_base(params: Params, workspace: Path, base_dir: Path, in_child: bo
 
 
 def _quantize_in_child(params: Params, workspace: Path, base_dir: Path) -> Path:
-    """quantized_base in a fresh Python process (`python -m tasks.model.base`); its path comes back."""
+    """quantized_base in a fresh Python process (`python -m qlora_ops.tasks.model.base`); its path comes back."""
     import os
     import subprocess
     import sys
@@ -81,7 +81,7 @@ def _quantize_in_child(params: Params, workspace: Path, base_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tasks.model.base --params P --workspace W --base-dir B`: make (or find) the 4-bit copy
+    """`python -m qlora_ops.tasks.model.base --params P --workspace W --base-dir B`: make (or find) the 4-bit copy
     of B in this process and print its path (what quantized_base runs in a child on CUDA machines)."""
     import argparse
 

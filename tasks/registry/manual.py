@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from qlora_ops.tasks.gates import stats
+from qlora_ops.tasks.gates.policy import PromotionPolicy, decide
 from qlora_ops.tasks.registry.register import DEFERRED, READY, REJECTED, PromotionError, _alias_holder
 
 
@@ -114,7 +114,7 @@ def version_rows(model_name: str, v: int, dst: Path) -> tuple[str, dict]:
     return t.get("score_key", ""), per_row(Path(d))
 
 
-def promote(model_name: str, version: int, alias: str, policy: stats.PromotionPolicy, work: Path, *,
+def promote(model_name: str, version: int, alias: str, policy: PromotionPolicy, work: Path, *,
             force: bool = False, reason: str | None = None, by: Actor | None = None) -> dict:
     """Move `alias` to `version` if the paired policy says it beats the champion on the same rows;
     with force, regardless. Every promotion records who (`by`, default whoami()) and why."""
@@ -150,7 +150,7 @@ def promote(model_name: str, version: int, alias: str, policy: stats.PromotionPo
         from qlora_ops.tasks.metrics import get
 
         m = get(names.pop())
-        d = stats.decide(policy, gate_scores(cand, m), gate_scores(prev, m), higher_is_better=m.higher_is_better,
+        d = decide(policy, gate_scores(cand, m), gate_scores(prev, m), higher_is_better=m.higher_is_better,
                          binary=m.binary, metric_name=m.name)
         if not d["promote"]:
             return {"version": version, "promoted": False, "reason": d["reason"]}

@@ -7,7 +7,7 @@ sequence under an exclusive fcntl lock on a file next to the store, and re-reads
 writing it. (The lock serializes processes on one machine / shared filesystem only.)
 
 Whether a candidate beats the champion is the caller's `decide` (flows: the paired promotion policy
-of tasks.gates.stats on both models' per-row results on the same test rows); this module owns the order of
+of tasks.gates.policy on both models' per-row results on the same test rows); this module owns the order of
 registry writes and who may write.
 
 No tracking URI is set here: entry points call mlflow.set_tracking_uri.
@@ -28,7 +28,11 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
-LOADER_MODULE = "qlora_ops.tasks.registry.loader"  # the pyfunc loader: a module of the installed package, not artifact code
+from qlora_ops.tasks.registry.legacy import LEGACY_LOADER_MODULE, LOADER_MODULE  # noqa: F401  (re-exported)
+
+# The pyfunc loader is a module of the installed package, never artifact code. Versions registered before the
+# stage packages name it by its old name (tasks/registry/legacy.py): both are ours.
+OUR_LOADERS = (LOADER_MODULE, LEGACY_LOADER_MODULE)
 PIP_PACKAGES = ("qlora-ops", "mlflow", "torch", "transformers", "safetensors")
 
 
@@ -189,7 +193,7 @@ def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
     mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=str(dst / "meta")))
     meta = yaml.safe_load(mlmodel.read_text())
     pyfunc = ((meta or {}).get("flavors") or {}).get("python_function") or {}
-    rel = pyfunc.get("data") if pyfunc.get("loader_module") == LOADER_MODULE else \
+    rel = pyfunc.get("data") if pyfunc.get("loader_module") in OUR_LOADERS else \
         ((pyfunc.get("artifacts") or {}).get("model") or {}).get("path")
     if not rel:
         raise PromotionError(f"{model_name} v{version} ({root}) has no model data in its MLmodel; "

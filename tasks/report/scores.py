@@ -6,12 +6,13 @@
     suite_tables(f["summary"], f["gates"])       # one table per suite of summary["suites"]
 
 tasks/report/html.py renders them: the score distributions and the lost rows for a free-text gate metric,
-the suite tables whenever the run has suites. Runs saved before per-row scores (predictions without
-"scores") read exact match from `correct`, so `qlora-ops report` keeps working on them.
+the suite tables whenever the run has suites (card.py lists those too). Runs saved before per-row scores
+(predictions without "scores") read exact match from `correct`, so `qlora-ops report` keeps working on them.
 """
 from __future__ import annotations
 
 from qlora_ops.tasks import metrics as M
+from qlora_ops.tasks.report.plots import png_base64
 
 MODELS = ("base", "lora", "qlora", "merged")
 LABEL = {"base": "base", "lora": "LoRA", "qlora": "QLoRA", "merged": "merged"}
@@ -45,8 +46,6 @@ def distribution_plot(preds: dict[str, list[dict]], metric: str) -> str | None:
     import numpy as np
     from matplotlib.figure import Figure
 
-    from qlora_ops.tasks.report.html import _png
-
     m = M.get(metric)
     series = {k: [s for r in preds[k] if (s := row_score(r, metric)) is not None] for k in MODELS if k in preds}
     series = {k: v for k, v in series.items() if v}
@@ -62,7 +61,7 @@ def distribution_plot(preds: dict[str, list[dict]], metric: str) -> str | None:
         ax.set(title=f"{LABEL[k]} (mean {np.mean(v):.3f})", xlabel=metric)
     axes[0].set_ylabel("test rows")
     fig.suptitle(f"Per-row {metric} on the same test rows ({'higher' if m.higher_is_better else 'lower'} is better)")
-    return _png(fig)
+    return png_base64(fig)
 
 
 def lost_rows(f: dict, metric: str, against: str, k: int = 8):

@@ -25,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qlora_ops.tasks.core.util import sha256_file
+from qlora_ops.tasks.model.prompting import format_prompt, stop_ids
+from qlora_ops.tasks.serving.parity import evaluated, metric_scores
+from qlora_ops.tasks.serving.server import ServingError, version_tags
+
 ARCHS = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA"}  # same tensors, same rotary layout
 OUTTYPES = ("f16", "q8_0")
 
@@ -229,8 +234,6 @@ def llama_answers(gguf_path: Path, model_dir: Path, rows: list[dict], max_new_to
                               f"llama.cpp from source; {e})") from None
     from transformers import AutoTokenizer
 
-    from qlora_ops.tasks.model.prompting import format_prompt, stop_ids
-
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     stops = set(stop_ids(tok))
     llm = Llama(model_path=str(gguf_path), n_ctx=2048, n_batch=512, n_threads=threads, seed=0, verbose=False)
@@ -254,8 +257,7 @@ def llama_answers(gguf_path: Path, model_dir: Path, rows: list[dict], max_new_to
 
 def parity(gguf_path: Path, model_dir: Path, ev: dict, confidence: float = 0.95) -> dict:
     """Agreement of llama.cpp's answers with the evaluated merged model's, and the metric on them."""
-    from qlora_ops.tasks.serving.server import metric_scores
-    from qlora_ops.tasks.gates.stats import agreement
+    from qlora_ops.tasks.gates.paired import agreement  # scipy and statsmodels: seconds, only for a parity run
 
     t0 = time.time()
     got = llama_answers(gguf_path, model_dir, ev["rows"], int(ev["max_new_tokens"]), ev["system_prompt"])
@@ -281,13 +283,12 @@ def export_version(model_name: str, version: int, work: Path, *, out: Path | Non
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from qlora_ops.tasks.serving import server as so
+    # registry.register imports mlflow at its top: the CLI imports this module for every serving command
     from qlora_ops.tasks.registry.register import download_hf_model
-    from qlora_ops.tasks.core.util import sha256_file
 
-    tags = so._version_tags(model_name, version)
+    tags = version_tags(model_name, version)
     if not (run_id := tags.get("mlflow_run_id")):
-        raise so.ServingError(f"{model_name} v{version} has no mlflow_run_id tag: nowhere to log its GGUF files")
+        raise ServingError(f"{model_name} v{version} has no mlflow_run_id tag: nowhere to log its GGUF files")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model_dir = download_hf_model(model_name, version, work / "hf")  # refused if its bytes are not the registered ones
@@ -304,7 +305,7 @@ def export_version(model_name: str, version: int, work: Path, *, out: Path | Non
                  "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "parity": {}}
     if run_parity:
         try:
-            ev = so.evaluated(model_name, version, work / "evaluated")
+            ev = evaluated(model_name, version, work / "evaluated")
             res["parity"] = {k: parity(paths[k], model_dir, ev, confidence) for k in OUTTYPES}
         except GGUFExportError as e:
             res["parity_skipped"] = str(e)

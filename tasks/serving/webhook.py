@@ -1,5 +1,5 @@
 """Receive MLflow registry webhooks: when `champion` moves, check the new champion's serving parity and
-move `serving` only if it passed (tasks.serving.server). Whatever serves `serving` learns of it through
+move `serving` only if it passed (tasks.serving.parity). Whatever serves `serving` learns of it through
 `on_serving` (`qlora-ops serve --follow` restarts its scoring server on the new version).
 
 MLflow (>= 3.3, SQL backend) POSTs `model_version_alias.created` events signed the Standard-Webhooks way:
@@ -28,6 +28,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
+
+from qlora_ops.tasks.serving.parity import verify_serving
+from qlora_ops.tasks.serving.server import fetch_model, scoring_server
 
 SIGNATURE, TIMESTAMP, DELIVERY = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
 SECRET_ENV = "QLORA_OPS_WEBHOOK_SECRET"
@@ -138,18 +141,16 @@ def champion_checker(model_name: str, champion_alias: str, *, threshold: float, 
     (tags; `serving_alias` moves only on a pass), then call `on_serving(version, model_dir, digest)`."""
     import socket
 
-    from qlora_ops.tasks.serving import server as so
-
     def handle(name: str, alias: str, version: int) -> dict | None:
         if name != model_name or alias != champion_alias:
             return None
-        local, digest = so.fetch_model(name, version, Path(work) / f"v{version}")
+        local, digest = fetch_model(name, version, Path(work) / f"v{version}")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        with so.scoring_server(local, digest, port) as url:
-            res = so.verify_serving(url, name, version, threshold, confidence, Path(work) / f"check-v{version}",
-                                    serving_alias)
+        with scoring_server(local, digest, port) as url:
+            res = verify_serving(url, name, version, threshold, confidence, Path(work) / f"check-v{version}",
+                                 serving_alias)
         if res["alias_moved"] and on_serving is not None:
             on_serving(version, local, digest)
         return res

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from qlora_ops.tasks.core.config import ParamsError
+
 
 def fsdp_requested(env: dict | None = None) -> bool:
     """FSDP decided the way accelerate decides it (accelerate.state): `accelerate launch` with an FSDP
@@ -31,8 +33,6 @@ def fsdp_requested(env: dict | None = None) -> bool:
 def check_launch(params, kind: str, env: dict | None = None) -> None:
     """What the launch makes impossible, refused before any model is loaded (tasks.core.config.ParamsError:
     exit 2, naming the key and the fix)."""
-    from qlora_ops.tasks.core.config import ParamsError
-
     env = os.environ if env is None else env
     world = int(env.get("WORLD_SIZE", "1"))
     bs = params.training.batch_size

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from qlora_ops.tasks.core.config import Params
+from qlora_ops.tasks.core.util import atomic_write_json, popen_child, read_json
+from qlora_ops.tasks.data.prepare import DataError
 
 ERROR_FILE = "error.json"
 # The training's allocator. glibc keeps a training's freed mid-size tensors in fragmented heap arenas
@@ -86,9 +88,8 @@ def child_env(base: dict[str, str] | None = None, checkpointing: bool = True) ->
 
 def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: str,
                      on_log: Callable[[str], None] = print) -> dict:
-    from qlora_ops.tasks.data.prepare import DataError
+    # modeling imports torch: the parent that only starts the training child stays without it
     from qlora_ops.tasks.model.modeling import DivergenceError
-    from qlora_ops.tasks.core.util import atomic_write_json, popen_child, read_json
 
     out_dir = Path(out_dir)
     if (out_dir / "result.json").is_file():  # finished earlier: no process to start (train() would reuse it too)

@@ -55,7 +55,7 @@ def test_heartbeat_window_must_tolerate_a_late_heartbeat():
 
 
 def test_a_gpu_pool_without_cuda_is_a_params_fault_for_the_parent_too():
-    from qlora_ops.flows.cli import classify
+    from qlora_ops.flows.cli.exit_codes import classify
     from qlora_ops.flows.device_check import NoCudaDevice
     from qlora_ops.flows.remote_stage import ModelStageFailed
 

@@ -3,9 +3,9 @@ ever moves to a candidate that passed every gate and that the promotion policy f
 
 1. The pure decision path, many hypothesis examples: random per-row outcomes of base / LoRA / QLoRA /
    merged / champion and random thresholds (gates.*, registry.* policy) through the real tasks.gates.gate and
-   tasks.gates.stats.decide, in the order flows/retrain.run_pipeline calls them; every verdict is checked
+   tasks.gates.policy.decide, in the order flows/retrain.run_pipeline calls them; every verdict is checked
    against numbers computed here by hand from the counts (gain, retention of the gain over the base,
-   normalised answer flips, exact McNemar by math.comb), never by calling tasks.gates.stats or copying gate.py.
+   normalised answer flips, exact McNemar by math.comb), never by calling tasks.gates.paired/policy or copying gate.py.
 2. The real registry path: a hypothesis state machine drives tasks.registry.register.register_and_promote (and
    tasks.registry.manual.rollback) against a real MLflow SQLite store in a temp dir, and after every step
    checks the alias invariants on the store itself.
@@ -24,7 +24,7 @@ from hypothesis import given
 
 from qlora_ops.flows.retrain import format_summary, gate_decision, gate_table, policy, power_line
 from qlora_ops.tasks.gates import gate
-from qlora_ops.tasks.gates import stats
+from qlora_ops.tasks.gates import policy as gates_policy  # `policy` is flows.retrain's
 from qlora_ops.tasks.core.config import GateParams, Params, RegistryParams
 
 LABELS = ("a", "b", "c")
@@ -103,7 +103,7 @@ def flow_decision(params: Params, o: dict, champion_correct: list[bool] | None,
         return verdicts, False  # nothing registered, so nothing promoted
     if champion_correct is None:
         return verdicts, True  # first champion (tasks.registry.register: no version held the alias)
-    return verdicts, stats.decide(policy(params), o["merged"], champion_correct, seed=params.seed)["promote"]
+    return verdicts, gates_policy.decide(policy(params), o["merged"], champion_correct, seed=params.seed)["promote"]
 
 
 def exact_mcnemar(b01: int, b10: int) -> float:
@@ -119,7 +119,7 @@ def test_no_gate_failure_is_ever_promoted(o, params, has_champion, merge_anyway)
     by = {v["name"]: v for v in verdicts}
     g = params.gates
 
-    # Each verdict agrees with numbers computed here from the counts, independently of tasks.gate/stats.
+    # Each verdict agrees with numbers computed here from the counts, independently of tasks.gates.gate/paired/policy.
     b, l, q = sum(o["base"]), sum(o["lora"]), sum(o["qlora"])
     gain = by["gain_over_base"]
     assert gain["value"] == pytest.approx((q - b) / n, abs=1e-6)
@@ -224,7 +224,7 @@ def test_gate_table_and_summary_print_the_confidence_used():
 def test_a_candidate_no_better_than_the_champion_is_never_promoted(o, params):
     """Not ahead on the same rows (or tied): never promoted, whatever the thresholds."""
     assume(sum(o["merged"]) <= sum(o["champion"]))
-    assert not stats.decide(policy(params), o["merged"], o["champion"], seed=params.seed)["promote"]
+    assert not gates_policy.decide(policy(params), o["merged"], o["champion"], seed=params.seed)["promote"]
 
 
 # ---------------------------------------------------------------- the real registry
@@ -271,7 +271,7 @@ class RegistryMachine(RuleBasedStateMachine):
         asked: list[tuple[int, bool]] = []
 
         def decide(champion_v: int) -> tuple[bool, str]:  # what flows.retrain.register's decide computes
-            d = stats.decide(policy(params), o["merged"], self.correct[champion_v], seed=params.seed)
+            d = gates_policy.decide(policy(params), o["merged"], self.correct[champion_v], seed=params.seed)
             asked.append((champion_v, d["promote"]))
             return d["promote"], d["reason"]
 

@@ -85,7 +85,7 @@ CHAIN = textwrap.dedent("""
     import os, subprocess, sys, time
     from qlora_ops.tasks.core.util import TIE_ENV, popen_child
     os.environ[TIE_ENV] = sys.argv[1]
-    # like the CLI -> dvc -> `python -m tasks.data.prepare`: the middle one is not ours, the last one is
+    # like the CLI -> dvc -> `python -m qlora_ops.tasks.data`: the middle one is not ours, the last one is
     grand = ("from tasks.core.util import die_with_parent_if_tied; die_with_parent_if_tied(); import sys, time; "
              "open(sys.argv[1], 'w').close(); time.sleep(120)")
     mid = popen_child([sys.executable, "-c", f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {grand!r}, {sys.argv[2]!r}]); print(p.pid, flush=True); time.sleep(120)"],

@@ -182,6 +182,53 @@ def test_champion_loads_in_fresh_process_and_answers_exactly_as_evaluated(tracki
     assert len(out["df"]) == 2 and all(isinstance(a, str) for a in out["df"])
 
 
+_LEGACY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    if sys.argv[3] == "install":
+        import qlora_ops.tasks.registry.legacy as legacy
+        legacy.install()
+    import mlflow
+    m = mlflow.pyfunc.load_model(sys.argv[1])
+    print("RESULT " + json.dumps(m.predict(json.loads(sys.argv[2]))))
+""")
+
+
+def test_a_version_registered_before_the_stage_packages_still_loads(tracking, merged_model_dir, evaluated_merged,
+                                                                    tmp_path, monkeypatch):
+    """Versions registered by the code before the move name `tasks.serving` as their pyfunc loader in MLmodel
+    (the only difference in the artifact: logged here exactly so). Outside a checkout no `tasks` exists: the
+    old name fails to import until qlora_ops.tasks.registry.legacy answers for it, then the version answers
+    exactly as evaluated; download_hf_model (serve, export-gguf) accepts it."""
+    import mlflow
+    import yaml
+
+    from qlora_ops.tasks.registry import register
+    from qlora_ops.tasks.core.util import read_jsonl
+
+    monkeypatch.setattr(register, "LOADER_MODULE", "tasks.serving")
+    name = _unique("reg-legacy")
+    uri = _log_model(merged_model_dir, _unique("exp-legacy"))
+    assert _promote(uri, name, tmp_path)["promoted"]
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "art")))
+    assert yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["loader_module"] == "tasks.serving"
+
+    evaluated = [r["prediction"] for r in read_jsonl(evaluated_merged["eval"] / "predictions.jsonl")]
+    prompts = [r["prompt"] for r in read_jsonl(evaluated_merged["test"])]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(MLFLOW_TRACKING_URI=tracking, HF_HUB_OFFLINE="1")
+    away = tmp_path / "elsewhere"  # not a checkout: no tasks/ folder on the path
+    away.mkdir()
+    runs = {how: subprocess.run([sys.executable, "-c", _LEGACY_SCRIPT, f"models:/{name}@champion", json.dumps(prompts), how],
+                                env=env, cwd=away, capture_output=True, text=True, timeout=300)
+            for how in ("plain", "install")}
+    assert runs["plain"].returncode != 0 and "No module named 'tasks'" in runs["plain"].stderr, runs["plain"].stderr[-2000:]
+    p = runs["install"]
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):]) == evaluated
+    got = register.download_hf_model(name, 1, tmp_path / "hf")
+    assert (Path(got) / "config.json").is_file()
+
+
 def test_tampered_weights_are_refused(tracking, merged_model_dir, tmp_path, tmp_path_factory):
     """A weight file changed in the artifact store is refused by every loader: pyfunc loading (what the
     scoring server runs), download_hf_model; a manifest rewritten to match is refused against the
@@ -283,7 +330,7 @@ def test_planted_candidates_never_move_the_champion(tracking, merged_model_dir, 
     import numpy as np
     from mlflow.tracking import MlflowClient
 
-    from qlora_ops.tasks.gates.stats import PromotionPolicy, decide
+    from qlora_ops.tasks.gates.policy import PromotionPolicy, decide
 
     rng = np.random.default_rng(0)
     champ = rng.random(500) < 0.70

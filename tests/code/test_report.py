@@ -2,13 +2,15 @@
 rows, worst-first ordering of the side-by-side rows, the stage table's optional memory column, the card."""
 from __future__ import annotations
 
-from qlora_ops.tasks.report import html as report
+from qlora_ops.tasks.report.card import CARD_LIMIT, model_card
+from qlora_ops.tasks.report.frames import confusion, stage_table, worst_first
+from qlora_ops.tasks.report.gather import is_label_task, label_set
 
 
 def test_confusion_and_per_class_from_rows():
     refs = ["json", "os", "os", "re", "json", "os"]
     preds = ["json", "os", "Re.", "re", "The module is json.", "`OS`"]  # normalized like the metric; rambling = other
-    cm, per = report.confusion(refs, preds, None)
+    cm, per = confusion(refs, preds, None)
     assert list(cm.index) == ["json", "os", "re"] and list(cm.columns) == ["json", "os", "re", "(other)"]
     assert cm.loc["os", "os"] == 2 and cm.loc["os", "re"] == 1 and cm.loc["json", "(other)"] == 1
     assert int(cm.to_numpy().sum()) == len(refs)
@@ -17,7 +19,7 @@ def test_confusion_and_per_class_from_rows():
 
 
 def test_confusion_keeps_declared_labels_without_rows():
-    cm, per = report.confusion(["a", "a"], ["a", "b"], ["a", "b", "c"])
+    cm, per = confusion(["a", "a"], ["a", "b"], ["a", "b", "c"])
     assert list(cm.index) == ["a", "b", "c"] and cm.loc["a", "b"] == 1
     assert per.set_index("label").loc["c", "n"] == 0
 
@@ -26,23 +28,23 @@ def test_worst_first_puts_regressions_then_tuned_errors_first():
     rows = [{"id": i, "base_correct": b, "tuned_correct": t}
             for i, (b, t) in enumerate([(True, True), (False, True), (False, False), (True, False), (False, False),
                                         (True, False)])]
-    assert [r["id"] for r in report.worst_first(rows)] == [3, 5, 2, 4, 1, 0]
+    assert [r["id"] for r in worst_first(rows)] == [3, 5, 2, 4, 1, 0]
 
 
 def test_label_task_detection():
-    assert report.is_label_task(["a", "b", "a", "b", "a"])
-    assert not report.is_label_task([f"free text answer {i}" for i in range(10)])
-    assert report.is_label_task(["x"], ["x", "y"])  # data.labels decides
-    assert report.label_set(None, {"json": 5, "os": 3}) == ["json", "os"]
-    assert report.label_set(None, {"one answer": 1, "another": 1}) is None  # never repeated: free text
-    assert report.label_set(["b", "a"], None) == ["b", "a"]
+    assert is_label_task(["a", "b", "a", "b", "a"])
+    assert not is_label_task([f"free text answer {i}" for i in range(10)])
+    assert is_label_task(["x"], ["x", "y"])  # data.labels decides
+    assert label_set(None, {"json": 5, "os": 3}) == ["json", "os"]
+    assert label_set(None, {"one answer": 1, "another": 1}) is None  # never repeated: free text
+    assert label_set(["b", "a"], None) == ["b", "a"]
 
 
 def test_stage_table_shows_peak_memory_only_when_recorded():
     secs = {"ms.train_qlora": 9.0, "model_stage": 10.0, "prepare": 1.0, "total": 11.0}  # sorted, as summary.json
-    assert list(report.stage_table(secs).columns) == ["stage", "seconds"]
-    assert list(report.stage_table(secs)["stage"]) == ["prepare", "model_stage", "ms.train_qlora", "total"]
-    t = report.stage_table(secs, {"train_qlora": 812.5})
+    assert list(stage_table(secs).columns) == ["stage", "seconds"]
+    assert list(stage_table(secs)["stage"]) == ["prepare", "model_stage", "ms.train_qlora", "total"]
+    t = stage_table(secs, {"train_qlora": 812.5})
     assert list(t["peak MiB"].fillna(-1)) == [-1, -1, 812.5, -1]
 
 
@@ -54,16 +56,16 @@ def test_model_card_has_the_facts_and_fits_the_description_column():
                "gates": gates, "power": "test set has 107 rows: ...", "fingerprint": "fp",
                "code": {"git_commit": "abc", "source_sha": "s"},
                "data": {"version": "dv1", "stage": "prepare", "stats": {"train": 318, "val": 55, "test": 107}}}
-    card = report.model_card(summary, {"model.source": "smollm2-gguf", "registry.model_name": "m"},
-                             [f"label{i}" for i in range(2000)], {"version": 3, "promoted": False, "reason": "no gain"})
+    card = model_card(summary, {"model.source": "smollm2-gguf", "registry.model_name": "m"},
+                      [f"label{i}" for i in range(2000)], {"version": 3, "promoted": False, "reason": "no gain"})
     assert card.startswith("# m v3") and "smollm2-gguf" in card and "dv1" in card and "318/55/107" in card
     assert "[0.500, 0.700]" in card and "gain_over_base" in card and "Not promoted: no gain" in card
     assert "Test set: 107 rows; the policy" not in card and "Test set: 107 rows; ..." in card
     assert "runs:/r1/report/report.html" in card
-    assert len(card) <= report.CARD_LIMIT and "(+1970 more)" in card
+    assert len(card) <= CARD_LIMIT and "(+1970 more)" in card
     # summary.json is logged with sorted keys: the card read back from MLflow must be the same text
     resorted = {**summary, "models": dict(sorted(summary["models"].items()))}
-    assert report.model_card(resorted, {"model.source": "smollm2-gguf", "registry.model_name": "m"},
-                             [f"label{i}" for i in range(2000)], {"version": 3, "promoted": False,
-                                                                  "reason": "no gain"}) == card
+    assert model_card(resorted, {"model.source": "smollm2-gguf", "registry.model_name": "m"},
+                      [f"label{i}" for i in range(2000)], {"version": 3, "promoted": False,
+                                                           "reason": "no gain"}) == card
     assert card.index("| base") < card.index("| qlora") < card.index("| merged")

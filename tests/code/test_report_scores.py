@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from qlora_ops.tasks.report import html as report
 from qlora_ops.tasks.report import scores as rs
+from qlora_ops.tasks.report.card import model_card
+from qlora_ops.tasks.report.frames import accuracy_frame
 
 REFS = ["Read the file.", "Close the socket.", "Parse the query.", "Set the flag."]
 ANSWERS = {  # model -> (answers, rouge_l, nll) per row
@@ -68,8 +70,8 @@ def test_model_card_names_the_gate_metric_and_lists_suites():
                "code": {"git_commit": "abc", "source_sha": "s"}, "data": {"version": "dv", "stage": "prepare-x", "stats": {}},
                "suites": {"general": {"metric": "chrf", "role": "non_inferior", "threshold": 0.02,
                                       "models": {"base": {"n": 10, "metrics": {"chrf": 0.41}}}}}}
-    card = report.model_card(summary, {"eval.metric": "rouge_l", "registry.model_name": "m"}, None,
-                             {"version": 1, "promoted": True, "reason": "ok"})
+    card = model_card(summary, {"eval.metric": "rouge_l", "registry.model_name": "m"}, None,
+                      {"version": 1, "promoted": True, "reason": "ok"})
     assert "rouge_l (the gate metric)" in card and "0.4123" in card and "gated on rouge_l: ROUGE-L" in card
     assert "## Suites" in card and "general: non_inferior on chrf (threshold 0.02) - general:non_inferior FAIL" in card
 
@@ -81,12 +83,12 @@ def test_the_accuracy_section_plots_the_gate_metric_at_the_runs_confidence():
     for m, (_, rouge, _) in ANSWERS.items():
         f["summary"]["models"][m].update(score=sum(rouge) / 4, ci_low=0.1, ci_high=0.9)
     f["params"]["gates.confidence"] = "0.9"
-    acc = report.accuracy_frame(f)
+    acc = accuracy_frame(f)
     assert list(acc["score"]) == [sum(ANSWERS[m][1]) / 4 for m in acc["model"]] and set(acc["metric"]) == {"rouge_l"}
     f["champion"] = {"version": 3, "correct": [False] * 4, "scores": {"rouge_l": [0.2, 0.4, 0.6, 0.8]}}
-    ch = report.accuracy_frame(f).iloc[-1]
+    ch = accuracy_frame(f).iloc[-1]
     assert ch["model"] == "champion v3" and abs(ch["score"] - 0.5) < 1e-9 and ch["ci_low"] < 0.5 < ch["ci_high"]
-    card = report.model_card({**f["summary"], "mlflow_run_id": "r", "data": {"version": "d", "stage": "s"},
-                              "code": {"git_commit": "c", "source_sha": "s"}, "fingerprint": "f", "gates": []},
-                             f["params"], None, {"version": 1, "promoted": True, "reason": "x"})
+    card = model_card({**f["summary"], "mlflow_run_id": "r", "data": {"version": "d", "stage": "s"},
+                       "code": {"git_commit": "c", "source_sha": "s"}, "fingerprint": "f", "gates": []},
+                      f["params"], None, {"version": 1, "promoted": True, "reason": "x"})
     assert "90% interval" in card and "95%" not in card

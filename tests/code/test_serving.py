@@ -103,13 +103,14 @@ def test_served_in_another_dtype_is_caught_and_named(tracking, merged_model_dir,
 def test_missing_system_prompt_is_caught_and_named(tracking, merged_model_dir, evaluated_merged, tmp_path):
     """A version whose served copy lost its system prompt (serving.json says ""), checked through the
     library path (the one the webhook receiver takes): caught, the system prompt named."""
+    from qlora_ops.tasks.serving import parity
     from qlora_ops.tasks.serving import server as so
 
     name, v = register_evaluated(merged_model_dir, evaluated_merged, tmp_path, system_prompt="")
     local, digest = so.fetch_model(name, v, tmp_path / "model")
     with so.scoring_server(local, digest, free_port()) as url:
-        res = so.verify_serving(url, name, v, 0.02, 0.95, tmp_path / "work")
-    assert not res["passed"] and not res["alias_moved"] and res["differ"] > 0, so.explain(res)
+        res = parity.verify_serving(url, name, v, 0.02, 0.95, tmp_path / "work")
+    assert not res["passed"] and not res["alias_moved"] and res["differ"] > 0, parity.explain(res)
     assert res["causes"] == [f"system prompt: the endpoint's default system prompt is not data.system_prompt of "
                              f"the evaluated run {res['run_id']}"]
 

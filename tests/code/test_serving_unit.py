@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from qlora_ops.tasks.report.html import serving_html, serving_rows, with_serving
+from qlora_ops.tasks.report.card import with_serving
+from qlora_ops.tasks.report.frames import serving_rows
+from qlora_ops.tasks.report.html import serving_html
 from tests.conftest import ROOT
 
 FACTS = {"version": 3, "weights_digest": "ab" * 32, "metric": "exact_match", "evaluated": 0.6075, "tags": {},
@@ -40,18 +42,21 @@ def test_card_and_html_carry_the_section_and_say_when_unchecked():
 
 
 def test_a_long_card_keeps_the_serving_section_within_mlflows_limit():
-    from qlora_ops.tasks.report.html import CARD_LIMIT
+    from qlora_ops.tasks.report.card import CARD_LIMIT
 
     card = with_serving("# m v3\n" + "x" * (CARD_LIMIT + 100), FACTS)
     assert len(card) <= CARD_LIMIT and card.rstrip().endswith("|") and "## Serving and GGUF" in card
 
 
 def test_the_loader_module_stands_alone():
-    """What `mlflow models serve` imports to load a model: tasks.registry.loader and what it needs (tasks.model.prompting,
-    tasks.core.util), nothing from flows/ or the training core, and no torch before a model is loaded."""
-    code = ("import sys, tasks.registry.loader; print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('tasks', 'flows', 'torch', 'transformers', 'prefect')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""},
-                         capture_output=True, text=True, timeout=120)
+    """What `mlflow models serve` imports to load a model: qlora_ops.tasks.registry.loader and what it needs
+    (model.prompting, core.util, the packages holding them), nothing from flows/ or the training core, and no
+    torch before a model is loaded."""
+    code = ("import sys, qlora_ops.tasks.registry.loader; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('qlora_ops', 'tasks', 'flows', 'torch', 'transformers', 'prefect')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={"PATH": ""}, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['tasks', 'qlora_ops.tasks.model.prompting', 'qlora_ops.tasks.registry.loader', 'qlora_ops.tasks.core.util']"
+    assert out.stdout.strip() == str(["qlora_ops", "qlora_ops.tasks", "qlora_ops.tasks.core", "qlora_ops.tasks.core.util",
+                                      "qlora_ops.tasks.model", "qlora_ops.tasks.model.prompting", "qlora_ops.tasks.registry",
+                                      "qlora_ops.tasks.registry.loader"])

@@ -1,7 +1,7 @@
-"""tasks.gates.stats: paired comparison numbers by hand, intervals that cover, and a promotion policy whose
-error rates are measured by simulation against the targets of docs/gates.md (and against the old
-`candidate > champion` rule, so the simulation demonstrably discriminates). Both paths: 0/1 scores
-(McNemar) and continuous scores (sign-flip permutation test), and the yearly error budget."""
+"""tasks.gates.paired, .policy and .simulate: paired comparison numbers by hand, intervals that cover, and
+a promotion policy whose error rates are measured by simulation against the targets of docs/gates.md (and
+against the old `candidate > champion` rule, so the simulation demonstrably discriminates). Both paths: 0/1
+scores (McNemar) and continuous scores (sign-flip permutation test), and the yearly error budget."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,11 +16,12 @@ from scipy import stats as sps
 from scipy.stats import norm
 from statsmodels.stats.contingency_tables import mcnemar
 
-from qlora_ops.tasks.gates.stats import (
-    ASSUMED_SD, PromotionPolicy, _compare_many, _decide_many, _mcnemar_p, accuracy_interval, agreement, decide,
-    level, mean_abs_diff, mean_interval, min_detectable_diff, paired_compare, paired_noise, power_check,
-    rows_needed, simulate, simulate_scores, simulate_year, synthetic_pairs, synthetic_scores,
+from qlora_ops.tasks.gates.paired import (
+    ASSUMED_SD, _compare_many, _mcnemar_p, accuracy_interval, agreement, level, mean_abs_diff, mean_interval,
+    min_detectable_diff, paired_compare, paired_noise,
 )
+from qlora_ops.tasks.gates.policy import PromotionPolicy, _decide_many, decide, power_check, rows_needed
+from qlora_ops.tasks.gates.simulate import simulate, simulate_scores, simulate_year, synthetic_pairs, synthetic_scores
 
 POLICY = PromotionPolicy()
 

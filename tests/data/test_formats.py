@@ -209,7 +209,7 @@ def test_thousands_of_bad_rows_list_the_first_twenty_and_count_all(tmp_path):
 # ---------------------------------------------------------------- init and check
 def test_init_detects_aliases_labels_and_sizes_the_test_set(tmp_path):
     from qlora_ops.tasks.intake.init_params import detect, label_set, split_for
-    from qlora_ops.tasks.gates.stats import PromotionPolicy
+    from qlora_ops.tasks.gates.policy import PromotionPolicy
 
     assert detect(["Question", "Answer"]) == ("alpaca", {"instruction": "Question", "output": "Answer"}, True)
     assert detect(["text", "label"]) == ("prompt_completion", {"prompt": "text", "completion": "label"}, True)

@@ -284,3 +284,22 @@ def test_unreachable_remote_is_a_connection_error_and_the_next_run_pushes(s3, tm
     write_params(ws, "u", data=data, storage={"dvc_remote": f"s3://{BUCKET}/u", "dvc_remote_options": {"endpointurl": s3}})
     res = run(ws, "u")  # the remote is back: everything versioned meanwhile is pushed now
     assert not res["reran"] and res["pushed"] == 7
+
+
+def test_a_prepare_stage_written_before_the_stage_packages_is_rewritten_and_runs(tmp_path):
+    """A workspace whose dvc.yaml holds a prepare stage of the old layout (`python -m tasks.data`, deps on
+    tasks/data.py and tasks/config.py, which no longer exist): the next run rewrites that stage once and
+    prepares; DVC alone would refuse the missing dependencies."""
+    ws, drops = workspace_with_drops(tmp_path, **{"week-01.jsonl": drop_rows(0, 40)})
+    raw = "data/raw/drops"
+    write_params(ws, "old", data={"source": str(drops), "raw": raw, "prepared": "data/prepared/old"})
+    spec = yaml.safe_load((ws / "dvc.yaml").read_text())
+    spec["stages"]["prepare-old"] = {"cmd": "python -m tasks.data prepare --params params/old.yaml",
+                                     "deps": ["tasks/data.py", "tasks/config.py", raw],
+                                     "params": [{"params/old.yaml": ["data"]}], "outs": ["data/prepared/old"]}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    r = run(ws, "old")
+    assert r["reran"] and (ws / "data" / "prepared" / "old" / "test.jsonl").is_file()
+    stage = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]["prepare-old"]
+    assert stage["cmd"] == "python -m qlora_ops.tasks.data prepare --params params/old.yaml"
+    assert "tasks/data.py" not in stage["deps"] and "tasks/data/prepare.py" in stage["deps"]

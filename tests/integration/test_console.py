@@ -58,7 +58,7 @@ def ws(tmp_path_factory, tiny_model_dir):
 
 
 def run_cli(ws: Path, *args: str) -> tuple[int, str]:
-    """`python -m flows.cli ARGS` with stdout + stderr redirected to a file; (exit code, the file's text)."""
+    """`python -m qlora_ops.flows.cli ARGS` with stdout + stderr redirected to a file; (exit code, the file's text)."""
     # Nothing of the test process's own console/Prefect/MLflow settings: what a user's shell would have.
     drop = ("PREFECT_", "QLORA_OPS_", "MLFLOW_", "TRANSFORMERS_", "PYTHONWARNINGS", "HF_HUB_DISABLE")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}

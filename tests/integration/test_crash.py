@@ -74,7 +74,7 @@ def stop_what_a_test_started():
 
 
 class Run:
-    """`qlora-ops run` as a real subprocess (python -m flows.cli), stdout + stderr into a file."""
+    """`qlora-ops run` as a real subprocess (python -m qlora_ops.flows.cli), stdout + stderr into a file."""
 
     def __init__(self, ws: Path, params: str, *extra: str, tag: str, preexec=None):
         drop = ("PREFECT_", "QLORA_OPS_", "MLFLOW_", "TRANSFORMERS_", "PYTHONWARNINGS", "HF_HUB_DISABLE")

@@ -1,6 +1,6 @@
 """Retrain when data lands, for real, on 127.0.0.1: a Prefect server with API auth and its automations
 service, a process worker, `qlora-ops deploy` installing the drop trigger on two retraining deployments
-(a directory source and an S3 source), the relay (`python -m flows.relay`), and moto's S3 with IAM
+(a directory source and an S3 source), the relay (`python -m qlora_ops.flows.relay`), and moto's S3 with IAM
 enforced, so the dropper's key can only put under drops/.
 
 - directory source: `qlora-ops drop` copies the file in and sends the event itself; a run starts and

@@ -25,7 +25,7 @@ def test_promote_decides_on_the_versions_gate_metric(tmp_path, monkeypatch):
 
     from qlora_ops.tasks.registry.register import PromotionError
     from qlora_ops.tasks.registry.manual import Actor, format_status, promote, status
-    from qlora_ops.tasks.gates.stats import PromotionPolicy
+    from qlora_ops.tasks.gates.policy import PromotionPolicy
 
     uri = f"sqlite:///{tmp_path}/m.db"
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)  # restored after the test

@@ -1,7 +1,7 @@
 """Two `qlora-ops run` from two workspaces (two machines, as far as the filesystem lock can tell) against one
 MLflow registry and one Prefect API, started together. The fcntl lock cannot see across workspaces; the
 registered model's Prefect global concurrency limit must serialize register + promote, so the second
-decision sees the first's champion, and the champion is the one the promotion policy (tasks.gates.stats.decide on the
+decision sees the first's champion, and the champion is the one the promotion policy (tasks.gates.policy.decide on the
 two versions' saved per-row results) picks: not simply the higher accuracy, which a tie would satisfy."""
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_two_workspaces_never_both_take_the_empty_champion_slot(tmp_path, tiny_m
 
     from qlora_ops.tasks.core.config import Params, RegistryParams
     from qlora_ops.tasks.registry.manual import version_rows
-    from qlora_ops.tasks.gates.stats import PromotionPolicy, decide
+    from qlora_ops.tasks.gates.policy import PromotionPolicy, decide
 
     mlflow.set_tracking_uri(mlflow_server)
     (k1, r1), (k2, r2) = (version_rows("race-model", v, tmp_path / "rows") for v in (1, 2))

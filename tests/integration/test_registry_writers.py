@@ -227,7 +227,7 @@ def test_a_local_store_records_the_os_user_as_unauthenticated(tmp_path, monkeypa
     from mlflow import MlflowClient
 
     from qlora_ops.tasks.registry import manual as registry_ops
-    from qlora_ops.tasks.gates import stats
+    from qlora_ops.tasks.gates.policy import PromotionPolicy
 
     uri = f"sqlite:///{tmp_path}/m.db"
     monkeypatch.setenv("USER", "bob")
@@ -238,7 +238,7 @@ def test_a_local_store_records_the_os_user_as_unauthenticated(tmp_path, monkeypa
     c.create_registered_model("m")
     for _ in range(2):
         c.create_model_version("m", f"{run.info.artifact_uri}/model", run.info.run_id, tags={"status": "ready"})
-    pol = stats.PromotionPolicy()
+    pol = PromotionPolicy()
     assert registry_ops.promote("m", 1, "champion", pol, tmp_path / "w")["promoted"]  # unforced: first champion
     registry_ops.promote("m", 2, "champion", pol, tmp_path / "w", force=True, reason="r")
     registry_ops.rollback("m", "champion", reason="r")

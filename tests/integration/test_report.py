@@ -123,7 +123,7 @@ def test_report_renders_in_chromium_and_card_is_the_version_description(run, mlf
 def test_cli_report_rebuilds_it_from_mlflow(run, mlflow_server, tmp_path):
     import mlflow
 
-    from qlora_ops.tasks.report import html as report
+    from qlora_ops.tasks.report.gather import newest_run
 
     ws, s = run["ws"], run["summary"]
     run_id, out = s["mlflow_run_id"], tmp_path / "rebuilt"
@@ -139,7 +139,7 @@ def test_cli_report_rebuilds_it_from_mlflow(run, mlflow_server, tmp_path):
     assert "gain_over_base" in dom.tables["gate-table"] and run_id in (out / "report.html").read_text()
     assert (out / "MODEL_CARD.md").read_text() == Path(s["report"]).with_name("MODEL_CARD.md").read_text()
     mlflow.set_tracking_uri(mlflow_server)
-    assert report.newest_run(f"exp-{run['name']}") == run_id  # what `qlora-ops report` with no RUN_ID rebuilds
+    assert newest_run(f"exp-{run['name']}") == run_id  # what `qlora-ops report` with no RUN_ID rebuilds
 
 
 def test_report_failure_never_changes_the_outcome(run, caplog, mlflow_server, tmp_path):

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/model/dist_worker.py BASE DATA OUT_ROOT NAME=PARAMS.yaml [NAME=PARAMS.yaml ...]
 
-Trains each params file with tasks.train.loop.train (what `-m tasks.train.loop` runs) into OUT_ROOT/NAME, one
+Trains each params file with tasks.train.loop.train (what `-m qlora_ops.tasks.train` runs) into OUT_ROOT/NAME, one
 after the other in the same process group, and counts DDP's gradient all-reduces with a comm hook
 (torch's own allreduce hook, wrapped): OUT_ROOT/NAME/allreduces-rank<r>.json.
 """

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from qlora_ops.tasks.core.config import ParamsError
 from qlora_ops.tasks.model.modeling import add_lora, load_model
-from qlora_ops.tasks.train.loop import checkpoints, train
+from qlora_ops.tasks.train.checkpoints import checkpoints
+from qlora_ops.tasks.train.loop import train
 from tests.conftest import ROOT, free_port, tiny_params, write_toy_splits
 
 TOL = 1e-5
@@ -109,7 +110,9 @@ def plain_loop(p, model_dir: Path, data: Path, kind: str) -> tuple[dict, list[tu
     from transformers import get_scheduler
 
     from qlora_ops.tasks.model.prompting import encode
-    from qlora_ops.tasks.train.loop import _adapter_state, batch_loss, batch_order, make_batch, make_optimizer
+    from qlora_ops.tasks.train.batches import batch_loss, batch_order, make_batch
+    from qlora_ops.tasks.train.checkpoints import adapter_state
+    from qlora_ops.tasks.train.loop import make_optimizer
     from qlora_ops.tasks.core.util import read_jsonl
 
     tp, cpu = p.training, torch.device("cpu")
@@ -132,7 +135,7 @@ def plain_loop(p, model_dir: Path, data: Path, kind: str) -> tuple[dict, list[tu
         sched.step()
         opt.zero_grad(set_to_none=True)
         steps.append((loss.item(), float(gn)))
-    return _adapter_state(model), steps
+    return adapter_state(model), steps
 
 
 def test_one_process_without_accumulation_keeps_its_arithmetic_bit_for_bit(tiny_model_dir, data, tmp_path):

@@ -43,12 +43,12 @@ def test_files_follow_the_contract(evaluated):
 
 
 def test_nll_is_the_training_loss_of_each_row(evaluated, tiny_model_dir):
-    """Batched with left padding (evaluate) == one row at a time through the training loss (tasks.train.loop)."""
+    """Batched with left padding (evaluate) == one row at a time through the training loss (tasks.train.batches)."""
     import torch
 
     from qlora_ops.tasks.model.modeling import load_with_adapter
     from qlora_ops.tasks.model.prompting import encode
-    from qlora_ops.tasks.train.loop import batch_loss, collate
+    from qlora_ops.tasks.train.batches import batch_loss, collate
 
     p, data, ev, _ = evaluated
     model, tok = load_with_adapter(p, tiny_model_dir)

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from qlora_ops.tasks.model.modeling import DivergenceError
 from qlora_ops.tasks.model.prompting import encode
-from qlora_ops.tasks.train.loop import batch_order, checkpoints, collate, train
+from qlora_ops.tasks.train.batches import batch_order, collate
+from qlora_ops.tasks.train.checkpoints import checkpoints
+from qlora_ops.tasks.train.loop import train
 from tests.conftest import ROOT, tiny_params
 
 
@@ -154,7 +156,7 @@ def test_packing_has_no_cross_sample_leakage(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from qlora_ops.tasks.model.modeling import load_model
-    from qlora_ops.tasks.train.loop import batch_loss, collate_packed
+    from qlora_ops.tasks.train.batches import batch_loss, collate_packed
 
     p = tiny_params(tiny_model_dir)
     model, _ = load_model(tiny_model_dir, p, quantized=False)

@@ -1,0 +1,58 @@
+"""`qlora-ops init | check | drop`: the data side, plain functions in tasks.intake and flows.drop; a bad
+file or params exits 2 naming the key or file:line, and nothing is trained."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from qlora_ops.flows.cli.exit_codes import fail
+from qlora_ops.flows.drop import DropNotAnnounced, drop
+from qlora_ops.flows.events import EventsUnavailable
+from qlora_ops.tasks.core.config import ParamsError, load_params
+from qlora_ops.tasks.core.paths import ws_path
+from qlora_ops.tasks.data.prepare import DataError
+
+
+def data_command(a) -> int:
+    """`init` and `check`: plain functions in tasks/, exit 2 with the named error on bad params or data."""
+    try:
+        if a.cmd == "init":
+            from qlora_ops.tasks.intake.init_params import write_params  # pandas and scipy: init only
+            res = write_params(Path(a.datafile), Path(a.workspace), out=a.out, model=a.model, force=a.force,
+                               command=" ".join(["qlora-ops", *sys.argv[1:]]) if sys.argv[1:2] == ["init"] else None)
+            print(f"wrote {res['path']}: {res['format']}, {res['stats']['rows_after_dedupe']} distinct rows"
+                  + (f", labels {', '.join(res['labels'])}" if res["labels"] else ", free-text answers"))
+            print(f"  {res['note']}")
+            print(f"next: qlora-ops check --params {res['path']}   then   qlora-ops run --params {res['path']}")
+        else:
+            from qlora_ops.tasks.intake.check import check, format_check  # imports torch: check only
+            print(format_check(check(Path(a.params), Path(a.workspace))))
+    except (ParamsError, DataError) as e:
+        return fail("bad_input", e)
+    return 0
+
+
+def drop_command(a) -> int:
+    """`drop FILE`: exit 2 (file:line) on a bad file or params, 4 when the bucket or the Prefect API did not
+    answer (the message says whether the file is in place)."""
+    ws = Path(a.workspace).resolve()
+    try:
+        params = load_params(ws_path(ws, a.params))
+        res = drop(Path(a.file), params, ws)
+    except (ParamsError, DataError) as e:
+        return fail("bad_input", e)
+    except DropNotAnnounced as e:
+        return fail("service", e, label="dropped, not announced")
+    except (ConnectionError, EventsUnavailable) as e:
+        return fail("service", e)
+    o = params.orchestration
+    print(f"dropped {Path(a.file).name}: {res['rows']} valid rows ({res['format']}) -> {res['url']}")
+    when = f"qlora-retrain/{o.deployment} starts {o.debounce_s:g} s after the last drop (orchestration.debounce_s)"
+    if res["event"] is not None:
+        print(f"event {res['event']['event']} sent to the Prefect API: {when}")
+    elif "://" in res["url"]:
+        print(f"the bucket's notification reaches Prefect through the relay: {when}")
+    else:
+        print(f"no event sent (PREFECT_API_URL is not set): `qlora-ops run --params {a.params}` retrains now, "
+              "or the next scheduled run does")
+    return 0

@@ -1,0 +1,160 @@
+"""`qlora-ops serve | verify-serving | export-gguf`: a registered version served over HTTP (MLflow's scoring
+server, llama.cpp's OpenAI-compatible one, or following the champion by webhook), checked against its
+evaluated answers, or exported as GGUF. The work is in tasks.serving; this module starts and watches the
+server processes."""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import time
+from pathlib import Path
+
+from qlora_ops.flows.cli.exit_codes import EXIT, fail
+from qlora_ops.flows.cli.preflight import preflight
+from qlora_ops.flows.cli.report import refresh_report
+from qlora_ops.tasks.core.paths import state_dir
+from qlora_ops.tasks.core.util import popen_child
+from qlora_ops.tasks.serving import client, parity, webhook
+from qlora_ops.tasks.serving import server as so
+
+
+def serving_command(a) -> int:
+    """`serve`, `verify-serving`, `export-gguf`: exit 0 done (check passed), 1 check failed, 2 a version that
+    cannot be served or checked (named), 4 the tracking server or the endpoint did not answer."""
+    # MLflow, and numpy through the GGUF writer: only the serving commands pay for them.
+    import mlflow
+
+    from qlora_ops.tasks.registry.register import PromotionError
+    from qlora_ops.tasks.serving import gguf as gguf_export
+
+    if isinstance(pre := preflight(a), int):
+        return pre
+    ws, params, uri = pre
+    mlflow.set_tracking_uri(uri)
+    r, work = params.registry, state_dir(ws, params) / "serving"
+    try:
+        v = so.resolve_version(r.model_name, a.version, getattr(a, "alias", None) or r.champion_alias)
+        if a.cmd == "verify-serving":
+            res = parity.verify_serving(a.url, r.model_name, v, params.gates.max_serving_disagreement,
+                                        params.gates.confidence, work / f"verify-v{v}")
+            print(parity.explain(res))
+            print(f"'{res['alias']}' -> v{v}" if res["alias_moved"] else f"'{res['alias']}' not moved")
+            refresh_report(ws, params, res["run_id"], r.model_name, v)
+            return 0 if res["passed"] else EXIT["rejected"]
+        if a.cmd == "export-gguf":
+            res = gguf_export.export_version(r.model_name, v, work / f"gguf-v{v}", out=Path(a.out) if a.out else None,
+                                             run_parity=not a.no_parity, confidence=params.gates.confidence)
+            print(gguf_export.explain(res))
+            refresh_report(ws, params, res["run_id"], r.model_name, v)
+            return 0
+        if getattr(a, "follow", False):
+            return serve_follow(a, params, work)
+        if getattr(a, "openai", False):
+            return serve_openai(so.fetch_gguf(r.model_name, v, a.gguf, work / f"gguf-v{v}"), a, r.model_name, v)
+        local, digest = so.fetch_model(r.model_name, v, work / f"v{v}")
+    except client.EndpointUnavailable as e:
+        return fail("service", e)
+    except (so.ServingError, gguf_export.GGUFExportError, PromotionError) as e:  # PromotionError: refused bytes (download_hf_model)
+        return fail("bad_input", e)
+    proc = start_server(local, digest, a, r.model_name, v)
+    if isinstance(proc, int):
+        return proc
+    try:
+        return proc.wait()
+    finally:
+        so.stop(proc)
+
+
+def _show_new(receiver, shown: tuple[int, int]) -> tuple[int, int]:
+    """Print the receiver's checks and errors not printed yet; returns how many of each are printed."""
+    for res in receiver.handled[shown[0]:]:
+        print(parity.explain(res) + f"\n'{res['alias']}' {'-> v' + str(res['version']) if res['alias_moved'] else 'not moved'}",
+              flush=True)
+    for err in receiver.errors[shown[1]:]:
+        print(f"qlora-ops: webhook: {err}", file=sys.stderr, flush=True)
+    return len(receiver.handled), len(receiver.errors)
+
+
+def start_server(local: Path, digest: str, a, name: str, v: int):
+    """The scoring server of a checked local copy, ready; or the exit code after one line naming why not."""
+    proc = popen_child(so.server_command(local, a.host, a.port), env=so.server_env(digest, a.dtype),
+                       start_new_session=True)
+    url = f"http://{a.host}:{a.port}"
+    try:
+        so.wait_ready(url, proc, timeout=600)
+    except so.ServingError as e:
+        so.stop(proc)
+        return fail("bad_input", e)
+    print(f"serving {name} v{v} at {url}/invocations (weights {digest[:16]}..., {a.dtype or 'evaluated dtype'})\n"
+          f"check it: qlora-ops verify-serving {url} --version {v}", flush=True)
+    return proc
+
+
+def serve_openai(gguf: Path, a, name: str, v: int) -> int:
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError as e:
+        return fail("bad_input", RuntimeError(f"--openai needs llama-cpp-python's server: pip install 'qlora-ops[gguf]' ({e})"))
+    proc = popen_child(so.openai_server_command(gguf, a.host, a.port), start_new_session=True)
+    url = f"http://{a.host}:{a.port}"
+    try:
+        deadline = time.time() + 600
+        while client.is_openai(url, timeout=2) is None:
+            if proc.poll() is not None or time.time() > deadline:
+                return fail("bad_input", RuntimeError(f"llama_cpp.server for {gguf.name} did not come up at {url}"))
+            time.sleep(0.5)
+        print(f"serving {name} v{v} ({gguf.name}) at {url}/v1/chat/completions\n"
+              f"check it: qlora-ops verify-serving {url} --version {v}", flush=True)
+        return proc.wait()
+    finally:
+        so.stop(proc)
+
+
+def serve_follow(a, params, work: Path) -> int:
+    """`serve --follow`: serve the version holding 'serving' and restart on each version a champion webhook
+    moves it to (tasks.serving.webhook). With no 'serving' yet, the champion is checked first."""
+    from mlflow.tracking import MlflowClient
+
+    r, g = params.registry, params.gates
+    secret = os.environ.get(webhook.SECRET_ENV, "")
+    if not secret:
+        return fail("bad_input", ValueError(f"--follow needs the webhook secret in ${webhook.SECRET_ENV}"))
+    moved: queue.Queue = queue.Queue()
+    check = webhook.champion_checker(r.model_name, r.champion_alias, threshold=g.max_serving_disagreement,
+                                     confidence=g.confidence, work=work / "follow",
+                                     on_serving=lambda v, local, digest: moved.put((v, local, digest)))
+    try:
+        v = int(MlflowClient().get_model_version_by_alias(r.model_name, so.SERVING_ALIAS).version)
+        moved.put((v, *so.fetch_model(r.model_name, v, work / f"v{v}")))
+    except so.ServingError:
+        raise
+    except Exception:  # no 'serving' yet: the champion earns it by a passed check
+        res = check(r.model_name, r.champion_alias, so.resolve_version(r.model_name, alias=r.champion_alias))
+        print(parity.explain(res), flush=True)
+        if not res["alias_moved"]:
+            return EXIT["rejected"]
+    receiver = webhook.Receiver(secret, check, port=a.hook_port, host=a.host)
+    with receiver:
+        hook = webhook.ensure_webhook(MlflowClient(), a.hook_url or receiver.url, secret, r.model_name)
+        print(f"following {r.model_name}@{r.champion_alias}: MLflow webhook {hook.webhook_id} -> "
+              f"{a.hook_url or receiver.url}", flush=True)
+        proc, shown = None, (0, 0)
+        try:
+            while True:
+                try:
+                    v, local, digest = moved.get(timeout=1)
+                except queue.Empty:
+                    if proc is not None and proc.poll() is not None:
+                        return proc.returncode or EXIT["internal"]
+                    shown = _show_new(receiver, shown)
+                    continue
+                shown = _show_new(receiver, shown)
+                if proc is not None:
+                    so.stop(proc)  # the port is taken until the old server is gone: a restart costs one model load
+                proc = start_server(local, digest, a, r.model_name, v)
+                if isinstance(proc, int):
+                    return proc
+        finally:
+            if proc is not None and not isinstance(proc, int):
+                so.stop(proc)
