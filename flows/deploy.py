@@ -28,6 +28,8 @@ from qlora_ops.flows.registry_slot import ensure_registry_limit
 from qlora_ops.flows.remote_stage import MODEL_STAGE_FLOW
 from qlora_ops.flows.retrain import retrain
 from qlora_ops.tasks.core.config import Params
+from qlora_ops.tasks.core.config import ParamsError, load_params
+from qlora_ops.flows.triggers import install_triggers, retrain_triggers, source_url
 
 PULL = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $QLORA_OPS_HOME }}"}}]
 SCHEDULE_SLUG = "qlora-ops-schedule"
@@ -114,7 +116,6 @@ def crash_zombies(deployment: str, deployment_ids: list[str], timeout_s: float) 
 
 
 def deploy_file(params_path: Path, workspace: Path) -> dict[str, str]:
-    from qlora_ops.tasks.core.config import ParamsError, load_params
 
     params = load_params(params_path)
     try:
@@ -127,7 +128,6 @@ def deploy_file(params_path: Path, workspace: Path) -> dict[str, str]:
 
 def deploy_drop_trigger(client, params: Params, workspace: Path, deployment_id, name: str) -> dict[str, str]:
     """Event-driven retraining: (re)install the retraining deployment's drop trigger (flows/triggers.py)."""
-    from qlora_ops.flows.triggers import install_triggers, retrain_triggers, source_url
 
     triggers = retrain_triggers(params, workspace, name)
     made = install_triggers(client, deployment_id, triggers)

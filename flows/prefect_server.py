@@ -13,6 +13,7 @@ from typing import Iterator
 
 from qlora_ops.flows.faults import ServiceUnavailable
 from qlora_ops.flows.services import probe
+from qlora_ops.tasks.core.util import popen_child
 
 # Set (to its URL) while a temporary server runs; inherited by every process we start, so a child can
 # tell that PREFECT_API_URL points at a server nobody else talks to (flows.registry_slot refuses it).
@@ -36,7 +37,6 @@ class _Server:
         self.start()
 
     def start(self) -> None:
-        from qlora_ops.tasks.core.util import popen_child
 
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.proc = popen_child(self.args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -39,6 +39,8 @@ from qlora_ops.tasks.gates.verdict import gate_decision  # noqa: F401  (the flow
 from qlora_ops.tasks.core.config import Params, load_params
 from qlora_ops.tasks.core.paths import artifact_root, state_dir, tracking_uri, ws_path
 from qlora_ops.tasks.core.util import read_json
+from qlora_ops.tasks.registry.register import Deferred
+from qlora_ops.tasks.registry import manual
 
 
 
@@ -270,13 +272,11 @@ def moved_champion(params: Params, ms: dict, champion_v: int, work: Path) -> dic
     inside the registry slot, so the champion would be scored on other hardware than the GPU candidate
     (under the candidate's score key), and a GPU re-score would hold every registry writer for a model
     stage. The champion stays; the version is registered `deferred` and the next run decides."""
-    from qlora_ops.tasks.registry.register import Deferred
-    from qlora_ops.tasks.registry.manual import version_rows
 
     was = (ms.get("champion") or {}).get("version")
     moved = f"the champion moved from {f'v{was}' if was else 'none'} to v{champion_v} while this run's model stage ran"
     try:
-        champ_key, rows = version_rows(params.registry.model_name, champion_v, work)
+        champ_key, rows = manual.version_rows(params.registry.model_name, champion_v, work)
     except Exception as e:  # no saved predictions (or no run) to compare with
         champ_key, rows, why = None, None, f"its saved predictions could not be read ({type(e).__name__}: {str(e)[:200]})"
     else:

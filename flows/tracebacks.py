@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from qlora_ops.flows.faults import ServiceUnavailable, StageTimedOut, deterministic_errors, is_transient
+from qlora_ops.tasks.data.versioning import DvcError
 
 
 class _ExpectedFailureFilter:
@@ -13,7 +14,6 @@ class _ExpectedFailureFilter:
     def filter(self, record) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            from qlora_ops.tasks.data.versioning import DvcError
 
             if isinstance(exc, deterministic_errors() + (ServiceUnavailable, StageTimedOut, DvcError)) \
                     or is_transient(exc):

@@ -4,13 +4,15 @@ from __future__ import annotations
 import platform
 from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the keys and the CLI import this module without a model
+    import torch
 
-if TYPE_CHECKING:
     from qlora_ops.tasks.core.config import QuantParams
 
 
 def device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -18,6 +20,8 @@ def compute_dtype(q: QuantParams, dev: torch.device, capability: tuple[int, int]
     """`auto`: bf16 on GPUs with native bf16 (compute capability >= 8.0: A100, L4, H100, RTX 30xx+), fp16
     on older ones (T4, V100: torch.cuda.is_bf16_supported() also counts emulated bf16 there, which
     runs several times slower), float32 on CPU. `capability` stands in for the device's (tests)."""
+    import torch
+
     if q.compute_dtype != "auto":
         return getattr(torch, q.compute_dtype)
     if dev.type == "cuda":

@@ -28,6 +28,7 @@ from qlora_ops.tasks.model.keys import data_version
 from qlora_ops.tasks.core.paths import state_dir, ws_path
 from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.data.sources import is_network_error, is_url, snapshot
+from qlora_ops.tasks.core.util import child_preexec
 
 SAMPLE_RAW = "data/raw/stdlib_docstrings.jsonl"  # produced by the `sample` stage of dvc.yaml
 # Every built-in sample (tasks/data/samples.py) -> its task: a dvc.yaml stage builds each, so none is `dvc add`-ed.
@@ -51,7 +52,6 @@ def _env() -> dict:
 
 
 def dvc(workspace: Path, *args: str) -> str:
-    from qlora_ops.tasks.core.util import child_preexec  # dvc dies with us (and its stage command with dvc: qlora_ops.tasks.data.prepare main)
 
     r = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=_env(), capture_output=True, text=True,
                        preexec_fn=child_preexec())

@@ -19,6 +19,9 @@ from pathlib import Path
 
 from qlora_ops.tasks.core.config import DataParams, Params, ParamsError, SuiteParams
 from qlora_ops.tasks.core.paths import state_dir, ws_path
+from qlora_ops.tasks.data.prepare import prepared_rows
+from qlora_ops.tasks.core.util import atomic_dir, verify_manifest
+from qlora_ops.tasks.model.keys import digest, rows_hash
 
 __all__ = ["check", "data_params", "eval_params", "hashed", "prepare", "rows_file", "rows_path"]
 
@@ -70,12 +73,9 @@ def data_params(params: Params, s: SuiteParams) -> DataParams:
 def prepare(params: Params, workspace: Path) -> tuple[Path | None, dict[str, str]]:
     """(directory of <name>.jsonl, {name: rows hash}) for every suite; (None, {}) when there is none.
     Raises DataError naming file:line for a bad row, before any training."""
-    from qlora_ops.tasks.data.prepare import prepared_rows
-    from qlora_ops.tasks.core.util import atomic_dir, verify_manifest
 
     if not params.eval.suites:
         return None, {}
-    from qlora_ops.tasks.model.keys import digest, rows_hash
 
     texts, folders, hashes = {}, {}, {}
     for s in params.eval.suites:

@@ -13,6 +13,7 @@ from qlora_ops.tasks.gates import gate
 from qlora_ops.tasks.gates import paired
 from qlora_ops.tasks.gates import policy
 from qlora_ops.tasks.core.config import Params
+from qlora_ops.tasks.metrics import get
 
 
 def candidate(ms: dict) -> str:
@@ -22,7 +23,6 @@ def candidate(ms: dict) -> str:
 
 def suite_gates(params: Params, ms: dict, cand: str) -> list[dict]:
     """One verdict per gated suite (role gain or non_inferior): `cand` against the base on the suite's rows."""
-    from qlora_ops.tasks.metrics import get
 
     out = []
     for s in params.eval.suites:
@@ -76,7 +76,6 @@ def with_intervals(params: Params, models: dict, rows: dict) -> None:
 
 def with_suite_intervals(params: Params, suite, models: dict, rows: dict) -> None:
     """The same for one suite's models, in the suite's metric."""
-    from qlora_ops.tasks.metrics import get
 
     for name, m in models.items():
         _score(params, get(suite.metric), m, rows[name])

@@ -25,13 +25,13 @@ from qlora_ops.tasks.data.sources import is_url, snapshot
 from qlora_ops.tasks.gates.policy import PromotionPolicy, power_check
 from qlora_ops.tasks.core.util import read_jsonl
 from qlora_ops.tasks.data.versioning import SAMPLES, check_prepared_dir, remote_url, stage_name
+from qlora_ops.tasks.metrics import get
+from qlora_ops.tasks.gates.paired import ASSUMED_SD
 
 
 def _assumed_noise(metric: str) -> dict:
     """Before any model has answered, the power line assumes the noise of the gate metric's kind: the
     discordance of 0/1 scores, or the sd of continuous per-row differences (tasks/gates/paired.py)."""
-    from qlora_ops.tasks.metrics import get
-    from qlora_ops.tasks.gates.paired import ASSUMED_SD
 
     return {} if get(metric).binary else {"sd": ASSUMED_SD}
 

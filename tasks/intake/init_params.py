@@ -37,6 +37,7 @@ from qlora_ops.tasks.data.readers import columns_of
 from qlora_ops.tasks.gates.paired import level, min_detectable_diff
 from qlora_ops.tasks.gates.policy import PromotionPolicy, rows_needed
 from qlora_ops.tasks.core.util import read_jsonl
+from qlora_ops.tasks.core.config import load_params
 
 # Column names people use for our fields, most specific first (first match wins).
 ALIASES = {
@@ -226,7 +227,6 @@ def write_params(datafile: Path, workspace: Path, out: str | None = None, model:
     # The file must load as params before it is written: a bad value is our bug, not the user's to find.
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "p.yaml").write_text(text)
-        from qlora_ops.tasks.core.config import load_params
         load_params(Path(tmp, "p.yaml"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)

@@ -15,6 +15,10 @@ from qlora_ops.tasks.core.util import atomic_dir, atomic_write_json, read_json, 
 
 # The embedded model's location lives in tasks/model/embedded.py (the keys name it too); re-exported here.
 from qlora_ops.tasks.model.embedded import GGUF_FILE, GGUF_PACKAGE, BaseModelError, smollm2_gguf_path  # noqa: E402,F401
+from qlora_ops.tasks.model.keys import quantized_base_key
+from qlora_ops.tasks.core.util import popen_child
+from qlora_ops.tasks.core.config import load_params
+from qlora_ops.tasks.core.util import die_with_parent_if_tied
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
@@ -41,7 +45,6 @@ def quantized_base(params: Params, workspace: Path, base_dir: Path, in_child: bo
     (base, quantization params, device, compute dtype) in the state dir and checked against its
     manifest on every use. Quantizing is deterministic: the copy holds exactly the tensors a
     quantize-on-load produces (tests/model/test_modeling.py compares them)."""
-    from qlora_ops.tasks.model.keys import quantized_base_key
     from qlora_ops.tasks.model.modeling import device, save_quantized
 
     dev = device()
@@ -65,7 +68,6 @@ def _quantize_in_child(params: Params, workspace: Path, base_dir: Path) -> Path:
     import sys
     import tempfile
 
-    from qlora_ops.tasks.core.util import popen_child
 
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,14 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     of B in this process and print its path (what quantized_base runs in a child on CUDA machines)."""
     import argparse
 
-    from qlora_ops.tasks.core.config import load_params
 
     ap = argparse.ArgumentParser(description="the 4-bit copy of a base model")
     ap.add_argument("--params", required=True)
     ap.add_argument("--workspace", required=True)
     ap.add_argument("--base-dir", required=True)
     a = ap.parse_args(argv)
-    from qlora_ops.tasks.core.util import die_with_parent_if_tied
     die_with_parent_if_tied()
     print(quantized_base(load_params(a.params), Path(a.workspace), Path(a.base_dir), in_child=True))
     return 0

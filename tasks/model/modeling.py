@@ -14,6 +14,9 @@ import torch
 
 from qlora_ops.tasks.core.config import Params, QuantParams
 from qlora_ops.tasks.core.hardware import compute_dtype, device  # noqa: F401  (the model code's names for them)
+from qlora_ops.tasks.core.memory import release_memory
+from qlora_ops.tasks.core.util import atomic_dir
+from qlora_ops.tasks.core.util import check_manifest
 
 
 class DivergenceError(RuntimeError):
@@ -94,8 +97,6 @@ def save_quantized(base_dir: Path, params: Params, out_dir: Path, dev: torch.dev
     and their quant states; unquantized tensors in the compute dtype) with its tokenizer. Every QLoRA
     load after that reads ~4.1 bits per quantized weight instead of the whole fp32 file (SmolLM2:
     ~170 MB instead of 540 MB), which was the peak of a QLoRA training."""
-    from qlora_ops.tasks.core.memory import release_memory
-    from qlora_ops.tasks.core.util import atomic_dir
 
     model, tok = load_model(base_dir, params, quantized=True, dev=dev)
     with atomic_dir(out_dir) as tmp:  # complete or absent, with a manifest
@@ -112,7 +113,6 @@ def _off_the_checkpoint(model) -> None:
     (measured: 540 MB of file pages for a 160 MB model); loaded from a 4-bit copy, the packed weights
     and their quant states are views too (184 MB of file pages). Own copies let the mapping go; then
     the freed load buffers go back to the OS."""
-    from qlora_ops.tasks.core.memory import release_memory
 
     with torch.no_grad():
         for m in model.modules():
@@ -139,7 +139,6 @@ def load_with_adapter(params: Params, model_dir: Path, adapter_dir: Path | None 
     """A model ready to run, in eval mode.
     base: (model_dir) ; LoRA: (model_dir, adapter) ; QLoRA: (model_dir, adapter, quantized=True) ;
     merged: (merged_dir, as_saved=True), in exactly the dtype it was saved (and is registered) in."""
-    from qlora_ops.tasks.core.util import check_manifest
 
     # A dir we wrote (merged model, adapter, converted base) is loaded only if it matches its manifest.
     model, tok = load_model(check_manifest(model_dir), params, quantized,

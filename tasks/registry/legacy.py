@@ -5,8 +5,8 @@ resolve to the new loader, so those versions keep loading with `mlflow.pyfunc.lo
 
     import qlora_ops.tasks.registry.legacy as legacy; legacy.install()   # before mlflow.pyfunc.load_model
 
-`qlora-ops` does it at start (serve, verify-serving, export-gguf, promote...), and so does the scoring server
-it starts (QLORA_OPS_LEGACY_LOADER, see tasks/serving/server.py). The finder goes LAST on sys.meta_path: any
+`qlora-ops serve` and `verify-serving` rewrite the name in their own downloaded copy instead
+(tasks/serving/server.py check_mlmodel). The finder goes LAST on sys.meta_path: any
 other `tasks` on the path (invoke's tasks.py, a Celery app, a checkout's tasks/ folder) is found first and
 keeps its name; then only `tasks.serving` is answered, from inside that `tasks`' search, when it lacks one.
 From a qlora-ops checkout's root, `tasks` is that folder and `tasks.serving` its serving package, which

@@ -20,6 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from qlora_ops.tasks.gates.policy import PromotionPolicy, decide
 from qlora_ops.tasks.registry.register import DEFERRED, READY, REJECTED, PromotionError, _alias_holder
+from qlora_ops.tasks.core.secrets import redact_url
+from qlora_ops.tasks.gates.gate import gate_scores
+from qlora_ops.tasks.metrics import get
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,6 @@ def whoami(tracking_uri: str) -> Actor:
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
-    from qlora_ops.tasks.core.secrets import redact_url
 
     r = http_request(get_default_host_creds(tracking_uri), CURRENT_USER, "GET", max_retries=2, timeout=30,
                      raise_on_status=False)
@@ -146,8 +148,6 @@ def promote(model_name: str, version: int, alias: str, policy: PromotionPolicy, 
         if len(names) > 1:
             raise PromotionError(f"v{version} and champion v{champ} were judged on different gate metrics "
                                  f"({' vs '.join(sorted(names))}); retrain with one eval.metric or use --force --reason")
-        from qlora_ops.tasks.gates.gate import gate_scores
-        from qlora_ops.tasks.metrics import get
 
         m = get(names.pop())
         d = decide(policy, gate_scores(cand, m), gate_scores(prev, m), higher_is_better=m.higher_is_better,

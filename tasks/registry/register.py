@@ -29,6 +29,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from qlora_ops.tasks.registry.legacy import LEGACY_LOADER_MODULE, LOADER_MODULE  # noqa: F401  (re-exported)
+from qlora_ops.tasks.registry.loader import SERVING_FILE, manifest_digest
+from qlora_ops.tasks.core.util import MANIFEST, atomic_write_json, check_manifest, read_json, sha256_file
+from qlora_ops.tasks.registry.loader import WeightsRefused, check_weights
 
 # The pyfunc loader is a module of the installed package, never artifact code. Versions registered before the
 # stage packages name it by its old name (tasks/registry/legacy.py): both are ours.
@@ -57,8 +60,6 @@ def stage_model_dir(merged_dir: Path, serving: dict, dst: Path) -> str:
     """`dst`: the merged model's files (symlinks, no copy) + serving.json + a manifest covering both;
     returns the manifest's sha256 (the version's `weights_digest`). The merged dir is verified against
     its own manifest first, whose hashes are reused (a multi-GB model is not hashed twice)."""
-    from qlora_ops.tasks.registry.loader import SERVING_FILE, manifest_digest
-    from qlora_ops.tasks.core.util import MANIFEST, atomic_write_json, check_manifest, read_json, sha256_file
 
     merged_dir = check_manifest(Path(merged_dir))  # a truncated merged dir is never registered
     if not (merged_dir / MANIFEST).is_file():
@@ -183,8 +184,6 @@ def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
     artifact's manifest, and the manifest against the version's `weights_digest` tag. Reads the pyfunc's
     data dir (this format) or the "model" artifact of the earlier models-from-code format (its code is
     never run here: only the weights are read)."""
-    from qlora_ops.tasks.registry.loader import WeightsRefused, check_weights
-    from qlora_ops.tasks.core.util import MANIFEST
 
     client = MlflowClient()
     root = client.get_model_version_download_uri(model_name, str(version)).rstrip("/")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qlora_ops.tasks.core.util import popen_child, sha256_file
-from qlora_ops.tasks.registry.legacy import LOADER_MODULE
+from qlora_ops.tasks.registry.legacy import LEGACY_LOADER_MODULE, LOADER_MODULE
 from qlora_ops.tasks.registry.loader import DIGEST_ENV, DTYPE_ENV, WeightsRefused, check_weights
 
 SERVING_ALIAS = "serving"  # moved by a passed parity check (tasks.serving.parity); what `serve --follow` serves
@@ -67,7 +67,7 @@ def check_mlmodel(model_dir: Path) -> Path:
     bad = []
     if set(flavors) != {"python_function"}:
         bad.append(f"flavors {sorted(flavors)}")
-    if pf.get("loader_module") != LOADER_MODULE:
+    if pf.get("loader_module") not in (LOADER_MODULE, LEGACY_LOADER_MODULE):
         bad.append(f"loader_module {pf.get('loader_module')!r}")
     if pf.get("code") or pf.get("python_model") or pf.get("cloudpickle_version"):
         bad.append("code or a pickled model in the artifact")
@@ -75,6 +75,11 @@ def check_mlmodel(model_dir: Path) -> Path:
         raise ServingError(f"{model_dir}/MLmodel: {', '.join(bad)}; only models logged by qlora-ops (loader "
                            f"{LOADER_MODULE}, data only) are served: loading this one could run code from the "
                            "artifact store")
+    if pf["loader_module"] == LEGACY_LOADER_MODULE:
+        # Registered before the stage packages: this local copy (ours, downloaded to serve) names the loader by
+        # its new name, so `mlflow models serve` loads it without the old top-level name (registry/legacy.py).
+        pf["loader_module"] = LOADER_MODULE
+        (Path(model_dir) / "MLmodel").write_text(yaml.safe_dump(meta, sort_keys=False))
     return Path(model_dir) / str(pf.get("data") or "data/model")
 
 

@@ -227,6 +227,17 @@ def test_a_version_registered_before_the_stage_packages_still_loads(tracking, me
     assert json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):]) == evaluated
     got = register.download_hf_model(name, 1, tmp_path / "hf")
     assert (Path(got) / "config.json").is_file()
+    # `qlora-ops serve` (and verify-serving): its checked local copy names the new loader, so the scoring
+    # server's plain `mlflow.pyfunc` load needs no old name
+    from qlora_ops.tasks.serving.server import fetch_model
+
+    served, _ = fetch_model(name, 1, tmp_path / "serve")
+    assert yaml.safe_load((served / "MLmodel").read_text())["flavors"]["python_function"]["loader_module"] \
+        == "qlora_ops.tasks.registry.loader"
+    p = subprocess.run([sys.executable, "-c", _LEGACY_SCRIPT, str(served), json.dumps(prompts), "plain"],
+                       env=env, cwd=away, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):]) == evaluated
 
 
 def test_tampered_weights_are_refused(tracking, merged_model_dir, tmp_path, tmp_path_factory):
