@@ -313,9 +313,9 @@ def test_docs_describe_the_stack():
     deploy = (ROOT / "docs" / "deploy.md").read_text()
     for s in ("prefect work-pool create qlora-ops", f"--pool {GPU_POOL}", "qlora-ops deploy --params params/team.yaml",
               "s3://qlora-ops/drops/", "127.0.0.1", "infra/.env", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_USERNAME",
-              "docs/architecture.md"):
+              "docs/team-pipeline.md"):
         assert s in deploy, s
-    arch = (ROOT / "docs" / "architecture.md").read_text()
+    arch = (ROOT / "docs" / "team-pipeline.md").read_text()
     assert arch.count("```mermaid") == 1
     for s in ("qlora-ops-gpu", "qlora-retrain", "qlora-model-stage", "MinIO", "Postgres", "dvc push", "drops"):
         assert s in arch, s
