@@ -29,11 +29,18 @@ from qlora_ops.flows.remote_stage import MODEL_STAGE_FLOW
 from qlora_ops.flows.retrain import retrain
 from qlora_ops.tasks.core.config import Params
 from qlora_ops.tasks.core.config import ParamsError, load_params
+from qlora_ops.tasks.data.workspace_file import is_source_tree
 from qlora_ops.flows.triggers import install_triggers, retrain_triggers, source_url
 
 PULL = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $QLORA_OPS_HOME }}"}}]
 SCHEDULE_SLUG = "qlora-ops-schedule"
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+
+
+def entrypoint(workspace: Path, flow: str) -> str:
+    """The clone: the flow's file in the worker's checkout. A workspace of your own (the installed package):
+    the module, which Prefect imports from the worker's installed qlora-ops."""
+    return f"flows/{flow}.py:{flow}" if is_source_tree(workspace) else f"qlora_ops.flows.{flow}:{flow}"
 
 
 def deploy(params: Params, params_rel: str, workspace: Path = Path(".")) -> dict[str, str]:
@@ -46,9 +53,9 @@ def deploy(params: Params, params_rel: str, workspace: Path = Path(".")) -> dict
     o = params.orchestration
     made, ids = {}, []
     with get_client(sync_client=True) as c:
-        specs = [(retrain, "flows/retrain.py:retrain", o.pool, {"params_path": params_rel, "workspace": "."}, True)]
+        specs = [(retrain, entrypoint(workspace, "retrain"), o.pool, {"params_path": params_rel, "workspace": "."}, True)]
         if o.gpu_pool:
-            specs.append((model_stage, "flows/model_stage.py:model_stage", o.gpu_pool, {"workspace": "."}, False))
+            specs.append((model_stage, entrypoint(workspace, "model_stage"), o.gpu_pool, {"workspace": "."}, False))
         for fl, entry, pool, defaults, parent in specs:
             schedules = ([DeploymentScheduleCreate(schedule=CronSchedule(cron=o.schedule, timezone=o.timezone),
                                                    active=True, slug=SCHEDULE_SLUG)]

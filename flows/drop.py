@@ -2,8 +2,11 @@
 
     qlora-ops drop tickets-week07.jsonl --params params/team.yaml
 
-- Validated first, with the same readers and row checks as `check` and `run` (tasks.data.prepare.open_rows):
-  a bad file is refused naming file:line, before anything is written or any run is triggered.
+- Validated first, with the same readers and row checks as `check` and `run` (tasks.data.prepare.open_rows),
+  then against the current data (the workspace's last snapshot in data.raw, or a directory source itself)
+  as a run would prepare it: a row conflicting with an earlier drop, a wrong label, a split-setting change
+  are refused naming file:line, before anything is written or any run is triggered. A file whose name is
+  already there with other bytes is refused: a drop never replaces one (corrections: README "Corrections").
 - A bucket source (s3://bucket/prefix/): one PutObject with the dropper's own key from the environment
   (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE; never the params file). The key needs
   nothing but s3:PutObject under the prefix: no list, no read. The event comes from the bucket's
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from qlora_ops.flows.events import EventsUnavailable, api_url, drop_event, is_data_key, local_url, post_events
 from qlora_ops.tasks.core.config import Params, ParamsError
+from qlora_ops.tasks.data import quarantine
 from qlora_ops.tasks.data.prepare import DataError, open_rows
 from qlora_ops.tasks.core.paths import ws_path
 from qlora_ops.tasks.core.secrets import redact_url
@@ -73,6 +77,8 @@ def drop(file: Path, params: Params, workspace: Path) -> dict:
                         "start with '.' or '_'; rename the file")
     target = _target(params, Path(workspace))
     info = validate(file, params)
+    # against the current data too: a row that conflicts with an earlier drop would block every run
+    quarantine.check_drop(file, params, Path(workspace), None if is_url(target) else Path(target))
     if is_url(target):
         return {**info, "url": _upload(file, target, params.data.source_options), "event": None}
     dest = _copy_into(file, Path(target))

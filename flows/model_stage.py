@@ -207,7 +207,7 @@ def run_eval(p: Params, suite: Suite):
     if s.lm_eval is not None:
         return lambda name, model_dir, out, **kw: stage(pt.evaluate_lm_eval, p, "evaluate")(
             p, name, model_dir, str(suite.rows), out, **kw, metrics=[s.metric], system_prompt=s.system_prompt,
-            max_examples=s.max_examples)
+            max_examples=s.max_examples, filter_name=s.filter)
     return lambda name, model_dir, out, **kw: stage(pt.evaluate_model, p, "evaluate")(
         eval_params(p, s), name, model_dir, str(suite.rows), out, **kw, metrics=[s.metric])
 

@@ -9,7 +9,8 @@ turns each data object in it into a `qlora-ops.data.dropped` event (flows/events
 the Prefect events API with the auth string only it holds. So droppers need an S3 key that can put under
 drops/ and nothing else: no Prefect secret.
 
-- 204: relayed (or nothing in it was a data file); 401: wrong or missing token; 400: not a notification;
+- 204: relayed (or nothing in it was a data file); 401: wrong or missing token; 400: not a notification
+  (or a malformed Content-Length, or JSON nested deeper than MAX_DEPTH);
   413: body over 1 MiB; 502: Prefect did not take the event. MinIO keeps a notification in its queue
   (queue_dir) and retries it until it gets a 2xx, so a Prefect outage delays events, it loses none; a
   retried notification has the same event id and Prefect counts it once.
@@ -24,12 +25,26 @@ import hmac
 import json
 import logging
 import os
+import re
 import sys
 
 from qlora_ops.flows.events import EventsUnavailable, apost_events, events_from_minio
 
 MAX_BODY = 1 << 20  # a notification is one record of ~1 KiB; anything near this is not MinIO
+MAX_DEPTH = 32  # JSON nesting: a MinIO notification is 6 deep
 log = logging.getLogger("qlora_ops.relay")
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]')  # a string (skipped), an opening or a closing bracket
+
+
+def _depth_ok(body: bytes) -> bool:
+    """True when the JSON text nests at most MAX_DEPTH arrays/objects (brackets inside strings do not count)."""
+    depth = 0
+    for m in _JSON_TOKEN.finditer(body):
+        c = m.group()[:1]
+        depth += 1 if c in b"[{" else -1 if c in b"]}" else 0
+        if depth > MAX_DEPTH:
+            return False
+    return True
 
 
 def create_app(token: str):
@@ -48,13 +63,18 @@ def create_app(token: str):
         if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
             return PlainTextResponse("unauthorized\n", status_code=401)
         length = request.headers.get("content-length") or "0"
-        if not length.isdigit() or int(length) > MAX_BODY:
+        # ASCII digits only: str.isdigit() takes "²" (and int() then raises: a 500 before this check).
+        if not (length.isascii() and length.isdigit()):
+            return PlainTextResponse("malformed Content-Length\n", status_code=400)
+        if int(length) > MAX_BODY:
             return PlainTextResponse("body too large\n", status_code=413)
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_BODY:
                 return PlainTextResponse("body too large\n", status_code=413)
+        if not _depth_ok(body):  # json.loads would recurse until RecursionError (a 500)
+            return PlainTextResponse(f"not a MinIO notification: nests deeper than {MAX_DEPTH}\n", status_code=400)
         try:
             notification = json.loads(body)
             if not isinstance(notification, dict):

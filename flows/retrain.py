@@ -30,16 +30,18 @@ from qlora_ops.tasks.model import keys
 from qlora_ops.tasks.report import html as report
 from qlora_ops.tasks.report.card import model_card
 from qlora_ops.tasks.report.gather import label_set
-from qlora_ops.tasks.gates import paired
+from qlora_ops.tasks.gates import paired, sizing
 from qlora_ops.tasks.gates.policy import PromotionPolicy, power_check
 from qlora_ops.tasks.evaluate import suites
+from qlora_ops.tasks.intake.check import check_json_answers
 from qlora_ops.tasks.registry import tracking
 from qlora_ops.tasks.gates import verdict
 from qlora_ops.tasks.gates.verdict import gate_decision  # noqa: F401  (the flow's decision; tests import it from here)
 from qlora_ops.tasks.core.config import Params, load_params
 from qlora_ops.tasks.core.paths import artifact_root, state_dir, tracking_uri, ws_path
 from qlora_ops.tasks.core.util import read_json
-from qlora_ops.tasks.registry.register import Deferred
+from qlora_ops.tasks.data.prepare import DataError
+from qlora_ops.tasks.registry.register import Deferred, repair as repair_registry
 from qlora_ops.tasks.registry import manual
 
 
@@ -48,6 +50,10 @@ from qlora_ops.tasks.registry import manual
 def retrain(params_path: str = "params/default.yaml", workspace: str = ".", force: bool = False):
     s = run_pipeline(params_path, workspace, force)
     print(format_summary(s))
+    if (q := (s.get("data", {}).get("changes") or {}).get("quarantined")) and s["outcome"] != "rejected":
+        # its own state (exit 6): the run went on with the last good data, but a drop needs its author
+        return Completed(name="Quarantined", data=s, message=f"{s['outcome']}; quarantined drop(s): "
+                         + ", ".join(f"{x['name']} -> {x['to']}" for x in q))
     if s["outcome"] == "skipped":
         return Completed(name="Skipped", message=s["reason"], data=s)
     if s["outcome"] == "rejected":
@@ -71,7 +77,7 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     uri = tracking_uri(ws, params)
     remote = uri.startswith(("http://", "https://"))
     runtime.check_services(uri, os.environ.get("PREFECT_API_URL"))
-    registry_slot.check_binding(uri, params.registry.model_name)  # a shared registry: its writers' lock, before any work
+    registry_slot.check_binding(uri, params.registry.model_name, state_dir(ws, params))  # a shared registry: its writers' lock, before any work
     mlflow.set_tracking_uri(uri)
     exp_id = tracking.ensure_experiment(params.registry.experiment, artifact_root(ws, params).as_uri(), remote)
 
@@ -79,7 +85,13 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     suites_dir, suite_hashes = suites.prepare(params, ws)
     data = timed("prepare", runtime.stage(pt.prepare_data, params, "prepare"), ws, pfile, params)
     prepared = Path(data["prepared_dir"])
+    if "json_match" in (params.eval.metric, *params.eval.report_metrics):
+        check_json_answers(prepared)  # as `check` does: a reference the metric cannot score fails before training
     test_hash = keys.rows_hash(prepared / "test.jsonl")
+    n_test = sum(1 for _ in (prepared / "test.jsonl").open())
+    # Rows no gate could ever pass on, or too few to tell a suite's margin: exit 2 before any training.
+    sizing.refuse_small(params, min(n_test, params.eval.max_examples or n_test), suites.row_counts(params, suites_dir),
+                        str(pfile))
     code = keys.code_version()
     fp = keys.fingerprint(data["data_version"], params, keys.base_fingerprint(params, ws), suite_hashes)
     summary: dict = {"tracking_uri": runtime.redact(uri), "code": code, "fingerprint": fp, "stage_seconds": times,
@@ -88,6 +100,14 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
     summary["data"]["version"] = data["data_version"]
     if (prepared / "stats.json").is_file():
         summary["data"]["stats"] = {k: v for k, v in read_json(prepared / "stats.json").items() if k != "labels"}
+    # What this data version took in (files added/changed/removed/ignored) and the drops set aside.
+    summary["data"]["changes"] = data_changes(data.get("source"))
+    refuse_contamination(summary["data"].get("stats") or {})  # before any training or gate
+    # A registry commit a killed writer left (tasks.registry.journal) is finished before the skip check: a
+    # promotion killed before its alias moved would otherwise read as "registered from the same inputs".
+    with runtime.registry_slot(params.registry.model_name, params.orchestration.timeouts.registry, state_dir(ws, params)):
+        if (done := repair_registry(params.registry.model_name, state_dir(ws, params) / "registry.lock")):
+            print(f"registry {params.registry.model_name}: {done}")
     if not force and (why := tracking.find_fingerprint(params.registry.model_name, exp_id, fp)):
         times["total"] = round(time.time() - t_start, 1)
         return {**summary, "outcome": "skipped", "reason": f"nothing new: {why}; `--force` retrains and re-evaluates anyway"}
@@ -230,7 +250,7 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
     def decide(champion_v: int) -> tuple[bool, str]:
         return decide_promotion(params, ws, run_id, ms, champion_v)
 
-    with runtime.registry_slot(r.model_name, params.orchestration.timeouts.registry):
+    with runtime.registry_slot(r.model_name, params.orchestration.timeouts.registry, state_dir(ws, params)):
         return runtime.stage(pt.register_and_promote, params, "registry")(
             model_uri=ms["model_uri"], model_name=r.model_name, alias=r.champion_alias,
             challenger_alias=r.challenger_alias, decide=decide, lock_path=state_dir(ws, params) / "registry.lock",
@@ -255,7 +275,13 @@ def decide_promotion(params: Params, ws: Path, run_id: str, ms: dict, champion_v
     champ = ms.get("champion")
     if not champ or champ["version"] != champion_v:  # the champion moved while the model stage ran
         champ = moved_champion(params, ms, champion_v, state_dir(ws, params) / "model-stage" / run_id / "late-champion")
-    d = verdict.promotion(params, ms["rows"]["merged"], champ)
+        guards = [] if not any(s.role == "non_inferior" for s in params.eval.suites) else None
+    else:
+        guards = verdict.champion_guards(params, ms)
+    if guards is None:  # non_inferior suites guard against the champion too: not decidable without its rows
+        raise Deferred(f"not decided: the guard suites were not scored on champion v{champion_v}; "
+                       f"'{params.registry.champion_alias}' stays; the next run decides")
+    d = verdict.promotion(params, ms["rows"]["merged"], champ, guards)
     return d["promote"], f"{d['reason']} (champion v{champion_v}: {champ['how']})"
 
 
@@ -301,8 +327,38 @@ def gate_table(verdicts: list[dict]) -> str:
     return "\n".join(L)
 
 
+def data_changes(source: dict | None) -> dict | None:
+    """The snapshot's file lists (tasks.data.sources.snapshot) and the quarantined drops, for the summary."""
+    if not source:
+        return None
+    return {k: source.get(k, []) for k in ("added", "changed", "removed", "ignored", "quarantined")}
+
+
+def refuse_contamination(stats: dict) -> None:
+    """A test row whose near-duplicate cluster was ever trained on (tasks/data/split.py) makes every score
+    on that test set suspect: 0 is required before anything trains or is promoted."""
+    if n := stats.get("contamination"):
+        raise DataError(f"contamination: {n} test row(s) are near-duplicates of rows a model trained on (test-set "
+                        f"lineage {stats.get('lineage')}); nothing is trained or promoted on this test set. Remove "
+                        "the rows that join them (usually a new row close to both a test and a train row), or start "
+                        "a new test-set lineage: qlora-ops data new-lineage --params <file>")
+
+
+def _changes_lines(s: dict) -> list[str]:
+    c = (s.get("data") or {}).get("changes")
+    if not c:
+        return []
+    L = ["data files: " + "   ".join(f"{k} {len(c[k])}" + (f" ({', '.join(c[k][:5])}{' ...' if len(c[k]) > 5 else ''})"
+                                                               if c[k] else "") for k in ("added", "changed", "removed", "ignored"))]
+    if c["ignored"]:
+        L.append("  ignored = not a data file (*.jsonl, *.csv, *.parquet, *.arrow, a save_to_disk folder) or a hidden "
+                 "name (starting with '.' or '_'): rename it to have it read")
+    L += [f"QUARANTINED drop {q['name']} -> {q['to']}: {q['reason'].splitlines()[0][:200]}" for q in c.get("quarantined") or []]
+    return L
+
+
 def format_summary(s: dict) -> str:
-    L = ["", "=" * 72]
+    L = ["", "=" * 72, *_changes_lines(s)]
     if s["outcome"] == "skipped":
         L += [f"qlora-ops: skipped. {s['reason']}",
               f"data version {s['data']['version']}   fingerprint {s['fingerprint']}",
@@ -312,7 +368,9 @@ def format_summary(s: dict) -> str:
           f"data version {s['data']['version']} ({s['data']['stage']})   code {str(s['code']['git_commit'])[:10]}"
           f"{' (dirty)' if s['code']['git_dirty'] else ''} sha {s['code']['source_sha']}   fingerprint {s['fingerprint']}",
           *([f"rows train/val/test {st['train']}/{st['val']}/{st['test']}, inputs truncated to "
-             f"{st['max_input_chars']} chars: {st['inputs_truncated']}"]
+             f"{st['max_input_chars']} chars: {st['inputs_truncated']}"
+             + (f"; test-set lineage {st['lineage']}, contamination {st['contamination']}, near-duplicate rows "
+                f"{st['near_duplicate_rows']}" if "contamination" in st else "")]
             if (st := s["data"].get("stats")) and "inputs_truncated" in st else []),
           "", f"{'model':<10}{score_label(s['models']):>10}  {paired.level(s.get('confidence', 0.95)) + ' interval':<17}"
           f"{'eos_rate':>8}{'n':>6}{'eval_s':>9}"]

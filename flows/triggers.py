@@ -33,6 +33,7 @@ from uuid import UUID
 from qlora_ops.flows.events import EVENT, STORE_LABEL, local_url, source_glob
 from qlora_ops.tasks.core.config import Params
 from qlora_ops.tasks.core.paths import ws_path
+from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.data.sources import is_url
 
 
@@ -56,7 +57,7 @@ def retrain_triggers(params: Params, workspace: Path, deployment_name: str) -> l
     o = params.orchestration
     return [DeploymentEventTrigger(
         name=f"{deployment_name}: retrain on data drop",
-        description=f"Run {deployment_name} {o.debounce_s:g} s after the last drop into {url} "
+        description=f"Run {deployment_name} {o.debounce_s:g} s after the last drop into {redact_url(url)} "
                     "(orchestration.debounce_s); installed by `qlora-ops deploy`.",
         match={"prefect.resource.id": source_glob(url)},
         after={EVENT}, expect={EVENT}, for_each={STORE_LABEL},

@@ -29,9 +29,10 @@ policy_dir="${QLORA_OPS_POLICY_DIR:-/tmp/qlora-ops-policies}"
 umask 077
 mkdir -p "$policy_dir"
 
-# MinIO may still be starting (k8s gives no ordering): retry until the root login works.
+# MinIO may still be starting (k8s gives no ordering): retry until the root login works. Every secret
+# reaches mc on stdin (printf is a shell builtin), never as an argument: `ps` shows arguments to everyone.
 tries=0
-until mc alias set store "${MINIO_ENDPOINT:-http://minio:9000}" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" >/dev/null; do
+until printf '%s\n' "$MINIO_ROOT_PASSWORD" | mc alias set store "${MINIO_ENDPOINT:-http://minio:9000}" "$MINIO_ROOT_USER" >/dev/null; do
   tries=$((tries + 1)); [ "$tries" -lt 60 ] || exit 1; sleep 2
 done
 mc mb --ignore-existing "store/$bucket"
@@ -63,7 +64,7 @@ dropper_policy='{"Version": "2012-10-17", "Statement": [
 role() {  # role POLICY_NAME ACCESS_KEY SECRET_KEY POLICY_JSON
   printf '%s\n' "$4" > "$policy_dir/$1.json"
   mc admin policy create store "$1" "$policy_dir/$1.json"   # on a re-run: replaces the policy with this one
-  mc admin user add store "$2" "$3"                         # on a re-run: resets the secret to .env's
+  printf '%s\n' "$3" | mc admin user add store "$2" >/dev/null  # secret key on stdin; a re-run resets it to .env's
   # The single all-bucket policy of earlier versions of this script, in case this key held it.
   mc admin policy detach store qlora-ops-app --user "$2" >/dev/null 2>&1 || true
   # A re-run finds the policy attached already, which mc reports as an error; the check below is the real one.

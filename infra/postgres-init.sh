@@ -6,9 +6,11 @@
 # apart from its tracking tables.
 : "${PREFECT_DB_PASSWORD:?PREFECT_DB_PASSWORD is not set}"
 : "${MLFLOW_DB_PASSWORD:?MLFLOW_DB_PASSWORD is not set}"
-# psql variables (:'name') quote the passwords; they never appear in the SQL text or the process list.
-psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres \
-  -v prefect_pw="$PREFECT_DB_PASSWORD" -v mlflow_pw="$MLFLOW_DB_PASSWORD" <<'SQL'
+# psql reads the passwords from its environment (\getenv, psql >= 15) into variables that :'name' quotes:
+# they are in neither the SQL text nor the process list (`psql -v pw=...` would show them in `ps`).
+psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres <<'SQL'
+\getenv prefect_pw PREFECT_DB_PASSWORD
+\getenv mlflow_pw MLFLOW_DB_PASSWORD
 CREATE ROLE prefect LOGIN PASSWORD :'prefect_pw';
 CREATE DATABASE prefect OWNER prefect;
 CREATE ROLE mlflow LOGIN PASSWORD :'mlflow_pw';

@@ -382,3 +382,18 @@ class FlakyProxy:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+# ---------------------------------------------------------------- order: the longest files first
+# The test command runs on parallel workers (pytest-xdist, one file per worker at a time: pyproject.toml addopts).
+# Files that start servers and run whole flows go first, so no long file starts last and runs alone while the
+# other worker idles; unit tests fill the gaps at the end. The order inside a file is kept.
+_FIRST = ("tests/integration/", "tests/model/", "tests/data/", "tests/code/")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        rel = Path(str(item.fspath)).resolve().relative_to(ROOT).as_posix()
+        return next((i for i, d in enumerate(_FIRST) if rel.startswith(d)), len(_FIRST))
+
+    items.sort(key=rank)  # stable: files stay whole and in their own order

@@ -12,6 +12,10 @@
     qlora-ops init data/raw/tickets.csv        # writes params/tickets.yaml for that data (format, labels, test size)
     qlora-ops check --params params/tickets.yaml  # validate params + data, say what a run would do; trains nothing
     qlora-ops drop new.jsonl --params params/team.yaml  # validate, then put into data.source: a run follows
+    qlora-ops workspace init DIR               # a workspace of your own (git + DVC, params/, dvc.yaml)
+
+Every command works on the workspace holding the current directory (the nearest folder up with
+qlora-ops.yaml, or .dvc/ and params/), like git and dvc, unless --workspace names another.
 
 Every command takes --verbose (third-party warnings, progress bars and Prefect's run-state lines, which
 are off by default) and --debug (also the full traceback of a failure, otherwise one paragraph).
@@ -34,7 +38,7 @@ import logging
 import os
 import sys
 
-from qlora_ops.flows.cli import data, deploy, registry, report, run, serving
+from qlora_ops.flows.cli import data, deploy, registry, report, run, serving, workspace
 from qlora_ops.flows.cli.exit_codes import classify, fail
 from qlora_ops.flows.cli.parser import build_parser
 from qlora_ops.flows.runtime import quiet_expected_tracebacks
@@ -43,10 +47,10 @@ from qlora_ops.tasks.core import console
 COMMANDS = {"run": run.run_command, "deploy": deploy.deploy_command,
             "status": registry.registry_command, "promote": registry.registry_command,
             "rollback": registry.registry_command,
-            "init": data.data_command, "check": data.data_command, "drop": data.drop_command,
+            "init": data.data_command, "check": data.data_command, "drop": data.drop_command, "data": data.lineage_command,
             "report": report.report_command,
             "serve": serving.serving_command, "verify-serving": serving.serving_command,
-            "export-gguf": serving.serving_command}
+            "export-gguf": serving.serving_command, "workspace": workspace.workspace_command}
 
 
 def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:
@@ -90,4 +94,5 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     _quiet_entry_point(verbose=a.verbose, debug=a.debug)
+    workspace.resolve(a)  # from any folder inside a workspace, as git and dvc do
     return COMMANDS[a.cmd](a)

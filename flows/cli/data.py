@@ -25,10 +25,33 @@ def data_command(a) -> int:
             print(f"  {res['note']}")
             print(f"next: qlora-ops check --params {res['path']}   then   qlora-ops run --params {res['path']}")
         else:
+            from qlora_ops.tasks.evaluate import suites
             from qlora_ops.tasks.intake.check import check, format_check  # imports torch: check only
+            ws = Path(a.workspace).resolve()
+            suites.check(load_params(ws_path(ws, a.params)), ws, ws_path(ws, a.params))  # as `run` does, first
             print(format_check(check(Path(a.params), Path(a.workspace))))
     except (ParamsError, DataError) as e:
         return fail("bad_input", e)
+    return 0
+
+
+def lineage_command(a) -> int:
+    """`data new-lineage`: the next test-set lineage (tasks/data/lineage.py); the next run re-splits under
+    the params' settings and records them."""
+    from qlora_ops.tasks.data.lineage import lineage_path, new_lineage
+
+    ws = Path(a.workspace).resolve()
+    try:
+        params = load_params(ws_path(ws, a.params))
+    except ParamsError as e:
+        return fail("bad_input", e)
+    path = lineage_path(ws, params.data)
+    lin = new_lineage(path, a.reason)
+    prev = lin["previous"][-1]
+    print(f"test-set lineage {lin['lineage']} started in {path} (lineage {prev['lineage']} ended with "
+          f"{prev['test_rows']} pinned test rows; {len(lin['trained'])} rows ever trained on stay out of test).\n"
+          f"The next `qlora-ops run --params {a.params}` splits under the params' settings; comparisons with the "
+          "champion restart on the new test set.")
     return 0
 
 

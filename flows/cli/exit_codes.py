@@ -3,7 +3,8 @@ one-paragraph message a command ends with (fail).
 
 0 registered, or skipped because nothing is new; 1 refused by a gate (nothing registered); 2 bad params
 or data; 3 training diverged; 4 a service did not answer, or another run kept the workspace; 5 internal
-error, a stage past its orchestration.timeouts entry, or a full disk.
+error, a stage past its orchestration.timeouts entry, or a full disk; 6 the run went on with the last good data
+but set a bad drop aside (quarantined: `qlora-ops status` lists it with its reason).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from qlora_ops.tasks.data.prepare import DataError
 from qlora_ops.tasks.model.base import BaseModelError
 
 EXIT = {"registered": 0, "skipped": 0, "rejected": 1, "bad_input": 2, "diverged": 3, "service": 4, "internal": 5,
-        "timeout": 5, "disk_full": 5}
+        "timeout": 5, "disk_full": 5, "quarantined": 6}
 
 
 def classify(exc: BaseException) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from qlora_ops.flows.cli.workspace import add_workspace_parser
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qlora-ops", description="QLoRA retraining loop: DVC -> train -> gates -> merge -> MLflow")
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params/default.yaml")
         p.add_argument("--workspace", default=".")
     add_drop_parser(sub)
+    add_data_parser(sub)
+    add_workspace_parser(sub)
     for p in sub.choices.values():  # every subcommand, whoever added it
         p.add_argument("-v", "--verbose", action="store_true",
                        help="show third-party warnings, progress bars and Prefect's run-state lines")
@@ -66,12 +70,25 @@ def add_serving_parsers(sub) -> list:
                                             "adapter as a GGUF adapter, logged on its run")
     eg.add_argument("--out", help="also keep the files in this directory")
     eg.add_argument("--no-parity", action="store_true", help="skip the llama.cpp parity run (llama-cpp-python)")
+    eg.add_argument("--allow-unverified-legacy", action="store_true",
+                    help="export a version registered without weights_digest/adapter_digest (nothing to check its "
+                         "bytes against); the output and the tag gguf_unverified say so")
     for p, need in ((sv, False), (vs, True), (eg, False)):
         g = p.add_mutually_exclusive_group(required=need)
         g.add_argument("--version", type=int, help="registered version number")
         if p is not vs:
             g.add_argument("--alias", help="or the version holding this alias (default: the champion alias)")
     return [sv, vs, eg]
+
+
+def add_data_parser(sub) -> None:
+    d = sub.add_parser("data", help="the test-set lineage (tasks/data/lineage.py)")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    n = dsub.add_parser("new-lineage", help="start a new test-set lineage: apply a changed split setting "
+                        "(split.seed/test/val, max_input_chars); test pins restart, rows ever trained on stay out of test")
+    n.add_argument("--params", default="params/default.yaml")
+    n.add_argument("--workspace", default=".")
+    n.add_argument("--reason", default="", help="why, recorded in the lineage file")
 
 
 def add_drop_parser(sub) -> None:

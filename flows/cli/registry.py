@@ -11,6 +11,22 @@ from qlora_ops.tasks.core.paths import state_dir
 from qlora_ops.tasks.serving.server import SERVING_ALIAS  # moved by verify-serving / serve --follow on a pass
 
 
+def print_quarantined(params) -> None:
+    """The drops set aside (tasks/data/quarantine.py), each with the first line of its reason; one line
+    when the quarantine cannot be read (status still shows the registry)."""
+    from qlora_ops.tasks.data import quarantine
+
+    try:
+        found = quarantine.listed(params.data.source, params.data.source_options)
+    except Exception as e:
+        print(f"quarantined drops: not listed ({type(e).__name__}: {str(e)[:200]})")
+        return
+    if params.data.source:
+        print(f"quarantined drops ({quarantine.quarantine_url(params.data.source)}): {len(found) or 'none'}")
+    for q in found:
+        print(f"  {q['name']}: {q['reason'].splitlines()[0][:300]}")
+
+
 def registry_command(a) -> int:
     # MLflow (and, below, pandas and scipy) only for the commands that use them: `qlora-ops --help` stays fast.
     import mlflow
@@ -26,13 +42,14 @@ def registry_command(a) -> int:
     if a.cmd == "status":
         print(registry_ops.format_status(registry_ops.status(r.model_name, (r.champion_alias, r.challenger_alias,
                                                                             SERVING_ALIAS), r.experiment)))
+        print_quarantined(params)
         return 0
     from qlora_ops.tasks.gates.policy import PromotionPolicy  # not flows.retrain: that imports torch, seconds for nothing here
     # The same serialization as automatic promotion (flows.registry_slot): the model's global slot, which a
     # shared tracking server requires (refused without it), and the workspace's file lock.
     try:
         by = registry_ops.whoami(uri)  # recorded on the version: the user the tracking server authenticated
-        with registry_writer(uri, r.model_name, params.orchestration.timeouts.registry), \
+        with registry_writer(uri, r.model_name, params.orchestration.timeouts.registry, state_dir(ws, params)), \
                 registry_lock(state_dir(ws, params) / "registry.lock"):
             if a.cmd == "promote":
                 res = registry_ops.promote(r.model_name, a.version, r.champion_alias, PromotionPolicy.from_registry(r),

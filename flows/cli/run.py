@@ -3,13 +3,17 @@ API server when PREFECT_API_URL is unset; the flow's final state becomes the exi
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from qlora_ops.flows.cli.exit_codes import EXIT, classify, fail
 from qlora_ops.flows.cli.preflight import preflight
 from qlora_ops.flows.registry_slot import RegistryLockUnavailable, check_writer
 from qlora_ops.flows.runtime import (ServiceUnavailable, WorkspaceBusy, temporary_prefect_server, wait_prefect_server,
                                      workspace_run_lock)
+from qlora_ops.tasks.core.paths import state_dir
 from qlora_ops.tasks.core.util import TIE_ENV
+from qlora_ops.tasks.intake import workspace
 
 
 def run_command(a) -> int:
@@ -18,8 +22,10 @@ def run_command(a) -> int:
     if isinstance(pre := preflight(a), int):
         return pre
     ws, params, uri = pre
+    for line in workspace.upgrade_notes(ws):  # a newer qlora-ops on this workspace: what changes, before it runs
+        print(line)
     try:  # a shared registry's writer needs the team's Prefect API: refused now, not after training
-        check_writer(uri, params.registry.model_name)
+        check_writer(uri, params.registry.model_name, state_dir(ws, params))
     except RegistryLockUnavailable as e:
         return fail("service", e)
     # One run per workspace, taken before the slow start (imports, the Prefect server): a second run
@@ -39,8 +45,12 @@ def run_locked(a, api: str | None) -> int:
     except ServiceUnavailable as e:
         return fail("service", e)
     state = retrain(params_path=a.params, workspace=a.workspace, force=a.force, return_state=True)
+    workspace.record_run(Path(a.workspace).resolve(), state.name, a.params)  # the version and lock that made it
     if state.name == "Rejected":
         return EXIT["rejected"]
+    if state.name == "Quarantined":  # completed on the last good data; a drop was set aside
+        print(f"qlora-ops: quarantined: {state.message}", file=sys.stderr)
+        return EXIT["quarantined"]
     if state.is_completed():
         return EXIT["registered"]
     exc = state.result(raise_on_failure=False)

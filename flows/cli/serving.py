@@ -13,7 +13,9 @@ from pathlib import Path
 from qlora_ops.flows.cli.exit_codes import EXIT, fail
 from qlora_ops.flows.cli.preflight import preflight
 from qlora_ops.flows.cli.report import refresh_report
+from qlora_ops.flows.registry_slot import RegistryLockUnavailable, registry_writer
 from qlora_ops.tasks.core.paths import state_dir
+from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.core.util import popen_child
 from qlora_ops.tasks.serving import client, parity, webhook
 from qlora_ops.tasks.serving import server as so
@@ -36,15 +38,21 @@ def serving_command(a) -> int:
     try:
         v = so.resolve_version(r.model_name, a.version, getattr(a, "alias", None) or r.champion_alias)
         if a.cmd == "verify-serving":
-            res = parity.verify_serving(a.url, r.model_name, v, params.gates.max_serving_disagreement,
-                                        params.gates.confidence, work / f"verify-v{v}")
+            res = parity.check(a.url, r.model_name, v, params.gates.max_serving_disagreement,
+                               params.gates.confidence, work / f"verify-v{v}")
+            # `serving` moves under the registry lock, to the champion of that moment or the --version named
+            with _serving_writer(uri, r.model_name, params, ws):
+                res = parity.record(res, champion_alias=r.champion_alias, named=a.version is not None,
+                                    lock_path=state_dir(ws, params) / "registry.lock")
             print(parity.explain(res))
-            print(f"'{res['alias']}' -> v{v}" if res["alias_moved"] else f"'{res['alias']}' not moved")
+            print(f"'{res['alias']}' -> v{v}" if res["alias_moved"] else
+                  f"'{res['alias']}' not moved ({res.get('not_moved', '')})")
             refresh_report(ws, params, res["run_id"], r.model_name, v)
             return 0 if res["passed"] else EXIT["rejected"]
         if a.cmd == "export-gguf":
             res = gguf_export.export_version(r.model_name, v, work / f"gguf-v{v}", out=Path(a.out) if a.out else None,
-                                             run_parity=not a.no_parity, confidence=params.gates.confidence)
+                                             run_parity=not a.no_parity, confidence=params.gates.confidence,
+                                             allow_unverified_legacy=getattr(a, "allow_unverified_legacy", False))
             print(gguf_export.explain(res))
             refresh_report(ws, params, res["run_id"], r.model_name, v)
             return 0
@@ -53,7 +61,7 @@ def serving_command(a) -> int:
         if getattr(a, "openai", False):
             return serve_openai(so.fetch_gguf(r.model_name, v, a.gguf, work / f"gguf-v{v}"), a, r.model_name, v)
         local, digest = so.fetch_model(r.model_name, v, work / f"v{v}")
-    except client.EndpointUnavailable as e:
+    except (client.EndpointUnavailable, RegistryLockUnavailable) as e:
         return fail("service", e)
     except (so.ServingError, gguf_export.GGUFExportError, PromotionError) as e:  # PromotionError: refused bytes (download_hf_model)
         return fail("bad_input", e)
@@ -64,6 +72,23 @@ def serving_command(a) -> int:
         return proc.wait()
     finally:
         so.stop(proc)
+
+
+def _serving_writer(uri: str, model_name: str, params, ws):
+    """The registered model's one slot (flows.registry_slot) around the `serving` move. A shared store without
+    the team's Prefect API: the move is still made under the workspace's file lock with `champion` re-read
+    there, and the missing slot is said (known gap: not yet refused like promote and rollback are)."""
+    import contextlib
+
+    from qlora_ops.flows.registry_slot import check_writer
+
+    try:
+        check_writer(uri, model_name, state_dir(ws, params))
+    except RegistryLockUnavailable as e:
+        print(f"warning: moving 'serving' under this workspace's file lock only, not the shared slot: {e}",
+              file=sys.stderr)
+        return contextlib.nullcontext()
+    return registry_writer(uri, model_name, params.orchestration.timeouts.registry, state_dir(ws, params))
 
 
 def _show_new(receiver, shown: tuple[int, int]) -> tuple[int, int]:
@@ -134,11 +159,13 @@ def serve_follow(a, params, work: Path) -> int:
         print(parity.explain(res), flush=True)
         if not res["alias_moved"]:
             return EXIT["rejected"]
-    receiver = webhook.Receiver(secret, check, port=a.hook_port, host=a.host)
+    # The delivery ids taken survive a restart (a retried delivery is not checked twice).
+    receiver = webhook.Receiver(secret, check, port=a.hook_port, host=a.host,
+                                seen_file=work / "follow" / "webhook-seen.json")
     with receiver:
         hook = webhook.ensure_webhook(MlflowClient(), a.hook_url or receiver.url, secret, r.model_name)
         print(f"following {r.model_name}@{r.champion_alias}: MLflow webhook {hook.webhook_id} -> "
-              f"{a.hook_url or receiver.url}", flush=True)
+              f"{redact_url(a.hook_url or receiver.url)}", flush=True)
         proc, shown = None, (0, 0)
         try:
             while True:
@@ -147,6 +174,9 @@ def serve_follow(a, params, work: Path) -> int:
                 except queue.Empty:
                     if proc is not None and proc.poll() is not None:
                         return proc.returncode or EXIT["internal"]
+                    if not receiver.http_alive():  # the receiver failed: restart it, the scoring server runs on
+                        print("qlora-ops: webhook receiver stopped; restarting it", file=sys.stderr, flush=True)
+                        receiver.start_http()
                     shown = _show_new(receiver, shown)
                     continue
                 shown = _show_new(receiver, shown)

@@ -6,8 +6,10 @@
 # notifications while the relay is down). Runs after minio-init (the bucket must exist).
 set -eu
 bucket="${QLORA_OPS_BUCKET:-qlora-ops}"
+: "${MINIO_ROOT_USER:?MINIO_ROOT_USER is not set}" "${MINIO_ROOT_PASSWORD:?MINIO_ROOT_PASSWORD is not set}"
+# The password reaches mc on stdin (printf is a shell builtin), never as an argument that `ps` shows.
 tries=0
-until mc alias set store "${MINIO_ENDPOINT:-http://minio:9000}" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" >/dev/null; do
+until printf '%s\n' "$MINIO_ROOT_PASSWORD" | mc alias set store "${MINIO_ENDPOINT:-http://minio:9000}" "$MINIO_ROOT_USER" >/dev/null; do
   tries=$((tries + 1)); [ "$tries" -lt 60 ] || exit 1; sleep 2
 done
 # put = s3:ObjectCreated:* (PutObject, CompleteMultipartUpload, CopyObject): a finished object, never a part.

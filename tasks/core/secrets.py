@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import re
 
-_USERINFO = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@/\s]*@")
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*://"
+# user:password@ (the password runs to the authority's last '@', as urllib splits it)
+_USERINFO = re.compile(rf"(?P<pre>{_SCHEME}[^:/@\s?#\[\]]*):[^/\s?#]*@")
+# a user name alone is a token on http(s) and most schemes (https://<token>@host, git's and the hubs' way);
+# on ssh-like schemes it is an account name and is kept (ssh://git@host)
+_USER_ONLY = re.compile(r"(?P<pre>(?<![A-Za-z0-9+.-])(?!(?:ssh|sftp|scp|git\+ssh|ssh\+git)://)"
+                        rf"{_SCHEME})[^:/@\s?#\[\]]+@", re.I)
 _SECRET_QUERY = re.compile(
-    r"(?P<pre>[?&;](?:[^=&;#\s]*(?:secret|token|passw|pwd|signature|credential|sig|apikey|api_key|"
-    r"access_key|auth)[^=&;#\s]*)=)[^&;#\s]*", re.I)
+    r"(?P<pre>[?&;#](?:[^=&;#\s]*(?:secret|token|passw|pwd|signature|credential|sig|apikey|api_key|api-key|key|"
+    r"access_key|auth|session)[^=&;#\s]*)=)[^&;#\s]*", re.I)
 
 
 # Option names that hold a secret (DVC/fsspec: password, secret_access_key, session_token, sas_token,
@@ -23,11 +29,16 @@ def holds_secret(url: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """`url` (or any text holding URLs) safe to log: user:password@ -> user:***@, and the values of query
-    parameters named like secrets (token, password, secret, signature, credential, ...) -> ***."""
+    """`url` (or any text holding URLs) safe to log, tag or print: user:password@ -> user:***@, a user name
+    used as a token (https://<token>@host) -> ***@, and the values of query or fragment parameters named
+    like secrets (token, api_key, key, password, secret, signature, credential, ...) -> ***. The host is
+    kept as written (IPv6 brackets included); a URL with none of these comes back unchanged. Idempotent.
+    The one redaction routine of the project: everything else calls this one."""
     if not url:
         return url
-    return _SECRET_QUERY.sub(r"\g<pre>***", _USERINFO.sub(r"\g<pre>:***@", str(url)))
+    text = _USERINFO.sub(r"\g<pre>:***@", str(url))
+    text = _USER_ONLY.sub(r"\g<pre>***@", text)
+    return _SECRET_QUERY.sub(r"\g<pre>***", text)
 
 
 __all__ = ["SECRET_OPTION", "holds_secret", "redact_url"]

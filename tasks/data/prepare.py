@@ -27,6 +27,9 @@ from qlora_ops.tasks.core.paths import ws_path
 from qlora_ops.tasks.data.readers import _BATCH, _READERS, FIX, DataError, _is_saved, _units
 from qlora_ops.tasks.core.util import atomic_open, atomic_write_json
 from qlora_ops.tasks.data.text import cut_at_word as _cut, jsonl as _jsonl, sha256_text as _sha
+from qlora_ops.tasks.data import lineage
+from qlora_ops.tasks.data.dedupe import normalise
+from qlora_ops.tasks.data.split import assign, row_key
 
 
 # ---------------------------------------------------------------- row shapes (data.format, data.columns)
@@ -284,9 +287,17 @@ def prepared_rows(path: Path, d: DataParams, limit: int | None = None) -> list[d
 
 
 # ---------------------------------------------------------------- prepare
-def _bucket(seed: int, key: str) -> float:
-    """[0, 1) from a hash of the prompt alone: adding rows never moves old rows between splits."""
-    return int(_sha(f"{seed}:{key}")[:12], 16) / 16 ** 12
+def _full(r: dict) -> str:
+    """The row's normalised full prompt (its own system turn, instruction, uncut input): what the split's
+    clusters and the test-set lineage compare (tasks/data/dedupe.py, tasks/data/lineage.py)."""
+    return normalise("\n".join(p for p in (r["system"] or "", r["instruction"], r["input"]) if p))
+
+
+def is_correction(name: str) -> bool:
+    """A corrections file (`*.corrections.jsonl`, or any data file under a `corrections/` folder): its rows
+    replace earlier rows with the same prompt instead of conflicting with them (README "Corrections")."""
+    p = Path(name)
+    return ".corrections." in p.name or p.parent.name == "corrections"
 
 
 def _example(r: dict, d: DataParams) -> tuple[str, str, str, str, bool]:
@@ -314,15 +325,19 @@ def _rows(ds, indices=None):
             yield dict(zip(cols, rec))
 
 
-def prepare(params: Params, workspace: Path, out: Path | None = None) -> dict:
-    """Validate -> dedupe -> hash split -> prompt format; write train/val/test JSONL + stats.json into
-    data.prepared (or `out`: `qlora-ops check` writes to a scratch directory)."""
+def prepare(params: Params, workspace: Path, out: Path | None = None, lineage_aware: bool = True) -> dict:
+    """Validate -> dedupe -> cluster split (pinned by the test-set lineage) -> prompt format; write
+    train/val/test JSONL + stats.json into data.prepared and update the lineage file (or write to `out`
+    only, lineage untouched: `qlora-ops check` and the flow's check before `dvc repro`). lineage_aware=False:
+    a split of the data alone (`init`, sizing a params file that has no lineage yet)."""
     d = params.data
     raw = ws_path(workspace, d.raw)
+    lin_file = lineage.lineage_path(Path(workspace), d) if lineage_aware else None
     with tempfile.TemporaryDirectory(prefix="qlora-ops-rows-") as tmp:
         ds, formats = open_rows(raw, d, Path(tmp))
         try:
-            stats = _prepare(ds, formats, params, raw, ws_path(workspace, d.prepared) if out is None else Path(out))
+            stats = _prepare(ds, formats, params, raw, ws_path(workspace, d.prepared) if out is None else Path(out),
+                             lin_file, write_lineage=out is None)
         finally:
             del ds
     return stats
@@ -331,11 +346,25 @@ def prepare(params: Params, workspace: Path, out: Path | None = None) -> dict:
 MAX_LABELS = 1000  # distinct answers counted in stats.json; beyond that they are free text (labels: null)
 
 
-def _prepare(ds, formats: dict[str, str], params: Params, raw: Path, out: Path) -> dict:
+def _corrections(ds, d: DataParams) -> dict[str, int]:
+    """{prompt key hash: row index} of the last corrections-file row of each prompt (files in name order):
+    that row replaces every other row with the prompt."""
+    fixes: dict[str, int] = {}
+    for i, r in enumerate(_rows(ds)):
+        if is_correction(r["file"]):
+            fixes[_sha(_example(r, d)[3])] = i
+    return fixes
+
+
+def _prepare(ds, formats: dict[str, str], params: Params, raw: Path, out: Path, lin_file: Path | None = None,
+             write_lineage: bool = False) -> dict:
     d = params.data
+    fixes = _corrections(ds, d)
+    replaced = 0
     # Only hashes and row indices are kept per row; the text stays in the memory-mapped Arrow file.
     first: dict[str, tuple[str, int]] = {}  # key hash -> (completion hash, row index) of its first row
     kept: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+    rows: list[tuple[str, int, str, str]] = []  # (id, row index, exact key, normalised full prompt)
     conflicts: list[tuple[int, int]] = []
     seen_ids: Counter = Counter()
     labels: Counter | None = Counter()
@@ -345,6 +374,9 @@ def _prepare(ds, formats: dict[str, str], params: Params, raw: Path, out: Path) 
         prompt, completion, _, key, cut = _example(r, d)
         truncated += cut
         kh = _sha(key)
+        if kh in fixes and fixes[kh] != i:
+            replaced += 1  # superseded by the last corrections row (files in name order) for the same prompt
+            continue
         if (prev := first.get(kh)) is None:
             first[kh] = (_sha(completion), i)
         else:
@@ -355,14 +387,11 @@ def _prepare(ds, formats: dict[str, str], params: Params, raw: Path, out: Path) 
                 dropped += 1
                 continue
         n_kept += 1
-        # data.split.seed, not the training seed: another training seed never moves rows between splits.
-        b = _bucket(d.split.seed, key)  # duplicates kept by dedupe=false share a split: no train/test leak
-        name = "test" if b < d.split.test else "val" if b < d.split.test + d.split.val else "train"
         ex_id = kh[:16]
         seen_ids[ex_id] += 1
         if seen_ids[ex_id] > 1:  # only with dedupe=false; ids stay unique
             ex_id += f"-{seen_ids[ex_id]}"
-        kept[name].append((ex_id, i))
+        rows.append((ex_id, i, key, _full(r)))
         if labels is not None:
             labels[completion] += 1
             if len(labels) > MAX_LABELS:
@@ -377,6 +406,13 @@ def _prepare(ds, formats: dict[str, str], params: Params, raw: Path, out: Path) 
                if truncated else "")
         raise DataError(f"{raw}: {len(conflicts)} conflicting duplicate(s){why}; fix or remove one line of each pair:"
                         + _listed(shown, len(conflicts)))
+    # data.split.seed, not the training seed: another training seed never moves rows between splits. A
+    # near-duplicate cluster (duplicates kept by dedupe=false included) lives in one split: no leak.
+    lin = lineage.load(lin_file) if lin_file is not None else lineage.empty()
+    names, split_info = assign([(k, t) for _, _, k, t in rows], d, lin)
+    lineage.refuse_moves(lin, d, split_info["moved"], lin_file)
+    for (ex_id, i, _, _), name in zip(rows, names):
+        kept[name].append((ex_id, i))
     sizes = {k: len(v) for k, v in kept.items()}
     if min(sizes.values()) == 0 or sizes["train"] < 8:
         raise DataError(f"{raw}: {n_kept} rows give splits {sizes}; every split needs rows and train "
@@ -391,8 +427,16 @@ def _prepare(ds, formats: dict[str, str], params: Params, raw: Path, out: Path) 
              "inputs_truncated": truncated, "max_input_chars": d.max_input_chars,
              # Relative names: stats.json is a DVC output, the same wherever the workspace lives.
              "formats": {Path(os.path.relpath(k, root)).as_posix(): v for k, v in sorted(formats.items())},
-             "labels": dict(sorted(labels.items())) if labels is not None else None}
+             "labels": dict(sorted(labels.items())) if labels is not None else None,
+             # rows of a corrections file, and the earlier rows they replaced (README "Corrections")
+             "corrections": {"rows": len(fixes), "replaced": replaced},
+             # test rows whose near-duplicate cluster was ever trained on: must be 0 to promote
+             "lineage": lin["lineage"], "contamination": split_info["contamination"],
+             "near_duplicate_rows": split_info["near_duplicate_rows"]}
     atomic_write_json(out / "stats.json", stats)
+    if write_lineage and lin_file is not None:  # last: a failed prepare never records its split
+        lineage.save(lin_file, lineage.record(lin, d, {row_key(t): (name, t) for (_, _, _, t), name
+                                                       in zip(rows, names)}))
     return stats
 
 

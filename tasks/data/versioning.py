@@ -28,7 +28,10 @@ from qlora_ops.tasks.model.keys import data_version
 from qlora_ops.tasks.core.paths import state_dir, ws_path
 from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.data.sources import is_network_error, is_url, snapshot
+from qlora_ops.tasks.data import quarantine
+from qlora_ops.tasks.data.lineage import lineage_path
 from qlora_ops.tasks.core.util import child_preexec
+from qlora_ops.tasks.data import workspace_file
 
 SAMPLE_RAW = "data/raw/stdlib_docstrings.jsonl"  # produced by the `sample` stage of dvc.yaml
 # Every built-in sample (tasks/data/samples.py) -> its task: a dvc.yaml stage builds each, so none is `dvc add`-ed.
@@ -200,15 +203,23 @@ def ensure_stage(workspace: Path, params_path: Path, params: Params) -> str:
     stage = _dvc_stages(workspace).get(name)
     # A stage written before the stage packages runs `python -m tasks.data` and depends on tasks/data.py and
     # tasks/config.py, which no longer exist: DVC would refuse it. Rewritten once, with the same outputs.
-    legacy = stage is not None and any(d in LEGACY_DEPS for d in stage.get("deps") or ())
+    # A workspace outside the clone has no tasks/ files: its stages depend on qlora-ops.yaml (workspace_file).
+    deps = workspace_file.stage_deps(workspace)
+    stale = LEGACY_DEPS + (() if deps == workspace_file.CLONE_DEPS else workspace_file.CLONE_DEPS)
+    legacy = stage is not None and any(d in stale for d in stage.get("deps") or ())
+    # A stage written before the test-set lineage file (tasks/data/lineage.py, a persistent output that
+    # `dvc repro` keeps): rewritten once, with it.
+    lin_rel = _rel(workspace, lineage_path(workspace, params.data), "the test-set lineage file")
+    legacy = legacy or (stage is not None and not any(isinstance(o, dict) and lin_rel in o for o in stage.get("outs") or ()))
     if stage is None or legacy:
         # DVC fails on a params key absent from the file; keys left to their defaults are covered by
-        # the dependency on tasks/core/config.py, where the defaults live.
+        # the dependency on tasks/core/config.py, where the defaults live (in a workspace: its data_code).
         present = [k for k in ("data", "seed") if k in (yaml.safe_load(params_path.read_text()) or {})]
         p_args = ["-p", f"{prel}:{','.join(present)}"] if present else []
         dvc(workspace, "stage", "add", *(["--force"] if legacy else []), "-n", name,
-            "-d", "tasks/data/prepare.py", "-d", "tasks/core/config.py", "-d", raw_rel,
-            *p_args, "-o", out_rel, f"python -m qlora_ops.tasks.data prepare --params {prel}")
+            *[a for d in deps for a in ("-d", d)], "-d", raw_rel,
+            *p_args, "-o", out_rel, "--outs-persist", lin_rel,
+            f"python -m qlora_ops.tasks.data prepare --params {prel}")
     return name
 
 
@@ -254,6 +265,12 @@ def prepare_via_dvc(workspace: Path, params_path: Path, params: Params) -> dict:
                 summary = snapshot(src, raw, params.data.source_options)
             except ParamsError as e:
                 raise ParamsError(f"{params_path}: {e}") from None
+            # before `dvc add` / `dvc repro`: a bad new drop is quarantined, a failed prepare deletes nothing
+            summary = quarantine.validated(workspace, params, raw, src, summary)
+        else:
+            quarantine.check_raw(workspace, params)
+        if not workspace_file.is_source_tree(workspace):
+            workspace_file.write_marker(workspace)  # this qlora-ops's data code: DVC re-runs the stages if it changed
         name = ensure_stage(workspace, params_path, params)
         out = dvc(workspace, "repro", name)
         # --with-deps: the stage's outputs and everything upstream (the sample stage's output, or the
@@ -271,7 +288,9 @@ def prepare_via_dvc(workspace: Path, params_path: Path, params: Params) -> dict:
     st = lock[name]
     deps = {d["path"]: d.get("md5") for d in st.get("deps", [])}
     outs = {o["path"]: o.get("md5") for o in st.get("outs", [])}
-    version = data_version(outs)
+    # The lineage file (a persistent output) only grows; the version is what models train and test on, so
+    # data restored to an earlier state is that state's version again.
+    version = data_version({k: v for k, v in outs.items() if not k.endswith(".lineage.json")})
     files = ["dvc.yaml", "dvc.lock"]
     if (raw_dvc := _raw_dvc_file(workspace, params)) and (workspace / raw_dvc).is_file():
         files.append(raw_dvc)

@@ -13,8 +13,10 @@ scores the reference answer itself under teacher forcing, with the same loaded m
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -68,20 +70,33 @@ def metric_names(params: Params, metrics: list[str] | None = None) -> list[str]:
     return list(dict.fromkeys([*names, "exact_match"]))
 
 
-def score(preds: list[dict], metrics: list[str] = ("exact_match",), nll: list[float] | None = None) -> dict:
-    """Score the rows in place (`correct`, `scores`) and return their means: {metrics, accuracy, n, eos_rate}."""
+def score(preds: list[dict], metrics: list[str] = ("exact_match",), nll: list[tuple[float, int]] | None = None,
+          tokenizer: str | None = None) -> dict:
+    """Score the rows in place (`correct`, `scores`) and return their means: {metrics, accuracy, n, eos_rate}.
+    nll: (nats, tokens) per row (nll_rows). A row's nll score is its nats per token (the paired gates compare
+    rows); the reported nll is the corpus's, total nats over total tokens (a mean of per-row means would
+    weigh a 2-token answer like a 200-token one), with bits per byte beside it (`nll_totals`): per token
+    depends on the tokenizer, per UTF-8 byte of the references does not, so bases with different
+    tokenizers compare on bits per byte only."""
     names = list(dict.fromkeys([*metrics, "exact_match"]))
     answers, refs = [p["prediction"] for p in preds], [p["reference"] for p in preds]
-    per = {n: (nll if n == "nll" else M.score(n, answers, refs)) for n in names}
-    if "nll" in per and (per["nll"] is None or len(per["nll"]) != len(preds)):
+    if "nll" in names and (nll is None or len(nll) != len(preds)):
         raise ValueError("nll needs one likelihood per row from the model (tasks.evaluate.predict.nll_rows)")
+    per = {n: ([nats / max(k, 1) for nats, k in nll] if n == "nll" else M.score(n, answers, refs)) for n in names}
     for i, p in enumerate(preds):
         p["correct"] = per["exact_match"][i] == 1.0
         p["scores"] = {n: per[n][i] for n in names}
     n = len(preds)
     means = {k: sum(v) / n if n else 0.0 for k, v in per.items()}
-    return {"metrics": means, "accuracy": means["exact_match"], "n": n,
-            "eos_rate": sum(p["stopped"] for p in preds) / max(n, 1)}
+    out = {"metrics": means, "accuracy": means["exact_match"], "n": n,
+           "eos_rate": sum(p["stopped"] for p in preds) / max(n, 1)}
+    if "nll" in names:
+        nats, tokens = sum(x for x, _ in nll), sum(k for _, k in nll)
+        n_bytes = sum(len(r.encode("utf-8")) for r in refs)
+        means["nll"] = nats / max(tokens, 1)
+        out["nll_totals"] = {"nats": nats, "tokens": tokens, "bytes": n_bytes, "tokenizer": tokenizer,
+                             "nats_per_token": means["nll"], "bits_per_byte": nats / math.log(2) / max(n_bytes, 1)}
+    return out
 
 
 def per_row(eval_dir: Path) -> dict:
@@ -125,10 +140,10 @@ def answer_budget(tok, rows: list[dict]) -> int:
 
 
 @torch.no_grad()
-def nll_rows(model, tok, rows: list[dict], batch_size: int, max_len: int, desc: str = "nll") -> list[float]:
-    """Per row: mean negative log-likelihood (nats per token) of the reference answer and its turn end
+def nll_rows(model, tok, rows: list[dict], batch_size: int, max_len: int, desc: str = "nll") -> list[tuple[float, int]]:
+    """Per row: (total negative log-likelihood in nats, tokens) of the reference answer and its turn end
     given the prompt, teacher-forced: exactly the tokens training puts its loss on (tasks.model.prompting.encode,
-    prompt cut from the left to fit max_len as in training). No generation."""
+    prompt cut from the left to fit max_len as in training: model.max_seq_len is in the score key). No generation."""
     dev = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: list[float] = []
@@ -143,7 +158,13 @@ def nll_rows(model, tok, rows: list[dict], batch_size: int, max_len: int, desc: 
     return out
 
 
-def _nll_batch(model, exs: list[tuple[list[int], list[int]]], pad: int, dev) -> list[float]:
+def tokenizer_id(tok) -> str:
+    """What nats per token are counted in: a hash of the vocabulary (two bases with different ones compare
+    on bits per byte only)."""
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def _nll_batch(model, exs: list[tuple[list[int], list[int]]], pad: int, dev) -> list[tuple[float, int]]:
     T = max(len(x) for x, _ in exs)
     ids = torch.full((len(exs), T), pad, dtype=torch.long)
     labels = torch.full((len(exs), T), -100, dtype=torch.long)
@@ -158,7 +179,7 @@ def _nll_batch(model, exs: list[tuple[list[int], list[int]]], pad: int, dev) -> 
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tgt.reshape(-1),
                                            ignore_index=-100, reduction="none").view(len(exs), -1)
     n = (tgt != -100).sum(1)
-    return (ce.sum(1) / n.clamp(min=1)).tolist()
+    return list(zip(ce.sum(1).tolist(), n.tolist()))
 
 
 def evaluate_model(params: Params, name: str, model_dir: Path, test_path: Path, out_dir: Path,
@@ -179,7 +200,8 @@ def evaluate_model(params: Params, name: str, model_dir: Path, test_path: Path, 
     preds = generate(model, tok, rows, params.eval.batch_size, max_new, desc=f"eval {name}")
     nll = (nll_rows(model, tok, rows, params.eval.batch_size, params.model.max_seq_len, desc=f"nll {name}")
            if "nll" in names else None)
-    res = {"model": name, "metric": names[0], **score(preds, names, nll), "max_new_tokens": max_new,
+    scored = score(preds, names, nll, tokenizer_id(tok) if nll else None)
+    res = {"model": name, "metric": names[0], **scored, "max_new_tokens": max_new,
            "eval_seconds": time.time() - t0}
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))

@@ -12,18 +12,19 @@ rows travel with every run that used them.)
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from qlora_ops.tasks.core.config import DataParams, Params, ParamsError, SuiteParams
 from qlora_ops.tasks.core.paths import state_dir, ws_path
 from qlora_ops.tasks.data.prepare import prepared_rows
+from qlora_ops.tasks.evaluate import lm_eval_suite
 from qlora_ops.tasks.core.util import atomic_dir, verify_manifest
 from qlora_ops.tasks.model.keys import digest, rows_hash
 
-__all__ = ["check", "data_params", "eval_params", "hashed", "prepare", "rows_file", "rows_path"]
+__all__ = ["check", "data_params", "eval_params", "hashed", "prepare", "row_counts", "rows_file", "rows_path"]
 
 
 def rows_file(suites_dir: Path, name: str) -> Path:
@@ -35,13 +36,13 @@ def check(params: Params, workspace: Path, params_file: Path) -> None:
     for i, s in enumerate(params.eval.suites):
         key = f"{params_file}: eval.suites[{i}] ({s.name})"
         if s.lm_eval is not None:
-            if importlib.util.find_spec("qlora_ops.tasks.evaluate.lm_eval_suite") is None:
-                raise ParamsError(f"{key}.lm_eval: lm-evaluation-harness suites need tasks/evaluate/lm_eval_suite.py, which "
-                                  "this installation does not have; give the suite's rows as `path` (a JSONL/CSV/"
-                                  "Parquet file) instead, or remove the suite")
             if not ws_path(workspace, s.lm_eval).is_file():
                 raise ParamsError(f"{key}.lm_eval={s.lm_eval!r}: no such task YAML (relative paths are relative to the "
                                   f"workspace {workspace}); point it at a local lm-eval task file, or remove the suite")
+            try:  # the harness installed, the YAML valid and local, its metric and filter ones the task gives
+                lm_eval_suite.check_task(ws_path(workspace, s.lm_eval), s.metric, s.filter)
+            except lm_eval_suite.SuiteError as e:
+                raise lm_eval_suite.SuiteError(f"{key}.lm_eval: {e}") from None
             continue
         p = ws_path(workspace, s.path)
         if not p.exists():
@@ -78,23 +79,34 @@ def prepare(params: Params, workspace: Path) -> tuple[Path | None, dict[str, str
         return None, {}
 
     texts, folders, hashes = {}, {}, {}
-    for s in params.eval.suites:
-        if s.lm_eval is not None:  # the task YAML's folder, as it is: the harness reads it
-            folders[s.name] = ws_path(workspace, s.lm_eval).parent
-            hashes[s.name] = rows_hash(folders[s.name])
-            continue
-        rows = prepared_rows(ws_path(workspace, s.path), data_params(params, s), limit=s.max_examples)
-        texts[s.name] = "".join(json.dumps(r) + "\n" for r in rows)
-        hashes[s.name] = hashlib.sha256(texts[s.name].encode()).hexdigest()[:16]  # = keys.rows_hash(its file)
-    out = state_dir(workspace, params) / "suites" / digest(hashes)
-    if out.is_dir() and verify_manifest(out) is None:
-        return out, hashes
-    with atomic_dir(out) as tmp:
-        for n, t in texts.items():
-            rows_file(tmp, n).write_text(t)
-        for n, d in folders.items():
-            shutil.copytree(d, tmp / n)
+    with tempfile.TemporaryDirectory(prefix="qlora-ops-suites-") as staging:
+        for s in params.eval.suites:
+            if s.lm_eval is not None:  # every file the task reads, staged: the copy's hash is the suite's
+                folders[s.name] = lm_eval_suite.stage_task(ws_path(workspace, s.lm_eval), Path(staging) / s.name)
+                hashes[s.name] = rows_hash(folders[s.name])
+                continue
+            rows = prepared_rows(ws_path(workspace, s.path), data_params(params, s), limit=s.max_examples)
+            texts[s.name] = "".join(json.dumps(r) + "\n" for r in rows)
+            hashes[s.name] = hashlib.sha256(texts[s.name].encode()).hexdigest()[:16]  # = keys.rows_hash(its file)
+        out = state_dir(workspace, params) / "suites" / digest(hashes)
+        if out.is_dir() and verify_manifest(out) is None:
+            return out, hashes
+        with atomic_dir(out) as tmp:
+            for n, t in texts.items():
+                rows_file(tmp, n).write_text(t)
+            for n, d in folders.items():
+                shutil.copytree(d, tmp / n)
     return out, hashes
+
+
+def row_counts(params: Params, suites_dir: Path | None) -> dict[str, int | None]:
+    """Each prepared suite's rows (lm-eval suites: their max_examples, or None until the harness loads them),
+    for tasks.gates.sizing before any training."""
+    out: dict[str, int | None] = {}
+    for s in params.eval.suites:
+        f = rows_file(suites_dir, s.name) if suites_dir is not None and s.lm_eval is None else None
+        out[s.name] = sum(1 for _ in f.open()) if f is not None and f.is_file() else s.max_examples
+    return out
 
 
 def eval_params(params: Params, s: SuiteParams | None) -> Params:

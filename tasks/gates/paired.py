@@ -34,7 +34,7 @@ from statsmodels.stats.proportion import proportion_confint
 
 __all__ = [
     "ASSUMED_DISCORDANCE", "ASSUMED_SD", "accuracy_interval", "agreement", "level", "mean_abs_diff",
-    "mean_interval", "min_detectable_diff", "paired_compare", "paired_noise",
+    "mean_interval", "min_detectable_diff", "paired_compare", "paired_noise", "passes_gain", "ratio_interval",
 ]
 
 # Resampled row indices held in memory at once (~16 MB of int64): bounds memory for big test sets.
@@ -294,6 +294,46 @@ def mean_interval(scores: ArrayLike, confidence: float = 0.95, *, binary: bool |
         return accuracy_interval(s, confidence)
     low, high = np.quantile(_bootstrap_means(s.astype(np.float64)[None], n_boot, seed)[0], [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+# ---------------------------------------------------------------- the gates' one rule
+
+# Float slack for `bound >= threshold` (a bound is a ratio of integers, the threshold a decimal).
+EPS = 1e-12
+
+
+def passes_gain(gain: ArrayLike, gain_low: ArrayLike, p_value: ArrayLike, threshold: float,
+                confidence: float) -> NDArray[np.bool_]:
+    """The rule of every gain-type gate (docs/gates.md, "One rule"), elementwise: the paired test rejects
+    "no difference" at alpha = 1 - confidence with the candidate ahead, AND the interval's lower bound of the
+    gain (metric's direction) reaches `threshold`. The test keeps a collapsed bootstrap (1 row: [1, 1]) or a
+    threshold of 0 (identical models: [0, 0]) from passing on the interval alone. A negative threshold claims
+    no gain (it allows a loss: a non-inferiority bound, the tests' way to switch a gate off): the bound alone,
+    which is the one-sided test of "worse than the threshold" at alpha / 2."""
+    alpha = _check_confidence(confidence)
+    if threshold < 0:
+        return np.asarray(gain_low) >= threshold - EPS
+    return ((np.asarray(gain) > 0) & (np.asarray(p_value) < alpha)
+            & (np.asarray(gain_low) >= threshold - EPS))
+
+
+def ratio_interval(num: ArrayLike, den: ArrayLike, *, confidence: float = 0.95, n_boot: int = 10_000,
+                   seed: int = 0) -> tuple[float, float]:
+    """Paired-bootstrap percentile interval of mean(num) / mean(den) (retention: QLoRA's gain over the base
+    / LoRA's, per row). Both means come from the same resampled rows; a resample where the denominator is
+    <= 0 (no gain to retain) counts as -inf, so it can only lower the lower bound."""
+    alpha = _check_confidence(confidence)
+    x = np.vstack([_values(num, "num"), _values(den, "den")]).astype(np.float64)
+    boot = _bootstrap_means(x, n_boot, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(boot[1] > 0, boot[0] / np.where(boot[1] > 0, boot[1], 1.0), -np.inf)
+    low, high = np.quantile(r, [alpha / 2, 1 - alpha / 2], method="inverted_cdf")  # no interpolation with -inf
+    return float(low), float(high)
+
+
+def signflip_p(d: ArrayLike, *, n_perm: int = 10_000, seed: int = 0) -> float:
+    """The two-sided sign-flip permutation p-value of mean(d) (one vector of per-row differences)."""
+    return float(_signflip_p(_values(d, "d").astype(np.float64)[None], n_perm, seed)[0])
 
 
 # ---------------------------------------------------------------- power

@@ -15,10 +15,10 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import integrate, optimize, special, stats
 
-from qlora_ops.tasks.gates.paired import ASSUMED_SD, SIGNFLIP
+from qlora_ops.tasks.gates.paired import ASSUMED_SD, SIGNFLIP, _compare_many, passes_gain
 from qlora_ops.tasks.gates.policy import PromotionPolicy, _decide_many, power_check
 
-__all__ = ["simulate", "simulate_scores", "simulate_year", "synthetic_pairs", "synthetic_scores"]
+__all__ = ["simulate", "simulate_gate", "simulate_scores", "simulate_year", "synthetic_pairs", "synthetic_scores"]
 
 
 # ---------------------------------------------------------------- simulation: 0/1 scores
@@ -168,10 +168,44 @@ def simulate_scores(policy: PromotionPolicy, n: int, true_diff: float, *, draws:
                               p_value=p).mean())
 
 
+# ---------------------------------------------------------------- the gates' rule (docs/gates.md, "One rule")
+
+def simulate_gate(n: int, true_diff: float, *, binary: bool, threshold: float = 0.0, confidence: float = 0.95,
+                  draws: int = 1000, seed: int = 0, n_boot: int = 1000, n_perm: int = 1000,
+                  old: bool = False) -> float:
+    """Share of draws on which a gain gate (tasks.gates.gate: suite gain, gain_over_base) passes a candidate
+    truly `true_diff` better than its reference: 0/1 scores (synthetic_pairs) or ROUGE-L-shaped ones
+    (synthetic_scores). The rule is paired.passes_gain, the one the gates call; old=True: the lower bound
+    alone (the rule before issue 26)."""
+    if binary:
+        cand, ref = synthetic_pairs(n, true_diff, draws=draws, seed=seed)
+    else:
+        cand, ref = synthetic_scores(n, true_diff, draws=draws, seed=seed)
+    res = _compare_many(cand, ref, confidence=confidence, n_boot=n_boot, seed=seed + 1, binary=binary, n_perm=n_perm)
+    if old:
+        return float((res["ci_low"] >= threshold).mean())
+    return float(passes_gain(res["diff"], res["ci_low"], res["p_value"], threshold, confidence).mean())
+
+
+def gate_table(draws: int = 2000, sizes: tuple[int, ...] = (100, 300, 1000)) -> str:
+    """docs/gates.md's table of the gates' rule: an equal candidate's pass rate and the power at +5 points,
+    0/1 and ROUGE-L-shaped scores, gain gate at threshold 0 (the strictest "must be better")."""
+    out = [f"gain gate, threshold 0, 95%: pass rate over {draws} draws per cell (new rule: test AND lower bound; "
+           "old: lower bound alone)",
+           "| n | 0/1 equal: new | old | 0/1 +5 pts: new | old | ROUGE-L equal: new | old | ROUGE-L +0.05: new | old |",
+           "|---" * 9 + "|"]
+    for n in sizes:
+        cells = [simulate_gate(n, d, binary=b, draws=draws, seed=n, old=o)
+                 for b in (True, False) for d in (0.0, 0.05) for o in (False, True)]
+        out.append(f"| {n} | " + " | ".join(f"{c:.1%}" for c in cells) + " |")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------- the tables of docs/gates.md
 
 def _main() -> None:
     """Print the simulation tables of docs/gates.md: python -m qlora_ops.tasks.gates.simulate"""
+    print(gate_table())
     policy, diffs, sizes = PromotionPolicy(), (-0.05, -0.02, 0.0, 0.02, 0.05), (100, 500, 2000)
     header = "| n | " + " | ".join(f"{100 * d:+.0f} pts" for d in diffs)
     print(f"policy {policy}")
@@ -226,4 +260,6 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    import sys
+
+    print(gate_table()) if sys.argv[1:] == ["--gates"] else _main()

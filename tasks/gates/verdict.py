@@ -81,11 +81,37 @@ def with_suite_intervals(params: Params, suite, models: dict, rows: dict) -> Non
         _score(params, get(suite.metric), m, rows[name])
 
 
-def promotion(params: Params, cand: dict, champ: dict) -> dict:
-    """policy.decide on the gate metric's per-row scores of the candidate and the champion, same rows."""
+def champion_guards(params: Params, ms: dict, cand: str = "merged") -> list[dict] | None:
+    """Every non_inferior suite again, `cand` vs the champion on the suite's rows (the model stage scored the
+    champion on every suite): a candidate that stayed within the margin of the base but lost to the champion
+    must not take `champion`. [] without such suites; None when a guard suite has no champion rows."""
+    out = []
+    for s in params.eval.suites:
+        if s.role != "non_inferior":
+            continue
+        r = ms.get("suites", {}).get(s.name, {}).get("rows", {})
+        if "champion" not in r or cand not in r:
+            return None
+        m = get(s.metric)
+        out.append(gate.suite_gate(s.name, s.role, m, gate.gate_scores(r["champion"], m), gate.gate_scores(r[cand], m),
+                                   threshold=s.threshold, confidence=params.gates.confidence, seed=params.seed,
+                                   ref="champion"))
+    return out
+
+
+def promotion(params: Params, cand: dict, champ: dict, guards: list[dict] | None = None) -> dict:
+    """policy.decide on the gate metric's per-row scores of the candidate and the champion, same rows; with
+    `guards` (champion_guards), promotion also requires every guard suite to pass against the champion."""
     if champ["ids"] != cand["ids"]:
         raise RuntimeError(f"champion v{champ.get('version')} was scored on other rows than the candidate; not comparable")
     m = gate.gate_metric(params)
-    return policy.decide(policy.PromotionPolicy.from_registry(params.registry), gate.gate_scores(cand, m),
-                        gate.gate_scores(champ, m), seed=params.seed, higher_is_better=m.higher_is_better,
-                        binary=m.binary, metric_name=m.name)
+    d = policy.decide(policy.PromotionPolicy.from_registry(params.registry), gate.gate_scores(cand, m),
+                      gate.gate_scores(champ, m), seed=params.seed, higher_is_better=m.higher_is_better,
+                      binary=m.binary, metric_name=m.name)
+    lost = [v for v in guards or [] if not v["passed"]]
+    if lost:
+        d["promote"] = False
+        d["reason"] = (f"keep champion: {gate.explain(lost)}; on the gate metric: "
+                       + d["reason"].removeprefix("promote: ").removeprefix("keep champion: "))
+    d["guards"] = guards or []
+    return d

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from qlora_ops.tasks import metrics as M
-from qlora_ops.tasks.core.config import ParamsError, load_params
-from qlora_ops.tasks.data.prepare import DataError, prepare
+from qlora_ops.tasks.core.config import DataParams, Params, ParamsError, load_params
+from qlora_ops.tasks.data.prepare import DataError, prepare, prepared_rows
 from qlora_ops.tasks.core.paths import tracking_uri, ws_path
 from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.data.samples import build_sample
@@ -27,6 +27,7 @@ from qlora_ops.tasks.core.util import read_jsonl
 from qlora_ops.tasks.data.versioning import SAMPLES, check_prepared_dir, remote_url, stage_name
 from qlora_ops.tasks.metrics import get
 from qlora_ops.tasks.gates.paired import ASSUMED_SD
+from qlora_ops.tasks.gates.sizing import refuse_small
 
 
 def _assumed_noise(metric: str) -> dict:
@@ -79,6 +80,7 @@ def check(params_path: Path, workspace: Path) -> dict:
     t = params.training
     steps = t.max_steps if t.epochs is None else math.ceil(t.epochs * stats["train"] / (t.batch_size * t.grad_accum))
     n_eval = min(stats["test"], params.eval.max_examples or stats["test"])
+    refuse_small(params, n_eval, suite_rows(params, ws), str(pfile))  # as `run` does, before any training
     r = params.registry
     policy = PromotionPolicy.from_registry(r)
     return {"params": Path(rel).as_posix(), "stage": stage_name(Path(rel).as_posix()), "raw": d.raw, "source": src,
@@ -88,6 +90,20 @@ def check(params_path: Path, workspace: Path) -> dict:
             "labels": params.data.labels, "metric": params.eval.metric, "report_metrics": params.eval.report_metrics,
             "gates": params.gates.model_dump(), "policy": {"non_inferiority_margin": r.non_inferiority_margin,
                                                            "min_improvement": r.min_improvement}}
+
+
+def suite_rows(params: Params, ws: Path) -> dict[str, int | None]:
+    """Each suite's rows after its max_examples, read as `run` reads them (lm-eval suites: max_examples, or
+    unknown until the harness loads them)."""
+    d, out = params.data, {}
+    for s in params.eval.suites:
+        if s.lm_eval is not None:
+            out[s.name] = s.max_examples
+            continue
+        how = DataParams(format="auto", columns=d.columns if s.columns is None else s.columns, labels=None,
+                         max_input_chars=d.max_input_chars, system_prompt=s.system_prompt or d.system_prompt)
+        out[s.name] = len(prepared_rows(ws_path(ws, s.path), how, limit=s.max_examples))
+    return out
 
 
 def check_json_answers(prepared: Path) -> None:
@@ -144,7 +160,8 @@ def metric_lines(c: dict) -> list[str]:
     also = [x for x in c["report_metrics"] if x != m.name]
     return [f"metric    {m.name} ({'higher' if m.higher_is_better else 'lower'} is better, {scale} per row): {m.doc}"
             + (f"; also reported: {', '.join(also)}" if also else ""),
-            f"gates     gain: interval lower bound of {gain} >= {g['min_gain_over_base']:g}; retention: QLoRA keeps >= "
-            f"{g['min_retention_vs_lora']:g} of the LoRA baseline's; merge: {merge} <= {g['max_merge_disagreement']:g}",
+            f"gates     each: its paired test rejects AND its interval's bound clears the bar; gain: lower bound of "
+            f"{gain} >= {g['min_gain_over_base']:g}; retention: lower bound of the share of the LoRA baseline's gain "
+            f"QLoRA keeps >= {g['min_retention_vs_lora']:g}; merge: upper bound of {merge} <= {g['max_merge_disagreement']:g}",
             f"promote   better than the champion by >= {pol['min_improvement']:g}, never worse by more than "
             f"{pol['non_inferiority_margin']:g} (interval lower bound), both in {m.name} units"]

@@ -9,8 +9,9 @@ then writes a params file holding what differs from the defaults for this data:
   question/answer or text/label are mapped; anything else is an error asking for data.columns);
 - data.labels (and a system prompt listing them) when the answers are labels: few distinct short
   answers, each seen several times;
-- eval.metric chosen from the answers (labels -> exact_match, JSON -> json_match, other free text ->
-  rouge_l, or chrf for text rouge-score cannot split into words), with gate thresholds and promotion
+- eval.metric chosen from the answers (choose_metric: labels or numbers -> exact_match; a majority of
+  JSON -> json_match, the other answers named; code -> exact_match when short, chrf when long; text
+  mostly in a non-Latin script -> chrf; other free text -> rouge_l), with gate thresholds and promotion
   margins on that metric's scale and one comment saying why (choose_metric, GATES);
 - data.split sized for the promotion policy: enough test rows to tell a registry.non_inferiority_margin
   difference (tasks.gates.policy.rows_needed) where the data has them, capped so training keeps most of the
@@ -29,6 +30,8 @@ import os
 import re
 import tempfile
 from pathlib import Path
+
+import regex
 
 from qlora_ops.tasks import metrics as M
 from qlora_ops.tasks.core.config import DataParams, ModelParams, Params, ParamsError, RegistryParams
@@ -93,7 +96,7 @@ def label_set(stats: dict) -> list[str] | None:
         return None
     if any(len(a) > MAX_LABEL_CHARS or len(a.split()) > MAX_LABEL_WORDS for a in counts):
         return None
-    if stats["rows_after_dedupe"] < MIN_PER_LABEL * len(counts):
+    if min(counts.values()) < MIN_PER_LABEL:  # each label seen several times: one seen once is free text
         return None
     return sorted(counts)
 
@@ -107,7 +110,7 @@ def label_set(stats: dict) -> list[str] | None:
 # decoding of a sentence can drift after one different token, so this is looser than it looks.
 # nll is in nats per token (lower is better): the gain is a reduction.
 GATES = {
-    "exact_match": {"min_gain_over_base": 0.2, "max_merge_disagreement": 0.05, "non_inferiority_margin": 0.02,
+    "exact_match": {"min_gain_over_base": 0.2, "max_merge_disagreement": 0.06, "non_inferiority_margin": 0.02,
                     "min_improvement": 0.01},
     "json_match": {"min_gain_over_base": 0.2, "max_merge_disagreement": 0.05, "non_inferiority_margin": 0.02,
                    "min_improvement": 0.01},
@@ -117,21 +120,51 @@ GATES = {
             "min_improvement": 0.01},
 }
 FREE_TEXT_PROMPTS = {"json_match": "Answer with the JSON only.", "rouge_l": "Answer briefly, in the style of the examples.",
-                     "chrf": "Answer briefly, in the style of the examples."}
-MIN_WORDY = 0.8  # share of answers rouge-score can split into [a-z0-9] words, below which chrf is chosen
+                     "chrf": "Answer briefly, in the style of the examples.",
+                     "exact_match": "Answer with the answer only, exactly as in the examples."}
+MIN_JSON = 0.5      # JSON answers above this share (a majority) make json_match; the others are named as outliers
+MAX_NON_LATIN = 0.2  # answers written mostly in another script above this share: chrf
+MIN_CODE = 0.5      # answers that look like code above this share: exact match (short) or chrf (long)
+SHORT_CODE_CHARS = 40  # code answers this long or shorter (median) are one expression: right or wrong
+_NUMBER = re.compile(r"[-+]?(\d[\d,_]*)?\.?\d+([eE][-+]?\d+)?%?")
+# A call `f(x)`, an assignment or comparison, a statement end, braces, an arrow or a keyword opening a line.
+_CODE = re.compile(r"\w\(|\s[-+*/%<>!=]?=\s|==|;\s*$|[{}]|->|=>|^\s*(def|class|import|from|return|lambda|SELECT|"
+                   r"function|const|let|var|for|while|if)\b", re.M)
+
+
+def _non_latin(a: str) -> bool:
+    """Most of the answer's letters are outside the Latin script (Cyrillic, CJK, Arabic, ...)."""
+    letters = regex.findall(r"\p{L}", a)
+    return bool(letters) and sum(bool(regex.match(r"\p{Latin}", ch)) for ch in letters) < len(letters) / 2
 
 
 def choose_metric(answers: list[str], labels: list[str] | None) -> tuple[str, str]:
-    """(gate metric, why) for these reference answers."""
+    """(gate metric, why) for these reference answers; the why names what decided it."""
+    n = max(len(answers), 1)
     if labels:
         return "exact_match", f"{len(labels)} labels: an answer is right or wrong, so exact match (accuracy)"
-    if answers and all(_is_json(a) for a in answers):
-        return "json_match", ("every answer is a JSON object/array: json_match scores valid JSON by the share of the "
-                              "reference's fields it gets right")
-    wordy = sum(bool(re.search(r"[a-z0-9]", a.lower())) for a in answers) / max(len(answers), 1)
-    if wordy < MIN_WORDY:
-        return "chrf", (f"free text, but only {wordy:.0%} of answers have Latin letters or digits, which ROUGE-L's "
-                        "tokenizer needs: chrF (character n-grams) scores any script")
+    js = [a for a in answers if _is_json(a)]
+    if answers and len(js) / n > MIN_JSON:
+        out = [a for a in answers if not _is_json(a)]
+        named = ("; NOT JSON, fix or drop them before `check` passes: " + ", ".join(repr(a[:40]) for a in out[:5])
+                 + (f" and {len(out) - 5} more" if len(out) > 5 else "")) if out else ""
+        return "json_match", (f"{len(js)} of {len(answers)} answers are JSON objects/arrays: json_match scores valid "
+                              f"JSON by the F1 of the reference's fields it gets right{named}")
+    if answers and all(_NUMBER.fullmatch(a.strip()) for a in answers):
+        return "exact_match", ("every answer is a number: -5 and 5 are different answers that word overlap (ROUGE-L) "
+                               "scores alike, so exact match")
+    if (code := sum(bool(_CODE.search(a)) for a in answers) / n) > MIN_CODE:
+        med = sorted(len(a) for a in answers)[len(answers) // 2]
+        if med <= SHORT_CODE_CHARS:
+            return "exact_match", (f"{code:.0%} of answers look like code and they are short (median {med} chars): one "
+                                   "changed operator (`a - b` vs `a + b`) makes a wrong answer, which ROUGE-L's word "
+                                   "tokenizer cannot see (it drops symbols), so exact match")
+        return "chrf", (f"{code:.0%} of answers look like code, median {med} chars: chrF's character n-grams keep the "
+                        "operators and punctuation ROUGE-L drops, and give partial credit where an exact match of "
+                        "whole programs would score almost every answer 0")
+    if (other := sum(map(_non_latin, answers)) / n) > MAX_NON_LATIN:
+        return "chrf", (f"free text, {other:.0%} of answers mostly in a non-Latin script: chrF (character n-grams) "
+                        "needs no word splitting, so it scores every script, including those written without spaces")
     return "rouge_l", ("free-text answers: ROUGE-L gives partial credit for the longest run of reference words in "
                        "order (stemmed); exact match would score almost every answer 0")
 
@@ -211,7 +244,8 @@ def write_params(datafile: Path, workspace: Path, out: str | None = None, model:
 
     probe = Params(data=DataParams(raw=str(data), format=fmt, columns=columns))
     with tempfile.TemporaryDirectory(prefix="qlora-ops-init-") as tmp:
-        stats = prepare(probe, ws, out=Path(tmp))  # every bad row named here, as in a run
+        # every bad row named here, as in a run; the split of this data alone (no params file has a lineage yet)
+        stats = prepare(probe, ws, out=Path(tmp), lineage_aware=False)
         answers = [r["completion"] for split in ("train", "val", "test") for r in read_jsonl(Path(tmp) / f"{split}.jsonl")]
     n = stats["rows_after_dedupe"]
     labels = label_set(stats)
@@ -232,6 +266,20 @@ def write_params(datafile: Path, workspace: Path, out: str | None = None, model:
     out_path.write_text(text)
     return {"path": out_rel, "text": text, "format": fmt, "columns": columns, "labels": labels, "stats": stats,
             "split": {"val": val, "test": test}, "note": split_note, "metric": metric}
+
+
+def _gate_lines(g: dict, m, n_test: int) -> list[str]:
+    """The gates' thresholds, each with why (docs/gates.md, "One rule"): every gate decides on its test and a
+    bound of its interval at 95%, so a bar must be reachable on this data's test rows."""
+    merge = g["max_merge_disagreement"]
+    if m.binary:  # the Clopper-Pearson upper bound with 0 differing rows on n_test rows
+        merge = max(merge, math.ceil(100 * (1 - 0.025 ** (1 / n_test))) / 100)
+    head = ["  # every gate decides on its paired test AND a bound of its 95% interval (docs/gates.md): the bars below "
+            f"are what ~{n_test} test rows can show; where the base already scores well, half its headroom replaces "
+            "the fixed gain bar"]
+    return head + [f"  min_gain_over_base: {g['min_gain_over_base']}",
+                   *(["  min_gain_of_headroom: 0.5"] if m.hi != float("inf") else []),
+                   f"  max_merge_disagreement: {merge}"]
 
 
 def _render(out_rel: str, command: str, name: str, data: Path, rel: str | None, fmt: str, columns: dict,
@@ -276,8 +324,7 @@ def _render(out_rel: str, command: str, name: str, data: Path, rel: str | None, 
               "eval:",
               f"  metric: {metric}",
               "gates:",
-              f"  min_gain_over_base: {g['min_gain_over_base']}",
-              f"  max_merge_disagreement: {g['max_merge_disagreement']}",
+              *_gate_lines(g, m, max(int(0.85 * n * test), 1)),  # the split's test share varies: leave slack
               "registry:",
               f"  model_name: {j('qlora-ops-' + name)}    # its own registered model: its champion competes with no other data set",
               f"  non_inferiority_margin: {g['non_inferiority_margin']}",

@@ -53,7 +53,8 @@ def quantized_base(params: Params, workspace: Path, base_dir: Path, in_child: bo
         # (GPU memory that empty_cache cannot free) until it exits, and this process goes on to start
         # the training processes, which need the whole GPU. The child is gone when they start.
         return _quantize_in_child(params, workspace, base_dir)
-    out = state_dir(workspace, params) / "cache" / "base-nf4" / quantized_base_key(params, base_dir)
+    cache = state_dir(workspace, params) / "cache"
+    out = cache / "base-nf4" / quantized_base_key(params, base_dir, cache)
     if out.is_dir():
         if (bad := verify_manifest(out)) is None:
             return out

@@ -8,25 +8,26 @@ evaluation is keyed on the content of WHAT it evaluates.
 
 | key                      | names                               | covers                                                     |
 |--------------------------|-------------------------------------|------------------------------------------------------------|
-| base_identity(dir)       | a model dir the user gave           | config/tokenizer bytes, weight file names + sizes (+ mtimes) |
+| base_identity(dir)       | a model dir the user gave           | sha256 of every file (weights, every tokenizer file), cached |
 | content_hash(dir)        | a dir we wrote (adapter, merged     | from its manifest, the sha256 of every file that is loaded |
 |                          | model, 4-bit copy, converted base)  | (an adapter's config by meaning: PEFT orders a set at random) |
-| quantized_base_key       | the 4-bit copy QLoRA trains on      | base identity (mtimes too), quantization params, hardware, |
+| quantized_base_key       | the 4-bit copy QLoRA trains on      | base identity, quantization params, hardware,              |
 |                          |                                     | compute dtype, model libraries                             |
 | train_key                | one trained adapter (run dir)       | train + val rows, base identity, kind-independent training |
 |                          |                                     | params, "train" code, model libraries, hardware, force     |
 | score_key                | how one suite is scored             | the suite's rows, "eval" code (decoding, prompting,        |
 |                          |                                     | metrics), eval + quantization params (+ the suite's),      |
-|                          |                                     | model + metric libraries, hardware, compute dtype          |
+|                          |                                     | model + metric libraries, hardware, compute dtype,         |
+|                          |                                     | model.max_seq_len (prompts are cut to it)                  |
 | eval_key                 | one evaluation's predictions        | score key + content of what is evaluated (+ force)         |
 | fingerprint              | the run's decision (skip when       | data version, params that decide model and verdict, the    |
 |                          | an earlier run has it)              | decision code, base fingerprint, suites' rows, all libraries, |
 |                          |                                     | the lock file (lock_hash, when there is one)               |
 
-Two deliberate exceptions, both cheaper than the bytes they stand for: a model dir without a manifest
-(the user's base) is identified by names, sizes and mtimes, not by hashing GBs of weights on every run;
-the run fingerprint identifies the embedded GGUF by name and size, known before converting it (the
-parent flow may run on a machine that never loads the model).
+A model dir without a manifest (the user's base) is hashed file by file, every file; the hashes are kept
+in the state dir by (path, size, mtime), so a run re-hashes only a file that changed. A hub base is its
+commit. One deliberate exception, cheaper than the bytes it stands for: the run fingerprint identifies
+the embedded GGUF by name and size, known before converting it (the parent flow may run on a machine that never loads the model).
 
 The code a key covers is named by group (CODE_GROUPS). Files that decide nothing about the model or its
 verdict are listed in NOT_DECIDING; a file in neither list counts as deciding (the safe side: a new
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_ops.tasks.core import lockfile
+from qlora_ops.tasks.core.config import _NOT_WEIGHTS
 from qlora_ops.tasks.core.hardware import compute_dtype, device, hardware
 from qlora_ops.tasks.core.hashing import digest
 from qlora_ops.tasks.core.paths import ws_path
@@ -136,6 +138,8 @@ def code_version(root: Path = ROOT) -> dict:
     every = sorted(list((root / "tasks").rglob("*.py")) + list((root / "flows").rglob("*.py")))
     info = {"source_sha": _hash_files([p for p in every if "__pycache__" not in p.parts], root),
             "decision_sha": code_hash(root=root), "git_commit": None, "git_dirty": None}
+    if not (root / "pyproject.toml").is_file():  # an installed wheel: site-packages may sit inside someone's git repo
+        return info
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                             check=True).stdout.strip()
@@ -179,35 +183,84 @@ def lock_hash(root: Path = ROOT) -> str | None:
 
 
 # ---------------------------------------------------------------- model and data identities
-def base_identity(path: Path, with_mtime: bool = True) -> str:
-    """Cheap identity of a model dir without a manifest: config + tokenizer content, weight file names
-    and sizes (hashing ~0.5 GB of weights on every run would cost seconds for nothing), and their mtimes
-    (weights replaced by same-size files must not reuse old bytes). Without mtimes it is the same on
-    every machine holding the same files (the run fingerprint needs that)."""
-    h = hashlib.sha256()
-    for p in sorted(Path(path).iterdir()):
-        if p.suffix in (".json", ".jinja"):
-            h.update(p.name.encode() + p.read_bytes())
-        elif p.suffix == ".safetensors":
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns if with_mtime else ''}".encode())
-    return h.hexdigest()[:16]
+HASH_CACHE = "file-hashes.json"  # in the state dir's cache/: sha256 of a user's model files by (path, size, mtime)
+
+
+def _file_sha256(p: Path, cache: dict) -> str:
+    """sha256 of a file, reused while its (path, size, mtime) is unchanged: hashing ~0.5 GB of weights
+    costs seconds, and a base is keyed on every run. A file rewritten in place gets a new mtime."""
+    st = p.stat()
+    stamp, key = f"{st.st_size}:{st.st_mtime_ns}", str(p.resolve())
+    hit = cache.get(key)
+    if hit and hit.get("stamp") == stamp:
+        return hit["sha256"]
+    cache[key] = {"stamp": stamp, "sha256": sha256_file(p)}
+    return cache[key]["sha256"]
+
+
+def base_identity(path: Path, cache_dir: Path | None = None) -> str:
+    """Identity of a model dir without a manifest (a base the user gave): the sha256 of every file in it
+    (weights, config, every tokenizer file: tokenizer.model, merges.txt, vocab.*, templates), by relative
+    path, so new weights of the same shapes or an edited tokenizer get a new identity, and the same files
+    give the same identity on every machine. Hidden files and dirs (.git, .cache) are not the model.
+    `cache_dir`: where the hashes are kept between runs (the state dir's cache/)."""
+    from qlora_ops.tasks.core.util import atomic_write_json
+
+    path = Path(path)
+    store = Path(cache_dir) / HASH_CACHE if cache_dir is not None else None
+    cache = read_json(store) if store is not None and store.is_file() else {}
+    before = dict(cache)
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    parts = {p.relative_to(path).as_posix(): _file_sha256(p, cache) for p in files}
+    if store is not None and cache != before:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(store, cache)
+    return digest(parts)[:16]
+
+
+def hub_commit(repo_id: str) -> str:
+    """The commit a hub base resolves to: the local Hugging Face cache's ref (what a load would use
+    offline), else the hub's answer. A base that cannot be pinned to a commit is refused: its id alone
+    would key new weights pushed under the same name as the old ones."""
+    name, _, rev = repo_id.partition("@")
+    rev = rev or "main"
+    if len(rev) == 40 and all(c in "0123456789abcdef" for c in rev):
+        return rev
+    try:
+        from huggingface_hub import constants
+
+        ref = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}" / "refs" / rev
+        if ref.is_file():
+            return ref.read_text().strip()
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(name, revision=rev, timeout=30).sha
+    except Exception as e:
+        raise RuntimeError(f"model.source={repo_id!r}: cannot resolve the hub revision {rev!r} to a commit "
+                           f"({type(e).__name__}: {e}); download it once (it is then in the local cache) or "
+                           "name a commit as model.source: <id>@<40-hex commit>") from None
 
 
 def base_fingerprint(params: "Params", workspace: Path) -> str:
-    """The base model's identity for the run fingerprint, known before (and without) converting it."""
+    """The base model's identity for the run fingerprint, known before (and without) converting it: the
+    content of a local dir (hashes cached in the state dir), a hub base's commit."""
+    from qlora_ops.tasks.core.paths import state_dir
+
     src = params.model.source
     if src == "smollm2-gguf":
         g = smollm2_gguf_path()
         return f"smollm2-gguf:{g.name}:{g.stat().st_size}"
     local = ws_path(workspace, src)
-    return f"dir:{base_identity(local, with_mtime=False)}" if local.is_dir() else f"hub:{src}"
+    if local.is_dir():
+        return f"dir:{base_identity(local, state_dir(workspace, params) / 'cache')}"
+    return f"hub:{src.partition('@')[0]}@{hub_commit(src)}"
 
 
 def content_hash(path: Path) -> str:
     """The content of a dir we wrote (adapter, merged model, 4-bit copy, converted base), from its
     manifest (sha256 + size of every file): the same bytes give the same hash wherever they lie.
-    A dir without a manifest (a model dir the user gave) falls back to base_identity with mtimes.
+    A dir without a manifest (a model dir the user gave) falls back to base_identity (every file's content).
     The manifest is read, not re-verified: every load of such a dir verifies it (util.check_manifest)."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
@@ -251,18 +304,29 @@ def _dtype(params: "Params") -> str:
     return str(compute_dtype(params.quantization, device()))
 
 
-def quantized_base_key(params: "Params", base_dir: Path) -> str:
-    """The 4-bit copy of `base_dir`: the base (mtimes too: a retrained same-size checkpoint gets a new copy),
+def quantized_base_key(params: "Params", base_dir: Path, cache_dir: Path | None = None) -> str:
+    """The 4-bit copy of `base_dir`: the base's content (a retrained same-size checkpoint gets a new copy),
     the quantization params, the hardware and compute dtype, and the libraries that write the format."""
-    return digest(base_identity(base_dir), params.quantization.model_dump(mode="json"), hardware(), _dtype(params),
+    return digest(base_identity(base_dir, cache_dir), params.quantization.model_dump(mode="json"), hardware(), _dtype(params),
                   lib_versions("model"))
 
 
+# Training settings that cannot change the weights: how often the loop evaluates val loss (no RNG, no
+# weight update), saves and prunes checkpoints. They stay out of the train key and the fingerprint.
+NOT_WEIGHTS = _NOT_WEIGHTS  # one list, in tasks.core.config (the fingerprint's params digest drops them too)
+
+
+def weight_params(params: "Params") -> dict:
+    """The params that decide a trained adapter's weights (NOT_WEIGHTS left out)."""
+    d = params.model_dump(mode="json", include={"seed", "model", "quantization", "lora", "training"})
+    d["training"] = {k: v for k, v in d["training"].items() if k not in NOT_WEIGHTS}
+    return d
+
+
 def train_key(params: "Params", data: str, base_id: str, nonce: str = "") -> str:
-    """One trained adapter: its rows, its base, the params and code of training, the libraries and
-    hardware that compute it, and the force nonce (a forced run trains into a new dir)."""
-    return digest(data, base_id, code_hash(*TRAIN_CODE), params.digest("seed", "model", "quantization", "lora", "training"),
-                  lib_versions("model"), hardware(), nonce)
+    """One trained adapter: its rows, its base, the params and code of training (not NOT_WEIGHTS), the
+    libraries and hardware that compute it, and the force nonce (a forced run trains into a new dir)."""
+    return digest(data, base_id, code_hash(*TRAIN_CODE), weight_params(params), lib_versions("model"), hardware(), nonce)
 
 
 def score_key(params: "Params", rows: str, suite: Any = None) -> str:
@@ -273,10 +337,11 @@ def score_key(params: "Params", rows: str, suite: Any = None) -> str:
     ev = params.eval.model_dump(mode="json", exclude={"suites"})  # another suite does not change how this one scores
     if suite is not None:  # its own metric and rows (cut at prepare); the domain split's choices are not its
         ev = {k: v for k, v in ev.items() if k not in ("metric", "report_metrics", "max_examples")}
-        own = {"metric", "lm_eval"} | ({"system_prompt", "max_examples"} if suite.lm_eval else set())  # else in its rows
+        own = {"metric", "lm_eval"} | ({"system_prompt", "max_examples", "filter"} if suite.lm_eval else set())  # else in its rows
         ev["suite"] = suite.model_dump(mode="json", include=own)
+    # model.max_seq_len: prompts are cut from the left to fit it (nll's teacher forcing, as in training).
     return digest(rows, code_hash(*EVAL_CODE), ev, params.quantization.model_dump(mode="json"),
-                  lib_versions("model", "metrics"), hardware(), _dtype(params))
+                  lib_versions("model", "metrics"), hardware(), _dtype(params), {"max_seq_len": params.model.max_seq_len})
 
 
 def eval_key(score: str, *contents: str, nonce: str = "") -> str:

@@ -5,7 +5,9 @@
     qlora-ops promote 7 --force --reason "hotfix for ticket 123"   # recorded: who, why, when
     qlora-ops rollback --reason "bad answers in prod"              # champion back to the previous one
 
-The same write order as tasks.registry.register: tags first, the champion alias move is the last write. A
+The same write order as tasks.registry.register: a killed writer's plan is finished first, then this
+command's writes are planned in one write and applied (tasks.registry.journal), so a kill anywhere is
+repaired by the next writer. A
 version whose status is not `ready` (its run died halfway, or it was rolled back) is never promoted.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from qlora_ops.tasks.gates.policy import PromotionPolicy, decide
+from qlora_ops.tasks.registry import journal
 from qlora_ops.tasks.registry.register import DEFERRED, READY, REJECTED, PromotionError, _alias_holder
 from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.gates.gate import gate_scores
@@ -96,12 +99,16 @@ def status(model_name: str, aliases: tuple[str, ...], experiment: str | None, li
                               "data": r.data.tags.get("qlora_ops.data_version", "?"),
                               "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)),
                               "gates": r.data.tags.get("qlora_ops.gate_reason", "")[:60]} for r in rs])
-    return {"model_name": model_name, "aliases": {a: held.get(a) for a in aliases}, "versions": vt, "runs": runs}
+    return {"model_name": model_name, "aliases": {a: held.get(a) for a in aliases}, "versions": vt, "runs": runs,
+            "pending": journal.pending(c, model_name) if versions else None}
 
 
 def format_status(s: dict) -> str:
     L = [f"registered model {s['model_name']}"]
     L += [f"  {a:<11} -> {'v' + str(v) if v else '(none)'}" for a, v in s["aliases"].items()]
+    if p := s.get("pending"):  # a writer killed mid-commit: the next writer (promote, rollback, a run) finishes it
+        L += [f"  pending    : {p['op']} begun by {p.get('by', '?')} at {p.get('at', '?')}, not finished; the next "
+              "run, promote or rollback finishes it"]
     L += ["", "versions:", s["versions"].to_string(index=False) if len(s["versions"]) else "  (none)"]
     L += ["", "recent runs:", s["runs"].to_string(index=False) if len(s["runs"]) else "  (none)"]
     return "\n".join(L)
@@ -116,12 +123,19 @@ def version_rows(model_name: str, v: int, dst: Path) -> tuple[str, dict]:
     return t.get("score_key", ""), per_row(Path(d))
 
 
+def _reconcile(c: MlflowClient, model_name: str) -> None:
+    """A killed writer's plan, finished or dropped before this command reads anything (the caller holds the lock)."""
+    if (done := journal.reconcile(c, model_name)) is not None:
+        print(f"registry {model_name}: {done}", flush=True)
+
+
 def promote(model_name: str, version: int, alias: str, policy: PromotionPolicy, work: Path, *,
             force: bool = False, reason: str | None = None, by: Actor | None = None) -> dict:
     """Move `alias` to `version` if the paired policy says it beats the champion on the same rows;
     with force, regardless. Every promotion records who (`by`, default whoami()) and why."""
     c = MlflowClient()
     by = by or whoami(mlflow.get_tracking_uri())
+    _reconcile(c, model_name)
     t = _tags(c, model_name, version)
     if t.get("status") not in (READY, DEFERRED):  # deferred: complete, its run could not decide; a person may
         raise PromotionError(f"{model_name} v{version} has status {t.get('status', 'unknown')!r}, not 'ready': "
@@ -158,9 +172,14 @@ def promote(model_name: str, version: int, alias: str, policy: PromotionPolicy, 
     tags = {**decision_tags, **by.tags("promoted"), "promoted": "true", "promotion_reason": why[:5000]}
     if champ is not None:
         tags["previous_champion"] = str(champ)
-    for k, v in tags.items():
-        c.set_model_version_tag(model_name, str(version), k, v)
-    c.set_registered_model_alias(model_name, alias, str(version))  # the last write
+    # One plan, written first, then its writes (tasks.registry.journal): a kill anywhere is finished by the
+    # next writer; the champion alias move is the last write.
+    writes = [["tag", str(version), k, v] for k, v in tags.items()]
+    if champ is not None:
+        writes.append(["tag", str(champ), "replaced_by", str(version)])
+    writes.append(["alias", alias, str(version)])
+    journal.run(c, model_name, journal.plan("promote", writes=writes,
+                                            expect={alias: None if champ is None else str(champ)}))
     return {"version": version, "promoted": True, "previous_champion": champ, "reason": why, "by": by.user,
             "auth": by.auth}
 
@@ -171,6 +190,7 @@ def rollback(model_name: str, alias: str, *, reason: str, by: Actor | None = Non
     rejected twin)."""
     c = MlflowClient()
     by = by or whoami(mlflow.get_tracking_uri())
+    _reconcile(c, model_name)
     cur = _alias_holder(c, model_name, alias)
     if cur is None:
         raise PromotionError(f"{model_name} has no '{alias}': nothing to roll back")
@@ -180,9 +200,13 @@ def rollback(model_name: str, alias: str, *, reason: str, by: Actor | None = Non
     if _tags(c, model_name, prev).get("status") not in (READY, None):
         raise PromotionError(f"previous champion v{prev} has status {_tags(c, model_name, prev).get('status')!r}; "
                              f"promote another version by hand (`qlora-ops promote N --force --reason ...`)")
-    for k, v in {**by.tags("rolled_back"), "status": REJECTED, "rejected_reason": f"rolled back by {by.user}: {reason}"[:5000],
-                 "rejected_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
-        c.set_model_version_tag(model_name, str(cur), k, v)
-    c.set_registered_model_alias(model_name, alias, str(prev))  # the last write
+    # One plan, written first (tasks.registry.journal): the alias moves back first, then the demoted version
+    # is tagged rejected; a kill anywhere is finished by the next writer, so `champion` never stays on a
+    # version tagged rejected.
+    writes = [["alias", alias, str(prev)]]
+    writes += [["tag", str(cur), k, v] for k, v in {
+        **by.tags("rolled_back"), "rejected_reason": f"rolled back by {by.user}: {reason}"[:3000],
+        "rejected_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": REJECTED}.items()]
+    journal.run(c, model_name, journal.plan("rollback", writes=writes, expect={alias: str(cur)}))
     return {"demoted": cur, "champion": int(prev), "reason": reason, "by": by.user, "auth": by.auth}
 

@@ -28,6 +28,7 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
+from qlora_ops.tasks.registry import journal
 from qlora_ops.tasks.registry.legacy import LEGACY_LOADER_MODULE, LOADER_MODULE  # noqa: F401  (re-exported)
 from qlora_ops.tasks.registry.loader import SERVING_FILE, manifest_digest
 from qlora_ops.tasks.core.util import MANIFEST, atomic_write_json, check_manifest, read_json, sha256_file
@@ -179,7 +180,7 @@ def _alias_holder(client: MlflowClient, name: str, alias: str) -> int | None:
     return int(v) if v is not None else None
 
 
-def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
+def download_hf_model(model_name: str, version: int, dst: Path, allow_unverified: bool = False) -> Path:
     """Download the HF model dir of a registered version into dst, checked: every file against the
     artifact's manifest, and the manifest against the version's `weights_digest` tag. Reads the pyfunc's
     data dir (this format) or the "model" artifact of the earlier models-from-code format (its code is
@@ -201,6 +202,11 @@ def download_hf_model(model_name: str, version: int, dst: Path) -> Path:
     if not (local / "config.json").is_file():
         raise PromotionError(f"{model_name} v{version}: downloaded model dir {local} has no config.json")
     expected = (client.get_model_version(model_name, str(version)).tags or {}).get(WEIGHTS_DIGEST)
+    if not expected and not (local / MANIFEST).is_file() and not allow_unverified:
+        # Nothing at all to check the bytes against: refused (a caller that knowingly takes a legacy version
+        # says so: export-gguf --allow-unverified-legacy).
+        raise PromotionError(f"{model_name} v{version} has neither a {WEIGHTS_DIGEST} tag nor a {MANIFEST}: its "
+                             "bytes cannot be checked; register it again")
     if expected or (local / MANIFEST).is_file():
         try:
             check_weights(local, expected)
@@ -242,9 +248,11 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
     """Register `model_uri` as a new version; move `alias` to it only if `decide(champion_version)` says so.
 
     The whole read-compare-write runs under an exclusive lock on `lock_path` (the caller also holds the
-    registered model's Prefect global concurrency slot). Write order, so that a crash anywhere leaves
-    the registry truthful: the version is born `status=incomplete`; the decision's tags follow; then
-    `status=ready` (`deferred` when `decide` raised Deferred: registered, not decided); then `challenger_alias`; the champion alias move is the last write. Idempotent per
+    registered model's Prefect global concurrency slot). Write order, so that a kill anywhere leaves
+    the registry truthful or repairable: a plan a killed writer left is finished first (tasks.registry.journal);
+    the version is born `status=incomplete`; the decision's tags follow; then the commit, planned in one
+    write and then applied: `status=ready` (`deferred` when `decide` raised Deferred: registered, not
+    decided), `challenger_alias`, `replaced_by` on the old champion, the champion alias move last. Idempotent per
     MLflow run: a retry finds the version this run already registered (tag mlflow_run_id). A version
     whose fingerprint was rolled back before is never auto-promoted again. `describe(version, promoted,
     reason)` gives the version's description (its model card), written before `status=ready`.
@@ -253,6 +261,8 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
     with registry_lock(lock_path):
         vtags = {str(k): str(v) for k, v in (tags or {}).items()}
         vtags = {**logged_model_tags(model_uri), **vtags}  # weights_digest (serve engineer)
+        if (done := journal.reconcile(client, model_name)) is not None:  # a killed writer's commit, first
+            print(f"registry {model_name}: {done}", flush=True)
         mv = _version_of_run(client, model_name, vtags.get("mlflow_run_id"))
         _abandon_incomplete(client, model_name, keep=mv.version if mv is not None else None,
                             by=vtags.get("mlflow_run_id", ""))
@@ -277,17 +287,23 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
                     promote, reason, status = False, str(d), DEFERRED
             if describe is not None and (card := describe(new_v, promote, reason)):
                 client.update_model_version(model_name, str(new_v), description=card)
-            decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000], "status": status}
+            decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000]}
             if promote and prev_v is not None:
                 decision["previous_champion"] = str(prev_v)  # what `qlora-ops rollback` returns to
-            for k, v in decision.items():  # `status=ready` last of the tags: it vouches for the others
+            for k, v in decision.items():  # still `incomplete`: nothing trusts these until `status` below
                 client.set_model_version_tag(model_name, str(new_v), k, v)
+            # The commit, planned in one write first (tasks.registry.journal): a kill from here on is finished
+            # by the next writer; before it, the version stays incomplete and is abandoned.
+            writes = [["tag", str(new_v), "status", status]]
             if challenger_alias:
-                client.set_registered_model_alias(model_name, challenger_alias, str(new_v))
+                writes.append(["alias", challenger_alias, str(new_v)])
             if promote:
                 if prev_v is not None:
-                    client.set_model_version_tag(model_name, str(prev_v), "replaced_by", str(new_v))
-                client.set_registered_model_alias(model_name, alias, str(new_v))  # the last write
+                    writes.append(["tag", str(prev_v), "replaced_by", str(new_v)])
+                writes.append(["alias", alias, str(new_v)])  # the last write
+            journal.run(client, model_name, journal.plan(
+                "register", writes=writes, expect={alias: None if prev_v is None else str(prev_v)}))
+            if promote:
                 now = int(client.get_model_version_by_alias(model_name, alias).version)
                 if now != new_v:
                     raise PromotionError(f"alias '{alias}' of {model_name} points at v{now} right after setting it "
@@ -304,6 +320,14 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
             "reason": reason}
 
 
+def repair(model_name: str, lock_path: Path) -> str | None:
+    """Finish (or drop) the commit a killed writer left, under the lock (the caller holds the registered
+    model's slot): what a run does before its skip check, so a promotion killed before its alias moved is
+    finished, not lost to "registered from the same inputs". Returns what was done, or None."""
+    with registry_lock(lock_path):
+        return journal.reconcile(MlflowClient(), model_name)
+
+
 def _abandon_incomplete(client: MlflowClient, model_name: str, keep: str | None, by: str) -> list[int]:
     """Tag every `status=incomplete` version (but this run's own, `keep`) `abandoned`; the caller holds
     the registry lock, so their writers are dead. `status` shows them; nothing promotes them."""
@@ -315,6 +339,7 @@ def _abandon_incomplete(client: MlflowClient, model_name: str, keep: str | None,
     out = []
     for mv in found:
         if mv.version != keep:
+            client.set_model_version_tag(model_name, mv.version, "promoted", "false")  # its decision never committed
             client.set_model_version_tag(model_name, mv.version, "promotion_reason",
                                          f"abandoned: its run was killed before registration finished (seen by run {by})")
             client.set_model_version_tag(model_name, mv.version, "status", ABANDONED)

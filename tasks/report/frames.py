@@ -2,7 +2,9 @@
 
     accuracy_frame(f)          # model x gate-metric mean with its interval (+ the champion on these rows)
     gate_frame(f["gates"])     # one row per gate verdict
-    confusion(refs, preds)     # (confusion matrix, per-class accuracy) of a label task
+    confusion(refs, preds)     # (confusion matrix, per-class precision/recall/F1) of a label task
+    macro_f1(per)              # the unweighted mean of the per-class F1: every class counts the same
+    recall_vs_champion(...)    # per-class recall of the candidate and the champion on the same rows
     sample_rows(f)             # test rows, worst first, base vs the tuned model
     stage_table(...)           # seconds (and peak memory) per stage
     data_frame(f)              # this run's data vs the champion's run's
@@ -29,8 +31,11 @@ def ordered(models: dict) -> list[tuple[str, dict]]:
 # ---------------------------------------------------------------- pure parts (tests/code/test_report.py)
 
 def confusion(references: list[str], predictions: list[str], labels: list[str] | None = None):
-    """(confusion matrix: reference x predicted counts, per-class accuracy table). Answers are compared
-    as the accuracy metric compares them (normalized); a prediction outside the label set is `(other)`."""
+    """(confusion matrix: reference x predicted counts, per-class table). Answers are compared as the
+    accuracy metric compares them (normalized); a prediction outside the label set is `(other)`. Per class:
+    n, correct, recall (the share of its rows answered right: its accuracy), precision (the share of the
+    answers naming it that were right) and F1; a class with no rows (or never predicted) has no recall
+    (precision), and an F1 of 0 when the other is defined."""
     import pandas as pd
 
     classes = sorted({normalize(x) for x in (labels or references)})
@@ -41,8 +46,38 @@ def confusion(references: list[str], predictions: list[str], labels: list[str] |
     hits = pd.Series([r == p for r, p in zip(ref, pred)])
     per = (pd.DataFrame({"label": ref, "correct": hits}).groupby("label", observed=False)["correct"]
            .agg(n="size", correct="sum").reset_index())
-    per["accuracy"] = (per["correct"] / per["n"].where(per["n"] > 0)).round(4)
+    predicted = cm.sum(axis=0).reindex(classes).to_numpy()
+    per["recall"] = (per["correct"] / per["n"].where(per["n"] > 0)).round(4)
+    per["precision"] = (per["correct"] / pd.Series(predicted).where(predicted > 0)).round(4)
+    pr = per["precision"].fillna(0) + per["recall"].fillna(0)
+    per["f1"] = (2 * per["precision"].fillna(0) * per["recall"].fillna(0) / pr.where(pr > 0)).fillna(0).round(4)
+    per.loc[per["precision"].isna() & per["recall"].isna(), "f1"] = float("nan")
     return cm, per
+
+
+def macro_f1(per) -> float:
+    """Macro-F1 (scikit-learn's average="macro" over the classes with rows or predictions): the mean of the
+    per-class F1, so a rare class weighs as much as a frequent one, unlike accuracy."""
+    return round(float(per["f1"].dropna().mean()), 4) if per["f1"].notna().any() else float("nan")
+
+
+def recall_vs_champion(references: list[str], correct: list[bool], champion_correct: list[bool],
+                       labels: list[str] | None = None):
+    """Per class, on the same test rows: n, the candidate's recall, the champion's, and the change
+    (candidate - champion): a class the candidate answers worse than the champion shows here even when the
+    overall accuracy rose. Rows in test order (the champion's `correct` is saved in that order)."""
+    import pandas as pd
+
+    if len(correct) != len(champion_correct) or len(correct) != len(references):
+        raise ValueError(f"{len(correct)} candidate rows, {len(champion_correct)} champion rows: not the same rows")
+    classes = sorted({normalize(x) for x in (labels or references)})
+    df = pd.DataFrame({"label": pd.Categorical([normalize(r) for r in references], categories=classes),
+                       "candidate": [bool(x) for x in correct], "champion": [bool(x) for x in champion_correct]})
+    per = df.groupby("label", observed=False).agg(n=("candidate", "size"), candidate=("candidate", "mean"),
+                                                  champion=("champion", "mean")).reset_index()
+    per = per[per["n"] > 0].reset_index(drop=True)
+    per["change"] = per["candidate"] - per["champion"]
+    return per.round(4)
 
 
 def worst_first(rows: list[dict]) -> list[dict]:
@@ -74,8 +109,18 @@ def gate_frame(verdicts: list[dict], level: str = "95%"):
     return pd.DataFrame([{"gate": v["name"], "value": f"{v['value']:.4f}",
                           f"{level} interval": f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None else "",
                           "interval of": v.get("ci_of", "") if v.get("ci_low") is not None else "",
-                          "threshold": f"{v['op']} {v['threshold']}", "decided on": v["decided_on"],
+                          "p": f"{v['p_value']:.3g}" if v.get("p_value") is not None else "",
+                          "threshold": f"{v['op']} {v['threshold']}", "decided on": _rule(v),
                           "verdict": "PASS" if v["passed"] else "FAIL"} for v in verdicts])
+
+
+def _rule(v: dict) -> str:
+    """The gate's decision rule as the report prints it (docs/gates.md, "One rule"): a gate decided on its test
+    says at which level (issue 26: the p-value used to be printed and never used)."""
+    how = v["decided_on"]
+    if how.startswith("test and") and v.get("confidence") is not None:
+        return f"test p < {1 - v['confidence']:.3g} and {how.removeprefix('test and ')} {v['op']} threshold"
+    return how
 
 
 def accuracy_frame(f: dict):

@@ -18,8 +18,8 @@ from qlora_ops.tasks.core.util import atomic_write_text
 from qlora_ops.tasks.gates import paired
 from qlora_ops.tasks.report import scores as rs
 from qlora_ops.tasks.report.card import model_card, with_serving
-from qlora_ops.tasks.report.frames import (accuracy_frame, confusion, data_frame, gate_frame, sample_rows,
-                                           serving_rows, stage_table)
+from qlora_ops.tasks.report.frames import (accuracy_frame, confusion, data_frame, gate_frame, macro_f1, ordered,
+                                           recall_vs_champion, sample_rows, serving_rows, stage_table)
 from qlora_ops.tasks.report.gather import gather, is_label_task, report_uri
 from qlora_ops.tasks.report.plots import accuracy_plot, confusion_plot, loss_plot
 
@@ -53,7 +53,13 @@ def render_html(f: dict) -> str:
     refs = [p["reference"] for p in preds]
     if is_label_task(refs, f.get("labels")):
         cm, per = confusion(refs, [p["prediction"] for p in preds], f.get("labels"))
-        parts += [f"<h2>Per-class accuracy ({tuned})</h2>", per.to_html(table_id="per-class-table", **table),
+        macro = {k: macro_f1(confusion([r["reference"] for r in rows], [r["prediction"] for r in rows], f.get("labels"))[1])
+                 for k, rows in ordered(f["predictions"])}
+        parts += [f"<h2>Per-class recall, precision and F1 ({tuned})</h2>",
+                  "<p class='meta' id='macro-f1'>macro-F1 (every class weighs the same): "
+                  + ", ".join(f"{html.escape(k)} {v:.4f}" for k, v in macro.items()) + "</p>",
+                  per.to_html(table_id="per-class-table", **table),
+                  *champion_recall(f, refs, [p["correct"] for p in preds], tuned, table),
                   _img("confusion-matrix", confusion_plot(cm, f"Confusion matrix ({tuned})"), "confusion matrix")]
     rows, tuned = sample_rows(f)
     parts += [f"<h2>Test rows, worst first (base vs {tuned})</h2>", rows.to_html(table_id="rows-table", **table)]
@@ -70,6 +76,17 @@ def render_html(f: dict) -> str:
              ".t th{background:#f3f3f3}.meta,.note{color:#555;font-size:13px}img{max-width:100%}h2{margin-top:28px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>qlora-ops run {run_id}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def champion_recall(f: dict, refs: list[str], correct: list[bool], tuned: str, table: dict) -> list[str]:
+    """Per-class recall of the candidate beside the champion's on the same rows (when the champion's rows are
+    saved for this test set): a class that lost ground shows even when accuracy rose."""
+    ch = f.get("champion") or {}
+    if not ch.get("correct") or len(ch["correct"]) != len(correct):
+        return []
+    per = recall_vs_champion(refs, correct, ch["correct"], f.get("labels"))
+    return [f"<h3>Per-class recall, {tuned} vs champion v{ch['version']} (same rows)</h3>",
+            per.to_html(table_id="per-class-champion-table", **table)]
 
 
 def scored_sections(f: dict, table: dict) -> list[str]:

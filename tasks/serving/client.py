@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.serving.server import ServingError
 
 
@@ -20,14 +21,8 @@ def http_url(url: str) -> str:
     """`url` if it is http(s)://host...; else ServingError (urllib would also open file:// and the like)."""
     p = urlsplit(url)
     if p.scheme not in ("http", "https") or not p.hostname:
-        raise ServingError(f"endpoint URL {url!r}: expected http(s)://host[:port]")
+        raise ServingError(f"endpoint URL {redact_url(url)!r}: expected http(s)://host[:port]")
     return url.rstrip("/")
-
-
-def redact(url: str) -> str:
-    """`url` without its user:password@ when it has a password (what is recorded and shown)."""
-    p = urlsplit(url)
-    return urlunsplit(p._replace(netloc=p.hostname + (f":{p.port}" if p.port else ""))) if p.password else url
 
 
 def _post(url: str, body: dict, timeout: float) -> dict:
@@ -36,10 +31,10 @@ def _post(url: str, body: dict, timeout: float) -> dict:
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raise EndpointUnavailable(f"{url} answered {e.code}: {e.read()[:500].decode(errors='replace')}") from None
+    except urllib.error.HTTPError as e:  # the message is printed and may be recorded: no password, no token in it
+        raise EndpointUnavailable(redact_url(f"{url} answered {e.code}: {e.read()[:500].decode(errors='replace')}")) from None
     except (OSError, ValueError) as e:
-        raise EndpointUnavailable(f"{url} did not answer ({type(e).__name__}: {e})") from None
+        raise EndpointUnavailable(redact_url(f"{url} did not answer ({type(e).__name__}: {e})")) from None
 
 
 # ---------------------------------------------------------------- MLflow's scoring server
@@ -52,7 +47,7 @@ def ask(url: str, records: list[dict], batch_size: int, timeout: float = 600) ->
         chunk = records[i:i + batch_size]
         res = _post(f"{url.rstrip('/')}/invocations", {"dataframe_records": chunk}, timeout).get("predictions")
         if not isinstance(res, list) or len(res) != len(chunk):
-            raise EndpointUnavailable(f"{url}/invocations returned {str(res)[:200]!r} for {len(chunk)} rows")
+            raise EndpointUnavailable(f"{redact_url(url)}/invocations returned {str(res)[:200]!r} for {len(chunk)} rows")
         out += [str(a) for a in res]
     return out
 
@@ -91,5 +86,5 @@ def ask_openai(url: str, rows: list[dict], system: str | None, max_new_tokens: i
         try:
             out.append(str(res["choices"][0]["message"]["content"] or "").strip())
         except (KeyError, IndexError, TypeError):
-            raise EndpointUnavailable(f"{url}/v1/chat/completions returned {str(res)[:200]!r}") from None
+            raise EndpointUnavailable(f"{redact_url(url)}/v1/chat/completions returned {str(res)[:200]!r}") from None
     return out

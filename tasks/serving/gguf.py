@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qlora_ops.tasks.core.util import sha256_file
+from qlora_ops.tasks.core.util import MANIFEST, sha256_file, verify_manifest
+from qlora_ops.tasks.model.keys import content_hash
 from qlora_ops.tasks.model.prompting import format_prompt, stop_ids
 from qlora_ops.tasks.serving.parity import evaluated, metric_scores
 from qlora_ops.tasks.serving.server import ServingError, version_tags
@@ -274,35 +275,78 @@ def parity(gguf_path: Path, model_dir: Path, ev: dict, confidence: float = 0.95)
 
 # ---------------------------------------------------------------- a registered version, end to end
 
+UNVERIFIED_TAG = "gguf_unverified"  # on a version exported with --allow-unverified-legacy: what was not checked
+
+
+def adapter_error(adapter_dir: Path, expected: str | None) -> str | None:
+    """Why the downloaded LoRA adapter is not the one the version registered (tag `adapter_digest`: its
+    content hash, tasks.model.keys), or None. The manifest that came with the files is checked against
+    them first (content_hash reads the manifest's hashes), and a file it does not list is refused."""
+    adapter_dir = Path(adapter_dir)
+    if not expected:
+        return "the version has no adapter_digest tag: nothing to check the adapter's bytes against"
+    if (adapter_dir / MANIFEST).is_file():
+        if (bad := verify_manifest(adapter_dir)) is not None:
+            return bad
+        listed = set(json.loads((adapter_dir / MANIFEST).read_text())["files"])
+        extra = sorted(str(f.relative_to(adapter_dir)) for f in adapter_dir.rglob("*")
+                       if f.is_file() and f.name != MANIFEST and str(f.relative_to(adapter_dir)) not in listed)
+        if extra:
+            return f"{adapter_dir}: {extra[:3]} not in the manifest"
+    if (got := content_hash(adapter_dir)) != expected:
+        return (f"{adapter_dir}: content hash {got[:16]}... is not the registered adapter_digest {expected[:16]}...; "
+                "the adapter was changed after registration")
+    return None
+
+
 def export_version(model_name: str, version: int, work: Path, *, out: Path | None = None, run_parity: bool = True,
-                   confidence: float = 0.95) -> dict:
-    """Write the version's GGUF files (its weights checked against weights_digest first), run the llama.cpp
-    parity when llama-cpp-python is installed, log everything on the version's run and tag the version."""
+                   confidence: float = 0.95, allow_unverified_legacy: bool = False) -> dict:
+    """Write the version's GGUF files (its weights checked against weights_digest first, its adapter against
+    adapter_digest), run the llama.cpp parity when llama-cpp-python is installed, log everything on the
+    version's run and tag the version. A version without those digests (registered before qlora-ops recorded
+    them) is refused unless `allow_unverified_legacy`; then what was not checked is named in the result,
+    the output and the tag `gguf_unverified`. A digest that is there and does not match is always refused."""
     import shutil
 
     import mlflow
     from mlflow.tracking import MlflowClient
 
     # registry.register imports mlflow at its top: the CLI imports this module for every serving command
-    from qlora_ops.tasks.registry.register import download_hf_model
+    from qlora_ops.tasks.registry.register import WEIGHTS_DIGEST, download_hf_model
 
     tags = version_tags(model_name, version)
     if not (run_id := tags.get("mlflow_run_id")):
         raise ServingError(f"{model_name} v{version} has no mlflow_run_id tag: nowhere to log its GGUF files")
+    unverified: list[str] = []
+    if not tags.get(WEIGHTS_DIGEST):
+        if not allow_unverified_legacy:
+            raise ServingError(f"{model_name} v{version} has no {WEIGHTS_DIGEST} tag (registered before qlora-ops "
+                               "recorded digests): its weights cannot be checked; register it again, or export it "
+                               "as it is with --allow-unverified-legacy (marked UNVERIFIED)")
+        unverified.append(f"weights (no {WEIGHTS_DIGEST} tag)")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    model_dir = download_hf_model(model_name, version, work / "hf")  # refused if its bytes are not the registered ones
+    adapter = None
+    if tags.get("adapter_uri"):  # checked first: a refused adapter costs no conversion
+        adapter = Path(mlflow.artifacts.download_artifacts(tags["adapter_uri"], dst_path=str(work / "adapter")))
+        if (why := adapter_error(adapter, tags.get("adapter_digest"))) is not None:
+            if tags.get("adapter_digest") or not allow_unverified_legacy:
+                raise ServingError(f"{model_name} v{version}: LoRA adapter refused: {why}"
+                                   + ("" if tags.get("adapter_digest") else "; --allow-unverified-legacy exports it "
+                                      "anyway, marked UNVERIFIED"))
+            unverified.append("adapter (no adapter_digest tag)")
+    # refused if its bytes are not the registered ones
+    model_dir = download_hf_model(model_name, version, work / "hf", allow_unverified=allow_unverified_legacy)
     dst = Path(out) if out else work / "gguf"
     dst.mkdir(parents=True, exist_ok=True)
     name = f"{model_name} v{version}"
     paths = {kind: write_model(model_dir, dst / f"model-{kind}.gguf", kind, name) for kind in OUTTYPES}
-    if tags.get("adapter_uri"):
-        adapter = Path(mlflow.artifacts.download_artifacts(tags["adapter_uri"], dst_path=str(work / "adapter")))
+    if adapter is not None:
         cfg = json.loads((model_dir / "config.json").read_text())
         paths["adapter"] = write_adapter(adapter, cfg, dst / "adapter-f32.gguf", f"{name} LoRA adapter")
     files = [{"kind": k, "file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for k, p in paths.items()]
     res: dict = {"model_name": model_name, "version": int(version), "run_id": run_id, "files": files,
-                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "parity": {}}
+                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "parity": {}, "unverified": unverified}
     if run_parity:
         try:
             ev = evaluated(model_name, version, work / "evaluated")
@@ -315,6 +359,8 @@ def export_version(model_name: str, version: int, work: Path, *, out: Path | Non
     c.log_text(run_id, json.dumps(res, indent=2, sort_keys=True), "gguf/export.json")
     vtags = {f"gguf_{f['kind']}": f"runs:/{run_id}/gguf/{f['file']}" for f in files}
     vtags["gguf_digests"] = " ".join(f"{f['file']}={f['sha256']}" for f in files)
+    if unverified:
+        vtags[UNVERIFIED_TAG] = "; ".join(unverified)
     if res["parity"]:
         vtags["gguf_agreement"] = " ".join(f"{k}={p['agreement']:.4f}" for k, p in res["parity"].items())
         vtags["gguf_metric"] = " ".join(f"{k}:{p['metric']}={p['gguf_metric']:.4f}" for k, p in res["parity"].items())
@@ -337,4 +383,7 @@ def explain(res: dict) -> str:
                  f"(evaluated {_f(p['evaluated_metric'])}); prompt tokens equal on {p['prompt_tokens_equal']}/{p['n']}")
     if res.get("parity_skipped"):
         L.append(f"  parity not run: {res['parity_skipped']}")
+    if res.get("unverified"):
+        L.append(f"  UNVERIFIED LEGACY EXPORT (--allow-unverified-legacy): not checked against the registry: "
+                 f"{'; '.join(res['unverified'])}")
     return "\n".join(L)

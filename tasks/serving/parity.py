@@ -14,14 +14,16 @@ another dtype, another system prompt, another token budget or batch size.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from pathlib import Path
 
 from qlora_ops.tasks import metrics as M
+from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.core.util import read_json, read_jsonl
-from qlora_ops.tasks.serving.client import ask, ask_openai, describe, http_url, is_openai, redact
+from qlora_ops.tasks.serving.client import ask, ask_openai, describe, http_url, is_openai
 from qlora_ops.tasks.serving.server import SERVING_ALIAS, ServingError, version_tags
 
 PARITY_FILE = "serving/parity.json"
@@ -105,6 +107,16 @@ def causes(ev: dict, served: dict | None) -> list[str]:
     return out
 
 
+def other_model(ev: dict, served: dict | None) -> list[str]:
+    """What the endpoint itself reports that makes it another model than the version: other weights, another
+    dtype. Such an endpoint fails the check however close its answers (a few test rows cannot tell two
+    fine-tunes apart). Only what it reports counts: an endpoint that does not describe itself is judged on
+    its answers (and its causes listed)."""
+    reported = served if served is not None and served.get("api") != "openai" else {}
+    return [c for c in causes(ev, served) if (c.startswith("other weights") and reported.get("weights_digest"))
+            or (c.startswith("dtype") and reported.get("dtype"))] if reported else []
+
+
 def check(url: str, model_name: str, version: int, threshold: float, confidence: float, work: Path) -> dict:
     """Replay the version's test rows through `url` and compare with its evaluated answers."""
     from qlora_ops.tasks.gates.paired import agreement  # scipy and statsmodels: seconds, only when checking
@@ -123,13 +135,14 @@ def check(url: str, model_name: str, version: int, threshold: float, confidence:
     agr = agreement(ev["answers"], served, confidence=confidence)
     metric, scores = metric_scores(ev["metric"], served, ev["references"])
     differ = [i for i, (a, b) in enumerate(zip(ev["answers"], served)) if a != b]
-    res = {"model_name": model_name, "version": int(version), "url": redact(url), "run_id": ev["run_id"],
+    other = other_model(ev, served_desc)
+    res = {"model_name": model_name, "version": int(version), "url": redact_url(url), "run_id": ev["run_id"],
            "n": agr["n"], "differ": agr["differ"], "share": agr["share"], "ci_low": agr["ci_low"],
            "ci_high": agr["ci_high"], "confidence": confidence, "threshold": threshold,
-           "passed": agr["share"] <= threshold, "metric": metric, "evaluated_metric": ev["metrics"].get(metric),
+           "passed": agr["share"] <= threshold and not other, "other_model": other, "metric": metric, "evaluated_metric": ev["metrics"].get(metric),
            "served_metric": sum(scores) / len(scores), "seconds": round(time.time() - t0, 1),
            "examples": [{"id": ev["ids"][i], "evaluated": ev["answers"][i], "served": served[i]} for i in differ[:5]],
-           "causes": causes(ev, served_desc) if differ else [], "endpoint": served_desc,
+           "causes": causes(ev, served_desc) if differ or other else [], "endpoint": served_desc,
            "checked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return res
 
@@ -141,8 +154,9 @@ def _f(x) -> str:
 def explain(res: dict) -> str:
     head = (f"serving parity of {res['model_name']} v{res['version']} at {res['url']}: {res['differ']}/{res['n']} "
             f"answers differ ({res['share']:.4f}, {res['confidence']:.0%} interval [{res['ci_low']:.4f}, "
-            f"{res['ci_high']:.4f}]) {'<=' if res['passed'] else '>'} gates.max_serving_disagreement "
-            f"{res['threshold']}: {'PASS' if res['passed'] else 'FAIL'}; {res['metric']} served "
+            f"{res['ci_high']:.4f}]) {'>' if res['share'] > res['threshold'] else '<='} gates.max_serving_disagreement "
+            f"{res['threshold']}{'' if not res.get('other_model') else ', but the endpoint reports another model'}: "
+            f"{'PASS' if res['passed'] else 'FAIL'}; {res['metric']} served "
             f"{res['served_metric']:.4f}, evaluated {_f(res['evaluated_metric'])}")
     lines = [head] + [f"  cause: {c}" for c in res["causes"]]
     lines += [f"  row {e['id']}: evaluated {e['evaluated']!r}, served {e['served']!r}" for e in res["examples"]]
@@ -151,10 +165,18 @@ def explain(res: dict) -> str:
 
 # ---------------------------------------------------------------- the result, on the registry
 
-def record(res: dict, alias: str = SERVING_ALIAS) -> dict:
-    """The check's result as tags on the version (and serving/parity.json on its run); `alias` moves to
-    the version only when the check passed. Returns res with "alias_moved"."""
+def record(res: dict, alias: str = SERVING_ALIAS, *, champion_alias: str = "champion", named: bool = False,
+           lock_path: Path | None = None) -> dict:
+    """The check's result as tags on the version (and serving/parity.json on its run); `alias` moves to the
+    version only when the check passed, and only under the registry lock (`lock_path`; the caller holds the
+    registered model's slot, flows.registry_slot), re-reading `champion_alias` there: a check of a version
+    that is no longer champion (rolled back, replaced while the check ran, a webhook delivered late) moves
+    nothing, unless the version was `named` explicitly. A rejected version is never served. Returns res
+    with "alias_moved" and, when not moved, "not_moved" (why)."""
     from mlflow.tracking import MlflowClient
+
+    from qlora_ops.tasks.registry import journal
+    from qlora_ops.tasks.registry.register import REJECTED, _alias_holder, registry_lock
 
     c, name, v = MlflowClient(), res["model_name"], str(res["version"])
     tags = {"serving_check": "passed" if res["passed"] else "failed",
@@ -163,17 +185,28 @@ def record(res: dict, alias: str = SERVING_ALIAS) -> dict:
             "serving_metric": f"{res['metric']}={res['served_metric']:.4f}",
             "serving_checked": f"{res['checked_at']} {res['url']}",
             "serving_check_detail": explain(res)[:5000]}
-    for k, val in tags.items():
+    for k, val in tags.items():  # the check's facts: true whether or not the alias moves
         c.set_model_version_tag(name, v, k, val)
     c.log_text(res["run_id"], json.dumps(res, indent=2, sort_keys=True, default=str), PARITY_FILE)
-    moved = False
-    if res["passed"]:
-        c.set_registered_model_alias(name, alias, v)
-        moved = int(c.get_model_version_by_alias(name, alias).version) == res["version"]
-    return {**res, "alias": alias, "alias_moved": moved}
+    if not res["passed"]:
+        return {**res, "alias": alias, "alias_moved": False, "not_moved": "the check failed"}
+    with registry_lock(lock_path) if lock_path is not None else contextlib.nullcontext():
+        if (done := journal.reconcile(c, name)) is not None:
+            print(f"registry {name}: {done}", flush=True)
+        champ = _alias_holder(c, name, champion_alias)
+        status = (c.get_model_version(name, v).tags or {}).get("status")
+        why = (f"v{v} is {REJECTED}" if status == REJECTED else
+               None if named or champ == res["version"] else
+               f"v{v} does not hold '{champion_alias}' now ({'v' + str(champ) if champ else 'none'}); "
+               "name the version explicitly to serve it anyway")
+        if why is None:  # one write: a kill leaves it moved or not, nothing between
+            c.set_registered_model_alias(name, alias, v)
+    moved = why is None and int(c.get_model_version_by_alias(name, alias).version) == res["version"]
+    return {**res, "alias": alias, "alias_moved": moved, **({"not_moved": why} if why else {})}
 
 
 def verify_serving(url: str, model_name: str, version: int, threshold: float, confidence: float, work: Path,
-                   alias: str = SERVING_ALIAS) -> dict:
-    """check + record: what `qlora-ops verify-serving` and the webhook receiver run."""
-    return record(check(url, model_name, version, threshold, confidence, work), alias)
+                   alias: str = SERVING_ALIAS, **move) -> dict:
+    """check + record: what `qlora-ops verify-serving` and the webhook receiver run. `move`: record's
+    champion_alias, named, lock_path (the caller holds the registered model's slot around it)."""
+    return record(check(url, model_name, version, threshold, confidence, work), alias, **move)

@@ -58,14 +58,47 @@ def save_checkpoint(ckpt_root: Path, step: int, model, opt, sched, extra: dict, 
             sd = adapter_state(unwrapped, full)
             check_finite(sd, f"checkpoint at step {step}")  # safetensors happily stores NaN: refuse here
             unwrapped.save_pretrained(tmp, state_dict=full)  # adapter_model.safetensors + adapter_config.json
-        atomic_write_json(tmp / "checkpoint.json", {"step": step, "world_size": dist.world, **extra})
+        atomic_write_json(tmp / "checkpoint.json", {"step": step, "world_size": dist.world, "fsdp": bool(dist.fsdp),
+                                                    **extra})
         write_manifest(tmp)  # sha256 + size of every file: a later truncation is caught before resuming
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # atomic: a step-N dir is complete or absent
-        for old in sorted(checkpoints(ckpt_root))[:-keep_last]:
+        for old in prunable(checkpoints(ckpt_root), step, keep_last):
             shutil.rmtree(ckpt_root / f"step-{old:06d}", ignore_errors=True)
     dist.barrier()
     return final
+
+
+def prunable(steps: list[int], step: int, keep_last: int) -> list[int]:
+    """The checkpoints to delete after writing `step`: every one past it (a line this run did not resume
+    from: it will never be resumed again, and keeping it by step number would prune what we just wrote),
+    then all but the newest `keep_last` up to `step` (which is always kept)."""
+    ours = sorted(s for s in steps if s <= step)
+    return sorted(s for s in steps if s > step) + ours[:-keep_last]
+
+
+class ResumeRefused(RuntimeError):
+    """A checkpoint that cannot be resumed by this launch, and why (a fresh start would silently discard it)."""
+
+
+def resumable(meta: dict, dist: Dist) -> str:
+    """Which trainer-state file this rank resumes from, or ResumeRefused. The same process count: its own.
+    Another count without FSDP on either side (one process or DDP): the optimizer state is replicated, every
+    rank held the same, so rank 0's is every rank's (the data is re-sharded; the global batch and its update
+    are the same for any count). FSDP on either side with more than one process: each rank's file holds
+    only its shard of the optimizer state, which another count cannot re-assemble."""
+    world, fsdp = int(meta.get("world_size", 1)), bool(meta.get("fsdp", False))
+    if world == dist.world and fsdp == bool(dist.fsdp):
+        return _rank_file(dist.rank)
+    sharded = [f"written by FSDP over {world} processes" if fsdp and world > 1 else "",
+               f"this launch is FSDP over {dist.world}" if dist.fsdp and dist.world > 1 else ""]
+    if any(sharded):
+        raise ResumeRefused(f"checkpoint step {meta.get('step')} cannot be resumed by this launch: "
+                            f"{'; '.join(x for x in sharded if x)} (checkpoint: {world} process(es), fsdp={fsdp}; "
+                            f"this launch: {dist.world}, fsdp={bool(dist.fsdp)}): FSDP optimizer state is sharded per rank and cannot be loaded "
+                            f"by another layout. Relaunch with {world} process(es) {'under' if fsdp else 'without'} "
+                            "FSDP to resume, or delete the run's checkpoints/ dir to train from step 0")
+    return _rank_file(0)
 
 
 def checkpoints(ckpt_root: Path) -> list[int]:
@@ -87,15 +120,17 @@ def find_checkpoint(ckpt_root: Path, model, dist: Dist, say) -> tuple[int, dict 
             if (bad := verify_manifest(path)) is not None:  # the newest dir may be truncated: never load it
                 raise ValueError(bad)
             meta = read_json(path / "checkpoint.json")
-            if meta.get("world_size", 1) != dist.world:
-                raise ValueError(f"written by {meta.get('world_size', 1)} processes, this run has {dist.world}")
+            rank_file = resumable(meta, dist)  # ResumeRefused is not "damaged": it stops the run, below
             sd = load_file(path / "adapter_model.safetensors")
             check_finite(sd, str(path))
             # weights_only=True: tensors and plain containers only, no arbitrary unpickling.
-            state = torch.load(path / _rank_file(dist.rank), weights_only=True)
+            state = torch.load(path / rank_file, weights_only=True)
             set_peft_model_state_dict(model, sd)
-            say(f"resuming from checkpoint step {step} ({path})")
+            moved = f", written by {meta.get('world_size', 1)} process(es)" if meta.get("world_size", 1) != dist.world else ""
+            say(f"resuming from checkpoint step {step} ({path}{moved})")
             return step, state
+        except ResumeRefused:
+            raise
         except Exception as e:  # a damaged checkpoint: say so and try the one before
             say(f"checkpoint step {step} unusable ({e}); trying an older one")
     return 0, None

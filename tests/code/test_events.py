@@ -243,3 +243,60 @@ def test_relay_will_not_start_without_a_token():
 
     with pytest.raises(ValueError, match="QLORA_RELAY_SECRET"):
         create_app("")
+
+
+def test_relay_answers_400_to_malformed_lengths_and_deep_bodies(relay):
+    """Authenticated garbage is a 400, never a 500: `Content-Length: ²` (str.isdigit() says yes, int() says
+    no) and JSON nested until json.loads runs out of recursion."""
+    ok = {"Authorization": "Bearer s3cret"}
+    for bad in (b"\xb2", b"-1", b"1e3", b" 12"):  # \xb2 is "²" as Starlette decodes headers (latin-1)
+        assert _asgi_post(relay.app, [(b"authorization", b"Bearer s3cret"), (b"content-length", bad)], b"{}") == 400, bad
+    for depth in (33, 100_000):
+        r = relay.post("/minio", content=b"[" * depth + b"]" * depth, headers=ok)
+        assert r.status_code == 400 and "deeper" in r.text
+    # Brackets inside strings are not nesting: judged on its content (no records: nothing to relay).
+    assert relay.post("/minio", content=json.dumps({"k": "[[[[" * 50}).encode(), headers=ok).status_code == 204
+
+
+def _asgi_post(app, headers: list[tuple[bytes, bytes]], body: bytes) -> int:
+    """The status `app` answers to a POST /minio with exactly these header bytes (an HTTP client would
+    re-encode them; uvicorn's h11 passes what it parses)."""
+    import asyncio
+
+    sent: list[dict] = []
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "path": "/minio", "raw_path": b"/minio",
+             "root_path": "", "scheme": "http", "query_string": b"", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 8080)}
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    try:
+        asyncio.run(app(scope, receive, send))
+    except Exception:  # what Starlette's error middleware re-raises after answering 500
+        pass
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+def test_relay_fuzzed_bodies_get_4xx_or_its_own_answers_never_500(relay):
+    """Whatever JSON an authenticated sender posts (records of any shape, any nesting), the relay answers
+    400 (not a notification), 204 (nothing to relay) or 502 (Prefect unreachable here): never a 500."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8) | \
+        st.sampled_from(["s3:ObjectCreated:Put", "drops/a.jsonl", "bucket", "2024-01-01T00:00:00Z"])
+    keys = st.sampled_from(["Records", "eventName", "s3", "bucket", "name", "object", "key", "size", "eTag",
+                            "eventTime", "userIdentity", "principalId", "versionId", "sequencer", "x"])
+    tree = st.recursive(leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(keys, c, max_size=4), max_leaves=25)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(body=tree)
+    def check(body):
+        r = relay.post("/minio", content=json.dumps(body).encode(), headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code in (204, 400, 502), (body, r.status_code)
+
+    check()

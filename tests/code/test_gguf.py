@@ -198,3 +198,77 @@ def test_export_gguf_then_serve_it_openai_and_verify(tracking, merged_model_dir,
     assert (r.returncode == 0) == (served["share"] <= 0.02)
     if served["differ"]:
         assert "OpenAI-compatible endpoint" in r.stdout
+
+
+def _register_with_adapter(merged_model_dir, adapter_dir, tmp_path) -> tuple[str, int, str]:
+    """A version as the flow registers it (weights_digest), its QLoRA adapter (with its manifest) on the
+    run and `adapter_uri`, no evaluation (the export below runs without parity). (name, version, run id)."""
+    import shutil
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from qlora_ops.tasks.core.util import write_manifest
+    from qlora_ops.tasks.registry.register import log_merged_model, register_and_promote
+
+    name = f"gguf-check-{uuid.uuid4().hex[:8]}"
+    c = MlflowClient()
+    run_id = c.create_run(c.create_experiment(f"exp-{name}")).info.run_id
+    uri = log_merged_model(merged_model_dir, {"system_prompt": "s", "max_new_tokens": 8, "batch_size": 8}, run_id=run_id)
+    adapter = tmp_path / "adapter-src"
+    shutil.copytree(adapter_dir, adapter)
+    write_manifest(adapter)  # as the training stage leaves it
+    c.log_artifacts(run_id, str(adapter), "adapters/qlora")
+    c.set_terminated(run_id)
+    v = register_and_promote(model_uri=uri, model_name=name, alias="champion", challenger_alias=None,
+                             tags={"mlflow_run_id": run_id, "adapter_uri": f"runs:/{run_id}/adapters/qlora"},
+                             decide=lambda v: (True, "test"), lock_path=tmp_path / "registry.lock")["version"]
+    return name, v, str(adapter)
+
+
+def test_export_gguf_checks_the_adapter_and_refuses_unverified_versions(tracking, merged_model_dir, adapter_dir,
+                                                                         tmp_path, tmp_path_factory):
+    """export-gguf converted the adapter without any check, and download_hf_model checked nothing for a
+    version with neither a digest tag nor a manifest. Now: the adapter must match the version's
+    adapter_digest, a version without digests is refused unless --allow-unverified-legacy, which the
+    output and a tag name."""
+    from mlflow.tracking import MlflowClient
+
+    from qlora_ops.tasks.model.keys import content_hash
+    from qlora_ops.tasks.registry.register import PromotionError, download_hf_model
+    from qlora_ops.tasks.serving.gguf import UNVERIFIED_TAG, explain, export_version
+    from qlora_ops.tasks.serving.server import ServingError
+
+    name, v, adapter = _register_with_adapter(merged_model_dir, adapter_dir, tmp_path)
+    c = MlflowClient()
+    work = tmp_path / "work"
+    with pytest.raises(ServingError, match="no adapter_digest tag"):  # no digest to check the adapter against
+        export_version(name, v, work, run_parity=False)
+    c.set_model_version_tag(name, str(v), "adapter_digest", "0" * 64)  # not this adapter's
+    for allow in (False, True):  # a digest that does not match is refused, whatever the option
+        with pytest.raises(ServingError, match="not the registered adapter_digest"):
+            export_version(name, v, work, run_parity=False, allow_unverified_legacy=allow)
+    c.set_model_version_tag(name, str(v), "adapter_digest", content_hash(Path(adapter)))
+    res = export_version(name, v, work, run_parity=False)
+    assert {f["kind"] for f in res["files"]} == {"f16", "q8_0", "adapter"} and not res["unverified"]
+    assert "UNVERIFIED" not in explain(res)
+
+    # A legacy version: no weights_digest, no adapter_digest.
+    c.delete_model_version_tag(name, str(v), "weights_digest")
+    c.delete_model_version_tag(name, str(v), "adapter_digest")
+    with pytest.raises(ServingError, match="allow-unverified-legacy"):
+        export_version(name, v, work, run_parity=False)
+    res = export_version(name, v, work, run_parity=False, allow_unverified_legacy=True)
+    assert "UNVERIFIED LEGACY EXPORT" in explain(res) and "weights" in explain(res) and "adapter" in explain(res)
+    assert "weights" in c.get_model_version(name, str(v)).tags[UNVERIFIED_TAG]
+
+    # Neither a digest tag nor a manifest: download_hf_model has nothing to check and refuses.
+    run_id = c.get_model_version(name, str(v)).tags["mlflow_run_id"]
+    model_id = c.get_model_version(name, str(v)).source.split("/")[-1]
+    stored = list({d.resolve() for d in Path(tmp_path_factory.getbasetemp()).glob(
+        f"mlflow-server*/artifacts/**/{model_id}/artifacts/data/model")})
+    assert len(stored) == 1, (stored, run_id)
+    (stored[0] / "qlora_ops_manifest.json").unlink()
+    with pytest.raises(PromotionError, match="neither a weights_digest tag nor a"):
+        download_hf_model(name, v, tmp_path / "dl")
+    assert (download_hf_model(name, v, tmp_path / "dl2", allow_unverified=True) / "config.json").is_file()

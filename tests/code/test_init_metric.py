@@ -27,6 +27,32 @@ def test_choose_metric_from_the_answers():
     assert GATES["rouge_l"]["min_gain_over_base"] < GATES["exact_match"]["min_gain_over_base"]
 
 
+@pytest.mark.parametrize("answers, metric, says", [
+    (["Ответ 42.", "Другое 42.", "Файл 7 закрыт."] * 5, "chrf", "non-Latin script"),  # a digit made them "wordy"
+    (["東京は首都です 1", "大阪は都市です 2"] * 5, "chrf", "non-Latin script"),
+    (["x = a - b", "y = f(x)", "return a + b"] * 5, "exact_match", "look like code"),  # rouge_l: a - b == a + b
+    (["def f(x):\n    total = sum(x) + len(x)\n    return total / 2", "for i in range(10):\n    print(i * i)"] * 5,
+     "chrf", "look like code"),
+    (["-5", "5", "3.14", "1,000"] * 5, "exact_match", "every answer is a number"),  # rouge_l: -5 == 5
+])
+def test_init_chooses_exact_match_or_chrf_for_code_numbers_and_other_scripts(answers, metric, says):
+    got, why = choose_metric(answers, None)
+    assert got == metric and says in why, why
+
+
+def test_json_by_majority_names_the_outliers():
+    got, why = choose_metric([json.dumps({"k": i}) for i in range(99)] + ["n/a"], None)  # was rouge_l
+    assert got == "json_match" and "99 of 100" in why and "'n/a'" in why, why
+
+
+def test_a_label_seen_once_is_not_a_label():
+    from qlora_ops.tasks.intake.init_params import label_set
+
+    counts = {"a": 40, "b": 40, "c": 1}
+    assert label_set({"labels": counts, "rows_after_dedupe": 81}) is None  # was ['a', 'b', 'c']
+    assert label_set({"labels": {"a": 40, "b": 3}, "rows_after_dedupe": 43}) == ["a", "b"]
+
+
 def _write(ws: Path, name: str, outputs: list[str]) -> Path:
     f = ws / "data" / f"{name}.jsonl"
     f.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +71,11 @@ def test_init_writes_the_metric_its_gates_and_one_comment(tmp_path, name, output
     p = load_params(tmp_path / res["path"])
     g = GATES[metric]
     assert res["metric"] == p.eval.metric == metric
-    assert (p.gates.min_gain_over_base, p.gates.max_merge_disagreement) == (g["min_gain_over_base"], g["max_merge_disagreement"])
+    assert p.gates.min_gain_over_base == g["min_gain_over_base"]
+    # issue 26: a 0/1 merge gate decides on its upper bound, so init raises the bar to what the test rows can show
+    # (check below refuses a bar they cannot); continuous merge gates keep the table's
+    assert p.gates.max_merge_disagreement == g["max_merge_disagreement"] if metric != "exact_match" else \
+        p.gates.max_merge_disagreement > g["max_merge_disagreement"]
     assert (p.registry.non_inferiority_margin, p.registry.min_improvement) == (g["non_inferiority_margin"], g["min_improvement"])
     lines = res["text"].splitlines()
     why = [x for x in lines if x.startswith("# ") and f"in {metric} units" in x]
@@ -54,7 +84,7 @@ def test_init_writes_the_metric_its_gates_and_one_comment(tmp_path, name, output
         assert "label" not in p.data.system_prompt.lower()
     out = format_check(check(Path(res["path"]), tmp_path))
     assert f"metric    {metric} (higher is better, 0..1 per row): " in out
-    assert f">= {g['min_gain_over_base']:g}" in out and f"<= {g['max_merge_disagreement']:g}" in out
+    assert f">= {g['min_gain_over_base']:g}" in out and f"<= {p.gates.max_merge_disagreement:g}" in out
     # 120 rows: too few for the policy; the power note is in the metric's own terms (an sd of continuous
     # scores, not a discordance of 0/1 answers)
     assert ("metric units" in out) == (metric != "exact_match") and ("discordance" in out) == (metric == "exact_match"), out

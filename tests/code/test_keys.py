@@ -108,6 +108,8 @@ def test_score_key_covers_how_a_suite_is_scored_and_nothing_else():
     k = keys.score_key(p, "rows")
     assert keys.score_key(Params(eval={"batch_size": 3}), "rows") != k  # padding changes the numbers
     assert keys.score_key(p, "other rows") != k
+    # nll cuts prompts at model.max_seq_len: a saved NLL at another length was reused (issue 26)
+    assert keys.score_key(Params(model={"max_seq_len": p.model.max_seq_len // 2}), "rows") != k
     assert keys.score_key(Params(registry={"model_name": "x"}, gates={"min_gain_over_base": 0.0}), "rows") == k
     s = SuiteParams(name="general", path="x.jsonl", role="non_inferior", threshold=0.05)
     with_suite = Params(eval={"suites": [s.model_dump()]})
@@ -201,3 +203,59 @@ def test_a_champion_that_moved_is_never_scored_under_another_score_key(monkeypat
     monkeypatch.setattr(registry_ops, "version_rows", lambda *a, **k: ("gpu-stage-key", saved))
     ok, why = retrain.decide_promotion(Params(), tmp_path, "run", ms, champion_v=2)
     assert "champion v2: its own saved predictions" in why, why
+
+
+def _user_base(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"hidden_size": 8}')
+    (d / "model.safetensors").write_bytes(b"\x01" * 4096)
+    (d / "tokenizer.model").write_bytes(b"spm-v1")
+    (d / "merges.txt").write_text("a b\n")
+    return d
+
+
+def test_a_user_base_is_keyed_by_the_content_of_every_file(tmp_path):
+    """issue 25: new same-size weights, an edited tokenizer.model or merges.txt left every key unchanged."""
+    p, ws = Params(model={"source": "base"}), tmp_path / "ws"
+    base = _user_base(ws / "base")
+    first = keys.base_fingerprint(p, ws)
+    for rel, data in (("model.safetensors", b"\x02" * 4096), ("tokenizer.model", b"spm-v2"), ("merges.txt", b"a c\n")):
+        (base / rel).write_bytes(data)  # same size: names and sizes alone would not see it
+        now = keys.base_fingerprint(p, ws)
+        assert now != first, rel
+        first = now
+    shutil.copytree(base, tmp_path / "elsewhere" / "base")  # the same files on another machine: the same key
+    assert keys.base_fingerprint(p, tmp_path / "elsewhere") == first
+
+
+def test_base_hashes_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    base, cache = _user_base(tmp_path / "base"), tmp_path / "state" / "cache"
+    first = keys.base_identity(base, cache)
+    hashed = []
+    monkeypatch.setattr(keys, "sha256_file", lambda p: hashed.append(p) or "x")
+    assert keys.base_identity(base, cache) == first and hashed == []  # nothing re-hashed
+    (base / "merges.txt").write_text("z z\n")
+    keys.base_identity(base, cache)
+    assert hashed == [base / "merges.txt"]  # only the file that changed
+
+
+def test_a_hub_base_is_keyed_by_its_commit(monkeypatch, tmp_path):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    ref = tmp_path / "models--org--m" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("a" * 40)
+    p = Params(model={"source": "org/m"})
+    assert keys.base_fingerprint(p, tmp_path / "ws") == "hub:org/m@" + "a" * 40
+    ref.write_text("b" * 40)  # new weights pushed under the same name
+    assert keys.base_fingerprint(p, tmp_path / "ws") == "hub:org/m@" + "b" * 40
+
+
+def test_settings_that_cannot_change_weights_stay_out_of_train_key_and_fingerprint(tree):
+    """issue 25: save_every, keep_last and eval_every changed the train key and retrained both models."""
+    p = Params()
+    for k in ("save_every", "keep_last", "eval_every"):
+        q = Params(training={k: getattr(p.training, k) + 3})
+        assert keys.train_key(q, "d", "b") == keys.train_key(p, "d", "b"), k
+        assert _fp(tree, q) == _fp(tree, p), k
+    q = Params(training={"lr": p.training.lr * 2})  # one that does change them still does
+    assert keys.train_key(q, "d", "b") != keys.train_key(p, "d", "b") and _fp(tree, q) != _fp(tree, p)

@@ -57,7 +57,8 @@ def test_no_module_import_circle():
 
 def test_every_package_folder_is_installed_under_the_one_namespace():
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert tool["package-dir"] == {"qlora_ops.tasks": "tasks", "qlora_ops.flows": "flows"}
+    data = {"qlora_ops.params": "params", "qlora_ops.infra": "infra", "qlora_ops.locks": "locks"}  # package data
+    assert tool["package-dir"] == {"qlora_ops.tasks": "tasks", "qlora_ops.flows": "flows", **data}
     folders = {"qlora_ops." + p.parent.relative_to(ROOT).as_posix().replace("/", ".")
                for d in ("tasks", "flows") for p in (ROOT / d).rglob("__init__.py")}
-    assert set(tool["packages"]) == folders
+    assert set(tool["packages"]) == folders | set(data)

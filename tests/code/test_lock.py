@@ -61,7 +61,7 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 def test_check_names_a_lock_older_than_pyproject_and_platforms_that_drift(copy):
-    _edit(copy / "pyproject.toml", '"pyyaml>=6",', '"pyyaml>=6",\n  "not-locked-yet>=1",')
+    _edit(copy / "pyproject.toml", '"pyyaml>=6,<7",', '"pyyaml>=6,<7",\n  "not-locked-yet>=1",')
     _edit(copy / "pyproject.toml", '"transformers>=5.0,<6"', '"transformers>=99"')
     cpu = lockfile.pins(copy / "locks/linux-x86_64-cpu.txt")
     _edit(copy / "locks/linux-x86_64-cuda.txt", f"peft=={cpu['peft'][0]} ", "peft==0.0.1 ")

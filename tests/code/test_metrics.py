@@ -92,9 +92,17 @@ def test_rouge_l_hand_computed_and_rouge_score():
                   ["the cat was under the bed", "the cat was under the bed", "Read a file"])
     assert got == pytest.approx([12 / 13, 0.5, 0.8])  # stemmed: read~reading, file~files: LCS 2, P 2/2, R 2/3
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    preds, refs = zip(*PAIRS)
-    assert M.score("rouge_l", list(preds), list(refs)) == pytest.approx(
-        [scorer.score(r, p)["rougeL"].fmeasure for p, r in PAIRS])
+    ascii_pairs = [(p, r) for p, r in PAIRS if (p + r).isascii()]  # rouge-score's own tokenizer: ASCII only
+    preds, refs = zip(*ascii_pairs)
+    assert M.score("rouge_l", list(preds), list(refs)) == [scorer.score(r, p)["rougeL"].fmeasure for p, r in ascii_pairs]
+
+
+def test_rouge_l_keeps_the_words_of_every_script():
+    """rouge-score's tokenizer keeps only [a-z0-9]: two different Cyrillic answers sharing "42" scored 1.0,
+    identical Cyrillic answers 0.0, `x = a - b` vs `x = a + b` 1.0 (issue 26)."""
+    got = M.score("rouge_l", ["Ответ 42", "Привет мир", "東京は日本の首都です", "Décodez les données"],
+                  ["Другое 42", "Привет мир", "日本の首都は東京です", "Décodez les données"])
+    assert got[0] == pytest.approx(0.5) and got[1:] == [1.0, pytest.approx(0.7), 1.0]  # kana/Han: one word per character
 
 
 def test_chrf_hand_computed_and_sacrebleu():
@@ -106,8 +114,10 @@ def test_chrf_hand_computed_and_sacrebleu():
     p, r = 1.0, (2 / 3 + 1 / 2) / 2
     assert M.score("chrf", ["ab"], ["abc"]) == pytest.approx([5 * p * r / (4 * p + r)])
     preds, refs = zip(*PAIRS)
+    chrf = sacrebleu.metrics.CHRF(lowercase=True)  # lower-cased like every other text metric
     assert M.score("chrf", list(preds), list(refs)) == pytest.approx(
-        [sacrebleu.sentence_chrf(p, [r]).score / 100 for p, r in PAIRS])
+        [chrf.sentence_score(p, [r]).score / 100 for p, r in PAIRS])
+    assert M.score("chrf", ["CLOSE THE SOCKET."], ["Close the socket."]) == [1.0]  # was 0.23: case-sensitive
 
 
 def test_json_match_field_by_field():
@@ -120,8 +130,37 @@ def test_json_match_field_by_field():
         '{"name": "Ann",}',  # not JSON
         '[1, 2]',
     ], [ref] * 6)
-    assert got == pytest.approx([1.0, 3 / 5, 1 / 5, 0.0, 0.0, 0.0])
+    # F1 of precision (matched / the answer's fields) and recall (matched / the reference's 5 fields)
+    assert got == pytest.approx([2 * 5 / 6 / (5 / 6 + 1), 3 / 5, 2 * 1 / 5 / (1 + 1 / 5), 0.0, 0.0, 0.0])
     assert M.score("json_match", ['{"ok": 1}', '{"ok": true}', "5.0", "[]"],
                    ['{"ok": true}', '{"ok": true}', "5", "[]"]) == [0.0, 1.0, 1.0, 1.0]  # true is not 1
     with pytest.raises(ValueError, match="reference of row 1 is not valid JSON"):
         M.score("json_match", ["{}", "{}"], ['{"a": 1}', "not json"])
+
+
+def test_json_match_counts_extra_fields_and_keeps_paths_apart():
+    """Recall-only scored [1,2,3,4,5] vs [1] as 1.0, and the dotted paths made {"a.b":1} equal {"a":{"b":1}}."""
+    assert M.score("json_match", ["[1, 2, 3, 4, 5]", '{"a.b": 1}', '{"0": 1}', '{"a": {}}'],
+                   ["[1]", '{"a": {"b": 1}}', "[1]", '{"a": []}']) == pytest.approx([1 / 3, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("name", [n for n, m in M.METRICS.items() if m.kind == "generation" and n != "json_match"])
+def test_every_metric_scores_the_best_of_several_references_and_empty_text_alike(name):
+    """A row's references may be a list: its best match counts (lm-eval's ["United States", "USA", "US"]);
+    empty vs empty is 1 and empty vs text 0 for every metric (rouge_l and chrF said 0 for empty vs empty)."""
+    refs = [["United States", "USA", "US"], "", "", "Close the socket."]
+    got = M.score(name, ["USA", "", "   ", ""], refs)
+    assert got == [1.0, 1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="empty list of references"):
+        M.score(name, ["x"], [[]])
+
+
+def test_json_match_best_of_references_and_empty_answer():
+    assert M.score("json_match", ['{"a": 2}', ""], [['{"a": 1}', '{"a": 2}'], '{"a": 1}']) == [1.0, 0.0]
+
+
+def test_harness_metrics_are_gate_metrics():
+    m = M.get("lm_eval.acc_norm")
+    assert (m.binary, m.higher_is_better, m.kind, m.lo, m.hi) == (True, True, "harness", 0.0, 1.0)
+    with pytest.raises(ValueError, match="lm_eval.acc_norm"):
+        M.get("lm_eval.bleu")

@@ -77,11 +77,11 @@ def test_relay_image_is_pinned_unprivileged_and_holds_what_the_relay_imports():
     assert base.startswith(f"docker.io/prefecthq/prefect:{prefect.__version__}-"), base
     assert re.search(r"^USER (\d+):(\d+)$", text, re.M) and not re.search(r"^USER 0", text, re.M)
     assert "HEALTHCHECK" in text and "RUN pip" not in text
-    copied = re.search(r"^COPY (.+) flows/$", text, re.M).group(1).split()
+    copied = re.search(r"^COPY (.+) qlora_ops/flows/$", text, re.M).group(1).split()
     for f in copied:
         assert (ROOT / f).is_file(), f
     # Everything the relay's modules import is in the image: the copied files, the stdlib, Prefect's deps.
-    allowed = {"flows", "prefect", "starlette", "uvicorn"}
+    allowed = {"qlora_ops", "prefect", "starlette", "uvicorn"}
     for f in ("flows/relay.py", "flows/events.py"):
         assert f in copied
         for node in ast.walk(ast.parse((ROOT / f).read_text())):
@@ -90,8 +90,9 @@ def test_relay_image_is_pinned_unprivileged_and_holds_what_the_relay_imports():
             for n in names:
                 top = n.split(".")[0]
                 assert top in allowed or top in __import__("sys").stdlib_module_names, f"{f} imports {n}"
-                if top == "flows":
-                    assert f"{n.replace('.', '/')}.py" in copied, f"{f} imports {n}, not copied into the image"
+                if top == "qlora_ops":
+                    assert n.startswith("qlora_ops.flows."), f"{f} imports {n}: only qlora_ops.flows is in the image"
+                    assert f"{n.removeprefix('qlora_ops.').replace('.', '/')}.py" in copied, f"{f} imports {n}, not copied into the image"
 
 
 def test_k8s_relay_follows_the_stack_security_style(k8s):

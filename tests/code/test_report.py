@@ -2,8 +2,10 @@
 rows, worst-first ordering of the side-by-side rows, the stage table's optional memory column, the card."""
 from __future__ import annotations
 
+import pytest
+
 from qlora_ops.tasks.report.card import CARD_LIMIT, model_card
-from qlora_ops.tasks.report.frames import confusion, stage_table, worst_first
+from qlora_ops.tasks.report.frames import confusion, macro_f1, recall_vs_champion, stage_table, worst_first
 from qlora_ops.tasks.report.gather import is_label_task, label_set
 
 
@@ -14,8 +16,25 @@ def test_confusion_and_per_class_from_rows():
     assert list(cm.index) == ["json", "os", "re"] and list(cm.columns) == ["json", "os", "re", "(other)"]
     assert cm.loc["os", "os"] == 2 and cm.loc["os", "re"] == 1 and cm.loc["json", "(other)"] == 1
     assert int(cm.to_numpy().sum()) == len(refs)
-    got = {r.label: (r.n, r.correct, r.accuracy) for r in per.itertuples()}
-    assert got == {"json": (2, 1, 0.5), "os": (3, 2, 0.6667), "re": (1, 1, 1.0)}
+    got = {r.label: (r.n, r.correct, r.recall, r.precision, r.f1) for r in per.itertuples()}
+    assert got == {"json": (2, 1, 0.5, 1.0, 0.6667), "os": (3, 2, 0.6667, 1.0, 0.8), "re": (1, 1, 1.0, 0.5, 0.6667)}
+    # macro-F1: each class weighs the same (accuracy 4/6 is dominated by the frequent classes)
+    assert macro_f1(per) == pytest.approx((0.6667 + 0.8 + 0.6667) / 3, abs=1e-4)
+    from sklearn.metrics import f1_score
+
+    norm = {"json": "json", "os": "os", "Re.": "re", "re": "re", "The module is json.": "(other)", "`OS`": "os"}
+    assert macro_f1(per) == pytest.approx(f1_score(refs, [norm[p] for p in preds], labels=["json", "os", "re"],
+                                                   average="macro"), abs=1e-4)
+
+
+def test_per_class_recall_against_the_champion_on_the_same_rows():
+    """Accuracy rose (4/6 vs 3/6) while class `re` lost every row it had: per class, the change shows it."""
+    refs = ["json", "json", "os", "os", "re", "re"]
+    per = recall_vs_champion(refs, [True, True, True, True, False, False], [False, False, True, False, True, True])
+    got = {r.label: (r.n, r.candidate, r.champion, r.change) for r in per.itertuples()}
+    assert got == {"json": (2, 1.0, 0.0, 1.0), "os": (2, 1.0, 0.5, 0.5), "re": (2, 0.0, 1.0, -1.0)}
+    with pytest.raises(ValueError, match="not the same rows"):
+        recall_vs_champion(refs, [True] * 6, [True] * 5)
 
 
 def test_confusion_keeps_declared_labels_without_rows():

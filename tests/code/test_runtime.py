@@ -9,18 +9,45 @@ from qlora_ops.flows.runtime import Rejected, ServiceUnavailable, check_services
 from tests.conftest import free_port
 
 
+def _mlflow(msg: str, code: str = "INTERNAL_ERROR"):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    return MlflowException(msg, error_code=getattr(databricks_pb2, code))
+
+
+_MAX_RETRIES = ("API request to http://h/api failed with exception HTTPConnectionPool(host='h', port=5000): "
+                "Max retries exceeded with url: /x (Caused by ResponseError('too many 503 error responses'))")
+
+
 @pytest.mark.parametrize("exc, transient", [
     (ConnectionRefusedError(111, "Connection refused"), True),
     (TimeoutError("read timed out"), True),
-    (RuntimeError("API request to http://h/api failed with exception HTTPConnectionPool(host='h', port=5000): "
-                  "Max retries exceeded with url: /x (Caused by ResponseError('too many 503 error responses'))"), True),
-    (RuntimeError("upload failed: 502 Bad Gateway"), True),
-    (RuntimeError("RESOURCE_ALREADY_EXISTS: model exists"), False),
-    (ValueError("bad value 503"), True),  # the text decides for wrapped errors: a 5xx status is a 5xx status
+    # MLflow's REST layer drops the transport error's chain: its own wrapper is read (the origin is MLflow's)
+    (lambda: _mlflow(_MAX_RETRIES), True),
+    (lambda: _mlflow("server busy", "TEMPORARILY_UNAVAILABLE"), True),
+    (lambda: _mlflow("RESOURCE_ALREADY_EXISTS: model exists", "RESOURCE_ALREADY_EXISTS"), False),
+    # the same words from anywhere else are not a network fault: the type and origin decide, not the text
+    (RuntimeError(_MAX_RETRIES), False),
+    (RuntimeError("upload failed: 502 Bad Gateway"), False),
+    (ValueError("bad value 503"), False),
     (KeyError("x"), False),
 ])
 def test_transient_classification(exc, transient):
+    exc = exc() if callable(exc) else exc
     assert is_transient(exc) is transient
+
+
+def test_dvc_error_quoting_a_data_row_is_not_retried():
+    """issue 25: a DvcError whose text holds "connection refused" (a data row) was retried as a network fault."""
+    from qlora_ops.tasks.data.versioning import DvcError
+
+    assert not is_transient(DvcError("`dvc repro` failed in /w:\ndata.jsonl:3: prompt 'why is the connection "
+                                     "refused?' has label 503"))
+    try:  # a wrapper raised from a real transport error keeps it as its origin: that one is retried
+        raise DvcError("push failed") from ConnectionRefusedError(111, "refused")
+    except DvcError as e:
+        assert is_transient(e)
 
 
 def test_client_library_network_errors_are_transient():

@@ -15,6 +15,7 @@ import pytest
 
 from qlora_ops.tasks.core.config import DataParams, Params, SplitParams
 from qlora_ops.tasks.data.prepare import DataError, load_raw, prepare
+from qlora_ops.tasks.data.lineage import lineage_path, new_lineage
 from qlora_ops.tasks.data.samples import INSTRUCTION, PER_MODULE, SAMPLE_MODULES, build_sample
 from qlora_ops.tasks.core.util import read_jsonl
 
@@ -182,13 +183,18 @@ def test_split_is_deterministic_and_old_rows_keep_their_split(tmp_path):
     assert one["system"] == p.data.system_prompt and len(one["id"]) == 16
     ids = [r["id"] for r in read_jsonl(tmp_path / "prepared" / "train.jsonl")]
     assert ids == sorted(ids)
-    # the split seed (not the file order) decides: another split seed gives another split ...
-    prepare(params_for(tmp_path, split=SplitParams(seed=7)), tmp_path)
-    assert splits_of(tmp_path / "prepared")["test"].keys() != second["test"].keys()
-    # ... while another TRAINING seed moves no row between splits (the champion is never re-scored on
-    # rows it trained on)
+    # another TRAINING seed moves no row between splits (the champion is never re-scored on rows it
+    # trained on) ...
     prepare(params_for(tmp_path, seed=7), tmp_path)
     assert splits_of(tmp_path / "prepared") == second
+    # ... while the split seed (not the file order) decides: another split seed would give another split,
+    # so it is refused (tests/data/test_split_leaks.py) until a new test-set lineage starts
+    seven = params_for(tmp_path, split=SplitParams(seed=7))
+    with pytest.raises(DataError, match="split.seed 42 -> 7"):
+        prepare(seven, tmp_path)
+    new_lineage(lineage_path(tmp_path, seven.data))
+    prepare(seven, tmp_path)
+    assert splits_of(tmp_path / "prepared")["test"].keys() != second["test"].keys()
 
 
 def test_too_little_data_says_how_many_and_what_to_change(tmp_path):

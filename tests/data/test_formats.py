@@ -259,7 +259,9 @@ def test_check_reports_the_run_and_names_bad_rows(tmp_path):
     (ws / "params").mkdir(parents=True)
     f = write_jsonl(ws / "c.jsonl", [chat(i) for i in range(50)])
     (ws / "params" / "c.yaml").write_text(yaml.safe_dump({"data": {"raw": "c.jsonl", "labels": LABELS},
-                                                          "training": {"epochs": 2, "batch_size": 4}}))
+                                                          "training": {"epochs": 2, "batch_size": 4},
+                                                          # 50 rows: too few for a 0/1 merge gate at 0.06 (issue 26)
+                                                          "gates": {"max_merge_disagreement": 0.5}}))
     c = check(Path("params/c.yaml"), ws)
     s = c["stats"]
     assert s["formats"] == {"c.jsonl": "chat"} and s["train"] + s["val"] + s["test"] == 50

@@ -109,9 +109,9 @@ def test_drops_are_versioned_pushed_and_any_version_pulls_back_exactly(tmp_path)
     assert r1["dvc_files"] == ["dvc.yaml", "dvc.lock", f"{raw}.dvc", "params/drops.yaml"]
     assert r1["deps"][raw] == dvc_file_md5(ws, f"{raw}.dvc")  # the stage reads the dvc-added snapshot
     # pushed: the prepared splits AND the raw snapshot (--with-deps follows the stage to the .dvc file)
-    assert r1["pushed"] == 7  # raw: .dir + 1 file; prepared: .dir + train/val/test/stats
+    assert r1["pushed"] == 8  # raw: .dir + 1 file; prepared: .dir + train/val/test/stats; the lineage file
     assert lock_md5s(ws, "prepare-drops") | {dvc_file_md5(ws, f"{raw}.dvc")} <= remote_md5s(remote)
-    assert len(remote_md5s(remote)) == 7
+    assert len(remote_md5s(remote)) == 8
     cfg = (ws / ".dvc" / "config.local").read_text()
     assert f'remote = {REMOTE}' in cfg and str(remote.resolve()) in cfg
     v1 = save_version(ws, r1, raw)
@@ -186,14 +186,15 @@ def test_source_params_are_checked_before_any_work(tmp_path):
     assert prepare_via_dvc(ws, p, load_params(p))["source"]["files"] == ["a.jsonl"]
 
 
-def test_bad_rows_in_a_drop_fail_naming_file_and_row(tmp_path):
+def test_bad_rows_in_a_drop_are_quarantined_naming_file_and_row(tmp_path):
     ws, drops = workspace_with_drops(tmp_path, **{"a.jsonl": drop_rows(0, 40),
                                                   "b.csv": "instruction,input,output\nQ,x,a\nQ,y,\n"})
     p = write_params(ws, "d", data={"source": str(drops), "raw": "data/raw/d", "prepared": "data/prepared/d"})
-    with pytest.raises(versioning.DvcError) as e:
-        prepare_via_dvc(ws, p, load_params(p))
-    assert "data/raw/d/b.csv:2" in str(e.value) and '"output" must be a non-empty string' in str(e.value)
-    assert not (ws / "data" / "prepared" / "d").exists()
+    res = prepare_via_dvc(ws, p, load_params(p))  # the bad drop is set aside; the run goes on with a.jsonl
+    [q] = res["source"]["quarantined"]
+    assert q["name"] == "b.csv" and "data/raw/d/b.csv:2" in q["reason"] and '"output" must be a non-empty string' in q["reason"]
+    assert res["source"]["files"] == ["a.jsonl"] and not (drops / "b.csv").exists()
+    assert "b.csv:2" in (tmp_path / "quarantine" / "b.csv.reason.txt").read_text()
 
 
 def test_configure_remote_touches_config_only_when_it_differs(tmp_path, monkeypatch):
@@ -252,7 +253,7 @@ def test_s3_source_and_s3_remote(s3, tmp_path, monkeypatch):
         return {o["Key"].split("/")[-2] + o["Key"].split("/")[-1] for pg in pages for o in pg.get("Contents", [])}
 
     r1 = run(ws, "team")
-    assert r1["remote"] == f"s3://{BUCKET}/dvc" and r1["pushed"] == 7 and r1["source"]["added"] == ["week-01.jsonl"]
+    assert r1["remote"] == f"s3://{BUCKET}/dvc" and r1["pushed"] == 8 and r1["source"]["added"] == ["week-01.jsonl"]
     assert lock_md5s(ws, "prepare-team") | {dvc_file_md5(ws, f"{raw}.dvc")} <= remote_keys()
     v1 = save_version(ws, r1, raw)
 
@@ -283,7 +284,7 @@ def test_unreachable_remote_is_a_connection_error_and_the_next_run_pushes(s3, tm
     assert "http://127.0.0.1" in str(e.value) and "next run pushes it" in str(e.value)
     write_params(ws, "u", data=data, storage={"dvc_remote": f"s3://{BUCKET}/u", "dvc_remote_options": {"endpointurl": s3}})
     res = run(ws, "u")  # the remote is back: everything versioned meanwhile is pushed now
-    assert not res["reran"] and res["pushed"] == 7
+    assert not res["reran"] and res["pushed"] == 8
 
 
 def test_a_prepare_stage_written_before_the_stage_packages_is_rewritten_and_runs(tmp_path):

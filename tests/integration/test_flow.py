@@ -192,6 +192,31 @@ def test_bad_data_fails_before_training_naming_file_and_line(ws, tiny_model_dir,
     assert "[qlora]" not in r.stdout + r.stderr  # no training started
 
 
+def test_a_reference_the_metric_cannot_score_fails_before_training(ws, tiny_model_dir, mlflow_server, prefect):
+    """`check` refused a non-JSON reference under json_match; `run` trained first and failed at scoring."""
+    raw = ws / "data" / "raw" / "extract.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"instruction": "Extract.", "input": f"id {i}", "output": json.dumps({"id": i})} for i in range(30)]
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"instruction": "Extract.", "input": "?", "output": "n/a"}]))
+    rel = write_params(ws, "badj", tiny_model_dir, mlflow_server, "badj",
+                       data={"raw": "data/raw/extract.jsonl", "labels": None}, eval={"metric": "json_match"})
+    r = cli(ws, rel, prefect)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "are not JSON" in r.stderr and "'n/a'" in r.stderr
+    assert "[qlora]" not in r.stdout + r.stderr  # no training started
+
+
+def test_a_test_set_too_small_for_the_gates_is_refused_before_training(ws, tiny_model_dir, mlflow_server, prefect):
+    """Issue 26: 3 test rows cannot pass a gain gate (an exact test's smallest p is 2/2^3): refused, exit 2,
+    naming the rows needed, instead of a note and a training that could never be registered."""
+    rel = write_params(ws, "tiny-n", tiny_model_dir, mlflow_server, "tiny-n", eval={"max_examples": 3},
+                       gates={"min_gain_over_base": 0.2})
+    r = cli(ws, rel, prefect)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "test set too small" in r.stderr and "fewer than 6" in r.stderr and "gates.min_gain_over_base" in r.stderr
+    assert "[qlora]" not in r.stdout + r.stderr  # no training started
+
+
 def test_unknown_param_key_fails_naming_it(ws, tiny_model_dir, mlflow_server, prefect):
     (ws / "params" / "typo.yaml").write_text("training:\n  max_step: 3\n")
     r = cli(ws, "params/typo.yaml", prefect)
@@ -338,7 +363,8 @@ def test_a_candidate_that_forgets_a_non_inferior_suite_is_refused_naming_it(ws, 
                                        "output": "json"}) + "\n" for i in range(80)))
     general = ws / "data" / "suites" / "general.jsonl"
     general.parent.mkdir(parents=True, exist_ok=True)
-    questions = [f"What did you do on day {i} of the trip?" for i in range(16)]
+    # 80 rows: a 0.1 margin on exact match needs ~77 to be told (issue 26: smaller suites are refused)
+    questions = [f"What did you do on day {i} of the trip?" for i in range(80)]
     general.write_text("".join(json.dumps({"prompt": q, "completion": "?"}) + "\n" for q in questions))
     name = f"forget-{uuid.uuid4().hex[:6]}"
     suite = {"name": "general", "path": "data/suites/general.jsonl", "role": "non_inferior", "threshold": 0.1}

@@ -3,6 +3,7 @@ training loss of each row, per_row of old evaluations."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -36,7 +37,14 @@ def test_files_follow_the_contract(evaluated):
         assert set(r) == {"id", "reference", "prediction", "stopped", "new_tokens", "correct", "scores"}
         assert r["correct"] == (r["scores"]["exact_match"] == 1.0) and 0 <= r["scores"]["rouge_l"] <= 1
     for k, v in m["metrics"].items():
-        assert v == pytest.approx(sum(r["scores"][k] for r in rows) / len(rows))
+        if k != "nll":
+            assert v == pytest.approx(sum(r["scores"][k] for r in rows) / len(rows))
+    # nll: total nats over total tokens (not a mean of per-row means), and bits per byte of the references
+    t = m["nll_totals"]
+    assert m["metrics"]["nll"] == pytest.approx(t["nats"] / t["tokens"]) and t["tokenizer"]
+    assert t["bytes"] == sum(len(r["reference"].encode()) for r in rows)
+    assert t["bits_per_byte"] == pytest.approx(t["nats"] / math.log(2) / t["bytes"])
+    assert m["metrics"]["nll"] != pytest.approx(sum(r["scores"]["nll"] for r in rows) / len(rows), rel=1e-6)
     pr = per_row(ev)
     assert pr["ids"] == [r["id"] for r in rows] and pr["answers"] == [r["prediction"] for r in rows]
     assert pr["scores"]["nll"] == [r["scores"]["nll"] for r in rows] and set(pr["scores"]) == set(m["metrics"])

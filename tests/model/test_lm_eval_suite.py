@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from qlora_ops.tasks import metrics as M
 from qlora_ops.tasks.evaluate.predict import per_row
 from qlora_ops.tasks.evaluate.lm_eval_suite import SuiteError, evaluate_suite, load_task, run_suite
 from qlora_ops.tasks.core.util import read_jsonl
@@ -74,3 +75,33 @@ def test_multiple_choice_suite_on_4bit_model_with_adapter(suite_dir, tiny_model_
         assert r["prediction"] in DOCS[[d["id"] for d in DOCS].index(r["id"])]["choices"]
         assert r["scores"]["exact_match"] == r["scores"]["lm_eval.acc"] and r["correct"] == (r["scores"]["lm_eval.acc"] == 1)
     assert m["metrics"]["exact_match"] == pytest.approx(m["lm_eval"]["results"]["acc,none"])
+
+
+def test_one_filter_per_suite_every_reference_kept_and_a_harness_metric_as_the_suite_metric(suite_dir, tiny_model_dir,
+                                                                                             tmp_path):
+    """A task with two filters logged one sample per filter and document: 4 documents gave 8 rows with repeated
+    ids. Only the first of several targets was kept."""
+    (suite_dir / "data" / "alias.jsonl").write_text("".join(
+        json.dumps({**d, "aliases": [d["answer"], d["answer"].upper(), f"the {d['answer']} module"]}) + "\n" for d in DOCS))
+    (suite_dir / "two.yaml").write_text(
+        "task: tiny_two\n" + COMMON.replace("data/qa.jsonl", "data/alias.jsonl") + "output_type: generate_until\n"
+        "doc_to_target: \"{{aliases}}\"\n"
+        "generation_kwargs: {until: [\"\\n\"], max_gen_toks: 6, do_sample: false}\n"
+        "filter_list:\n  - {name: strict, filter: [{function: take_first}]}\n"
+        "  - {name: first-word, filter: [{function: regex, regex_pattern: \"(\\\\w+)\"}, {function: take_first}]}\n"
+        "metric_list:\n  - {metric: exact_match, aggregation: mean, higher_is_better: true}\n")
+    p = tiny_params(tiny_model_dir)
+    for filt in (None, "first-word"):
+        out = tmp_path / str(filt)
+        m = evaluate_suite(p, "base", tiny_model_dir, suite_dir / "two.yaml", out,
+                           metrics=["lm_eval.exact_match", "chrf"], filter_name=filt)
+        rows = read_jsonl(out / "predictions.jsonl")
+        assert m["n"] == 4 and [r["id"] for r in rows] == [d["id"] for d in DOCS]  # one row per document
+        assert m["lm_eval"]["filter"] == (filt or "strict") and m["metric"] == "lm_eval.exact_match"
+        assert [r["references"] for r in rows] == [[d["answer"], d["answer"].upper(), f"the {d['answer']} module"]
+                                                   for d in DOCS]
+        assert [r["scores"]["chrf"] for r in rows] == M.score("chrf", [r["prediction"] for r in rows],
+                                                              [r["references"] for r in rows])  # best of the three
+        assert all(r["scores"]["lm_eval.exact_match"] in (0.0, 1.0) for r in rows)
+    with pytest.raises(SuiteError, match="not one of the task's filters"):
+        evaluate_suite(p, "base", tiny_model_dir, suite_dir / "two.yaml", tmp_path / "x", filter_name="flexible")

@@ -4,6 +4,7 @@
 Local because `evaluate.load("chrf")` is a hub script (fails offline). Character n-gram F-score:
 partial credit for inflections and compounds, and no word splitting, so it works for any script.
 sacrebleu reports 0..100; divided by 100 here so every overlap metric shares the 0..1 scale.
+Lower-cased (sacrebleu's `lowercase=True`), as every other text metric here: case alone never costs.
 """
 import datasets
 import evaluate
@@ -18,6 +19,6 @@ class Chrf(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        chrf = CHRF()
+        chrf = CHRF(lowercase=True)
         scores = [chrf.sentence_score(p, [r]).score / 100 for p, r in zip(predictions, references)]
         return {"chrf": sum(scores) / max(len(scores), 1), "scores": scores}
