@@ -228,6 +228,19 @@ class PrefectServer:
         return temporary_settings(updates={PREFECT_API_URL: self.api, PREFECT_HOME: str(self.home)})
 
 
+@pytest.fixture
+def tracking(mlflow_server, monkeypatch):
+    """Point this process (and subprocesses, via the env var) at the session's MLflow server; restore after."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    prev = getattr(tracking_utils, "_tracking_uri", None)  # None = "not set" (get_tracking_uri would pin a default)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)  # note: also writes os.environ["MLFLOW_TRACKING_URI"]
+    yield mlflow_server
+    mlflow.set_tracking_uri(prev)  # then monkeypatch restores the env var
+
+
 @contextlib.contextmanager
 def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None, timeout: float = 90):
     """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME and SQLite file; stopped on exit."""

@@ -99,16 +99,6 @@ def test_run_tags_hold_the_lock_hash_and_the_decisive_versions():
         assert tags[f"qlora_ops.lib.{lib}"] == importlib.metadata.version(lib)
 
 
-@pytest.fixture
-def tracking(mlflow_server, monkeypatch):
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    prev = getattr(tracking_utils, "_tracking_uri", None)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    mlflow.set_tracking_uri(mlflow_server)
-    yield mlflow_server
-    mlflow.set_tracking_uri(prev)
 
 
 def test_every_mlflow_run_is_tagged_with_the_lock_and_library_versions(tracking, tmp_path):

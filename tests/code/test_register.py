@@ -19,17 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVING = {"system_prompt": "Answer with the label.", "max_new_tokens": 4, "batch_size": 8}  # as tiny_params evaluates
 
 
-@pytest.fixture
-def tracking(mlflow_server, monkeypatch):
-    """Point this process (and subprocesses, via the env var) at the test server; restore after."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    prev = getattr(tracking_utils, "_tracking_uri", None)  # None = "not set" (get_tracking_uri would pin a default)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    mlflow.set_tracking_uri(mlflow_server)  # note: also writes os.environ["MLFLOW_TRACKING_URI"]
-    yield mlflow_server
-    mlflow.set_tracking_uri(prev)  # then monkeypatch restores the env var
 
 
 def _unique(prefix: str) -> str:

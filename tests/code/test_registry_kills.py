@@ -52,16 +52,6 @@ def killed_at(n: int):
             setattr(MlflowClient, m, fn)
 
 
-@pytest.fixture
-def tracking(mlflow_server, monkeypatch):
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    prev = getattr(tracking_utils, "_tracking_uri", None)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    mlflow.set_tracking_uri(mlflow_server)
-    yield mlflow_server
-    mlflow.set_tracking_uri(prev)
 
 
 @pytest.fixture
