@@ -45,7 +45,7 @@ def lineage_command(a) -> int:
         params = load_params(ws_path(ws, a.params))
     except ParamsError as e:
         return fail("bad_input", e)
-    path = lineage_path(ws, params.data)
+    path = lineage_path(ws, params)
     lin = new_lineage(path, a.reason)
     prev = lin["previous"][-1]
     print(f"test-set lineage {lin['lineage']} started in {path} (lineage {prev['lineage']} ended with "

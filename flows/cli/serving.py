@@ -19,6 +19,7 @@ from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.core.util import popen_child
 from qlora_ops.tasks.serving import client, parity, webhook
 from qlora_ops.tasks.serving import server as so
+from qlora_ops.tasks.serving.front import Front, free_port
 
 
 def serving_command(a) -> int:
@@ -137,8 +138,9 @@ def serve_openai(gguf: Path, a, name: str, v: int) -> int:
 
 
 def serve_follow(a, params, work: Path) -> int:
-    """`serve --follow`: serve the version holding 'serving' and restart on each version a champion webhook
-    moves it to (tasks.serving.webhook). With no 'serving' yet, the champion is checked first."""
+    """`serve --follow`: serve the version holding 'serving' and switch to each version a champion webhook
+    moves it to (tasks.serving.webhook), without a failed request (tasks.serving.front). With no 'serving'
+    yet, the champion is checked first."""
     from mlflow.tracking import MlflowClient
 
     r, g = params.registry, params.gates
@@ -162,7 +164,9 @@ def serve_follow(a, params, work: Path) -> int:
     # The delivery ids taken survive a restart (a retried delivery is not checked twice).
     receiver = webhook.Receiver(secret, check, port=a.hook_port, host=a.host,
                                 seen_file=work / "follow" / "webhook-seen.json")
-    with receiver:
+    # The public port is the front's (tasks.serving.front): each version's scoring server runs on a loopback
+    # port of its own, and a move switches to the new one only once it answers /ping, so no request fails.
+    with receiver, Front(a.host, a.port) as front:
         hook = webhook.ensure_webhook(MlflowClient(), a.hook_url or receiver.url, secret, r.model_name)
         print(f"following {r.model_name}@{r.champion_alias}: MLflow webhook {hook.webhook_id} -> "
               f"{redact_url(a.hook_url or receiver.url)}", flush=True)
@@ -180,11 +184,27 @@ def serve_follow(a, params, work: Path) -> int:
                     shown = _show_new(receiver, shown)
                     continue
                 shown = _show_new(receiver, shown)
+                backend = ("127.0.0.1", free_port())
+                new = popen_child(so.server_command(local, *backend), env=so.server_env(digest, a.dtype),
+                                  start_new_session=True)
+                try:
+                    so.wait_ready(f"http://{backend[0]}:{backend[1]}", new, timeout=600)
+                except so.ServingError as e:
+                    so.stop(new)
+                    if proc is None:
+                        return fail("bad_input", e)
+                    print(f"qlora-ops: v{v} could not be served ({e}); still serving the previous version",
+                          file=sys.stderr, flush=True)
+                    continue
+                old = front.switch(backend)
+                url = f"http://{a.host}:{a.port}"
+                print(f"serving {r.model_name} v{v} at {url}/invocations (weights {digest[:16]}..., "
+                      f"{a.dtype or 'evaluated dtype'})\ncheck it: qlora-ops verify-serving {url} --version {v}",
+                      flush=True)
                 if proc is not None:
-                    so.stop(proc)  # the port is taken until the old server is gone: a restart costs one model load
-                proc = start_server(local, digest, a, r.model_name, v)
-                if isinstance(proc, int):
-                    return proc
+                    front.drain(old, timeout=60)  # requests already sent to the old version finish there
+                    so.stop(proc)
+                proc = new
         finally:
-            if proc is not None and not isinstance(proc, int):
+            if proc is not None:
                 so.stop(proc)

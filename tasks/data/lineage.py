@@ -1,7 +1,14 @@
 """The test-set lineage: which rows were ever tested on and trained on, so the split never leaks.
 
-    data/prepared/default.lineage.json   # beside data.prepared; a DVC output with `persist: true`
-                                         # (kept when `dvc repro` reruns prepare, versioned and pushed)
+    .qlora-ops/lineage/data-prepared-default.json   # the live file, in the state dir (a kept volume on a
+                                                    # team worker: a rebuilt container still has it)
+    data/prepared/default.lineage.json              # the copy each prepare writes beside data.prepared: a plain
+                                                    # DVC output (versioned, pushed, restored by the run cache)
+
+Why two: a `persist` DVC output would keep the file across reruns, but DVC's run cache skips every stage
+with one, so a rebuilt worker would redo prepare; and the file beside data.prepared lives in the checkout,
+which a rebuilt container loses with the rows ever trained on. The state-dir file is the truth and only
+grows; the copy seeds it when the state dir is new (tasks/data/versioning.py).
 
 {"lineage": n, "settings": {split.seed, split.test, split.val, max_input_chars, normaliser,
  near_dup_threshold}, "rows": {row key: {"split", "text"}}, "trained": {row key: text}, "previous": [...]}
@@ -21,11 +28,12 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
-from qlora_ops.tasks.core.config import DataParams
-from qlora_ops.tasks.core.paths import ws_path
+from qlora_ops.tasks.core.config import DataParams, Params
+from qlora_ops.tasks.core.paths import state_dir, ws_path
 from qlora_ops.tasks.core.util import atomic_write_json
 from qlora_ops.tasks.data.dedupe import NORMALISER
 from qlora_ops.tasks.data.readers import DataError
@@ -33,11 +41,29 @@ from qlora_ops.tasks.data.readers import DataError
 NEW_LINEAGE = "qlora-ops data new-lineage --params <file>"
 
 
-def lineage_path(workspace: Path, d: DataParams) -> Path:
-    """<data.prepared>.lineage.json: beside the prepared directory (never inside: DVC deletes that one
-    before each rerun), the same file for `check` and `run`."""
+def lineage_path(workspace: Path, params: Params) -> Path:
+    """The live lineage of data.prepared, in the state dir: the same file for `check`, `run` and `data
+    new-lineage`."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(params.data.prepared).as_posix()).strip("-.") or "prepared"
+    return state_dir(workspace, params) / "lineage" / f"{slug}.json"
+
+
+def copy_path(workspace: Path, d: DataParams) -> Path:
+    """<data.prepared>.lineage.json: the versioned copy beside the prepared directory (never inside: it is
+    not part of the data version). Before this release, the live file."""
     p = ws_path(workspace, d.prepared)
     return p.with_name(p.name + ".lineage.json")
+
+
+def adopt(workspace: Path, params: Params) -> Path | None:
+    """A state dir without the lineage (new volume, first run after an upgrade) takes the copy beside
+    data.prepared, so rows once tested or trained on keep their place. Returns the copy taken, if any."""
+    live, copy = lineage_path(workspace, params), copy_path(workspace, params.data)
+    if live.is_file() or not copy.is_file():
+        return None
+    live.parent.mkdir(parents=True, exist_ok=True)
+    save(live, load(copy))
+    return copy
 
 
 def settings(d: DataParams) -> dict:
@@ -96,6 +122,7 @@ def record(lin: dict, d: DataParams, assigned: dict[str, tuple[str, str]]) -> di
 
 
 def save(path: Path, lin: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, lin)
 
 

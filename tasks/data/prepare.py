@@ -332,12 +332,15 @@ def prepare(params: Params, workspace: Path, out: Path | None = None, lineage_aw
     a split of the data alone (`init`, sizing a params file that has no lineage yet)."""
     d = params.data
     raw = ws_path(workspace, d.raw)
-    lin_file = lineage.lineage_path(Path(workspace), d) if lineage_aware else None
+    lin_file = lineage.lineage_path(Path(workspace), params) if lineage_aware else None
+    if lineage_aware:
+        lineage.adopt(Path(workspace), params)  # before DVC deletes the copy: a new state dir takes it
+    copy = lineage.copy_path(Path(workspace), d) if out is None else None
     with tempfile.TemporaryDirectory(prefix="qlora-ops-rows-") as tmp:
         ds, formats = open_rows(raw, d, Path(tmp))
         try:
             stats = _prepare(ds, formats, params, raw, ws_path(workspace, d.prepared) if out is None else Path(out),
-                             lin_file, write_lineage=out is None)
+                             lin_file, write_lineage=out is None, copy=copy)
         finally:
             del ds
     return stats
@@ -357,7 +360,7 @@ def _corrections(ds, d: DataParams) -> dict[str, int]:
 
 
 def _prepare(ds, formats: dict[str, str], params: Params, raw: Path, out: Path, lin_file: Path | None = None,
-             write_lineage: bool = False) -> dict:
+             write_lineage: bool = False, copy: Path | None = None) -> dict:
     d = params.data
     fixes = _corrections(ds, d)
     replaced = 0
@@ -435,8 +438,10 @@ def _prepare(ds, formats: dict[str, str], params: Params, raw: Path, out: Path, 
              "near_duplicate_rows": split_info["near_duplicate_rows"]}
     atomic_write_json(out / "stats.json", stats)
     if write_lineage and lin_file is not None:  # last: a failed prepare never records its split
-        lineage.save(lin_file, lineage.record(lin, d, {row_key(t): (name, t) for (_, _, _, t), name
-                                                       in zip(rows, names)}))
+        lin = lineage.record(lin, d, {row_key(t): (name, t) for (_, _, _, t), name in zip(rows, names)})
+        lineage.save(lin_file, lin)
+        if copy is not None:  # the versioned copy (a DVC output): seeds a state dir that lost the live file
+            lineage.save(copy, lin)
     return stats
 
 

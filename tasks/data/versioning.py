@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import subprocess
@@ -29,7 +30,7 @@ from qlora_ops.tasks.core.paths import state_dir, ws_path
 from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.data.sources import is_network_error, is_url, snapshot
 from qlora_ops.tasks.data import quarantine
-from qlora_ops.tasks.data.lineage import lineage_path
+from qlora_ops.tasks.data import lineage
 from qlora_ops.tasks.core.util import child_preexec
 from qlora_ops.tasks.data import workspace_file
 
@@ -207,10 +208,10 @@ def ensure_stage(workspace: Path, params_path: Path, params: Params) -> str:
     deps = workspace_file.stage_deps(workspace)
     stale = LEGACY_DEPS + (() if deps == workspace_file.CLONE_DEPS else workspace_file.CLONE_DEPS)
     legacy = stage is not None and any(d in stale for d in stage.get("deps") or ())
-    # A stage written before the test-set lineage file (tasks/data/lineage.py, a persistent output that
-    # `dvc repro` keeps): rewritten once, with it.
-    lin_rel = _rel(workspace, lineage_path(workspace, params.data), "the test-set lineage file")
-    legacy = legacy or (stage is not None and not any(isinstance(o, dict) and lin_rel in o for o in stage.get("outs") or ()))
+    # A stage written without the lineage copy as a plain output (none, or the `persist` output of the
+    # release that kept the live file there, which turns DVC's run cache off): rewritten once.
+    lin_rel = _rel(workspace, lineage.copy_path(workspace, params.data), "the test-set lineage copy")
+    legacy = legacy or (stage is not None and lin_rel not in (stage.get("outs") or ()))
     if stage is None or legacy:
         # DVC fails on a params key absent from the file; keys left to their defaults are covered by
         # the dependency on tasks/core/config.py, where the defaults live (in a workspace: its data_code).
@@ -218,7 +219,7 @@ def ensure_stage(workspace: Path, params_path: Path, params: Params) -> str:
         p_args = ["-p", f"{prel}:{','.join(present)}"] if present else []
         dvc(workspace, "stage", "add", *(["--force"] if legacy else []), "-n", name,
             *[a for d in deps for a in ("-d", d)], "-d", raw_rel,
-            *p_args, "-o", out_rel, "--outs-persist", lin_rel,
+            *p_args, "-o", out_rel, "-o", lin_rel,
             f"python -m qlora_ops.tasks.data prepare --params {prel}")
     return name
 
@@ -271,8 +272,16 @@ def prepare_via_dvc(workspace: Path, params_path: Path, params: Params) -> dict:
             quarantine.check_raw(workspace, params)
         if not workspace_file.is_source_tree(workspace):
             workspace_file.write_marker(workspace)  # this qlora-ops's data code: DVC re-runs the stages if it changed
+        lineage.adopt(workspace, params)  # an upgraded workspace's lineage, before a rewritten stage drops it
         name = ensure_stage(workspace, params_path, params)
         out = dvc(workspace, "repro", name)
+        live = lineage.lineage_path(workspace, params)
+        if lineage.adopt(workspace, params) is None and live.is_file():
+            # The run cache restores what these inputs gave last time; after `data new-lineage` they must be
+            # split again under the new lineage, and DVC cannot see the state dir.
+            made = json.loads((ws_path(workspace, params.data.prepared) / "stats.json").read_text()).get("lineage")
+            if made != lineage.load(live)["lineage"]:
+                out = dvc(workspace, "repro", "--force", name)
         # --with-deps: the stage's outputs and everything upstream (the sample stage's output, or the
         # `dvc add`-ed raw directory): the remote then holds both ends of this data version.
         try:

@@ -34,7 +34,7 @@ from pathlib import Path
 import regex
 
 from qlora_ops.tasks import metrics as M
-from qlora_ops.tasks.core.config import DataParams, ModelParams, Params, ParamsError, RegistryParams
+from qlora_ops.tasks.core.config import DataParams, ModelParams, Params, ParamsError, RegistryParams, SplitParams
 from qlora_ops.tasks.data.prepare import FIELDS, DataError, detect_format, prepare
 from qlora_ops.tasks.data.readers import columns_of
 from qlora_ops.tasks.gates.paired import level, min_detectable_diff
@@ -254,10 +254,16 @@ def write_params(datafile: Path, workspace: Path, out: str | None = None, model:
     policy = PromotionPolicy.from_registry(RegistryParams(non_inferiority_margin=g["non_inferiority_margin"],
                                                           min_improvement=g["min_improvement"]))
     val, test, split_note = split_for(n, policy)
+    # The gate bars must be reachable on the test rows a run will really get: near-duplicate clusters move
+    # whole groups between splits, so the share is not n * test. Split once more at the chosen fractions.
+    sized = Params(data=DataParams(raw=str(data), format=fmt, columns=columns, split=SplitParams(val=val, test=test)))
+    with tempfile.TemporaryDirectory(prefix="qlora-ops-init-") as tmp:
+        prepare(sized, ws, out=Path(tmp), lineage_aware=False)
+        n_test = len(read_jsonl(Path(tmp) / "test.jsonl"))
 
     rel = _inside(data, ws)
     text = _render(out_rel, command or f"qlora-ops init {datafile}", name, data, rel, fmt, columns, guessed, labels,
-                   stats, val, test, split_note, model or ModelParams().source, metric, why)
+                   stats, val, test, split_note, model or ModelParams().source, metric, why, n_test)
     # The file must load as params before it is written: a bad value is our bug, not the user's to find.
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "p.yaml").write_text(text)
@@ -284,7 +290,7 @@ def _gate_lines(g: dict, m, n_test: int) -> list[str]:
 
 def _render(out_rel: str, command: str, name: str, data: Path, rel: str | None, fmt: str, columns: dict,
             guessed: bool, labels: list[str] | None, stats: dict, val: float, test: float, split_note: str,
-            model: str, metric: str, why: str) -> str:
+            model: str, metric: str, why: str, n_test: int) -> str:
     j = json.dumps
     n = stats["rows_after_dedupe"]
     lines = [
@@ -324,7 +330,7 @@ def _render(out_rel: str, command: str, name: str, data: Path, rel: str | None, 
               "eval:",
               f"  metric: {metric}",
               "gates:",
-              *_gate_lines(g, m, max(int(0.85 * n * test), 1)),  # the split's test share varies: leave slack
+              *_gate_lines(g, m, max(n_test, 1)),
               "registry:",
               f"  model_name: {j('qlora-ops-' + name)}    # its own registered model: its champion competes with no other data set",
               f"  non_inferiority_margin: {g['non_inferiority_margin']}",

@@ -70,8 +70,8 @@ def _dvc_yaml(params: list[str]) -> str:
                 f"  {prep}:", f"    cmd: python -m qlora_ops.tasks.data prepare --params params/{stem}.yaml",
                 f"    deps:\n      - {dep}\n      - {raw}",
                 f"    params:\n      - params/{stem}.yaml:\n          - data\n          - seed",
-                # the test-set lineage (tasks/data/lineage.py): a persistent output, kept across reruns
-                f"    outs:\n      - data/prepared/{stem}\n      - data/prepared/{stem}.lineage.json:\n          persist: true"]
+                # the versioned copy of the test-set lineage (tasks/data/lineage.py; the live file is in the state dir)
+                f"    outs:\n      - data/prepared/{stem}\n      - data/prepared/{stem}.lineage.json"]
     return "\n".join(out) + "\n"
 
 

@@ -14,10 +14,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -175,14 +177,31 @@ def test_serve_follow_moves_serving_when_the_champion_moves(tracking, merged_mod
                 urllib.request.urlopen(urllib.request.Request(hook_url, data=body.encode(), headers=headers), timeout=30)
             assert e.value.code == 401
 
+        # /ping asked all along the move: not one refused or failed request (the front, tasks.serving.front)
+        wait_for(lambda: f"serving {name} v{v1} at" in s.log.read_text(), 120, s.log)
+        pings, stop_pinging = Counter(), threading.Event()
+
+        def ping() -> None:
+            while not stop_pinging.is_set():
+                try:
+                    with urllib.request.urlopen(f"{s.url}/ping", timeout=30) as r:
+                        pings[r.status] += 1
+                except OSError as e:
+                    pings[type(e).__name__] += 1
+                time.sleep(0.1)
+        pinger = threading.Thread(target=ping, daemon=True)
+        pinger.start()
+
         # The policy promotes a new version (register_and_promote moves `champion`): MLflow calls the receiver.
         _, v2 = register_evaluated(merged_model_dir, evaluated_merged, tmp_path, name=name)
         assert c.get_model_version_by_alias(name, "champion").version == str(v2)
         wait_for(lambda: f"serving {name} v{v2} at" in s.log.read_text(), 480, s.log)
         assert c.get_model_version_by_alias(name, "serving").version == str(v2)
         assert c.get_model_version(name, str(v2)).tags["serving_check"] == "passed"
-        with urllib.request.urlopen(f"{s.url}/ping", timeout=30) as r:  # the endpoint is back, on v2
-            assert r.status == 200
+        time.sleep(2)  # a few pings on v2, then the old server is gone
+        stop_pinging.set()
+        pinger.join(timeout=60)
+        assert set(pings) == {200} and pings[200] > 20, pings
         assert "refused" not in s.log.read_text() and "webhook:" not in s.log.read_text(), tail(s.log)
 
 

@@ -192,7 +192,7 @@ def test_split_is_deterministic_and_old_rows_keep_their_split(tmp_path):
     seven = params_for(tmp_path, split=SplitParams(seed=7))
     with pytest.raises(DataError, match="split.seed 42 -> 7"):
         prepare(seven, tmp_path)
-    new_lineage(lineage_path(tmp_path, seven.data))
+    new_lineage(lineage_path(tmp_path, seven))
     prepare(seven, tmp_path)
     assert splits_of(tmp_path / "prepared")["test"].keys() != second["test"].keys()
 

@@ -80,7 +80,7 @@ def test_a_split_setting_change_is_refused_until_a_new_lineage(tmp_path, change)
     key = {"split": "split.", "max_input_chars": "max_input_chars"}[next(iter(change))]
     assert key in str(e.value)
     assert splits_of(tmp_path / "prepared") == before  # nothing written
-    lineage.new_lineage(lineage.lineage_path(tmp_path, changed.data), "test")
+    lineage.new_lineage(lineage.lineage_path(tmp_path, changed), "test")
     write(tmp_path / "raw.jsonl", rows(300) + rows(150, start=2000))  # a new lineage wants fresh rows
     stats = prepare(changed, tmp_path)
     assert stats["lineage"] == 2 and stats["contamination"] == 0

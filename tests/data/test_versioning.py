@@ -304,3 +304,44 @@ def test_a_prepare_stage_written_before_the_stage_packages_is_rewritten_and_runs
     stage = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]["prepare-old"]
     assert stage["cmd"] == "python -m qlora_ops.tasks.data prepare --params params/old.yaml"
     assert "tasks/data.py" not in stage["deps"] and "tasks/data/prepare.py" in stage["deps"]
+
+
+def test_the_lineage_outlives_the_checkout_and_a_new_lineage_resplits_through_dvc(tmp_path):
+    """The live lineage is in the state dir, the copy beside data.prepared is a plain DVC output: a checkout
+    that loses data/ (a rebuilt container whose state volume stayed) gets its splits back from the run
+    cache with the lineage intact; `data new-lineage` re-splits although DVC sees no changed input; a
+    workspace of the release that kept the live file beside data.prepared (a `persist` output) adopts it."""
+    from qlora_ops.tasks.data import lineage
+
+    ws, drops = workspace_with_drops(tmp_path, **{"week-01.jsonl": drop_rows(0, 60)})
+    write_params(ws, "lin", data={"source": str(drops), "raw": "data/raw/lin", "prepared": "data/prepared/lin"})
+    p = load_params(ws / "params" / "lin.yaml")
+    first = run(ws, "lin")
+    live, copy = lineage.lineage_path(ws, p), lineage.copy_path(ws, p.data)
+    assert live.is_file() and copy.is_file() and live.is_relative_to(ws / ".qlora-ops")
+    stage = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"][first["stage"]]
+    assert "data/prepared/lin.lineage.json" in stage["outs"]  # a plain output: the run cache serves it
+    tested = {k for k, r in lineage.load(live)["rows"].items() if r["split"] == "test"}
+
+    shutil.rmtree(ws / "data" / "prepared")
+    again = run(ws, "lin")
+    assert not again["reran"] and again["data_version"] == first["data_version"]
+    assert {k for k, r in lineage.load(live)["rows"].items() if r["split"] == "test"} == tested
+
+    lineage.new_lineage(live, "test")
+    fresh = run(ws, "lin")
+    assert fresh["reran"]
+    assert json.loads((ws / "data" / "prepared" / "lin" / "stats.json").read_text())["lineage"] == 2
+
+    # the previous release: the live file beside data.prepared, a persist output, no state-dir file
+    spec = yaml.safe_load((ws / "dvc.yaml").read_text())
+    spec["stages"][first["stage"]]["outs"] = ["data/prepared/lin", {"data/prepared/lin.lineage.json": {"persist": True}}]
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    old = lineage.load(live)
+    live.unlink()
+    (drops / "week-02.jsonl").write_text(drop_rows(60, 20))
+    upgraded = run(ws, "lin")
+    assert upgraded["reran"]
+    lin = lineage.load(live)
+    assert lin["lineage"] == 2 and set(old["trained"]) <= set(lin["trained"])
+    assert "data/prepared/lin.lineage.json" in yaml.safe_load((ws / "dvc.yaml").read_text())["stages"][first["stage"]]["outs"]

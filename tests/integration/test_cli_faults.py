@@ -32,7 +32,9 @@ def ws(tmp_path_factory, tiny_model_dir):
             "training": {"max_steps": 2, "batch_size": 8, "eval_every": 2, "save_every": 2, "threads": 1,
                          "warmup_steps": 1},
             "eval": {"batch_size": 8, "max_new_tokens": 4, "max_examples": 8},
-            "orchestration": {"retries": 0}}
+            "orchestration": {"retries": 0},
+            # 8 test rows: bars they can support, so the run reaches the stage the fault is in
+            "gates": {"min_gain_over_base": -1.0, "min_retention_vs_lora": 0.0, "max_merge_disagreement": 1.0}}
     # 400 steps cannot finish in 2 s: the train stage's own timeout stops it
     hang = {**base, "data": {"prepared": "data/prepared/hang"}, "registry": {"model_name": "hang"},
             "training": {**base["training"], "max_steps": 400}, "orchestration": {"retries": 0, "timeouts": {"train": 2}}}
