@@ -35,7 +35,7 @@ from qlora_ops.tasks.gates.policy import PromotionPolicy, power_check
 from qlora_ops.tasks.evaluate import suites
 from qlora_ops.tasks.intake.check import check_json_answers
 from qlora_ops.tasks.registry import tracking
-from qlora_ops.tasks.gates import verdict
+from qlora_ops.tasks.gates import ledger, verdict
 from qlora_ops.tasks.gates.verdict import gate_decision  # noqa: F401  (the flow's decision; tests import it from here)
 from qlora_ops.tasks.core.config import Params, load_params
 from qlora_ops.tasks.core.paths import artifact_root, state_dir, tracking_uri, ws_path
@@ -247,15 +247,20 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
             print(f"warning: model card not written ({type(e).__name__}: {str(e)[:300]})")
             return None
 
-    def decide(champion_v: int) -> tuple[bool, str]:
-        return decide_promotion(params, ws, run_id, ms, champion_v)
+    lin = test_lineage(data)
 
+    def decide(champion_v: int) -> tuple[bool, str, dict]:
+        return decide_promotion(params, ws, run_id, ms, champion_v, lin)
+
+    if summary is not None:  # the card says what the ledger held when this version was decided
+        summary["decisions_before"] = ledger.explain(_budget(params, lin))
     with runtime.registry_slot(r.model_name, params.orchestration.timeouts.registry, state_dir(ws, params)):
-        return runtime.stage(pt.register_and_promote, params, "registry")(
+        res = runtime.stage(pt.register_and_promote, params, "registry")(
             model_uri=ms["model_uri"], model_name=r.model_name, alias=r.champion_alias,
             challenger_alias=r.challenger_alias, decide=decide, lock_path=state_dir(ws, params) / "registry.lock",
             describe=describe if summary else None,
             tags={"data_version": data["data_version"], "mlflow_run_id": run_id, "params_hash": params.digest(),
+                  **({"test_lineage": str(lin)} if lin is not None else {}),
                   "fingerprint": fp, "code_commit": str(code["git_commit"]), "code_sha": code["source_sha"],
                   "score_key": ms["score_key"], METRIC: repr(models["merged"]["accuracy"]),
                   # the metric `promote` and the next runs decide on, and the merged model's score on it
@@ -267,9 +272,18 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
                   "merged_digest": ms.get("merged_digest", ""),
                   # Each suite's score key: a later run reuses these saved predictions when its key matches.
                   **{f"score_key.{n}": v["score_key"] for n, v in ms.get("suites", {}).items()}})
+    return {**res, "decisions": ledger.explain(_budget(params, lin))}
 
 
-def decide_promotion(params: Params, ws: Path, run_id: str, ms: dict, champion_v: int) -> tuple[bool, str]:
+def _budget(params: Params, lin: int | None) -> dict:
+    try:
+        return manual.budget(params.registry.model_name, policy(params), lin)
+    except Exception:  # no registered model yet
+        return ledger.account(policy(params), [], lin)
+
+
+def decide_promotion(params: Params, ws: Path, run_id: str, ms: dict, champion_v: int,
+                     lin: int | None = None) -> tuple[bool, str, dict]:
     """Should the candidate take `champion` from v`champion_v`? Paired on the rows the model stage scored
     (a champion that moved meanwhile: see moved_champion)."""
     champ = ms.get("champion")
@@ -281,8 +295,21 @@ def decide_promotion(params: Params, ws: Path, run_id: str, ms: dict, champion_v
     if guards is None:  # non_inferior suites guard against the champion too: not decidable without its rows
         raise Deferred(f"not decided: the guard suites were not scored on champion v{champion_v}; "
                        f"'{params.registry.champion_alias}' stays; the next run decides")
+    # The decision ledger (tasks.gates.ledger): every look at this lineage's test rows spends part of the
+    # yearly false-promotion budget; spent, nothing is decided automatically on these rows.
+    pol = policy(params)
+    if not (b := manual.budget(params.registry.model_name, pol, lin))["can_decide"]:
+        raise Deferred(ledger.spent_message(b, "<params file>"))
     d = verdict.promotion(params, ms["rows"]["merged"], champ, guards)
-    return d["promote"], f"{d['reason']} (champion v{champion_v}: {champ['how']})"
+    return (d["promote"], f"{d['reason']} (champion v{champion_v}: {champ['how']})",
+            dict([ledger.entry_tag(pol.alpha, lin, f"run {run_id}")]))
+
+
+def test_lineage(data: dict) -> int | None:
+    """The test-set lineage of the prepared data (its stats.json), None where it has none."""
+    stats_file = Path(data.get("prepared_dir", "")) / "stats.json"
+    lin = read_json(stats_file).get("lineage") if data.get("prepared_dir") and stats_file.is_file() else None
+    return int(lin) if lin is not None else None
 
 
 def score_label(models: dict) -> str:
@@ -373,11 +400,12 @@ def format_summary(s: dict) -> str:
                 f"{st['near_duplicate_rows']}" if "contamination" in st else "")]
             if (st := s["data"].get("stats")) and "inputs_truncated" in st else []),
           "", f"{'model':<10}{score_label(s['models']):>10}  {paired.level(s.get('confidence', 0.95)) + ' interval':<17}"
-          f"{'eos_rate':>8}{'n':>6}{'eval_s':>9}"]
+          f"{'eos_rate':>8}{'n':>6}{'eval_s':>9}{'s/100 rows':>12}"]
     for name, m in s["models"].items():
         ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else ""
         L.append(f"{name:<10}{m.get('score', m['accuracy']):>10.4f}  {ci:<17}{m['eos_rate']:>8.2f}{m['n']:>6}"
-                 f"{m['eval_seconds']:>9.1f}{'  (cached)' if m.get('cached') else ''}")
+                 f"{m['eval_seconds']:>9.1f}{100 * m['eval_seconds'] / max(m['n'], 1):>12.1f}"
+                 f"{'  (cached)' if m.get('cached') else ''}")
     for name, st in (s.get("suites") or {}).items():
         gated = {"gain": f"gain >= {st['threshold']:g}", "non_inferior": f"non-inferior, margin {st['threshold']:g}"}
         L += ["", f"suite {name}: {st['metric']}, {gated.get(st['role'], 'reported only')}, {st['n']} rows"]
@@ -393,6 +421,8 @@ def format_summary(s: dict) -> str:
     if r.get("version"):
         L.append(f"registry: {r['model_name']} v{r['version']} registered; alias '{r['alias']}' -> v{r['champion_version']} "
                  f"({r['reason']})")
+        if r.get("decisions"):
+            L.append(f"decisions: {r['decisions']}")
     else:
         L.append(f"registry: nothing registered ({r['reason']})")
     L.append("stage seconds: " + " | ".join(f"{k} {v}" for k, v in s["stage_seconds"].items() if k != "total"))

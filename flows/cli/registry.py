@@ -39,12 +39,13 @@ def registry_command(a) -> int:
     ws, params, uri = pre
     mlflow.set_tracking_uri(uri)
     r = params.registry
+    from qlora_ops.tasks.gates.policy import PromotionPolicy  # not flows.retrain: that imports torch, seconds for nothing here
     if a.cmd == "status":
         print(registry_ops.format_status(registry_ops.status(r.model_name, (r.champion_alias, r.challenger_alias,
-                                                                            SERVING_ALIAS), r.experiment)))
+                                                                            SERVING_ALIAS), r.experiment,
+                                                             policy=PromotionPolicy.from_registry(r))))
         print_quarantined(params)
         return 0
-    from qlora_ops.tasks.gates.policy import PromotionPolicy  # not flows.retrain: that imports torch, seconds for nothing here
     # The same serialization as automatic promotion (flows.registry_slot): the model's global slot, which a
     # shared tracking server requires (refused without it), and the workspace's file lock.
     try:

@@ -269,10 +269,12 @@ class RegistryParams(_Strict):
     min_improvement: float = Field(0.01, ge=0, lt=1)
     non_inferiority_margin: float = Field(0.02, gt=0, lt=1)
     # Error rates above are per decision. A schedule deciding weekly on one reused test set lets an equally
-    # good retrain take champion at least once a year far more often (docs/gates.md, "Over a year"). Set this
-    # to cap that chance per year: each decision then runs at a one-sided alpha of
-    # yearly_false_promotion / decisions_per_year (never looser than `confidence`), at the cost of power.
-    yearly_false_promotion: float | None = Field(None, gt=0, lt=0.5)
+    # good retrain take champion at least once a year far more often (docs/gates.md, "Over a year"). This
+    # caps that chance per year and test-set lineage: each decision runs at a one-sided alpha of
+    # yearly_false_promotion / decisions_per_year (never looser than `confidence`), and the decisions
+    # actually made (runs, reruns, manual promote: the ledger, tasks/gates/ledger.py) spend it; spent, no
+    # automatic decision is made until fresh test rows start a new lineage. null: counted, not capped.
+    yearly_false_promotion: float | None = Field(0.05, gt=0, lt=0.5)
     decisions_per_year: int = Field(52, ge=1)
 
 

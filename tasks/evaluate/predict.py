@@ -105,10 +105,13 @@ def per_row(eval_dir: Path) -> dict:
     before per-row scores existed has its exact match as its only score."""
     preds = read_jsonl(Path(eval_dir) / "predictions.jsonl")
     names = list(preds[0].get("scores") or {"exact_match": 0}) if preds else ["exact_match"]
-    return {"ids": [r["id"] for r in preds], "correct": [bool(r["correct"]) for r in preds],
-            "answers": [r["prediction"] for r in preds],
-            "scores": {n: [float(r["scores"][n]) if "scores" in r else float(bool(r["correct"])) for r in preds]
-                       for n in names}}
+    out = {"ids": [r["id"] for r in preds], "correct": [bool(r["correct"]) for r in preds],
+           "answers": [r["prediction"] for r in preds],
+           "scores": {n: [float(r["scores"][n]) if "scores" in r else float(bool(r["correct"])) for r in preds]
+                      for n in names}}
+    if "nll" in names and (Path(eval_dir) / "metrics.json").is_file():  # nats per token: of which tokenizer
+        out["tokenizer"] = (read_json(Path(eval_dir) / "metrics.json").get("nll_totals") or {}).get("tokenizer")
+    return out
 
 
 def cached_metrics(eval_dir: Path) -> dict | None:

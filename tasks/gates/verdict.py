@@ -105,6 +105,13 @@ def promotion(params: Params, cand: dict, champ: dict, guards: list[dict] | None
     if champ["ids"] != cand["ids"]:
         raise RuntimeError(f"champion v{champ.get('version')} was scored on other rows than the candidate; not comparable")
     m = gate.gate_metric(params)
+    if m.name == "nll" and None not in (cand.get("tokenizer"), champ.get("tokenizer")) and \
+            cand["tokenizer"] != champ["tokenizer"]:
+        # nats per token count other tokens under another tokenizer: not the same quantity
+        return {"promote": False, "guards": guards or [], "reason": (
+            f"keep champion: nll is per token, and champion v{champ.get('version')} was scored with another "
+            f"tokenizer ({champ['tokenizer']} vs {cand['tokenizer']}): not comparable; compare bits per byte "
+            "(the report's nll_totals) and promote by hand with `qlora-ops promote N --force --reason ...`")}
     d = policy.decide(policy.PromotionPolicy.from_registry(params.registry), gate.gate_scores(cand, m),
                       gate.gate_scores(champ, m), seed=params.seed, higher_is_better=m.higher_is_better,
                       binary=m.binary, metric_name=m.name)

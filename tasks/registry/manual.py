@@ -20,6 +20,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from qlora_ops.tasks.gates import ledger
 from qlora_ops.tasks.gates.policy import PromotionPolicy, decide
 from qlora_ops.tasks.registry import journal
 from qlora_ops.tasks.registry.register import DEFERRED, READY, REJECTED, PromotionError, _alias_holder
@@ -70,7 +71,24 @@ def _tags(client: MlflowClient, name: str, v: int | str) -> dict:
     return dict(client.get_model_version(name, str(v)).tags or {})
 
 
-def status(model_name: str, aliases: tuple[str, ...], experiment: str | None, limit: int = 10) -> dict:
+def lineage_of(tags: dict) -> int | None:
+    """The test-set lineage a version was scored on (None: registered before lineages were tagged)."""
+    try:
+        return int(tags["test_lineage"])
+    except (KeyError, ValueError):
+        return None
+
+
+def budget(model_name: str, policy: PromotionPolicy, lineage: int | None, client: MlflowClient | None = None) -> dict:
+    """The yearly false-promotion budget of `lineage`, from the decision ledger (tasks.gates.ledger) that
+    the versions of `model_name` carry."""
+    c = client or MlflowClient()
+    versions = {int(v.version): dict(v.tags or {}) for v in c.search_model_versions(f"name = '{model_name}'")}
+    return ledger.account(policy, ledger.ledger_of(versions), lineage)
+
+
+def status(model_name: str, aliases: tuple[str, ...], experiment: str | None, limit: int = 10,
+           policy: PromotionPolicy | None = None) -> dict:
     import pandas as pd
 
     c = MlflowClient()
@@ -99,8 +117,11 @@ def status(model_name: str, aliases: tuple[str, ...], experiment: str | None, li
                               "data": r.data.tags.get("qlora_ops.data_version", "?"),
                               "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)),
                               "gates": r.data.tags.get("qlora_ops.gate_reason", "")[:60]} for r in rs])
-    return {"model_name": model_name, "aliases": {a: held.get(a) for a in aliases}, "versions": vt, "runs": runs,
-            "pending": journal.pending(c, model_name) if versions else None}
+    out = {"model_name": model_name, "aliases": {a: held.get(a) for a in aliases}, "versions": vt, "runs": runs,
+           "pending": journal.pending(c, model_name) if versions else None}
+    if policy is not None and versions:  # the newest version's test-set lineage: the one decisions are made on
+        out["budget"] = budget(model_name, policy, lineage_of(versions[0].tags or {}), c)
+    return out
 
 
 def format_status(s: dict) -> str:
@@ -109,6 +130,8 @@ def format_status(s: dict) -> str:
     if p := s.get("pending"):  # a writer killed mid-commit: the next writer (promote, rollback, a run) finishes it
         L += [f"  pending    : {p['op']} begun by {p.get('by', '?')} at {p.get('at', '?')}, not finished; the next "
               "run, promote or rollback finishes it"]
+    if b := s.get("budget"):
+        L += [f"  decisions  : {ledger.explain(b)}"]
     L += ["", "versions:", s["versions"].to_string(index=False) if len(s["versions"]) else "  (none)"]
     L += ["", "recent runs:", s["runs"].to_string(index=False) if len(s["runs"]) else "  (none)"]
     return "\n".join(L)
@@ -151,6 +174,9 @@ def promote(model_name: str, version: int, alias: str, policy: PromotionPolicy, 
     elif champ is None:
         why, decision_tags = f"manual: first champion, no version held '{alias}'", {}
     else:
+        lin = lineage_of(t)  # before any look at the rows: a spent budget refuses the look itself
+        if not (b := budget(model_name, policy, lin, c))["can_decide"]:
+            raise PromotionError(ledger.spent_message(b))
         ck, cand = version_rows(model_name, version, work)
         pk, prev = version_rows(model_name, champ, work)
         if ck != pk or cand["ids"] != prev["ids"]:
@@ -164,11 +190,18 @@ def promote(model_name: str, version: int, alias: str, policy: PromotionPolicy, 
                                  f"({' vs '.join(sorted(names))}); retrain with one eval.metric or use --force --reason")
 
         m = get(names.pop())
+        if m.name == "nll" and None not in (cand.get("tokenizer"), prev.get("tokenizer")) and \
+                cand["tokenizer"] != prev["tokenizer"]:
+            raise PromotionError(f"v{version} and champion v{champ} were scored in nll per token under different "
+                                 "tokenizers: not comparable; compare bits per byte (the report) and use --force --reason")
         d = decide(policy, gate_scores(cand, m), gate_scores(prev, m), higher_is_better=m.higher_is_better,
                          binary=m.binary, metric_name=m.name)
+        # a look at the test rows, whatever it concluded: one ledger entry on the candidate
+        entry = ledger.entry_tag(policy.alpha, lin, f"promote by {by.user}")
         if not d["promote"]:
+            c.set_model_version_tag(model_name, str(version), *entry)
             return {"version": version, "promoted": False, "reason": d["reason"]}
-        why, decision_tags = f"manual: {d['reason']}", {}
+        why, decision_tags = f"manual: {d['reason']}", dict([entry])
     tags = {**decision_tags, **by.tags("promoted"), "promoted": "true", "promotion_reason": why[:5000]}
     if champ is not None:
         tags["previous_champion"] = str(champ)

@@ -270,7 +270,7 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
             # Creates the registered model if missing, then a new version (max+1, server-side).
             mv = mlflow.register_model(model_uri, model_name, tags={**vtags, "status": INCOMPLETE})
         new_v = int(mv.version)
-        status = READY
+        status, decided_tags = READY, {}
         try:
             prev_v = _alias_holder(client, model_name, alias)
             if prev_v == new_v:  # an earlier attempt of this run already moved the alias, then faulted
@@ -282,12 +282,14 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
                 promote, reason = True, f"first champion: no version held alias '{alias}'"
             else:
                 try:
-                    promote, reason = decide(prev_v)
+                    # (promote, reason) or (promote, reason, tags): the decision's own tags (its ledger entry)
+                    promote, reason, *extra = decide(prev_v)
+                    decided_tags = extra[0] if extra else {}
                 except Deferred as d:
                     promote, reason, status = False, str(d), DEFERRED
             if describe is not None and (card := describe(new_v, promote, reason)):
                 client.update_model_version(model_name, str(new_v), description=card)
-            decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000]}
+            decision = {"promoted": str(promote).lower(), "promotion_reason": reason[:5000], **decided_tags}
             if promote and prev_v is not None:
                 decision["previous_champion"] = str(prev_v)  # what `qlora-ops rollback` returns to
             for k, v in decision.items():  # still `incomplete`: nothing trusts these until `status` below

@@ -61,6 +61,8 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
          *suite_card(summary),
          "## Promotion", "", f"{'Promoted to champion' if decision['promoted'] else 'Not promoted'}: "
          f"{decision['reason']}", "",
+         *([f"Decision ledger before this decision: {summary['decisions_before']}.", ""]
+           if summary.get("decisions_before") else []),
          "## Params", "", _md(par), "",
          "## Intended use", "",
          f"Answering prompts of the task it was trained on, in the same prompt format (system prompt: "

@@ -182,6 +182,22 @@ def test_nll_direction_lower_is_better():
     assert not worse["retention_vs_lora"]["passed"]  # LoRA's nll went up: no gain to retain
 
 
+def test_nll_promotion_across_tokenizers_is_refused():
+    """nll is nats per token: a champion scored under another tokenizer counts other tokens, so even a
+    candidate far lower on every row is not promoted on it; under the same tokenizer it is."""
+    from qlora_ops.tasks.core.config import Params
+    from qlora_ops.tasks.gates import verdict
+
+    p = Params.model_validate({"eval": {"metric": "nll"}})
+    ids = [f"r{i}" for i in range(300)]
+    champ = {"ids": ids, "version": 3, "tokenizer": "aaaa", "correct": [False] * 300,
+             "scores": {"nll": [3.0] * 300, "exact_match": [0.0] * 300}}
+    cand = {**champ, "tokenizer": "bbbb", "scores": {"nll": [1.0] * 300, "exact_match": [0.0] * 300}}
+    d = verdict.promotion(p, cand, champ)
+    assert not d["promote"] and "another tokenizer" in d["reason"] and "bits per byte" in d["reason"]
+    assert verdict.promotion(p, {**cand, "tokenizer": "aaaa"}, champ)["promote"]
+
+
 # ---------------------------------------------------------------- suites
 
 def test_non_inferior_suite_refuses_a_forgetting_candidate_and_names_the_suite():

@@ -196,13 +196,15 @@ def test_a_champion_that_moved_is_never_scored_under_another_score_key(monkeypat
     ms = {"rows": {"merged": rows}, "champion": {"version": 1, "how": "saved", **rows}, "score_key": "gpu-stage-key"}
     monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: pytest.fail("the parent scored the champion"))
     monkeypatch.setattr(registry_ops, "version_rows", lambda *a, **k: ("cpu-key", rows))
+    monkeypatch.setattr(registry_ops, "budget", lambda *a, **k: {"can_decide": True})  # no registry here
     with pytest.raises(Deferred, match="score key"):
         retrain.decide_promotion(Params(), tmp_path, "run", ms, champion_v=2)
 
     saved = {**rows, "correct": [False] * 3}
     monkeypatch.setattr(registry_ops, "version_rows", lambda *a, **k: ("gpu-stage-key", saved))
-    ok, why = retrain.decide_promotion(Params(), tmp_path, "run", ms, champion_v=2)
+    ok, why, tags = retrain.decide_promotion(Params(), tmp_path, "run", ms, champion_v=2)
     assert "champion v2: its own saved predictions" in why, why
+    assert [k for k in tags if k.startswith("decision@")]  # the decision's ledger entry
 
 
 def _user_base(d: Path) -> Path:

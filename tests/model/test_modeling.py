@@ -132,3 +132,39 @@ def test_training_and_merging_on_the_4bit_copy_match_the_full_precision_base(tin
     merge(p, tiny_model_dir, Path(b["adapter_dir"]), tmp_path / "m-nf4", qbase_dir=d)
     ma, mb = load_file(tmp_path / "m-fp" / "model.safetensors"), load_file(tmp_path / "m-nf4" / "model.safetensors")
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_qlora_evaluated_on_weights_dequantized_once_gives_bitsandbytes_own_numbers(nf4_dir):
+    """Evaluation on the CPU dequantizes each 4-bit layer once (tasks.model.modeling.dequantize_once), under
+    the LoRA layers too: the logits and greedy answers are bitsandbytes' default CPU kernel's, bit for bit
+    (its AVX512-BF16 repacked kernel turned off in the reference: that one depends on the CPU)."""
+    import bitsandbytes as bnb
+
+    from qlora_ops.tasks.model.modeling import DequantizedLinear, add_lora, dequantize_once
+
+    p, d = nf4_dir
+    models = []
+    for _ in range(2):
+        m, tok = load_model(d, p, quantized=True)
+        m = add_lora(m, p, quantized=True)
+        g = torch.Generator().manual_seed(0)
+        for name, t in sorted(m.named_parameters()):
+            if "lora_B" in name:
+                t.data = torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.05  # an adapter that matters
+        m.eval()
+        models.append(m)
+    ref, fast = models
+    layers = [x for x in ref.modules() if isinstance(x, bnb.nn.Linear4bit)]
+    for x in layers:
+        x.support_avx512bf16_for_cpu = False
+    assert dequantize_once(fast) == len(layers) > 0
+    assert not any(isinstance(x, bnb.nn.Linear4bit) for x in fast.modules())
+    assert sum(isinstance(x, DequantizedLinear) for x in fast.modules()) == len(layers)
+    ids = tok(["Item 3: this one is about re. Label?", "Which module is this from? os"], return_tensors="pt",
+              padding=True)
+    with torch.no_grad():
+        a, b = ref(**ids).logits, fast(**ids).logits
+        assert torch.equal(a, b), (a - b).abs().max()
+        ga = ref.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        gb = fast.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(ga, gb)
