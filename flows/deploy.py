@@ -14,6 +14,9 @@ from params.
   marks a run of either deployment Crashed after orchestration.heartbeat_timeout_s without one: a worker
   container or node that died leaves no one to report its run, and a Running run would hold the parent
   for up to orchestration.timeouts.model_stage. The parent starts a Crashed model stage again.
+- Before its first heartbeat a run is Pending (a worker took it, its process has not started): the automation
+  "qlora-ops: crash <deployment> runs stuck pending" marks it Crashed after orchestration.pending_timeout_s,
+  so a worker that dies right after taking a run costs minutes, not timeouts.model_stage.
 
 Both pull their code from the worker's own checkout (`{{ $QLORA_OPS_HOME }}`), so nothing is built or
 pushed; each worker sets QLORA_OPS_HOME to where it has this repo. Deploying again updates in place.
@@ -76,6 +79,7 @@ def deploy(params: Params, params_rel: str, workspace: Path = Path(".")) -> dict
                 made.update(deploy_drop_trigger(c, params, workspace, dep_id, f"{fl.name}/{o.deployment}"))
     made["global concurrency limit"] = ensure_registry_limit(params.registry.model_name)
     made["automation"] = crash_zombies(o.deployment, ids, o.heartbeat_timeout_s)
+    made["pending automation"] = crash_stuck_pending(o.deployment, ids, o.pending_timeout_s)
     assert MODEL_STAGE_FLOW == model_stage.name  # the parent finds the GPU stage by this name
     return made
 
@@ -87,19 +91,39 @@ def crash_zombies(deployment: str, deployment_ids: list[str], timeout_s: float) 
     our deployments (match_related), because the recipe's "every flow run" with our window would crash
     other flows on a shared server that beat at Prefect's default 180 s. Created, or updated in place;
     returns "<name>: <id>"."""
+    return _crash_after(f"qlora-ops: crash {deployment} runs without heartbeats", "prefect.flow-run.heartbeat",
+                        deployment_ids, timeout_s,
+                        "Marks a run of the qlora-ops deployments Crashed when its heartbeats stop (dead worker or node); "
+                        "the parent flow starts a Crashed model stage again. Installed by `qlora-ops deploy`.",
+                        f"Flow run marked as crashed due to missing heartbeats (none for {timeout_s:g} s: its worker "
+                        "or node died).")
+
+
+def crash_stuck_pending(deployment: str, deployment_ids: list[str], timeout_s: float) -> str:
+    """The same recipe for the gap before the first heartbeat: after a run of our deployments turns Pending (a
+    worker took it), expect its next event (Running, or any other state) within `timeout_s`, else Crashed. A
+    worker that dies between taking a run and starting its process leaves it Pending, where no heartbeat
+    automation can see it; the parent then starts the stage again instead of waiting timeouts.model_stage."""
+    return _crash_after(f"qlora-ops: crash {deployment} runs stuck pending", "prefect.flow-run.Pending",
+                        deployment_ids, timeout_s,
+                        "Marks a run of the qlora-ops deployments Crashed when it stays Pending (its worker died before "
+                        "starting it); the parent flow starts a Crashed model stage again. Installed by `qlora-ops deploy`.",
+                        f"Flow run marked as crashed: Pending for {timeout_s:g} s without starting (its worker died "
+                        "after taking it, or could not start it).")
+
+
+def _crash_after(name: str, after: str, deployment_ids: list[str], timeout_s: float, description: str,
+                 message: str) -> str:
     from prefect.automations import Automation
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
-    name = f"qlora-ops: crash {deployment} runs without heartbeats"
     wanted = Automation(
-        name=name,
-        description="Marks a run of the qlora-ops deployments Crashed when its heartbeats stop (dead worker or node); "
-                    "the parent flow starts a Crashed model stage again. Installed by `qlora-ops deploy`.",
+        name=name, description=description,
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
+            after={after},
             expect={"prefect.flow-run.*"},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             match_related=ResourceSpecification({"prefect.resource.role": "deployment",
@@ -109,9 +133,7 @@ def crash_zombies(deployment: str, deployment_ids: list[str], timeout_s: float) 
             threshold=1,
             within=timedelta(seconds=timeout_s),
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                    message=f"Flow run marked as crashed due to missing heartbeats (none for "
-                                            f"{timeout_s:g} s: its worker or node died).")],
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=message)],
     )
     try:
         existing = Automation.read(name=name)

@@ -168,6 +168,13 @@ def check_binding(tracking_uri: str, model_name: str, private_dir: Path | None =
         _check_binding(tracking_uri, model_name, _registry_limit(model_name), take=False)
 
 
+# The slot's lease, renewed in the background while a writer holds it (Prefect's own renewal loop). Prefect's
+# default is 300 s: a writer killed with -9 then blocks every other writer (the next scheduled run, a
+# `promote`) for five minutes. 60 s is the shortest lease the server accepts; a live writer renews it
+# every 45 s, so only a dead one loses it.
+LEASE_S = 60.0
+
+
 @contextmanager
 def registry_writer(tracking_uri: str, model_name: str, timeout_s: float,
                     private_dir: Path | None = None) -> Iterator[None]:
@@ -175,7 +182,7 @@ def registry_writer(tracking_uri: str, model_name: str, timeout_s: float,
     Shared tracking server: the model's slot on the team's Prefect API, always, checked to be the one its
     other writers use. Local store: the slot when a real Prefect API is configured, else nothing here
     (the caller's fcntl lock serializes the writers of one filesystem). A slot's lease outlives a writer
-    killed with -9 by at most Prefect's lease duration (300 s). `private_dir`: see is_shared."""
+    killed with -9 by at most LEASE_S (then Prefect's repossessor frees it). `private_dir`: see is_shared."""
     check_writer(tracking_uri, model_name, private_dir)
     api = prefect_api_url()
     if not api or is_temporary(api):
@@ -193,7 +200,7 @@ def registry_writer(tracking_uri: str, model_name: str, timeout_s: float,
     if limit.active_slots >= limit.limit:  # said once, so a waiting writer is not mistaken for a hung one
         print(f"waiting for the registry slot {limit.name!r} on {redact_url(api)}: another writer of {model_name!r} "
               f"holds it (up to {timeout_s:g} s, orchestration.timeouts.registry)", flush=True)
-    with concurrency(limit.name, occupy=1, timeout_seconds=timeout_s, strict=True):
+    with concurrency(limit.name, occupy=1, timeout_seconds=timeout_s, strict=True, lease_duration=LEASE_S):
         if is_shared(tracking_uri, private_dir):
             _check_binding(tracking_uri, model_name, limit, take=True)
         yield

@@ -39,8 +39,10 @@ from qlora_ops.tasks.gates import ledger, verdict
 from qlora_ops.tasks.gates.verdict import gate_decision  # noqa: F401  (the flow's decision; tests import it from here)
 from qlora_ops.tasks.core.config import Params, load_params
 from qlora_ops.tasks.core.paths import artifact_root, state_dir, tracking_uri, ws_path
-from qlora_ops.tasks.core.util import read_json
+from qlora_ops.tasks.core.util import read_json, read_jsonl
 from qlora_ops.tasks.data.prepare import DataError
+from qlora_ops.tasks.data import diff as data_diff
+from qlora_ops.flows.summary import format_summary, gate_table
 from qlora_ops.tasks.registry.register import Deferred, repair as repair_registry
 from qlora_ops.tasks.registry import manual
 
@@ -102,6 +104,8 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         summary["data"]["stats"] = {k: v for k, v in read_json(prepared / "stats.json").items() if k != "labels"}
     # What this data version took in (files added/changed/removed/ignored) and the drops set aside.
     summary["data"]["changes"] = data_changes(data.get("source"))
+    # What this version changed row by row against the previous one (tasks/data/diff.py): the data card.
+    summary["data"]["diff"] = data_card(ws, params, data)
     refuse_contamination(summary["data"].get("stats") or {})  # before any training or gate
     # A registry commit a killed writer left (tasks.registry.journal) is finished before the skip check: a
     # promotion killed before its alias moved would otherwise read as "registered from the same inputs".
@@ -127,6 +131,9 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
         # The data hand-off and its provenance: the prepared splits, and the DVC files that name the
         # exact raw + prepared data in the remote (`dvc pull` with these reproduces them anywhere).
         data_uri = tracking.log_dir(run_id, prepared, "data/prepared")
+        # The data card, logged with the model: this version, its file-level changes and its row diff.
+        tracking.log_json(run_id, {k: summary["data"].get(k) for k in ("version", "stage", "outs", "stats", "changes", "diff")},
+                          "data/data_card.json")
         for f in data.get("dvc_files", ["dvc.yaml", "dvc.lock"]):  # keep their workspace-relative paths
             tracking.log_files(run_id, [ws / f], "/".join(("dvc", *Path(f).parent.parts)))
         handoff = {"test_hash": test_hash, "suite_hashes": suite_hashes, "force": force}
@@ -158,6 +165,8 @@ def run_pipeline(params_path: str, workspace: str, force: bool = False) -> dict:
                                    "qlora_ops.gate_reason": gate.explain(verdicts)})
         if passed:
             summary["registry"] = timed("register", register, params, ws, run_id, ms, data, fp, code, summary)
+            if summary["registry"].get("guards"):  # each guard against the champion, as the gates are logged
+                tracking.log_json(run_id, summary["registry"]["guards"], "promotion_guards.json")
             tracking.set_tags(run_id, {"qlora_ops.registered_version": summary["registry"]["version"],
                                        "qlora_ops.promoted": summary["registry"]["promoted"]})
             summary["outcome"] = "deferred" if summary["registry"].get("deferred") else "registered"
@@ -249,8 +258,13 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
 
     lin = test_lineage(data)
 
+    said: dict = {}
+
     def decide(champion_v: int) -> tuple[bool, str, dict]:
-        return decide_promotion(params, ws, run_id, ms, champion_v, lin)
+        out = decide_promotion(params, ws, run_id, ms, champion_v, lin, said)
+        if summary is not None and said.get("guards"):  # the card (written next) shows each guard's verdict
+            summary["promotion_guards"] = said["guards"]
+        return out
 
     if summary is not None:  # the card says what the ledger held when this version was decided
         summary["decisions_before"] = ledger.explain(_budget(params, lin))
@@ -272,7 +286,7 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
                   "merged_digest": ms.get("merged_digest", ""),
                   # Each suite's score key: a later run reuses these saved predictions when its key matches.
                   **{f"score_key.{n}": v["score_key"] for n, v in ms.get("suites", {}).items()}})
-    return {**res, "decisions": ledger.explain(_budget(params, lin))}
+    return {**res, "decisions": ledger.explain(_budget(params, lin)), "guards": said.get("guards", [])}
 
 
 def _budget(params: Params, lin: int | None) -> dict:
@@ -283,7 +297,7 @@ def _budget(params: Params, lin: int | None) -> dict:
 
 
 def decide_promotion(params: Params, ws: Path, run_id: str, ms: dict, champion_v: int,
-                     lin: int | None = None) -> tuple[bool, str, dict]:
+                     lin: int | None = None, out: dict | None = None) -> tuple[bool, str, dict]:
     """Should the candidate take `champion` from v`champion_v`? Paired on the rows the model stage scored
     (a champion that moved meanwhile: see moved_champion)."""
     champ = ms.get("champion")
@@ -292,6 +306,8 @@ def decide_promotion(params: Params, ws: Path, run_id: str, ms: dict, champion_v
         guards = [] if not any(s.role == "non_inferior" for s in params.eval.suites) else None
     else:
         guards = verdict.champion_guards(params, ms)
+    if guards is not None:  # per-class recall against the champion (gates.max_class_loss; [] when off)
+        guards += verdict.class_guards(params, ms["rows"]["merged"], champ, test_references(params, ws))
     if guards is None:  # non_inferior suites guard against the champion too: not decidable without its rows
         raise Deferred(f"not decided: the guard suites were not scored on champion v{champion_v}; "
                        f"'{params.registry.champion_alias}' stays; the next run decides")
@@ -301,8 +317,16 @@ def decide_promotion(params: Params, ws: Path, run_id: str, ms: dict, champion_v
     if not (b := manual.budget(params.registry.model_name, pol, lin))["can_decide"]:
         raise Deferred(ledger.spent_message(b, "<params file>"))
     d = verdict.promotion(params, ms["rows"]["merged"], champ, guards)
+    if out is not None:
+        out["guards"] = d["guards"]  # what each guard said, for the summary, the run and the card
     return (d["promote"], f"{d['reason']} (champion v{champion_v}: {champ['how']})",
             dict([ledger.entry_tag(pol.alpha, lin, f"run {run_id}")]))
+
+
+def test_references(params: Params, ws: Path) -> dict[str, str]:
+    """Test row id -> its reference answer (a label task's class), from the prepared test split."""
+    f = ws_path(ws, params.data.prepared) / "test.jsonl"
+    return {r["id"]: str(r["completion"]).strip() for r in read_jsonl(f)} if f.is_file() else {}
 
 
 def test_lineage(data: dict) -> int | None:
@@ -310,12 +334,6 @@ def test_lineage(data: dict) -> int | None:
     stats_file = Path(data.get("prepared_dir", "")) / "stats.json"
     lin = read_json(stats_file).get("lineage") if data.get("prepared_dir") and stats_file.is_file() else None
     return int(lin) if lin is not None else None
-
-
-def score_label(models: dict) -> str:
-    """The domain table's score column: "accuracy" for exact match (as it always read), else the metric."""
-    metric = next(iter(models.values()), {}).get("metric", "exact_match")
-    return "accuracy" if metric == "exact_match" else metric
 
 
 def moved_champion(params: Params, ms: dict, champion_v: int, work: Path) -> dict:
@@ -342,23 +360,35 @@ def moved_champion(params: Params, ms: dict, champion_v: int, work: Path) -> dic
             **rows}
 
 
-def gate_table(verdicts: list[dict]) -> str:
-    levels = {v.get("confidence") for v in verdicts}
-    head = f"{paired.level(levels.pop())} interval" if len(levels) == 1 and None not in levels else "interval"
-    L = [f"{'gate':<20}{'value':>8}  {head:<17}{'op':<3}{'threshold':>9}  verdict"]
-    for v in verdicts:
-        # The interval of the gate's own value; retention's (of QLoRA - LoRA) is in its detail line.
-        ci = f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]" if v.get("ci_low") is not None and v["ci_of"] == "value" else ""
-        L.append(f"{v['name']:<20}{v['value']:>8.4f}  {ci:<17}{v['op']:<3}{v['threshold']:>9}  "
-                 f"{'PASS' if v['passed'] else 'FAIL'}  ({v['decided_on']})")
-    return "\n".join(L)
-
-
 def data_changes(source: dict | None) -> dict | None:
     """The snapshot's file lists (tasks.data.sources.snapshot) and the quarantined drops, for the summary."""
     if not source:
         return None
     return {k: source.get(k, []) for k in ("added", "changed", "removed", "ignored", "quarantined")}
+
+
+def data_card(ws: Path, params: Params, data: dict) -> dict:
+    """summary["data"]["diff"]: this data version against the previous one this workspace prepared for the
+    same DVC stage, whose rows are kept (gzipped, the last few) under <state_dir>/data-versions/<stage>/
+    because DVC overwrites the prepared dir. {version, first: true} the first time; {version, error} when
+    the diff could not be computed: the diff only describes the data, so it never fails the run."""
+    store = state_dir(ws, params) / "data-versions" / data["stage"]
+    prepared = Path(data["prepared_dir"])
+    out: dict = {"version": data["data_version"]}
+    try:
+        if (prev := data_diff.previous(store, data["data_version"])) is None:
+            out["first"] = True
+        else:
+            out.update(previous=prev.name, **data_diff.diff_rows(prev, prepared, params.data.split.near_dup_threshold,
+                                                                 params.data.labels))
+    except Exception as e:  # a describing step: one line, and the run goes on
+        out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"warning: data diff not computed ({out['error']})")
+    try:
+        data_diff.remember(store, data["data_version"], prepared)
+    except OSError as e:  # only the next run's diff needs it
+        print(f"warning: data version {data['data_version']} not kept for the next diff ({e})")
+    return out
 
 
 def refuse_contamination(stats: dict) -> None:
@@ -369,67 +399,3 @@ def refuse_contamination(stats: dict) -> None:
                         f"lineage {stats.get('lineage')}); nothing is trained or promoted on this test set. Remove "
                         "the rows that join them (usually a new row close to both a test and a train row), or start "
                         "a new test-set lineage: qlora-ops data new-lineage --params <file>")
-
-
-def _changes_lines(s: dict) -> list[str]:
-    c = (s.get("data") or {}).get("changes")
-    if not c:
-        return []
-    L = ["data files: " + "   ".join(f"{k} {len(c[k])}" + (f" ({', '.join(c[k][:5])}{' ...' if len(c[k]) > 5 else ''})"
-                                                               if c[k] else "") for k in ("added", "changed", "removed", "ignored"))]
-    if c["ignored"]:
-        L.append("  ignored = not a data file (*.jsonl, *.csv, *.parquet, *.arrow, a save_to_disk folder) or a hidden "
-                 "name (starting with '.' or '_'): rename it to have it read")
-    L += [f"QUARANTINED drop {q['name']} -> {q['to']}: {q['reason'].splitlines()[0][:200]}" for q in c.get("quarantined") or []]
-    return L
-
-
-def format_summary(s: dict) -> str:
-    L = ["", "=" * 72, *_changes_lines(s)]
-    if s["outcome"] == "skipped":
-        L += [f"qlora-ops: skipped. {s['reason']}",
-              f"data version {s['data']['version']}   fingerprint {s['fingerprint']}",
-              f"total wall time: {s['stage_seconds'].get('total', 0):.1f} s", "=" * 72]
-        return "\n".join(L)
-    L += [f"qlora-ops summary  mlflow run {s['mlflow_run_id']}",
-          f"data version {s['data']['version']} ({s['data']['stage']})   code {str(s['code']['git_commit'])[:10]}"
-          f"{' (dirty)' if s['code']['git_dirty'] else ''} sha {s['code']['source_sha']}   fingerprint {s['fingerprint']}",
-          *([f"rows train/val/test {st['train']}/{st['val']}/{st['test']}, inputs truncated to "
-             f"{st['max_input_chars']} chars: {st['inputs_truncated']}"
-             + (f"; test-set lineage {st['lineage']}, contamination {st['contamination']}, near-duplicate rows "
-                f"{st['near_duplicate_rows']}" if "contamination" in st else "")]
-            if (st := s["data"].get("stats")) and "inputs_truncated" in st else []),
-          "", f"{'model':<10}{score_label(s['models']):>10}  {paired.level(s.get('confidence', 0.95)) + ' interval':<17}"
-          f"{'eos_rate':>8}{'n':>6}{'eval_s':>9}{'s/100 rows':>12}"]
-    for name, m in s["models"].items():
-        ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if "ci_low" in m else ""
-        L.append(f"{name:<10}{m.get('score', m['accuracy']):>10.4f}  {ci:<17}{m['eos_rate']:>8.2f}{m['n']:>6}"
-                 f"{m['eval_seconds']:>9.1f}{100 * m['eval_seconds'] / max(m['n'], 1):>12.1f}"
-                 f"{'  (cached)' if m.get('cached') else ''}")
-    for name, st in (s.get("suites") or {}).items():
-        gated = {"gain": f"gain >= {st['threshold']:g}", "non_inferior": f"non-inferior, margin {st['threshold']:g}"}
-        L += ["", f"suite {name}: {st['metric']}, {gated.get(st['role'], 'reported only')}, {st['n']} rows"]
-        for model, m in st["models"].items():
-            L.append(f"  {model:<10}{m['score']:>10.4f}  [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
-                     f"{'  (cached)' if m.get('cached') else ''}")
-    L += ["", gate_table(s["gates"])]
-    L += [f"  {v['name']}: {v['detail']}" for v in s["gates"]]
-    if s.get("power"):
-        L.append(f"note: {s['power']}")
-    L.append("")
-    r = s["registry"]
-    if r.get("version"):
-        L.append(f"registry: {r['model_name']} v{r['version']} registered; alias '{r['alias']}' -> v{r['champion_version']} "
-                 f"({r['reason']})")
-        if r.get("decisions"):
-            L.append(f"decisions: {r['decisions']}")
-    else:
-        L.append(f"registry: nothing registered ({r['reason']})")
-    L.append("stage seconds: " + " | ".join(f"{k} {v}" for k, v in s["stage_seconds"].items() if k != "total"))
-    if s.get("stage_peak_mb"):
-        L.append("stage peak MiB: " + " | ".join(f"{k} {v:.0f}" for k, v in s["stage_peak_mb"].items()))
-    if s.get("report"):
-        L.append(f"report: {s['report']}")
-    L.append(f"total wall time: {s['stage_seconds'].get('total', 0):.1f} s")
-    L.append("=" * 72)
-    return "\n".join(L)

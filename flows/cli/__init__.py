@@ -12,6 +12,8 @@
     qlora-ops init data/raw/tickets.csv        # writes params/tickets.yaml for that data (format, labels, test size)
     qlora-ops check --params params/tickets.yaml  # validate params + data, say what a run would do; trains nothing
     qlora-ops drop new.jsonl --params params/team.yaml  # validate, then put into data.source: a run follows
+    qlora-ops data diff 3 4                    # what changed between the data of v3 and v4
+    qlora-ops data checkout --version 3        # v3's exact data, fetched by DVC hash and verified
     qlora-ops workspace init DIR               # a workspace of your own (git + DVC, params/, dvc.yaml)
 
 Every command works on the workspace holding the current directory (the nearest folder up with
@@ -47,7 +49,7 @@ from qlora_ops.tasks.core import console
 COMMANDS = {"run": run.run_command, "deploy": deploy.deploy_command,
             "status": registry.registry_command, "promote": registry.registry_command,
             "rollback": registry.registry_command,
-            "init": data.data_command, "check": data.data_command, "drop": data.drop_command, "data": data.lineage_command,
+            "init": data.data_command, "check": data.data_command, "drop": data.drop_command, "data": data.data_group_command,
             "report": report.report_command,
             "serve": serving.serving_command, "verify-serving": serving.serving_command,
             "export-gguf": serving.serving_command, "workspace": workspace.workspace_command}

@@ -35,6 +35,15 @@ def data_command(a) -> int:
     return 0
 
 
+def data_group_command(a) -> int:
+    """`data new-lineage | diff | checkout`."""
+    if a.data_cmd == "new-lineage":
+        return lineage_command(a)
+    from qlora_ops.flows.cli import data_versions  # MLflow and scipy: for these two commands only
+
+    return data_versions.diff_command(a) if a.data_cmd == "diff" else data_versions.checkout_command(a)
+
+
 def lineage_command(a) -> int:
     """`data new-lineage`: the next test-set lineage (tasks/data/lineage.py); the next run re-splits under
     the params' settings and records them."""

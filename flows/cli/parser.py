@@ -82,13 +82,26 @@ def add_serving_parsers(sub) -> list:
 
 
 def add_data_parser(sub) -> None:
-    d = sub.add_parser("data", help="the test-set lineage (tasks/data/lineage.py)")
+    d = sub.add_parser("data", help="the test-set lineage (tasks/data/lineage.py); diff and checkout of "
+                       "registered versions' data")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     n = dsub.add_parser("new-lineage", help="start a new test-set lineage: apply a changed split setting "
                         "(split.seed/test/val, max_input_chars); test pins restart, rows ever trained on stay out of test")
     n.add_argument("--params", default="params/default.yaml")
     n.add_argument("--workspace", default=".")
     n.add_argument("--reason", default="", help="why, recorded in the lineage file")
+    df = dsub.add_parser("diff", help="what changed between the data of two registered versions: rows added, removed, "
+                         "edited; label and length shift (from each version's run, artifact data/prepared)")
+    df.add_argument("a", type=int, help="registered version number (the older side)")
+    df.add_argument("b", type=int, help="registered version number (the newer side)")
+    df.add_argument("--json", action="store_true", help="the diff as JSON")
+    co = dsub.add_parser("checkout", help="the exact prepared data of a registered version, fetched by its DVC hash and "
+                         "verified file by file against DVC's manifest and the run's MLflow copy")
+    co.add_argument("--version", type=int, required=True, help="registered version number")
+    co.add_argument("--out", help="folder to write, new or empty (default: <state_dir>/checkout/v<VERSION>)")
+    for p in (df, co):
+        p.add_argument("--params", default="params/default.yaml")
+        p.add_argument("--workspace", default=".")
 
 
 def add_drop_parser(sub) -> None:

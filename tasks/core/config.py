@@ -148,6 +148,30 @@ class TrainParams(_Strict):
     keep_last: int = Field(2, ge=1)
     # torch CPU threads; null = torch default. Fixed thread count keeps CPU runs bit-reproducible.
     threads: int | None = Field(None, ge=1)
+    # Training processes of one training, launched by the pipeline (tasks.train.process). auto: one per GPU
+    # the worker sees, so a worker given more GPUs uses them without a params change (1 on CPU or one GPU).
+    # batch_size stays the GLOBAL batch: any number of processes gives the 1-process update up to float
+    # summation order (docs/multi-gpu.md), so it stays out of the verdict; the train key names it when > 1.
+    processes: Literal["auto"] | int = "auto"
+    # How more than one process shares the model. ddp: every GPU holds the whole 4-bit model (it fits on
+    # one); fsdp: sharded, for activations, optimizer state or sequences that do not fit beside a whole copy
+    # (needs a float quantization.quant_storage). Ignored for one process.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"training.processes must be auto (one process per visible GPU, 1 on CPU) or a whole "
+                         f"number >= 1 (got {v!r}); set training.processes: auto")
+
+    @model_validator(mode="after")
+    def _fsdp_needs_processes(self):
+        if self.distributed == "fsdp" and self.processes == 1:
+            raise ValueError("training.distributed=fsdp shards the model across processes, but training.processes "
+                             "is 1: set training.processes to auto or the number of GPUs, or training.distributed: ddp")
+        return self
 
 
 # The names of tasks.metrics.METRICS (a test checks they agree): a Literal, so a typo is named with the choices.
@@ -252,6 +276,12 @@ class GateParams(_Strict):
     # (serve) Share of test rows whose SERVED answer (`qlora-ops verify-serving`, a live endpoint) differs
     # from the answer evaluated for that version may not exceed this; only a passed check moves `serving`.
     max_serving_disagreement: float = Field(0.02, ge=0, le=1)
+    # Label tasks (data.labels): no class may lose more than this share of its recall against the champion, on
+    # the champion's own test rows of that class; each class is a non-inferiority guard (the lower bound of
+    # candidate - champion recall >= -margin at `confidence`), and promotion needs every one. null = off: a
+    # class of 15 test rows has an interval about +-0.25 wide, so set it only where classes have rows enough
+    # (docs/gates.md, "Per-class guard").
+    max_class_loss: float | None = Field(None, ge=0, lt=1)
 
 
 class RegistryParams(_Strict):
@@ -328,6 +358,11 @@ class OrchestrationParams(_Strict):
     # one (its worker or node died), and the parent starts the model stage again.
     heartbeat_s: int = Field(60, ge=30)
     heartbeat_timeout_s: int = Field(180, ge=60)
+    # A run is Pending from the moment a worker takes it until its process starts and says Running; no heartbeat
+    # comes before that, so a worker (or node) that dies in between leaves the run Pending for ever. The
+    # automation `qlora-ops deploy` installs marks a run Crashed after this long Pending, and the parent starts
+    # the stage again. It must exceed the worker's start-up (a Kubernetes GPU Job pulling its image: minutes).
+    pending_timeout_s: int = Field(600, ge=10)
 
     @model_validator(mode="after")
     def _heartbeat_window(self):
@@ -343,6 +378,11 @@ _REGISTRY_PLACES = ("tracking_uri", "experiment", "model_name", "champion_alias"
 # Training settings that cannot change the weights (how often val loss is computed, checkpoints saved and
 # pruned): out of the verdict's digest, as out of the train key (tasks.model.keys.NOT_WEIGHTS).
 _NOT_WEIGHTS = ("eval_every", "save_every", "keep_last")
+# How one training is launched (training.processes, training.distributed): any world size gives the
+# 1-process update up to float summation order, and "auto" is only known on the worker that trains. Out
+# of the verdict's digest (a worker with more GPUs must not re-decide a model); the train key names the
+# RESOLVED world size itself, and only when it is above 1, so every 1-process key stays as it was.
+_LAUNCH = ("processes", "distributed")
 
 
 class Params(_Strict):
@@ -360,6 +400,16 @@ class Params(_Strict):
     storage: StorageParams = StorageParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
+    @model_validator(mode="after")
+    def _fsdp_storage(self):
+        # Refused at load rather than by the QLoRA training child (check_launch), after the base was converted.
+        if self.training.distributed == "fsdp" and self.quantization.quant_storage == "uint8":
+            raise ValueError("training.distributed=fsdp needs a float quantization.quant_storage (FSDP flattens the "
+                             "packed 4-bit weights and the float norms into one tensor of one dtype): set "
+                             "quantization.quant_storage to the compute dtype (bfloat16 on GPUs with bf16, float16 "
+                             "otherwise, float32 on CPU), or training.distributed: ddp (docs/multi-gpu.md)")
+        return self
+
     def digest(self, *sections: str) -> str:
         """Stable hash of the chosen sections (all if none): part of cache keys and run tags (tasks.model.keys)."""
         return params_digest(self.model_dump(mode="json"), *sections)
@@ -370,8 +420,16 @@ class Params(_Strict):
         registry's promotion policy is part of the verdict; its names and places are not."""
         d = self.model_dump(mode="json")
         d["registry"] = {k: v for k, v in d["registry"].items() if k not in _REGISTRY_PLACES}
-        d["training"] = {k: v for k, v in d["training"].items() if k not in _NOT_WEIGHTS}
+        d["training"] = {k: v for k, v in d["training"].items() if k not in _NOT_WEIGHTS + _LAUNCH}
+        for section, key in _ADDED_OFF:  # a setting added later, left off: an upgraded workspace keeps its fingerprints
+            if d[section].get(key) is None:
+                d[section].pop(key, None)
         return params_digest(d, "seed", "model", "data", "quantization", "lora", "training", "eval", "gates", "registry")
+
+
+# Settings added after workspaces existed whose off value (null) stays out of Params.model_digest: turning them
+# on changes the fingerprint, upgrading qlora-ops does not (a run is not re-decided for a gate nobody set).
+_ADDED_OFF = (("gates", "max_class_loss"),)
 
 
 def load_params(path: str | Path) -> Params:

@@ -1,13 +1,16 @@
-"""Where the numbers are computed: the device, the compute dtype it gets, and what the keys record of it."""
+"""Where the numbers are computed: the device, the compute dtype it gets, the number of training processes,
+and what the keys record of it."""
 from __future__ import annotations
 
 import platform
 from typing import TYPE_CHECKING
 
+from qlora_ops.tasks.core.config import ParamsError
+
 if TYPE_CHECKING:  # torch is imported where it is used: the keys and the CLI import this module without a model
     import torch
 
-    from qlora_ops.tasks.core.config import QuantParams
+    from qlora_ops.tasks.core.config import Params, QuantParams
 
 
 def device() -> torch.device:
@@ -42,3 +45,20 @@ def hardware() -> dict[str, str]:
         return {"device": "cuda", "gpu": torch.cuda.get_device_name(i), "capability": f"{major}.{minor}",
                 "cuda": str(torch.version.cuda)}
     return {"device": dev.type, "arch": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def resolve_processes(params: Params) -> int:
+    """How many training processes training.processes asks for on this machine: auto = the visible CUDA
+    GPUs (CUDA_VISIBLE_DEVICES counts), 1 without CUDA. On CPU any number runs (gloo: the multi-process
+    tests); on CUDA no more than the GPUs, since two ranks on one GPU share its memory and NCCL refuses them."""
+    import torch
+
+    n = params.training.processes
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == "auto":
+        return max(gpus, 1)
+    if gpus and n > gpus:
+        raise ParamsError(f"training.processes={n} but this machine sees {gpus} GPU(s): one process per GPU; set "
+                          f"training.processes: auto (or at most {gpus}), or give the worker {n} GPUs "
+                          "(infra: the GPU pool's `gpus` job variable, GPU_COUNT for docker compose)")
+    return n

@@ -10,7 +10,7 @@ With `registry.yearly_false_promotion` B and `decisions_per_year` D, each decisi
 once the decisions of the last 365 days on this lineage have spent B, no more automatic decision is made
 on it until fresh test rows start a new lineage (`qlora-ops data new-lineage`), whose budget is whole.
 
-A ledger entry is one tag on the candidate version, `decision@<unix ms>` = {"alpha", "lineage", "by"}:
+A ledger entry is one tag on the candidate version, `decision:<unix ms>` = {"alpha", "lineage", "by"}:
 written with the decision's other tags (tasks/registry/register.py, tasks/registry/manual.py), so it lives
 in the registry beside what it decided, survives any workspace, and is read back by `ledger_of`.
 """
@@ -24,7 +24,7 @@ from qlora_ops.tasks.gates.policy import PromotionPolicy
 
 __all__ = ["Entry", "account", "entry_tag", "explain", "ledger_of", "spent_message"]
 
-PREFIX = "decision@"
+PREFIX = "decision:"
 YEAR_S = 365 * 24 * 3600
 _EPS = 1e-12
 

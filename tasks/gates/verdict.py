@@ -99,6 +99,27 @@ def champion_guards(params: Params, ms: dict, cand: str = "merged") -> list[dict
     return out
 
 
+def class_guards(params: Params, cand: dict, champ: dict, references: dict[str, str]) -> list[dict]:
+    """gates.max_class_loss on a label task: per class, the candidate's recall against the champion's on the
+    same test rows of that class (`references`: test row id -> its label), a non-inferiority guard at the
+    margin. Named "class <label>:non_inferior_vs_champion". [] when off, not a label task, or no champion rows."""
+    margin = params.gates.max_class_loss
+    if margin is None or not params.data.labels or not champ or champ.get("ids") != cand.get("ids"):
+        return []
+    m = get("exact_match")  # recall of a class = the share of its rows answered right
+    out = []
+    for label in params.data.labels:
+        idx = [i for i, rid in enumerate(cand["ids"]) if references.get(rid) == label]
+        if not idx:
+            continue
+        v = gate.suite_gate(f"class {label}", "non_inferior", m, [float(champ["correct"][i]) for i in idx],
+                            [float(cand["correct"][i]) for i in idx], threshold=margin,
+                            confidence=params.gates.confidence, seed=params.seed, ref="champion")
+        v["detail"] = v["detail"].replace(f"suite 'class {label}' (exact_match,", f"class {label!r} recall (")
+        out.append(v)
+    return out
+
+
 def promotion(params: Params, cand: dict, champ: dict, guards: list[dict] | None = None) -> dict:
     """policy.decide on the gate metric's per-row scores of the candidate and the champion, same rows; with
     `guards` (champion_guards), promotion also requires every guard suite to pass against the champion."""

@@ -14,7 +14,8 @@ evaluation is keyed on the content of WHAT it evaluates.
 | quantized_base_key       | the 4-bit copy QLoRA trains on      | base identity, quantization params, hardware,              |
 |                          |                                     | compute dtype, model libraries                             |
 | train_key                | one trained adapter (run dir)       | train + val rows, base identity, kind-independent training |
-|                          |                                     | params, "train" code, model libraries, hardware, force     |
+|                          |                                     | params, "train" code, model libraries, hardware, force,    |
+|                          |                                     | the resolved world size (+ ddp/fsdp) when above 1          |
 | score_key                | how one suite is scored             | the suite's rows, "eval" code (decoding, prompting,        |
 |                          |                                     | metrics), eval + quantization params (+ the suite's),      |
 |                          |                                     | model + metric libraries, hardware, compute dtype,         |
@@ -41,8 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_ops.tasks.core import lockfile
-from qlora_ops.tasks.core.config import _NOT_WEIGHTS
-from qlora_ops.tasks.core.hardware import compute_dtype, device, hardware
+from qlora_ops.tasks.core.config import _LAUNCH, _NOT_WEIGHTS
+from qlora_ops.tasks.core.hardware import compute_dtype, device, hardware, resolve_processes
 from qlora_ops.tasks.core.hashing import digest
 from qlora_ops.tasks.core.paths import ws_path
 from qlora_ops.tasks.core.util import MANIFEST, read_json, sha256_dir, sha256_file
@@ -314,19 +315,32 @@ def quantized_base_key(params: "Params", base_dir: Path, cache_dir: Path | None 
 # Training settings that cannot change the weights: how often the loop evaluates val loss (no RNG, no
 # weight update), saves and prunes checkpoints. They stay out of the train key and the fingerprint.
 NOT_WEIGHTS = _NOT_WEIGHTS  # one list, in tasks.core.config (the fingerprint's params digest drops them too)
+# training.processes / training.distributed as written ("auto" or 1 on one GPU): not the key's business;
+# train_key names the resolved world size instead (below), the one thing that decides the bytes.
+LAUNCH = _LAUNCH
 
 
 def weight_params(params: "Params") -> dict:
-    """The params that decide a trained adapter's weights (NOT_WEIGHTS left out)."""
+    """The params that decide a trained adapter's weights (NOT_WEIGHTS and LAUNCH left out)."""
     d = params.model_dump(mode="json", include={"seed", "model", "quantization", "lora", "training"})
-    d["training"] = {k: v for k, v in d["training"].items() if k not in NOT_WEIGHTS}
+    d["training"] = {k: v for k, v in d["training"].items() if k not in NOT_WEIGHTS + LAUNCH}
     return d
+
+
+def launch_part(params: "Params") -> tuple[dict, ...]:
+    """The world size of the training and how it shares the model, when more than one process trains: other
+    float summation orders, and per-rank dropout masks, so other bytes. () for one process, whatever
+    training.processes says, so every 1-process key is the key it always was."""
+    world = resolve_processes(params)
+    return ({"processes": world, "distributed": params.training.distributed},) if world > 1 else ()
 
 
 def train_key(params: "Params", data: str, base_id: str, nonce: str = "") -> str:
     """One trained adapter: its rows, its base, the params and code of training (not NOT_WEIGHTS), the
-    libraries and hardware that compute it, and the force nonce (a forced run trains into a new dir)."""
-    return digest(data, base_id, code_hash(*TRAIN_CODE), weight_params(params), lib_versions("model"), hardware(), nonce)
+    libraries and hardware that compute it, the world size when above 1, and the force nonce (a forced run
+    trains into a new dir)."""
+    return digest(data, base_id, code_hash(*TRAIN_CODE), weight_params(params), lib_versions("model"), hardware(), nonce,
+                  *launch_part(params))
 
 
 def score_key(params: "Params", rows: str, suite: Any = None) -> str:

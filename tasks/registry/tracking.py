@@ -122,8 +122,10 @@ def log_training(parent_run_id: str, experiment_id: str, result: dict) -> str:
                 ms.append(Metric(k, float(h[k]), ts, h["step"]))
     for i in range(0, len(ms), 500):
         c.log_batch(cid, metrics=ms[i:i + 500])
+    # processes: the world size that trained it (tokens/s, memory and seconds are per that many devices)
     summary = {k: result[k] for k in ("trainable_share", "trainable_params", "weight_bytes", "peak_mem_bytes",
-                                      "mean_tokens_per_s", "train_seconds", "final_val_loss") if result.get(k) is not None}
+                                      "mean_tokens_per_s", "train_seconds", "final_val_loss", "processes")
+               if result.get(k) is not None}
     log_metrics(cid, summary)
     set_tags(cid, {"optimizer": result["optimizer"], "device": result["device"],
                    "resumed_from": result.get("resumed_from")})

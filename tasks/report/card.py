@@ -8,6 +8,7 @@ artifact, then with the serving/GGUF facts that arrive later (`with_serving`).
 from __future__ import annotations
 
 from qlora_ops.tasks import metrics as M
+from qlora_ops.tasks.data.diff import card_lines
 from qlora_ops.tasks.gates import paired
 from qlora_ops.tasks.report.frames import gate_frame, ordered, serving_rows
 from qlora_ops.tasks.report.gather import report_uri
@@ -59,10 +60,13 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
          "", _md(acc), "",
          "## Gates", "", _md(gate_frame(summary["gates"], level)), "",
          *suite_card(summary),
+         *data_changes_card(summary),
          "## Promotion", "", f"{'Promoted to champion' if decision['promoted'] else 'Not promoted'}: "
          f"{decision['reason']}", "",
          *([f"Decision ledger before this decision: {summary['decisions_before']}.", ""]
            if summary.get("decisions_before") else []),
+         *([f"Guards against the champion ({len(summary['promotion_guards'])}; promotion needs every one):", "",
+            _md(gate_frame(summary["promotion_guards"], level)), ""] if summary.get("promotion_guards") else []),
          "## Params", "", _md(par), "",
          "## Intended use", "",
          f"Answering prompts of the task it was trained on, in the same prompt format (system prompt: "
@@ -89,6 +93,14 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
         tail = f"\n\n(card cut at {CARD_LIMIT} characters; the full card is the run's `{CARD}`)\n"
         text = text[:CARD_LIMIT - len(tail)] + tail
     return text
+
+
+def data_changes_card(summary: dict) -> list[str]:
+    """The card's Data changes section: the data card's first four lines (the run's `data/data_card.json`
+    holds all of it); nothing for a run recorded before data cards."""
+    if not (d := summary["data"].get("diff")):
+        return []
+    return ["## Data changes", "", *[f"- {x.strip()}" for x in card_lines(d)[:4]], ""]
 
 
 def suite_card(summary: dict) -> list[str]:

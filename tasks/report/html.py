@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qlora_ops.tasks import metrics as M
 from qlora_ops.tasks.core.util import atomic_write_text
+from qlora_ops.tasks.data.diff import card_lines
 from qlora_ops.tasks.gates import paired
 from qlora_ops.tasks.report import scores as rs
 from qlora_ops.tasks.report.card import model_card, with_serving
@@ -45,6 +46,9 @@ def render_html(f: dict) -> str:
               acc.round(4).to_html(table_id="accuracy-table", **table)]
     parts += ["<h2>Gates</h2>", gate_frame(f["gates"], level).to_html(table_id="gate-table", **table),
               "<ul>" + "".join(f"<li>{html.escape(g['name'])}: {html.escape(g['detail'])}</li>" for g in f["gates"]) + "</ul>"]
+    if guards := s.get("promotion_guards"):  # guard suites and classes against the champion: promotion needs every one
+        parts += ["<h2>Guards against the champion</h2>", gate_frame(guards, level).to_html(table_id="guard-table", **table),
+                  "<ul>" + "".join(f"<li>{html.escape(g['name'])}: {html.escape(g['detail'])}</li>" for g in guards) + "</ul>"]
     if s.get("power"):
         parts.append(f"<p class='note'>{html.escape(s['power'])}</p>")
     parts += scored_sections(f, table)
@@ -69,6 +73,8 @@ def render_html(f: dict) -> str:
     parts += ["<h2>Data vs the champion's run</h2>", data_frame(f).to_html(table_id="data-table", border=0, classes="t")]
     if (ch := f.get("champion")) and ch.get("error"):
         parts.append(f"<p class='note'>champion v{ch['version']}: {html.escape(ch['error'])}</p>")
+    if (d := s["data"].get("diff")):  # the data card (tasks/data/diff.py); runs before it have none
+        parts += ["<h2>Data changes</h2>", f"<pre id='data-diff'>{html.escape(chr(10).join(card_lines(d)))}</pre>"]
     parts += serving_html(f.get("serving"))
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:24px auto;color:#222}"
              "table.t{border-collapse:collapse;font-size:13px;margin:8px 0}"

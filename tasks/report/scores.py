@@ -43,6 +43,11 @@ def score_table(models: dict):
 
 def distribution_plot(preds: dict[str, list[dict]], metric: str) -> str | None:
     """One histogram per model of its per-row `metric` scores, on shared bins (PNG, base64)."""
+    fig = distribution_figure(preds, metric)
+    return None if fig is None else png_base64(fig)
+
+
+def distribution_figure(preds: dict[str, list[dict]], metric: str):
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -53,7 +58,9 @@ def distribution_plot(preds: dict[str, list[dict]], metric: str) -> str | None:
         return None
     top = m.hi if m.hi != float("inf") else max(max(v) for v in series.values()) or 1.0
     bins = np.linspace(m.lo, top, 11)
-    fig = Figure(figsize=(2.6 * len(series) + 0.6, 2.8))
+    # constrained layout makes room for the figure's title above the panels' own titles (without it the two
+    # overlapped on a 2.8-inch-high figure: the suptitle sat at a fixed height over the axes titles)
+    fig = Figure(figsize=(2.6 * len(series) + 0.6, 3.0), layout="constrained")
     axes = fig.subplots(1, len(series), sharey=True, squeeze=False)[0]
     for ax, (k, v) in zip(axes, series.items()):
         ax.hist(v, bins=bins, color="tab:blue" if k == "qlora" else "tab:gray", edgecolor="white")
@@ -61,7 +68,7 @@ def distribution_plot(preds: dict[str, list[dict]], metric: str) -> str | None:
         ax.set(title=f"{LABEL[k]} (mean {np.mean(v):.3f})", xlabel=metric)
     axes[0].set_ylabel("test rows")
     fig.suptitle(f"Per-row {metric} on the same test rows ({'higher' if m.higher_is_better else 'lower'} is better)")
-    return png_base64(fig)
+    return fig
 
 
 def lost_rows(f: dict, metric: str, against: str, k: int = 8):

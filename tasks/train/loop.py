@@ -125,6 +125,7 @@ def train(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: K
     ckpt_root = out_dir / "checkpoints"
     start, state = find_checkpoint(ckpt_root, model, dist, run.say)  # adapter weights load before wrapping
     model, opt, sched, scaler = build_optimizer(run, model, total)
+    seed_dropout(run)  # after the (identical) model is built and wrapped, before a checkpoint's own RNG state
     if state is not None:
         apply_trainer_state(state, opt, sched, scaler)
     layout, rank_steps = dist.layout(model), []
@@ -223,6 +224,15 @@ def build_model(run: Run, base_dir: Path):
             if p.requires_grad and p.dtype == torch.float16:
                 p.data = p.data.float()
     return model, tok, weight_bytes
+
+
+def seed_dropout(run: Run) -> None:
+    """Several processes: give each rank its own torch RNG stream, so the dropout masks of its slice of the
+    batch are not the other ranks' masks over again (all ranks were seeded with `seed` so that the base and
+    the LoRA init are the same everywhere). Rank-dependent and still reproducible: seed and rank decide it.
+    One process: untouched, so its numbers stay bit for bit what they always were."""
+    if run.dist.world > 1:
+        torch.manual_seed(run.params.seed * 1_000_003 + run.dist.rank + 1)
 
 
 class Rows(NamedTuple):
@@ -389,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         # exit code and error.json keep the class for a parent (tasks.train.process): 3 diverged, 2 bad input
         code = 3 if isinstance(e, DivergenceError) else 2
         print(f"error: {e}", file=sys.stderr)
-        atomic_write_json(Path(a.out) / "error.json", {"error": type(e).__name__, "message": str(e)})
+        # One error.json, rank 0's: these errors are raised on every rank together (the launch check and the
+        # data are the same on all, a divergence is agreed by Dist.any), and one writer never races another.
+        if int(os.environ.get("RANK", "0")) == 0:
+            atomic_write_json(Path(a.out) / "error.json", {"error": type(e).__name__, "message": str(e)})
         return code
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in res.items() if k != "history"}))

@@ -8,6 +8,12 @@ peak (ru_maxrss) is that training's alone, and all of it goes back to the OS whe
 The child's errors keep their class, so exit codes and retry decisions are the same as in-process:
 it writes {"error", "message"} to <out>/error.json and exits 3 (DivergenceError) or 2 (bad params
 or data); here that becomes the same exception again.
+
+training.processes > 1 (tasks.core.hardware.resolve_processes: auto = one per visible GPU): the child is
+`accelerate launch` with the shipped infra/accelerate config of training.distributed, and it starts one
+training process per rank (tasks.train.distributed). Rank 0 alone writes result.json and error.json and
+prints the log; the launcher's exit code is its own (1 when a rank failed), so the class then comes from
+error.json. One process is exactly the command it always was.
 """
 from __future__ import annotations
 
@@ -17,11 +23,18 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from qlora_ops.tasks.core.config import Params
-from qlora_ops.tasks.core.util import atomic_write_json, popen_child, read_json
+from qlora_ops.tasks.core.hardware import device, resolve_processes
+from qlora_ops.tasks.core.util import TIE_ENV, atomic_write_json, popen_child, read_json
 from qlora_ops.tasks.data.prepare import DataError
 
 ERROR_FILE = "error.json"
+# The launch configs users run by hand (docs/multi-gpu.md); the pipeline launches with the same ones.
+# In a wheel infra/ is the package qlora_ops.infra, beside tasks/ as in the checkout.
+ACCELERATE_DIR = Path(__file__).resolve().parents[2] / "infra" / "accelerate"
+ACCELERATE_CONFIGS = {"ddp": "ddp.yaml", "fsdp": "fsdp_qlora.yaml"}
 # The training's allocator. glibc keeps a training's freed mid-size tensors in fragmented heap arenas
 # (the RSS grows ~500 MB over the live set; with its dynamic mmap threshold a cls256 QLoRA training
 # peaked at 4.4 GB), and a fixed low mmap threshold that returns them costs a zeroed mapping per
@@ -86,6 +99,41 @@ def child_env(base: dict[str, str] | None = None, checkpointing: bool = True) ->
     return {**env, **GLIBC_FALLBACK}
 
 
+def accelerate_config(distributed: str, world: int, cuda: bool) -> dict:
+    """The shipped accelerate config of `distributed`, adapted to this launch: it hard-codes
+    num_processes: 2 (its users' example) and use_cpu: false. On CPU use_cpu: true keeps accelerate's
+    multi-process launcher (`--cpu` would start a single process) with gloo (Dist: Accelerator(cpu=True))."""
+    cfg = yaml.safe_load((ACCELERATE_DIR / ACCELERATE_CONFIGS[distributed]).read_text())
+    cfg.update(num_processes=world, use_cpu=not cuda)
+    return cfg
+
+
+def launch_command(args: list[str], world: int, config_file: Path | None = None) -> list[str]:
+    """The command that trains: this Python on tasks.train for one process (the command it always was),
+    else `accelerate launch` of the same module with the same arguments. accelerate rather than torchrun
+    for DDP too: one launcher for both kinds of sharing, FSDP's settings reach the ranks only through it
+    (ACCELERATE_USE_FSDP, FSDP_*), and it is what docs/multi-gpu.md tells users to run by hand.
+    --num_processes overrides the config's; --main_process_port 0: accelerate takes a free port, so two
+    trainings on one machine (tests, a second worker) never meet on the default 29500."""
+    train = ["-m", "qlora_ops.tasks.train", *args]
+    if world == 1:
+        return [sys.executable, *train]
+    if config_file is None:
+        raise ValueError("a launch of more than one process needs its accelerate config file")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+            "--num_processes", str(world), "--main_process_port", "0", *train]
+
+
+def error_class(rc: int, info: dict) -> str | None:
+    """Which exception a failed child stands for: by its exit code (one process: 3 diverged, 2 bad params
+    or data), else by error.json's class (a launcher exits 1 whatever its ranks exited with)."""
+    if rc == 3 or info.get("error") == "DivergenceError":
+        return "DivergenceError"
+    if rc == 2 or info.get("error") in ("DataError", "ParamsError"):
+        return "DataError"
+    return None
+
+
 def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: str,
                      on_log: Callable[[str], None] = print) -> dict:
     # modeling imports torch: the parent that only starts the training child stays without it
@@ -102,8 +150,16 @@ def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Pa
     if note := allocator_note():
         on_log(note)
     env = child_env(checkpointing=params.training.gradient_checkpointing)
-    cmd = [sys.executable, "-m", "qlora_ops.tasks.train", "--params", str(pfile), "--kind", kind, "--base-dir", str(base_dir),
-           "--data-dir", str(data_dir), "--out", str(out_dir)]
+    args = ["--params", str(pfile), "--kind", kind, "--base-dir", str(base_dir), "--data-dir", str(data_dir), "--out", str(out_dir)]
+    world = resolve_processes(params)
+    config_file = None
+    if world > 1:
+        config_file = out_dir / f"accelerate-{params.training.distributed}.yaml"  # beside the run: what launched it
+        config_file.write_text(yaml.safe_dump(accelerate_config(params.training.distributed, world, device().type == "cuda")))
+        # Each rank dies with the launcher (die_with_parent_if_tied), as the launcher dies with this process.
+        env[TIE_ENV] = "1"
+        on_log(f"[{kind}] {world} processes ({params.training.distributed}): accelerate launch --config_file {config_file}")
+    cmd = launch_command(args, world, config_file)
     # stderr is inherited: the progress bar (a live bar on a terminal) and warnings go straight through;
     # stdout lines are the loop's log, re-printed here so a flow's log_prints sends them to Prefect.
     # popen_child: the training dies with this process even on kill -9 (a GPU worker's flow run, where no
@@ -128,8 +184,9 @@ def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Pa
     err = out_dir / ERROR_FILE
     info = read_json(err) if err.is_file() else {}
     msg = info.get("message") or f"training subprocess ({kind}) exited with code {rc}"
-    if rc == 3:
+    cls = error_class(rc, info)
+    if cls == "DivergenceError":
         raise DivergenceError(msg)
-    if rc == 2:
+    if cls == "DataError":
         raise DataError(msg)
     raise RuntimeError(f"{msg} ({' '.join(cmd)})")

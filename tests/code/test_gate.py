@@ -224,3 +224,41 @@ def test_gain_suite_and_roles():
     b = np.random.default_rng(9).uniform(1, 2, 300)
     assert not gate.suite_gate("general", "non_inferior", nll, b, b + 0.1, threshold=0.05, confidence=0.95)["passed"]
     assert gate.suite_gate("general", "non_inferior", nll, b, b - 0.1, threshold=0.05, confidence=0.95)["passed"]
+
+
+def test_a_class_that_loses_to_the_champion_blocks_promotion_when_the_class_guard_is_on(monkeypatch):
+    """gates.max_class_loss (issue 26, item 6): a candidate better overall that loses one class's recall against
+    the champion by more than the margin is not promoted, naming the class; off (the default), the overall
+    decision stands, and the default's fingerprint is what it was before the setting existed."""
+    from qlora_ops.tasks.core.config import Params
+    from qlora_ops.tasks.gates import verdict
+
+    labels = ["json", "os", "re", "math"]
+    n = 400
+    ids = [f"r{i}" for i in range(n)]
+    refs = {rid: labels[i % 4] for i, rid in enumerate(ids)}
+    champ_ok = [i % 4 != 0 or i % 8 == 0 for i in range(n)]  # every class right except half of "json"
+    cand_ok = [True if i % 4 != 1 else (i // 4) % 4 != 0 for i in range(n)]  # json perfect now; "os" loses a quarter
+    champ = {"ids": ids, "version": 2, "correct": champ_ok, "scores": {"exact_match": [float(x) for x in champ_ok]}}
+    cand = {"ids": ids, "correct": cand_ok, "scores": {"exact_match": [float(x) for x in cand_ok]}}
+
+    off = Params.model_validate({"data": {"labels": labels}})
+    assert verdict.class_guards(off, cand, champ, refs) == []
+    on = Params.model_validate({"data": {"labels": labels}, "gates": {"max_class_loss": 0.1},
+                                "registry": {"min_improvement": 0.0, "yearly_false_promotion": None}})
+    guards = verdict.class_guards(on, cand, champ, refs)
+    by = {g["name"]: g for g in guards}
+    assert set(by) == {f"class {c}:non_inferior_vs_champion" for c in labels}
+    assert not by["class os:non_inferior_vs_champion"]["passed"] and "class 'os' recall" in by["class os:non_inferior_vs_champion"]["detail"]
+    assert all(g["passed"] for k, g in by.items() if k != "class os:non_inferior_vs_champion")
+    free = verdict.promotion(on, cand, champ, [])
+    assert free["promote"], free["reason"]  # overall the candidate is better ...
+    d = verdict.promotion(on, cand, champ, guards)
+    assert not d["promote"] and "class os" in d["reason"]  # ... but it lost "os"
+    # the setting off keeps every fingerprint an older qlora-ops computed; on, it is part of the verdict
+    from qlora_ops.tasks.core import config
+
+    before = Params().model_digest()
+    assert before != Params.model_validate({"gates": {"max_class_loss": 0.1}}).model_digest()
+    monkeypatch.setattr(config, "_ADDED_OFF", ())  # the null setting in the digest: every fingerprint would move
+    assert Params().model_digest() != before

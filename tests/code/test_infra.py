@@ -176,7 +176,9 @@ def test_pools_and_gpu_reservation(compose):
     assert gpu["environment"]["QLORA_OPS_POOL"] == GPU_POOL
     assert gpu["environment"]["QLORA_OPS_POOL_TEMPLATE"] == "infra/prefect/work-pool-gpu.json"
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # GPU_COUNT (infra/.env, default 1): the GPUs the worker's training launches one process each on
+    assert devices == [{"driver": "nvidia", "count": "${GPU_COUNT:-1}", "capabilities": ["gpu"]}]
+    assert _env_example_keys()["GPU_COUNT"] == "1"
     assert "deploy" not in cpu
     assert gpu["build"]["args"]["LOCK"] == "linux-x86_64-cuda"  # the GPU lock (CUDA torch), not the CPU default
     setup = _cmd(services["setup"]["command"])
@@ -212,16 +214,20 @@ def test_kubernetes_gpu_pool_template_requests_a_gpu():
     pod = manifest["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["image"] == "{{ image }}" and container["args"] == "{{ command }}"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # the Job's GPUs are the pool's `gpus` job variable (default 1): training runs one process per GPU it sees
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
     assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"])
     props = tmpl["variables"]["properties"]
+    assert props["gpus"]["default"] == 1 and props["gpus"]["type"] == "integer"
+    rendered = _render_gpu_job({})["spec"]["template"]["spec"]["containers"][0]
+    assert rendered["resources"]["limits"]["nvidia.com/gpu"] == 1  # an integer, as Kubernetes wants it
     assert props["env"]["default"]["HF_HUB_OFFLINE"] == "1"
     assert props["namespace"]["default"] == "qlora-ops"
     # The real schema of the kubernetes worker (prefect-kubernetes is in the test extra).
     from prefect_kubernetes.worker import KubernetesWorker
     default = KubernetesWorker.get_default_base_job_template()
     assert set(jc) == set(default["job_configuration"])
-    assert set(props) == set(default["variables"]["properties"])
+    assert set(props) == set(default["variables"]["properties"]) | {"gpus"}  # ours: the Job's GPU count
 
 
 def test_k8s_manifests():

@@ -204,7 +204,7 @@ def test_a_champion_that_moved_is_never_scored_under_another_score_key(monkeypat
     monkeypatch.setattr(registry_ops, "version_rows", lambda *a, **k: ("gpu-stage-key", saved))
     ok, why, tags = retrain.decide_promotion(Params(), tmp_path, "run", ms, champion_v=2)
     assert "champion v2: its own saved predictions" in why, why
-    assert [k for k in tags if k.startswith("decision@")]  # the decision's ledger entry
+    assert [k for k in tags if k.startswith("decision:")]  # the decision's ledger entry
 
 
 def _user_base(d: Path) -> Path:
@@ -261,3 +261,35 @@ def test_settings_that_cannot_change_weights_stay_out_of_train_key_and_fingerpri
         assert _fp(tree, q) == _fp(tree, p), k
     q = Params(training={"lr": p.training.lr * 2})  # one that does change them still does
     assert keys.train_key(q, "d", "b") != keys.train_key(p, "d", "b") and _fp(tree, q) != _fp(tree, p)
+
+
+def test_training_processes_enter_the_train_key_only_above_one(tree, monkeypatch):
+    """training.processes / training.distributed: one process (auto on CPU or one GPU, or 1) keeps the key
+    every 1-process run always had (the formula before the setting existed, over a dump without it); the
+    resolved world size above 1, and how it shares the model, give other keys. The fingerprint never moves."""
+    import torch
+
+    from qlora_ops.tasks.core.hashing import digest
+
+    def before(p: Params) -> str:
+        d = p.model_dump(mode="json", include={"seed", "model", "quantization", "lora", "training"})
+        d["training"] = {k: v for k, v in d["training"].items()
+                         if k not in ("eval_every", "save_every", "keep_last", "processes", "distributed")}
+        return digest("d", "b", keys.code_hash(*keys.TRAIN_CODE), d, keys.lib_versions("model"), keys.hardware(), "")
+
+    monkeypatch.setattr(keys, "hardware", lambda: {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    auto, one = Params(), Params(training={"processes": 1})
+    assert keys.train_key(auto, "d", "b") == keys.train_key(one, "d", "b") == before(auto)
+    fsdp_auto = Params(training={"distributed": "fsdp"}, quantization={"quant_storage": "bfloat16"})
+    assert keys.train_key(fsdp_auto, "d", "b") == before(fsdp_auto)  # one GPU: one process, fsdp or not
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a worker with two GPUs
+    two = Params(training={"processes": 2})
+    assert keys.train_key(two, "d", "b") != before(auto)
+    assert keys.train_key(auto, "d", "b") == keys.train_key(two, "d", "b")  # auto there is 2
+    assert keys.train_key(one, "d", "b") == before(one)  # 1 asked for: still the 1-process key
+    fsdp2 = Params(training={"processes": 2, "distributed": "fsdp"}, quantization={"quant_storage": "bfloat16"})
+    fsdp2_ddp = Params(training={"processes": 2}, quantization={"quant_storage": "bfloat16"})
+    assert keys.train_key(fsdp2, "d", "b") != keys.train_key(fsdp2_ddp, "d", "b")
+    assert _fp(tree, two) == _fp(tree, one) == _fp(tree, auto)  # how many GPUs trained it re-decides nothing

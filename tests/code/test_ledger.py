@@ -37,7 +37,7 @@ def test_the_budget_holds_exactly_the_planned_decisions_per_lineage_and_year():
 
 def test_entries_round_trip_through_tags_and_an_unreadable_one_still_counts():
     k, v = ledger.entry_tag(0.002, 3, "run abc", at=1000.0)
-    got = ledger.ledger_of({7: {k: v, "status": "ready"}, 8: {"decision@x": "{"}})
+    got = ledger.ledger_of({7: {k: v, "status": "ready"}, 8: {"decision:x": "{"}})
     assert got[1] == ledger.Entry(7, 1000.0, 0.002, 3, "run abc")
     assert got[0].version == 8 and got[0].alpha == 0.05  # made, spent unknown: the conventional level assumed
 
@@ -73,7 +73,7 @@ def test_a_spent_lineage_defers_the_flow_and_refuses_promote_until_a_new_lineage
     spent = run("c", 1)
     assert spent["deferred"] and "budget of test-set lineage 1 is spent" in spent["reason"], spent
     assert "data new-lineage" in spent["reason"]
-    assert not [k for k in c.get_model_version(name, str(spent["version"])).tags if k.startswith("decision@")]
+    assert not [k for k in c.get_model_version(name, str(spent["version"])).tags if k.startswith("decision:")]
     b = manual.budget(name, retrain.policy(params), 1)
     assert b["decisions"] == 2 and not b["can_decide"]
     assert "2 promotion decisions on test-set lineage 1" in manual.format_status(

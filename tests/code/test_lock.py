@@ -78,7 +78,7 @@ def test_installed_mismatches_name_package_and_both_versions(tmp_path):
     (tmp_path / "l.txt").write_text(f"pyyaml=={have} \\\n    --hash=sha256:00\nnumpy==0.0.1 \\\n    --hash=sha256:00\n"
                                     "not-installed-anywhere==1.0\nwin-only==1.0 ; sys_platform == 'win32'\n")
     assert lockfile.installed_mismatches(tmp_path / "l.txt") == [
-        f"not-installed-anywhere: locked 1.0, not installed",
+        "not-installed-anywhere: locked 1.0, not installed",
         f"numpy: locked 0.0.1, installed {importlib.metadata.version('numpy')}"]
 
 

@@ -74,6 +74,14 @@ def test_model_card_names_the_gate_metric_and_lists_suites():
                       {"version": 1, "promoted": True, "reason": "ok"})
     assert "rouge_l (the gate metric)" in card and "0.4123" in card and "gated on rouge_l: ROUGE-L" in card
     assert "## Suites" in card and "general: non_inferior on chrf (threshold 0.02) - general:non_inferior FAIL" in card
+    assert "Guards against the champion" not in card
+    # the guards a promotion decision checked against the champion (suites, classes): on the card, each verdict
+    guard = {**gates[0], "name": "class os:non_inferior_vs_champion", "detail": "class 'os' recall (40 rows) ...",
+             "ci_low": -0.31, "ci_high": -0.12, "p_value": 0.001}
+    card = model_card({**summary, "promotion_guards": [guard]}, {"eval.metric": "rouge_l", "registry.model_name": "m"},
+                      None, {"version": 1, "promoted": False, "reason": "keep champion: class os ..."})
+    assert "Guards against the champion (1; promotion needs every one)" in card
+    assert "class os:non_inferior_vs_champion" in card and "[-0.310, -0.120]" in card
 
 
 def test_the_accuracy_section_plots_the_gate_metric_at_the_runs_confidence():
@@ -92,3 +100,17 @@ def test_the_accuracy_section_plots_the_gate_metric_at_the_runs_confidence():
                        "code": {"git_commit": "c", "source_sha": "s"}, "fingerprint": "f", "gates": []},
                       f["params"], None, {"version": 1, "promoted": True, "reason": "x"})
     assert "90% interval" in card and "95%" not in card
+
+
+def test_the_distribution_plots_title_clears_the_panels_titles():
+    """Seen in Chromium on a free-text run: the figure's title was drawn over the panels' own titles."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = rs.distribution_figure(run()["predictions"], "rouge_l")
+    FigureCanvasAgg(fig).draw()
+    r = fig.canvas.get_renderer()
+    top = fig._suptitle.get_window_extent(r)
+    for ax in fig.axes:
+        t = ax.title.get_window_extent(r)
+        assert t.y1 <= top.y0, (ax.get_title(), t, top)  # each panel title wholly below the figure's title
+        assert ax.get_window_extent(r).y1 <= top.y0

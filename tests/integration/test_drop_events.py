@@ -16,7 +16,6 @@ Runs use the tiny random Llama and a handful of steps; debounce_s is Prefect's m
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import (PREFECT_CLI, S3_ENV, free_port, make_workspace, start_moto, start_prefect_server,
+from tests.conftest import (PREFECT_CLI, free_port, make_workspace, start_moto, start_prefect_server,
                             stop_process_group, tail, wait_http)
 
 pytestmark = pytest.mark.slow

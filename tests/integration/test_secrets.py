@@ -72,7 +72,7 @@ def test_planted_tracking_password_is_nowhere(tmp_path, server, tiny_model_dir):
         r = run("run", "--params", "params/secret.yaml")
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-4000:]
-        assert f"MLflow run " in out and f"at http://127.0.0.1:{port}" in out  # shown without its credentials
+        assert "MLflow run " in out and f"at http://127.0.0.1:{port}" in out  # shown without its credentials
         st = run("status", "--params", "params/secret.yaml")
         assert st.returncode == 0 and "secret-model" in st.stdout, st.stdout[-2000:] + st.stderr[-2000:]
         out += st.stdout + st.stderr

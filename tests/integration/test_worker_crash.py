@@ -229,3 +229,36 @@ def kill_tree(proc: subprocess.Popen) -> None:
             pass
     proc.wait(timeout=30)
     psutil.wait_procs(procs[1:], timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_a_run_left_pending_by_a_dead_worker_is_crashed_by_the_pending_automation(stack):
+    """Issue 27, item 8: a worker that dies between taking a run (Pending) and starting its process sends no
+    heartbeat, so the heartbeat automation never sees it. The automation `qlora-ops deploy` installs for that gap
+    (flows/deploy.py crash_stuck_pending) marks it Crashed after orchestration.pending_timeout_s, and a Crashed
+    model stage is started again by the parent (test_a_crashed_model_stage_run_is_started_again)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending
+
+    from qlora_ops.flows.deploy import crash_stuck_pending
+
+    server, timeout_s = stack["server"], 15
+    assert server.cli("work-pool", "create", "gpu-pending", "--type", "process").returncode == 0  # nobody polls it
+    with server.settings():
+        stand_in = flow.from_source(source=str(ROOT), entrypoint="tests/integration/_crash_stage_flow.py:model_stage")
+        dep_id = stand_in.to_deployment(name="pending-test", work_pool_name="gpu-pending").apply()
+        made = crash_stuck_pending("pending-test", [str(dep_id)], timeout_s)
+        assert made.startswith("qlora-ops: crash pending-test runs stuck pending: ")
+        with get_client(sync_client=True) as c:
+            fr = c.create_flow_run_from_deployment(dep_id, parameters={"params": {}, "run_id": "x", "data_uri": ".", "test_hash": "x"})
+            c.set_flow_run_state(fr.id, Pending(), force=True)  # taken by a worker that then died
+            t0 = time.time()
+            while (st := c.read_flow_run(fr.id).state).type.value != "CRASHED":
+                assert st.type.value == "PENDING", st
+                assert time.time() - t0 < timeout_s + 90, f"still {st.name} {time.time() - t0:.0f} s after Pending"
+                time.sleep(1)
+            crashed = c.read_flow_run_states(fr.id)[-1]
+    seen = time.time() - t0
+    assert f"Pending for {timeout_s} s" in (crashed.message or ""), crashed
+    print(f"Crashed {seen:.1f} s after it turned Pending (pending_timeout_s {timeout_s})")

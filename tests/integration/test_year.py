@@ -70,6 +70,7 @@ class Year:
         self.ws, self.drops, self.prefect, self.uri, self.name = ws, drops, prefect, mlflow_uri, name
         self.trained: set[int] = set()  # every item ever in a prepared train split
         self.log: list[str] = []
+        self.t = time.monotonic()
 
     def cli(self, *args: str, kill: bool = False, wait: bool = True):
         env = self.prefect.client_env(PYTHONPATH=f"{self.ws.parent / 'plant'}:{self.ws}", MLFLOW_TRACKING_URI=self.uri)
@@ -85,6 +86,7 @@ class Year:
         r = self.cli("run", "--params", "params/year.yaml", kill=kill)
         out = r.stdout + r.stderr
         assert r.returncode == expect, f"expected exit {expect}, got {r.returncode}:\n{out[-4000:]}"
+        self.log += [f"  {x.strip()}" for x in out.splitlines() if x.startswith(("stage seconds:", "total wall time:"))]
         return out
 
     def params(self, **split) -> None:
@@ -142,7 +144,8 @@ class Year:
             spent = sum(e.alpha / 2 for e in ledger.ledger_of(versions) if e.lineage == lin)
             assert spent <= budget + 1e-9, (what, lin, spent)
         self.log.append(f"{what}: champion v{champ}, {len(versions)} versions, test {len(test)} items, "
-                        f"{len(ledger.ledger_of(versions))} decisions")
+                        f"{len(ledger.ledger_of(versions))} decisions, {time.monotonic() - self.t:.0f} s")
+        self.t = time.monotonic()
 
 
 @pytest.fixture(scope="module")

@@ -35,16 +35,26 @@ def test_conversion_is_safetensors_and_cached(smollm2):
 
 
 def test_4bit_base_answers_a_prompt(smollm2):
+    """The 4-bit load is NF4 with double quantization everywhere, and both ways of running it answer: the
+    bitsandbytes kernel (what training uses) and the evaluation's weights dequantized once."""
     import bitsandbytes as bnb
 
+    from qlora_ops.tasks.model.modeling import DequantizedLinear, load_model
+
     p, base = smollm2
-    model, tok = load_with_adapter(p, base, quantized=True)
+    model, tok = load_model(base, p, quantized=True)
     n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert n4 == 30 * 7  # every linear layer of every block is NF4
     w = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
     assert w.quant_state.quant_type == "nf4" and w.quant_state.nested  # double quantization
-    out = generate(model, tok, [{"id": "q", "system": "You are a helpful assistant.", "prompt": "What is the capital of France?",
-                                 "completion": "Paris"}], batch_size=1, max_new_tokens=12)
+    row = [{"id": "q", "system": "You are a helpful assistant.", "prompt": "What is the capital of France?",
+            "completion": "Paris"}]
+    out = generate(model.eval(), tok, row, batch_size=1, max_new_tokens=12)
+    assert "paris" in out[0]["prediction"].lower(), out
+    ev, tok = load_with_adapter(p, base, quantized=True)  # evaluation on the CPU: dequantized once
+    assert sum(isinstance(m, DequantizedLinear) for m in ev.modules()) == 30 * 7
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in ev.modules())
+    out = generate(ev, tok, row, batch_size=1, max_new_tokens=12)
     assert "paris" in out[0]["prediction"].lower(), out
 
 
