@@ -264,6 +264,8 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
         out = decide_promotion(params, ws, run_id, ms, champion_v, lin, said)
         if summary is not None and said.get("guards"):  # the card (written next) shows each guard's verdict
             summary["promotion_guards"] = said["guards"]
+        if summary is not None and said.get("restart"):  # and that comparisons restarted on a new test set
+            summary["lineage_restart"] = said["restart"]
         return out
 
     if summary is not None:  # the card says what the ledger held when this version was decided
@@ -319,6 +321,12 @@ def decide_promotion(params: Params, ws: Path, run_id: str, ms: dict, champion_v
     d = verdict.promotion(params, ms["rows"]["merged"], champ, guards)
     if out is not None:
         out["guards"] = d["guards"]  # what each guard said, for the summary, the run and the card
+        if lin is not None and (was := manual.version_lineage(params.registry.model_name, champion_v)) != lin:
+            # the champion was decided on other test rows: from here on both are compared on this lineage's
+            out["restart"] = (f"test-set lineage {lin} is new to champion v{champion_v} (decided on "
+                              f"{'lineage ' + str(was) if was is not None else 'a test set before lineages'}): "
+                              f"comparisons with the champion restart on these test rows; the champion was "
+                              f"{champ['how']}")
     return (d["promote"], f"{d['reason']} (champion v{champion_v}: {champ['how']})",
             dict([ledger.entry_tag(pol.alpha, lin, f"run {run_id}")]))
 

@@ -85,6 +85,8 @@ def format_summary(s: dict) -> str:
                  f"({r['reason']})")
         if r.get("decisions"):
             L.append(f"decisions: {r['decisions']}")
+        if s.get("lineage_restart"):
+            L.append(s["lineage_restart"])
         L += [f"guard vs champion {g['name']}: {'PASS' if g['passed'] else 'FAIL'}  ({g['detail'][:160]})"
               for g in r.get("guards") or []]
     else:

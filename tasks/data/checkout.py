@@ -28,7 +28,7 @@ from qlora_ops.tasks.data.versioning import DvcError, _workspace_lock, configure
 
 
 def md5_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+    h = hashlib.md5(usedforsecurity=False)  # DVC names objects by md5: an address, not a security check
     with open(path, "rb") as f:
         while b := f.read(chunk):
             h.update(b)

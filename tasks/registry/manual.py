@@ -79,6 +79,11 @@ def lineage_of(tags: dict) -> int | None:
         return None
 
 
+def version_lineage(model_name: str, version: int, client: MlflowClient | None = None) -> int | None:
+    """The test-set lineage `version` was decided on (its tag), None where it has none."""
+    return lineage_of(dict((client or MlflowClient()).get_model_version(model_name, str(version)).tags or {}))
+
+
 def budget(model_name: str, policy: PromotionPolicy, lineage: int | None, client: MlflowClient | None = None) -> dict:
     """The yearly false-promotion budget of `lineage`, from the decision ledger (tasks.gates.ledger) that
     the versions of `model_name` carry."""

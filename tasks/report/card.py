@@ -65,6 +65,7 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
          f"{decision['reason']}", "",
          *([f"Decision ledger before this decision: {summary['decisions_before']}.", ""]
            if summary.get("decisions_before") else []),
+         *([f"{summary['lineage_restart']}.", ""] if summary.get("lineage_restart") else []),
          *([f"Guards against the champion ({len(summary['promotion_guards'])}; promotion needs every one):", "",
             _md(gate_frame(summary["promotion_guards"], level)), ""] if summary.get("promotion_guards") else []),
          "## Params", "", _md(par), "",

@@ -39,6 +39,8 @@ def render_html(f: dict) -> str:
     r = s.get("registry", {})
     parts.append(f"<p id='decision'>{'Registered ' + html.escape(str(r.get('model_name'))) + ' v' + str(r['version']) if r.get('version') else 'Nothing registered'}"
                  f": {html.escape(str(r.get('reason', '')))}</p>")
+    if s.get("lineage_restart"):
+        parts.append(f"<p class='note' id='lineage-restart'>{html.escape(s['lineage_restart'])}</p>")
     parts += ["<h2>Training loss</h2>", _img("loss-plot", loss_plot(f["curves"]), "train/val loss, QLoRA vs LoRA")]
     acc = accuracy_frame(f)
     level = paired.level(float(f["params"].get("gates.confidence", 0.95)))

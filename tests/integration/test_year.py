@@ -177,7 +177,8 @@ def test_a_year_of_drops_keeps_every_invariant(tmp_path, prefect, mlflow_server,
 
     # 2. adds, and near-duplicates of rows in test: they join their test cluster
     (drops / "week02.jsonl").write_text(rows(range(60, 80)) + rows(tested[:4], variant=1))
-    y.run(0)
+    out = y.run(0)
+    assert re.search(r"data version \w+ vs \w+: rows \d+ -> \d+: \+\d+ added", out), out[-3000:]  # the data card
     y.check("2 adds + near-duplicates of test rows")
     assert set(tested) <= y.split_items("test")  # pinned: test rows stay in test
 
@@ -215,7 +216,9 @@ def test_a_year_of_drops_keeps_every_invariant(tmp_path, prefect, mlflow_server,
     r = y.cli("data", "new-lineage", "--params", "params/year.yaml", "--reason", "seed 7")
     assert r.returncode == 0, r.stdout + r.stderr
     (drops / "week07.jsonl").write_text(rows(range(120, 140)))
-    y.run(0)
+    out = y.run(0)
+    assert "test-set lineage 2 is new to champion v1" in out and "comparisons with the champion restart" in out, out[-3000:]
+    assert "re-evaluated on these rows" in out  # the champion scored again, on the new lineage's test rows
     newest = max(y.versions())
     assert y.versions()[newest]["status"] == "ready"  # decided again: a new lineage has a whole budget
     assert [e.lineage for e in y.entries() if e.version == newest] == [2]
@@ -258,4 +261,6 @@ def test_a_year_of_drops_keeps_every_invariant(tmp_path, prefect, mlflow_server,
     (drops / "week12.jsonl").write_text(rows(range(180, 200)))
     y.run(0)
     y.check("12 adds")
+    d = y.cli("data", "diff", "1", str(max(y.versions())), "--params", "params/year.yaml")
+    assert d.returncode == 0 and "added" in d.stdout, d.stdout + d.stderr  # a year's change, version to version
     print("\n".join([*y.log, f"12 rounds in {time.time() - t0:.0f} s"]))
