@@ -35,7 +35,7 @@ fi
 # copy of the NetworkPolicies that admit its pods (checkov pairs pods and policies per directory).
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 PREFECT_API_URL=http://prefect-server:4200/api PREFECT_API_AUTH_STRING=scan:not-a-secret \
-  PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME=qlora-ops-secrets \
+  PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME=qlora-ops-gpu-job \
   PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY=PREFECT_AUTH_STRING \
   PREFECT_LOGGING_LEVEL=ERROR PYTHONPATH=$PWD $PY .ci/render_gpu_job.py > "$tmp/gpu-job.yaml"
 cp infra/k8s/networkpolicy.yaml "$tmp/"

@@ -52,7 +52,8 @@ COMMANDS = {"run": run.run_command, "deploy": deploy.deploy_command,
             "init": data.data_command, "check": data.data_command, "drop": data.drop_command, "data": data.data_group_command,
             "report": report.report_command,
             "serve": serving.serving_command, "verify-serving": serving.serving_command,
-            "export-gguf": serving.serving_command, "workspace": workspace.workspace_command}
+            "export-gguf": serving.serving_command, "serving-webhook": serving.webhook_command,
+            "workspace": workspace.workspace_command}
 
 
 def _quiet_entry_point(verbose: bool = False, debug: bool = False) -> None:

@@ -63,6 +63,9 @@ def add_serving_parsers(sub) -> list:
                          "(secret: $QLORA_OPS_WEBHOOK_SECRET)")
     sv.add_argument("--hook-port", type=int, default=5002, help="--follow: the webhook receiver's port (default: %(default)s)")
     sv.add_argument("--hook-url", help="--follow: the URL MLflow calls (default: http://HOST:HOOK_PORT/)")
+    sv.add_argument("--create-webhook", action="store_true",
+                    help="--follow: also create/update MLflow's webhook (needs the MLflow admin login; else an admin "
+                         "runs `qlora-ops serving-webhook --url URL` once and the follower needs only the secret)")
     vs = sub.add_parser("verify-serving", help="replay VERSION's test rows through a live endpoint and compare with "
                                                "the evaluated answers; only a pass moves the 'serving' alias")
     vs.add_argument("url", help="the endpoint's base URL, e.g. http://127.0.0.1:5001")
@@ -73,12 +76,15 @@ def add_serving_parsers(sub) -> list:
     eg.add_argument("--allow-unverified-legacy", action="store_true",
                     help="export a version registered without weights_digest/adapter_digest (nothing to check its "
                          "bytes against); the output and the tag gguf_unverified say so")
+    wh = sub.add_parser("serving-webhook", help="(an MLflow admin, once) create or update the registry webhook `serve "
+                        "--follow` receives: MLflow calls URL, signed with $QLORA_OPS_WEBHOOK_SECRET, when the champion moves")
+    wh.add_argument("--url", required=True, help="the URL MLflow calls: the follower's receiver, e.g. http://serving:5002/")
     for p, need in ((sv, False), (vs, True), (eg, False)):
         g = p.add_mutually_exclusive_group(required=need)
         g.add_argument("--version", type=int, help="registered version number")
         if p is not vs:
             g.add_argument("--alias", help="or the version holding this alias (default: the champion alias)")
-    return [sv, vs, eg]
+    return [sv, vs, eg, wh]
 
 
 def add_data_parser(sub) -> None:

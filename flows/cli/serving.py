@@ -58,7 +58,8 @@ def serving_command(a) -> int:
             refresh_report(ws, params, res["run_id"], r.model_name, v)
             return 0
         if getattr(a, "follow", False):
-            return serve_follow(a, params, work)
+            return serve_follow(a, params, work, writer=lambda: _serving_writer(uri, r.model_name, params, ws),
+                                lock_path=state_dir(ws, params) / "registry.lock")
         if getattr(a, "openai", False):
             return serve_openai(so.fetch_gguf(r.model_name, v, a.gguf, work / f"gguf-v{v}"), a, r.model_name, v)
         local, digest = so.fetch_model(r.model_name, v, work / f"v{v}")
@@ -76,19 +77,9 @@ def serving_command(a) -> int:
 
 
 def _serving_writer(uri: str, model_name: str, params, ws):
-    """The registered model's one slot (flows.registry_slot) around the `serving` move. A shared store without
-    the team's Prefect API: the move is still made under the workspace's file lock with `champion` re-read
-    there, and the missing slot is said (known gap: not yet refused like promote and rollback are)."""
-    import contextlib
-
-    from qlora_ops.flows.registry_slot import check_writer
-
-    try:
-        check_writer(uri, model_name, state_dir(ws, params))
-    except RegistryLockUnavailable as e:
-        print(f"warning: moving 'serving' under this workspace's file lock only, not the shared slot: {e}",
-              file=sys.stderr)
-        return contextlib.nullcontext()
+    """The registered model's one slot (flows.registry_slot) around the `serving` move, as for every registry
+    writer: a shared store without the team's Prefect API is refused (RegistryLockUnavailable, exit 4, saying
+    how to get the slot), like promote and rollback."""
     return registry_writer(uri, model_name, params.orchestration.timeouts.registry, state_dir(ws, params))
 
 
@@ -137,7 +128,7 @@ def serve_openai(gguf: Path, a, name: str, v: int) -> int:
         so.stop(proc)
 
 
-def serve_follow(a, params, work: Path) -> int:
+def serve_follow(a, params, work: Path, writer=None, lock_path: Path | None = None) -> int:
     """`serve --follow`: serve the version holding 'serving' and switch to each version a champion webhook
     moves it to (tasks.serving.webhook), without a failed request (tasks.serving.front). With no 'serving'
     yet, the champion is checked first."""
@@ -150,7 +141,8 @@ def serve_follow(a, params, work: Path) -> int:
     moved: queue.Queue = queue.Queue()
     check = webhook.champion_checker(r.model_name, r.champion_alias, threshold=g.max_serving_disagreement,
                                      confidence=g.confidence, work=work / "follow",
-                                     on_serving=lambda v, local, digest: moved.put((v, local, digest)))
+                                     on_serving=lambda v, local, digest: moved.put((v, local, digest)),
+                                     **({"writer": writer} if writer else {}), lock_path=lock_path)
     try:
         v = int(MlflowClient().get_model_version_by_alias(r.model_name, so.SERVING_ALIAS).version)
         moved.put((v, *so.fetch_model(r.model_name, v, work / f"v{v}")))
@@ -167,9 +159,15 @@ def serve_follow(a, params, work: Path) -> int:
     # The public port is the front's (tasks.serving.front): each version's scoring server runs on a loopback
     # port of its own, and a move switches to the new one only once it answers /ping, so no request fails.
     with receiver, Front(a.host, a.port) as front:
-        hook = webhook.ensure_webhook(MlflowClient(), a.hook_url or receiver.url, secret, r.model_name)
-        print(f"following {r.model_name}@{r.champion_alias}: MLflow webhook {hook.webhook_id} -> "
-              f"{redact_url(a.hook_url or receiver.url)}", flush=True)
+        hook_url = a.hook_url or receiver.url
+        if getattr(a, "create_webhook", False):  # MLflow's webhook API is admin-only (3.17 basic-auth)
+            hook = webhook.ensure_webhook(MlflowClient(), hook_url, secret, r.model_name)
+            print(f"following {r.model_name}@{r.champion_alias}: MLflow webhook {hook.webhook_id} -> "
+                  f"{redact_url(hook_url)}", flush=True)
+        else:
+            print(f"following {r.model_name}@{r.champion_alias}: receiving MLflow's webhook at {redact_url(hook_url)} "
+                  f"(an MLflow admin creates it once: qlora-ops serving-webhook --url {redact_url(hook_url)} "
+                  f"--params {a.params})", flush=True)
         proc, shown = None, (0, 0)
         try:
             while True:
@@ -208,3 +206,32 @@ def serve_follow(a, params, work: Path) -> int:
         finally:
             if proc is not None:
                 so.stop(proc)
+
+
+def webhook_command(a) -> int:
+    """`serving-webhook --url URL`: MLflow's registry webhook for `serve --follow`, created or updated in place.
+    MLflow 3.17's basic-auth makes webhook create/list admin-only, so this is the one step an admin runs
+    (with MLFLOW_TRACKING_USERNAME/PASSWORD of the admin); the follower then holds only the webhook secret
+    and a read login, and its scoring servers hold no MLflow credential (tasks.serving.server.server_env)."""
+    import mlflow  # the CLI's commands import their heavy libraries when they run
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if isinstance(pre := preflight(a), int):
+        return pre
+    _, params, uri = pre
+    mlflow.set_tracking_uri(uri)
+    secret = os.environ.get(webhook.SECRET_ENV, "")
+    if not secret:
+        return fail("bad_input", ValueError(f"serving-webhook needs the webhook secret in ${webhook.SECRET_ENV} "
+                                            "(the same one the follower gets)"))
+    try:
+        hook = webhook.ensure_webhook(MlflowClient(), a.url, secret, params.registry.model_name)
+    except MlflowException as e:
+        if "PERMISSION_DENIED" in str(e) or "403" in str(e):
+            return fail("service", RuntimeError(f"MLflow refused the webhook ({redact_url(str(e))[:300]}): creating "
+                                                "webhooks needs the MLflow admin login (MLFLOW_TRACKING_USERNAME/PASSWORD)"))
+        raise
+    print(f"MLflow webhook {hook.webhook_id} ({hook.name}) -> {redact_url(a.url)} on model_version_alias.created of "
+          f"{params.registry.model_name}; `qlora-ops serve --follow` there needs only ${webhook.SECRET_ENV}")
+    return 0

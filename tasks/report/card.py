@@ -53,7 +53,10 @@ def model_card(summary: dict, params: dict[str, str], labels: list[str] | None, 
          f"- run report: `{report_uri(run_id)}` (version tag `report_uri`)",
          f"- data version `{summary['data']['version']}` (DVC stage `{summary['data']['stage']}`), rows "
          f"train/val/test {st.get('train', '?')}/{st.get('val', '?')}/{st.get('test', '?')}"
-         + (f" (the first {n} test rows evaluated: eval.max_examples)" if st.get("test", n) != n else ""),
+         + (f" (the first {n} test rows evaluated: eval.max_examples)" if st.get("test", n) != n else "")
+         + (f"; test-set lineage {st['lineage']}, contamination {st['contamination']} (test rows near-duplicating "
+            f"rows ever trained on: must be 0), near-duplicate rows {st.get('near_duplicate_rows', '?')}"
+            if "contamination" in st else ""),
          f"- code {str(summary['code']['git_commit'])[:10]} (source sha {summary['code']['source_sha']}), "
          f"fingerprint `{summary['fingerprint']}`", "",
          f"## Metrics (test split{f': {metric} (the gate metric) with its {level} bootstrap interval, and exact-match accuracy' if gated else f', exact-match accuracy, Wilson {level} interval'})",

@@ -170,7 +170,10 @@ def data_frame(f: dict):
         st = d.get("stats", {})
         return {"data version": version or d.get("version", "?"), "DVC stage": d.get("stage", "?"),
                 **{f"rows {k}": st.get(k, "?") for k in ("train", "val", "test")},
-                "rows after dedupe": st.get("rows_after_dedupe", "?")}
+                "rows after dedupe": st.get("rows_after_dedupe", "?"),
+                # the leak-proof split's bookkeeping (tasks/data/split.py): must be 0 to promote
+                "test-set lineage": st.get("lineage", "?"), "contamination": st.get("contamination", "?"),
+                "near-duplicate rows": st.get("near_duplicate_rows", "?")}
 
     out = {"this run": col(f["summary"]["data"], f["summary"]["data"]["version"])}
     if (ch := f.get("champion")):

@@ -12,6 +12,7 @@ evaluated is tasks/serving/parity.py; talking to one is tasks/serving/client.py.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import urllib.request
@@ -115,8 +116,16 @@ def server_command(model_dir: Path, host: str, port: int, workers: int = 1) -> l
             "-h", host, "-p", str(port), "-w", str(workers)]
 
 
+# What a scoring server never gets: it serves a local copy whose bytes were checked, so it needs no MLflow,
+# Prefect or S3 access; a request that exploits the model server must not find a login in its environment.
+_CREDENTIAL_ENV = re.compile(r"^MLFLOW_TRACKING_|^PREFECT_API_(KEY|AUTH_STRING)$|^AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN)$"
+                             r"|(^|_)(PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|AUTH_STRING|CREDENTIALS?)($|_)", re.I)
+
+
 def server_env(digest: str, dtype: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    """The scoring server's environment: ours without any credential (_CREDENTIAL_ENV), plus the weights'
+    digest and dtype it must report."""
+    env = {k: v for k, v in os.environ.items() if not _CREDENTIAL_ENV.search(k)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env[DIGEST_ENV] = digest
     env.pop(DTYPE_ENV, None)

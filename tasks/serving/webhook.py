@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -39,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from qlora_ops.tasks.serving.parity import verify_serving
+from qlora_ops.tasks.serving.parity import check, record
 from qlora_ops.tasks.serving.server import fetch_model, scoring_server
 
 SIGNATURE, TIMESTAMP, DELIVERY = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
@@ -313,10 +314,15 @@ class Receiver:
 
 
 def champion_checker(model_name: str, champion_alias: str, *, threshold: float, confidence: float, work: Path,
-                     serving_alias: str = "serving", on_serving: Callable[[int, Path, str], None] | None = None):
+                     serving_alias: str = "serving", on_serving: Callable[[int, Path, str], None] | None = None,
+                     writer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                     lock_path: Path | None = None):
     """The handler for a Receiver: on `champion_alias` moving to a version of `model_name`, serve that
     version on a scoring server of its own (127.0.0.1, a free port), check its parity, record the result
-    (tags; `serving_alias` moves only on a pass), then call `on_serving(version, model_dir, digest)`."""
+    (tags; `serving_alias` moves only on a pass), then call `on_serving(version, model_dir, digest)`.
+    The record runs inside `writer()` (the registered model's one slot, flows.registry_slot, as every other
+    registry writer) and the workspace's `lock_path`, re-reading the champion there; the check before it
+    holds neither (it replays the test rows: minutes)."""
     import socket
 
     def handle(name: str, alias: str, version: int) -> dict | None:
@@ -327,8 +333,9 @@ def champion_checker(model_name: str, champion_alias: str, *, threshold: float, 
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         with scoring_server(local, digest, port) as url:
-            res = verify_serving(url, name, version, threshold, confidence, Path(work) / f"check-v{version}",
-                                 serving_alias, champion_alias=champion_alias)  # moves only if still champion
+            res = check(url, name, version, threshold, confidence, Path(work) / f"check-v{version}")
+        with writer():  # moves only if still champion, read under the slot
+            res = record(res, serving_alias, champion_alias=champion_alias, lock_path=lock_path)
         if res["alias_moved"] and on_serving is not None:
             on_serving(version, local, digest)
         return res

@@ -112,16 +112,17 @@ def test_env_example_lists_every_variable_and_no_values_for_secrets(compose):
             assert keys[key] == "", f"{key} has a value in .env.example; it must be left for the operator"
     text = ENV_EXAMPLE.read_text()
     assert "openssl rand" in text and "cp infra/.env.example infra/.env" in text
-    # k8s reads the same keys from the Secret made of infra/.env.
-    k8s_keys = set(re.findall(r"secretKeyRef: \{name: qlora-ops-secrets, key: ([A-Z0-9_]+)\}",
+    # k8s reads the same keys from the per-service Secrets made of infra/.env (infra/k8s/make-secrets.sh).
+    k8s_keys = set(re.findall(r"secretKeyRef: \{name: qlora-ops-[a-z0-9-]+, key: ([A-Z0-9_]+)\}",
                               " ".join(p.read_text() for p in _k8s_files())))
     tmpl = json.loads((INFRA / "prefect" / "work-pool-gpu-kubernetes.json").read_text())
     k8s_keys |= {e["valueFrom"]["secretKeyRef"]["key"]
                  for e in tmpl["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert k8s_keys and k8s_keys <= set(keys), k8s_keys - set(keys)
-    secret_example = yaml.safe_load((K8S / "secret.yaml.example").read_text())
-    assert set(secret_example["stringData"]) == k8s_keys
-    assert all(v == "" for v in secret_example["stringData"].values())
+    secret_examples = [d for d in yaml.safe_load_all((K8S / "secret.yaml.example").read_text()) if d]
+    assert {d["kind"] for d in secret_examples} == {"Secret"}
+    assert {k for d in secret_examples for k in d["stringData"]} == k8s_keys
+    assert all(v == "" for d in secret_examples for v in d["stringData"].values())
 
 
 def test_secrets_file_is_ignored_everywhere():
@@ -222,7 +223,7 @@ def test_kubernetes_gpu_pool_template_requests_a_gpu():
     rendered = _render_gpu_job({})["spec"]["template"]["spec"]["containers"][0]
     assert rendered["resources"]["limits"]["nvidia.com/gpu"] == 1  # an integer, as Kubernetes wants it
     assert props["env"]["default"]["HF_HUB_OFFLINE"] == "1"
-    assert props["namespace"]["default"] == "qlora-ops"
+    assert props["namespace"]["default"] == "qlora-ops-gpu"  # sealed: only the GPU job's Secret lives there
     # The real schema of the kubernetes worker (prefect-kubernetes is in the test extra).
     from prefect_kubernetes.worker import KubernetesWorker
     default = KubernetesWorker.get_default_base_job_template()
@@ -333,7 +334,7 @@ SERVICE_SECRETS = {  # compose service -> the infra/.env secrets it may hold, an
     "minio": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "QLORA_RELAY_SECRET"},  # the relay's bearer token
     "minio-init": {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "QLORA_S3_MLFLOW_ACCESS_KEY", "QLORA_S3_MLFLOW_SECRET_KEY",
                    "QLORA_S3_WORKER_ACCESS_KEY", "QLORA_S3_WORKER_SECRET_KEY", "QLORA_S3_DROP_ACCESS_KEY", "QLORA_S3_DROP_SECRET_KEY"},
-    "mlflow": {"MLFLOW_DB_PASSWORD", "MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY",
+    "mlflow": {"MLFLOW_DB_PASSWORD", "MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY",
                "QLORA_S3_MLFLOW_ACCESS_KEY", "QLORA_S3_MLFLOW_SECRET_KEY"},
     "mlflow-setup": {"MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_WORKER_USERNAME", "MLFLOW_WORKER_PASSWORD",
                      "MLFLOW_PROMOTER_USERNAME", "MLFLOW_PROMOTER_PASSWORD"},
@@ -446,8 +447,10 @@ def test_every_pod_is_hardened():
     for name in WRITABLE_ROOT:  # the exception is declared to the scanner, with its reason
         obj = next(o for o in _k8s_objects() if o["metadata"]["name"] == name and o["kind"] == "Deployment")
         assert obj["metadata"]["annotations"]["checkov.io/skip1"].startswith("CKV_K8S_22=")
-    ns = next(o for o in _k8s_objects() if o["kind"] == "Namespace")
-    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    namespaces = [o for o in _k8s_objects() if o["kind"] == "Namespace"]
+    assert {ns["metadata"]["name"] for ns in namespaces} == {"qlora-ops", "qlora-ops-gpu"}  # the GPU Jobs' own
+    for ns in namespaces:
+        assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted", ns["metadata"]["name"]
 
 
 def test_workers_run_their_healthcheck_and_are_probed():
@@ -467,14 +470,20 @@ def test_workers_run_their_healthcheck_and_are_probed():
 
 def test_network_policy_default_deny_and_labelled_flows():
     objs = _k8s_objects()
-    pols = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "NetworkPolicy"}
+    pols = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "NetworkPolicy"
+            and o["metadata"]["namespace"] == "qlora-ops"}
     assert pols["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     servers = {"postgres": 5432, "minio": 9000, "mlflow": 5000, "prefect-server": 4200}
     for server, port in servers.items():
         ingress = pols[server]["ingress"]
-        # Only pods of this namespace that carry the client label: no namespaceSelector, no ipBlock.
-        assert ingress == [{"from": [{"podSelector": {"matchLabels": {f"qlora-ops/{server.split('-')[0]}-client": "true"}}}],
-                            "ports": [{"protocol": "TCP", "port": port}]}], server
+        client = {"matchLabels": {f"qlora-ops/{server.split('-')[0]}-client": "true"}}
+        # Only pods of this namespace that carry the client label, no ipBlock; MLflow and the Prefect server
+        # also admit the labelled pods of namespace qlora-ops-gpu (the GPU Jobs), and no other namespace.
+        peers = [{"podSelector": client}]
+        if server in ("mlflow", "prefect-server"):
+            peers.append({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "qlora-ops-gpu"}},
+                          "podSelector": client})
+        assert ingress == [{"from": peers, "ports": [{"protocol": "TCP", "port": port}]}], server
     labels = {name: owner_labels for name, owner_labels in
               ((o["metadata"]["name"], o["spec"]["template"]["metadata"]["labels"]) for o in objs
                if o["kind"] in ("Deployment", "Job"))}
@@ -588,7 +597,8 @@ def test_kubernetes_worker_never_puts_the_auth_string_into_a_job():
     dep = next(o for o in _k8s_objects() if o["kind"] == "Deployment" and o["metadata"]["name"] == "qlora-ops-k8s-worker")
     settings = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
                 if e["name"].startswith(K8S_WORKER_SECRET_SETTING)}
-    assert settings == {K8S_WORKER_SECRET_SETTING + "NAME": "qlora-ops-secrets", K8S_WORKER_SECRET_SETTING + "KEY": "PREFECT_AUTH_STRING"}
+    # the GPU Jobs' own Secret, in their namespace qlora-ops-gpu (infra/k8s/secret.yaml.example)
+    assert settings == {K8S_WORKER_SECRET_SETTING + "NAME": "qlora-ops-gpu-job", K8S_WORKER_SECRET_SETTING + "KEY": "PREFECT_AUTH_STRING"}
 
     def auth_entries(job):
         return [e for e in job["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "PREFECT_API_AUTH_STRING"]
@@ -598,7 +608,7 @@ def test_kubernetes_worker_never_puts_the_auth_string_into_a_job():
     job = _render_gpu_job(settings)
     assert "planted-secret-4711" not in json.dumps(job)
     assert auth_entries(job) == [{"name": "PREFECT_API_AUTH_STRING",
-                                  "valueFrom": {"secretKeyRef": {"name": "qlora-ops-secrets", "key": "PREFECT_AUTH_STRING"}}}]
+                                  "valueFrom": {"secretKeyRef": {"name": "qlora-ops-gpu-job", "key": "PREFECT_AUTH_STRING"}}}]
 
 
 def test_gpu_job_template_survives_scale_up_and_keeps_state():
@@ -612,7 +622,9 @@ def test_gpu_job_template_survives_scale_up_and_keeps_state():
     volumes = {v["name"]: v for v in pod["volumes"]}
     state = volumes[mounts["/app/.qlora-ops"]]  # checkpoints, converted base, merged model
     claim = state["persistentVolumeClaim"]["claimName"]
-    pvcs = {o["metadata"]["name"] for o in _k8s_objects() if o["kind"] == "PersistentVolumeClaim"}
+    # in the Jobs' namespace (a Pod mounts only claims of its own namespace)
+    pvcs = {o["metadata"]["name"] for o in _k8s_objects() if o["kind"] == "PersistentVolumeClaim"
+            and o["metadata"]["namespace"] == "qlora-ops-gpu"}
     assert claim in pvcs
     assert "/tmp" in mounts and pod["serviceAccountName"] == props["service_account_name"]["default"]
     # The Job's env: no S3 key (the model stage talks to MLflow only), the MLflow worker user by reference.
@@ -623,8 +635,14 @@ def test_gpu_job_template_survives_scale_up_and_keeps_state():
 
 def test_kustomization_lists_every_manifest_and_image():
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert kust["namespace"] == "qlora-ops"
+    # No top-level namespace (it would pull qlora-ops-gpu's objects into qlora-ops): every object names its
+    # own, qlora-ops or the GPU Jobs' qlora-ops-gpu (tests/code/test_k8s_secrets.py checks each one).
+    assert "namespace" not in kust
     assert sorted(kust["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    for name in kust["resources"]:
+        for o in yaml.safe_load_all((K8S / name).read_text()):
+            if o and o["kind"] != "Namespace":
+                assert o["metadata"].get("namespace") in ("qlora-ops", "qlora-ops-gpu"), (name, o["metadata"]["name"])
     ours = {o_c["image"].rsplit(":", 1)[0] for o in _k8s_objects() if o["kind"] in ("Deployment", "Job")
             for o_c in o["spec"]["template"]["spec"]["containers"] + o["spec"]["template"]["spec"].get("initContainers", [])
             if o_c["image"].startswith("registry.example.com/")}

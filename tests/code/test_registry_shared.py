@@ -30,3 +30,45 @@ def test_a_writer_of_a_shared_store_without_the_slot_is_refused_with_how(uri, mo
     with pytest.raises(RegistryLockUnavailable, match=r"without its lock: PREFECT_API_URL is unset.*export PREFECT_API_URL") as e:
         check_writer(uri, "m", tmp_path / ".qlora-ops")
     assert "secret" not in str(e.value)
+
+
+def test_the_serving_move_takes_the_slot_or_is_refused(monkeypatch, tmp_path):
+    """`verify-serving` and `serve --follow` move `serving` under the same slot as every writer: on a shared
+    store without the team's Prefect API the move is refused (it used to warn and move under a file lock)."""
+    from qlora_ops.flows.cli.serving import _serving_writer
+    from qlora_ops.tasks.core.config import Params
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(RegistryLockUnavailable, match="PREFECT_API_URL is unset"):
+        with _serving_writer("postgresql://db/mlflow", "m", Params(), tmp_path):
+            pass
+
+
+def test_the_webhook_records_under_the_writer_and_checks_outside_it(monkeypatch, tmp_path):
+    """The follower's record (the alias move, champion re-read) runs inside the slot; the parity check before
+    it (minutes of test rows) does not hold it."""
+    import contextlib
+
+    from qlora_ops.tasks.serving import webhook
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def writer():
+        events.append("slot taken")
+        yield
+        events.append("slot given back")
+
+    @contextlib.contextmanager
+    def server(local, digest, port):
+        yield f"http://127.0.0.1:{port}"
+
+    monkeypatch.setattr(webhook, "fetch_model", lambda name, v, work: (tmp_path / "m", "d" * 64))
+    monkeypatch.setattr(webhook, "scoring_server", server)
+    monkeypatch.setattr(webhook, "check", lambda *a, **k: events.append("check") or {"passed": True})
+    monkeypatch.setattr(webhook, "record", lambda res, alias, **k: events.append(f"record {k['lock_path']}")
+                        or {**res, "alias_moved": False})
+    handle = webhook.champion_checker("m", "champion", threshold=0.02, confidence=0.95, work=tmp_path,
+                                      writer=writer, lock_path=tmp_path / "registry.lock")
+    handle("m", "champion", 3)
+    assert events == ["check", "slot taken", f"record {tmp_path / 'registry.lock'}", "slot given back"]

@@ -126,7 +126,9 @@ def test_k8s_relay_follows_the_stack_security_style(k8s):
     ep = urlsplit(menv["MINIO_NOTIFY_WEBHOOK_ENDPOINT_QLORA"]["value"])
     assert (ep.hostname, ep.port, ep.path) == (k8s[("Service", "relay")]["metadata"]["name"], port, route)
     assert menv["MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_QLORA"]["valueFrom"]["secretKeyRef"]["key"] == "QLORA_RELAY_SECRET"
-    assert "QLORA_RELAY_SECRET" in yaml.safe_load((INFRA / "k8s" / "secret.yaml.example").read_text())["stringData"]
+    secrets = {d["metadata"]["name"]: d["stringData"] for d in yaml.safe_load_all((INFRA / "k8s" / "secret.yaml.example").read_text()) if d}
+    assert "QLORA_RELAY_SECRET" in secrets[env["QLORA_RELAY_SECRET"]["valueFrom"]["secretKeyRef"]["name"]]
+    assert "QLORA_RELAY_SECRET" in secrets[menv["MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_QLORA"]["valueFrom"]["secretKeyRef"]["name"]]
     # Only MinIO may call the relay (and MinIO may call it, under the namespace's default-deny); the relay
     # reaches the Prefect API as a labelled Prefect client, the Job MinIO as a labelled MinIO client.
     np = k8s[("NetworkPolicy", "relay")]["spec"]

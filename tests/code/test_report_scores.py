@@ -114,3 +114,19 @@ def test_the_distribution_plots_title_clears_the_panels_titles():
         t = ax.title.get_window_extent(r)
         assert t.y1 <= top.y0, (ax.get_title(), t, top)  # each panel title wholly below the figure's title
         assert ax.get_window_extent(r).y1 <= top.y0
+
+
+def test_the_card_and_the_report_show_the_lineage_and_the_contamination_count():
+    """Issue 25: the contamination count (test rows near-duplicating rows ever trained on) and the test-set
+    lineage were in the summary only."""
+    from qlora_ops.tasks.report.frames import data_frame
+
+    f = run()
+    f["summary"]["data"] = {"version": "dv", "stage": "prepare-x",
+                            "stats": {"train": 80, "val": 10, "test": 4, "lineage": 2, "contamination": 0,
+                                      "near_duplicate_rows": 3}}
+    col = data_frame(f)["this run"]
+    assert col["test-set lineage"] == 2 and col["contamination"] == 0 and col["near-duplicate rows"] == 3
+    card = model_card({**f["summary"], "mlflow_run_id": "r", "code": {"git_commit": "c", "source_sha": "s"},
+                       "fingerprint": "f", "gates": []}, f["params"], None, {"version": 1, "promoted": True, "reason": "x"})
+    assert "test-set lineage 2, contamination 0" in card and "near-duplicate rows 3" in card

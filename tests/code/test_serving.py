@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.code.serving_helpers import Served, qlora_ops, register_evaluated, use_tracking, write_params
+from tests.code.serving_helpers import Served, cli_env, qlora_ops, register_evaluated, use_tracking, write_params
 from tests.conftest import free_port, tail, wait_http
 pytestmark = pytest.mark.slow  # scoring servers load the model in their own processes
 
@@ -159,13 +159,23 @@ def test_serve_follow_moves_serving_when_the_champion_moves(tracking, merged_mod
     name, v1 = register_evaluated(merged_model_dir, evaluated_merged, tmp_path)
     rel = write_params(tmp_path, tracking, name, merged_model_dir)
     secret, hook_port = uuid.uuid4().hex, free_port()
+    hook_url = f"http://127.0.0.1:{hook_port}/"
+    # The admin's one step (MLflow's webhook API is admin-only under basic-auth): without the secret refused;
+    # with it, the webhook is made, and the follower below only receives (no webhook call of its own).
+    admin = [sys.executable, "-m", "qlora_ops.flows.cli", "serving-webhook", "--url", hook_url, "--params", rel,
+             "--workspace", str(tmp_path)]
+    r = subprocess.run(admin, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "QLORA_OPS_WEBHOOK_SECRET" in r.stderr, r.stdout + r.stderr
+    r = subprocess.run(admin, cwd=tmp_path, env={**cli_env(), "QLORA_OPS_WEBHOOK_SECRET": secret}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "MLflow webhook" in r.stdout and secret not in r.stdout + r.stderr, r.stdout + r.stderr
     s = Served(tmp_path, "--params", rel, "--follow", "--hook-port", str(hook_port),
                env={"QLORA_OPS_WEBHOOK_SECRET": secret})
     with s:
         c = MlflowClient()
         assert c.get_model_version_by_alias(name, "serving").version == str(v1)
         wait_for(lambda: "following" in s.log.read_text(), 60, s.log)
-        hook_url = f"http://127.0.0.1:{hook_port}/"
+        assert "an MLflow admin creates it once" in s.log.read_text()
         body = json.dumps({"entity": "model_version_alias", "action": "created",
                            "data": {"name": name, "alias": "champion", "version": str(v1)}})
         ts = str(int(time.time()))

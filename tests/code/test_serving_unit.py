@@ -60,3 +60,22 @@ def test_the_loader_module_stands_alone():
     assert out.stdout.strip() == str(["qlora_ops", "qlora_ops.tasks", "qlora_ops.tasks.core", "qlora_ops.tasks.core.util",
                                       "qlora_ops.tasks.model", "qlora_ops.tasks.model.prompting", "qlora_ops.tasks.registry",
                                       "qlora_ops.tasks.registry.loader"])
+
+
+def test_a_scoring_server_gets_no_credential(monkeypatch):
+    """Security issue item 3: the scoring server serves a checked local copy and needs no login; an exploited
+    model server must not find the MLflow, Prefect, S3 or webhook secrets in its environment."""
+    from qlora_ops.tasks.registry.loader import DIGEST_ENV, DTYPE_ENV
+    from qlora_ops.tasks.serving.server import server_env
+
+    planted = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw1", "MLFLOW_TRACKING_TOKEN": "t1",
+               "MLFLOW_TRACKING_URI": "http://u:pw2@mlflow:5000", "PREFECT_API_AUTH_STRING": "u:pw3",
+               "PREFECT_API_KEY": "k1", "AWS_ACCESS_KEY_ID": "AKIA1", "AWS_SECRET_ACCESS_KEY": "s1",
+               "QLORA_OPS_WEBHOOK_SECRET": "whs", "HF_TOKEN": "hf1", "MINIO_ROOT_PASSWORD": "m1"}
+    for k, v in planted.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    env = server_env("d" * 64, "bfloat16")
+    assert not set(planted) & set(env), sorted(set(planted) & set(env))
+    assert not [v for v in env.values() if v in planted.values()]
+    assert env[DIGEST_ENV] == "d" * 64 and env[DTYPE_ENV] == "bfloat16" and env["TOKENIZERS_PARALLELISM"] == "false"
