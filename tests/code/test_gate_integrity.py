@@ -78,7 +78,8 @@ thresholds = st.builds(
 lax_gates = st.builds(
     lambda pconf, imp, margin: Params(
         gates=GateParams(min_gain_over_base=-1, min_retention_vs_lora=0, max_merge_disagreement=1),
-        registry=RegistryParams(confidence=pconf, min_improvement=imp, non_inferiority_margin=margin)),
+        registry=RegistryParams(confidence=pconf, min_improvement=imp, non_inferiority_margin=margin,
+                                yearly_false_promotion=None)),
     st.floats(0.51, 0.95), st.floats(0, 0.2), st.floats(0.001, 0.5))
 
 
