@@ -130,3 +130,29 @@ def test_the_card_and_the_report_show_the_lineage_and_the_contamination_count():
     card = model_card({**f["summary"], "mlflow_run_id": "r", "code": {"git_commit": "c", "source_sha": "s"},
                        "fingerprint": "f", "gates": []}, f["params"], None, {"version": 1, "promoted": True, "reason": "x"})
     assert "test-set lineage 2, contamination 0" in card and "near-duplicate rows 3" in card
+
+
+def test_the_report_shows_the_data_card_the_lineage_restart_and_the_guards():
+    """The HTML report (rendered from rows alone) carries the data card's lines, the restart of comparisons on a
+    new test-set lineage and each guard against the champion."""
+    import warnings
+
+    f = run()
+    f.update(run_id="r1", curves={}, labels=None, model_stage={}, champion=None)
+    guard = {"name": "class os:non_inferior_vs_champion", "value": -0.2, "op": ">=", "threshold": -0.1, "passed": False,
+             "detail": "class 'os' recall (40 rows) ...", "ci_low": -0.31, "ci_high": -0.12, "ci_of": "value",
+             "p_value": 0.001, "decided_on": "interval lower bound"}
+    f["summary"].update(
+        outcome="registered", fingerprint="fp", code={"git_commit": "abc", "source_sha": "s"},
+        registry={"version": 2, "model_name": "m", "reason": "keep champion"}, stage_seconds={"total": 1.0},
+        data={"version": "dv2", "stage": "prepare", "stats": {"train": 8, "val": 2, "test": 4, "lineage": 2,
+                                                               "contamination": 0, "near_duplicate_rows": 1},
+              "diff": {"version": "dv2", "first": True}},
+        lineage_restart="test-set lineage 2 is new to champion v1 (decided on lineage 1): comparisons with the "
+                        "champion restart on these test rows", promotion_guards=[guard])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an empty loss plot's legend
+        page = report.render_html(f)
+    assert "<h2>Data changes</h2>" in page and "first data version (dv2)" in page
+    assert "comparisons with the champion restart" in page
+    assert "Guards against the champion" in page and "class os:non_inferior_vs_champion" in page
