@@ -32,16 +32,19 @@ def test_a_writer_of_a_shared_store_without_the_slot_is_refused_with_how(uri, mo
     assert "secret" not in str(e.value)
 
 
-def test_the_serving_move_takes_the_slot_or_is_refused(monkeypatch, tmp_path):
-    """`verify-serving` and `serve --follow` move `serving` under the same slot as every writer: on a shared
-    store without the team's Prefect API the move is refused (it used to warn and move under a file lock)."""
+def test_the_serving_move_without_the_slot_is_said(monkeypatch, tmp_path, capsys):
+    """`verify-serving` and `serve --follow` move `serving` under the slot every writer takes; on a shared store
+    without the team's Prefect API (known gap, docs/reliability.md) the move goes on under the workspace's file
+    lock only, and says so."""
+    import contextlib
+
     from qlora_ops.flows.cli.serving import _serving_writer
     from qlora_ops.tasks.core.config import Params
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    with pytest.raises(RegistryLockUnavailable, match="PREFECT_API_URL is unset"):
-        with _serving_writer("postgresql://db/mlflow", "m", Params(), tmp_path):
-            pass
+    w = _serving_writer("postgresql://db/mlflow", "m", Params(), tmp_path)
+    assert isinstance(w, contextlib.nullcontext)
+    assert "file lock only, not the shared slot" in capsys.readouterr().err
 
 
 def test_the_webhook_records_under_the_writer_and_checks_outside_it(monkeypatch, tmp_path):
