@@ -110,6 +110,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def md5_file(path: Path, chunk: int = 1 << 20) -> str:
+    """A file's md5: what S3 ETags and DVC's object names are, so an integrity check, not a security hash."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
 def sha256_dir(path: Path) -> str:
     """Hash of every file's relative name and content, in sorted order."""
     h = hashlib.sha256()

@@ -13,7 +13,6 @@ must hash to its own name, and every file to its manifest entry.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -22,17 +21,10 @@ from pathlib import Path
 import yaml
 
 from qlora_ops.tasks.core.config import Params
+from qlora_ops.tasks.core.util import md5_file
 from qlora_ops.tasks.data.prepare import DataError
 from qlora_ops.tasks.data.sources import is_network_error
 from qlora_ops.tasks.data.versioning import DvcError, _workspace_lock, configure_remote, dvc
-
-
-def md5_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5(usedforsecurity=False)  # DVC names objects by md5: an address, not a security check
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _manifest(workspace: Path, md5: str) -> list[dict]:

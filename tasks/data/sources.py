@@ -18,7 +18,6 @@ leaves `dest` as it was.
 from __future__ import annotations
 
 import filecmp
-import hashlib
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from qlora_ops.tasks.core.config import ParamsError
 from qlora_ops.tasks.data.readers import DATA_SUFFIXES, is_data_name
 from qlora_ops.tasks.core.secrets import redact_url
+from qlora_ops.tasks.core.util import md5_file
 
 _KINDS = "*.jsonl, *.csv, *.parquet or *.arrow (a datasets save_to_disk directory)"
 _FIX = (f"set data.source to an existing directory, file or URL (e.g. s3://bucket/drops/) holding {_KINDS} "
@@ -90,14 +90,6 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in PurePosixPath(rel).parts)
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)  # compared with S3 ETags (an integrity check), not a security hash
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
-
-
 def _etag_md5(info: dict) -> str | None:
     """The object's MD5 where the store reports one (S3 single-part ETag), else None."""
     etag = str(info.get("ETag") or info.get("etag") or "").strip('"').lower()
@@ -153,7 +145,7 @@ def _same(fs, src: str, info: dict, local: Path, staged: Path, is_local: bool) -
     if is_local:
         return filecmp.cmp(src, local, shallow=False)
     md5 = _etag_md5(info)
-    if md5 is not None and md5 == _md5(local):
+    if md5 is not None and md5 == md5_file(local):
         return True
     # No MD5 from the store (multipart upload, KMS, other backends): compare the bytes themselves.
     staged.parent.mkdir(parents=True, exist_ok=True)

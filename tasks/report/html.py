@@ -29,6 +29,12 @@ def _img(id_: str, b64: str, alt: str) -> str:
     return f'<img id="{id_}" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
+def _verdicts(title: str, verdicts: list[dict], table_id: str, level: str, table: dict) -> list[str]:
+    """A heading, the verdicts' table (gate_frame) and each verdict's detail line."""
+    return [f"<h2>{title}</h2>", gate_frame(verdicts, level).to_html(table_id=table_id, **table),
+            "<ul>" + "".join(f"<li>{html.escape(g['name'])}: {html.escape(g['detail'])}</li>" for g in verdicts) + "</ul>"]
+
+
 def render_html(f: dict) -> str:
     s, run_id = f["summary"], f["run_id"]
     table = dict(index=False, border=0, classes="t", na_rep="")
@@ -46,11 +52,9 @@ def render_html(f: dict) -> str:
     level = paired.level(float(f["params"].get("gates.confidence", 0.95)))
     parts += ["<h2>Accuracy</h2>", _img("accuracy-plot", accuracy_plot(acc, level), f"{acc['metric'].iloc[0]} per model with {level} intervals"),
               acc.round(4).to_html(table_id="accuracy-table", **table)]
-    parts += ["<h2>Gates</h2>", gate_frame(f["gates"], level).to_html(table_id="gate-table", **table),
-              "<ul>" + "".join(f"<li>{html.escape(g['name'])}: {html.escape(g['detail'])}</li>" for g in f["gates"]) + "</ul>"]
+    parts += _verdicts("Gates", f["gates"], "gate-table", level, table)
     if guards := s.get("promotion_guards"):  # guard suites and classes against the champion: promotion needs every one
-        parts += ["<h2>Guards against the champion</h2>", gate_frame(guards, level).to_html(table_id="guard-table", **table),
-                  "<ul>" + "".join(f"<li>{html.escape(g['name'])}: {html.escape(g['detail'])}</li>" for g in guards) + "</ul>"]
+        parts += _verdicts("Guards against the champion", guards, "guard-table", level, table)
     if s.get("power"):
         parts.append(f"<p class='note'>{html.escape(s['power'])}</p>")
     parts += scored_sections(f, table)
