@@ -265,6 +265,14 @@ def start_prefect_server(home: Path, extra_env: dict[str, str] | None = None, ti
         stop_process_group(proc)
 
 
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One real Prefect server per test session (per xdist worker) for tests that only need its API, e.g. the
+    registry slot a `serving` move takes on a shared store; each test keys its own slot by model name."""
+    with start_prefect_server(tmp_path_factory.mktemp("prefect-session") / "home") as server:
+        yield server
+
+
 def _flush_prefect_clients(timeout: float = 30) -> None:
     """Send what flows run in this process still hold for the server (events, logs) while it is up.
     Left queued, Prefect drains them at interpreter exit against a server that is gone: minutes of

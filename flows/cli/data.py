@@ -17,12 +17,18 @@ def data_command(a) -> int:
     """`init` and `check`: plain functions in tasks/, exit 2 with the named error on bad params or data."""
     try:
         if a.cmd == "init":
-            from qlora_ops.tasks.intake.init_params import write_params  # pandas and scipy: init only
+            # pandas and scipy (and torch, to measure the base model): init only
+            from qlora_ops.tasks.evaluate.base_probe import score_base
+            from qlora_ops.tasks.intake.init_params import write_params
             res = write_params(Path(a.datafile), Path(a.workspace), out=a.out, model=a.model, force=a.force,
-                               command=" ".join(["qlora-ops", *sys.argv[1:]]) if sys.argv[1:2] == ["init"] else None)
+                               command=" ".join(["qlora-ops", *sys.argv[1:]]) if sys.argv[1:2] == ["init"] else None,
+                               base_scorer=None if a.no_base_eval else score_base)
             print(f"wrote {res['path']}: {res['format']}, {res['stats']['rows_after_dedupe']} distinct rows"
                   + (f", labels {', '.join(res['labels'])}" if res["labels"] else ", free-text answers"))
             print(f"  {res['note']}")
+            if b := res["base"]:
+                print(f"  base model on {b['n']} validation rows: {res['metric']} {b['mean']:.3f} ({b['seconds']} s); "
+                      f"gates.min_gain_over_base {res['min_gain_over_base']:g}")
             print(f"next: qlora-ops check --params {res['path']}   then   qlora-ops run --params {res['path']}")
         else:
             from qlora_ops.tasks.evaluate import suites

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--workspace", default=".")
     ini.add_argument("--model", help="model.source to write (default: the embedded smollm2-gguf)")
     ini.add_argument("--force", action="store_true", help="replace an existing --out file")
+    ini.add_argument("--no-base-eval", action="store_true",
+                     help="do not measure the base model on the validation rows (the metric's fixed gain bar is written)")
     chk = sub.add_parser("check", help="validate params + data and say what a run would do, without training")
     rep = sub.add_parser("report", help="rebuild a run's HTML report and model card from MLflow")
     rep.add_argument("run_id", nargs="?", help="MLflow run id (default: the newest finished run of the experiment)")

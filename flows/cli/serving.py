@@ -13,7 +13,7 @@ from pathlib import Path
 from qlora_ops.flows.cli.exit_codes import EXIT, fail
 from qlora_ops.flows.cli.preflight import preflight
 from qlora_ops.flows.cli.report import refresh_report
-from qlora_ops.flows.registry_slot import RegistryLockUnavailable, registry_writer
+from qlora_ops.flows.registry_slot import RegistryLockUnavailable, check_writer, registry_writer
 from qlora_ops.tasks.core.paths import state_dir
 from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.core.util import popen_child
@@ -37,6 +37,9 @@ def serving_command(a) -> int:
     mlflow.set_tracking_uri(uri)
     r, work = params.registry, state_dir(ws, params) / "serving"
     try:
+        if a.cmd == "verify-serving" or getattr(a, "follow", False):
+            # Both move `serving`: refused before minutes of checks when the store is shared and no slot can be had.
+            check_writer(uri, r.model_name, state_dir(ws, params))
         v = so.resolve_version(r.model_name, a.version, getattr(a, "alias", None) or r.champion_alias)
         if a.cmd == "verify-serving":
             res = parity.check(a.url, r.model_name, v, params.gates.max_serving_disagreement,
@@ -77,20 +80,9 @@ def serving_command(a) -> int:
 
 
 def _serving_writer(uri: str, model_name: str, params, ws):
-    """The registered model's one slot (flows.registry_slot) around the `serving` move. A shared store without
-    the team's Prefect API: the move is still made under the workspace's file lock with `champion` re-read
-    there, and the missing slot is said (known gap: not yet refused like promote and rollback are, because a
-    one-person `mlflow server` without Prefect would then lose verify-serving)."""
-    import contextlib
-
-    from qlora_ops.flows.registry_slot import check_writer
-
-    try:
-        check_writer(uri, model_name, state_dir(ws, params))
-    except RegistryLockUnavailable as e:
-        print(f"warning: moving 'serving' under this workspace's file lock only, not the shared slot: {e}",
-              file=sys.stderr)
-        return contextlib.nullcontext()
+    """The registered model's one slot (flows.registry_slot) around the `serving` move: on a shared store the
+    slot on the team's Prefect API (refused without it, like promote and rollback: a late webhook or a second
+    follower must not move `serving` past a rollback); on the workspace's private store the file lock."""
     return registry_writer(uri, model_name, params.orchestration.timeouts.registry, state_dir(ws, params))
 
 

@@ -18,7 +18,10 @@ then writes a params file holding what differs from the defaults for this data:
   rows; a comment says what the chosen size can detect;
 - data.raw pointing at the file when it is inside the workspace (DVC versions it there), else
   data.source pointing at it (each run snapshots it into data.raw);
-- its own registered model name, so its champion never competes with another data set's.
+- its own registered model name, so its champion never competes with another data set's;
+- gates.min_gain_over_base from the base model measured on the validation rows (`base_scorer`, which the CLI
+  passes: tasks.evaluate.base_probe.score_base): where the base already scores well, half its headroom
+  replaces the fixed bar, which it could never clear at the interval's lower bound (measured_bar).
 
 The file opens with the commands that check and run it. Every value is JSON, which is YAML.
 """
@@ -34,9 +37,11 @@ from pathlib import Path
 import regex
 
 from qlora_ops.tasks import metrics as M
-from qlora_ops.tasks.core.config import DataParams, ModelParams, Params, ParamsError, RegistryParams, SplitParams
+from qlora_ops.tasks.core.config import (DataParams, EvalParams, GateParams, ModelParams, Params, ParamsError,
+                                         RegistryParams, SplitParams)
 from qlora_ops.tasks.data.prepare import FIELDS, DataError, detect_format, prepare
 from qlora_ops.tasks.data.readers import columns_of
+from qlora_ops.tasks.gates.gate import gain_bar
 from qlora_ops.tasks.gates.paired import level, min_detectable_diff
 from qlora_ops.tasks.gates.policy import PromotionPolicy, rows_needed
 from qlora_ops.tasks.core.util import read_jsonl
@@ -212,10 +217,38 @@ def _inside(path: Path, root: Path) -> str | None:
     return None if rel == ".." or rel.startswith("../") else rel
 
 
+def system_prompt_for(fmt: str, labels: list[str] | None, metric: str) -> str | None:
+    """The system prompt init writes (None: the rows' own, for chat data, or the default)."""
+    if fmt == "chat":
+        return None  # a chat row's own system turn wins
+    if labels:  # naming the labels tells the base model what to answer
+        return "Answer with one of: " + ", ".join(labels) + "." if len(labels) <= 20 else None
+    return FREE_TEXT_PROMPTS[metric]  # the default system prompt asks for "the exact label": wrong for these answers
+
+
+def measured_bar(g: dict, metric: str, base: dict | None) -> tuple[float, str]:
+    """gates.min_gain_over_base for this data and the comment saying why: the metric's fixed bar, or half the
+    headroom the base left on the validation rows where that is lower (the gate's own rule, gain_bar, floored
+    to 2 decimals so the file reads plainly)."""
+    fixed, m = g["min_gain_over_base"], M.get(metric)
+    if base is None:
+        return fixed, "the fixed bar for this metric (the base model was not measured: init --no-base-eval)"
+    seen = f"the base model scored {base['mean']:.3f} {metric} on the {base['n']} validation rows (measured by init)"
+    if m.hi == float("inf"):
+        return fixed, seen + "; nll has no ceiling, so the fixed bar stays"
+    bar, _ = gain_bar(GateParams(min_gain_over_base=fixed, min_gain_of_headroom=0.5), m, base["mean"])
+    if bar >= fixed:
+        return fixed, seen + f": the fixed bar {fixed:g} leaves it room to show a gain"
+    bar = max(0.01, math.floor(bar * 100) / 100)
+    return bar, seen + f": a gain of {fixed:g} would need more than half of what is left above it, so the bar is half its headroom"
+
+
 def write_params(datafile: Path, workspace: Path, out: str | None = None, model: str | None = None,
-                 force: bool = False, command: str | None = None) -> dict:
+                 force: bool = False, command: str | None = None, base_scorer=None) -> dict:
     """Detect, validate and write the params file; returns {path, text, format, columns, labels, stats,
-    split}. DataError names bad rows (nothing written); ParamsError a refused --out."""
+    split, base}. DataError names bad rows (nothing written); ParamsError a refused --out. `base_scorer`
+    (params, workspace, rows_path, out_dir, system_prompt) -> {mean, n, ...} measures the base model on the
+    validation rows (tasks.evaluate.base_probe.score_base; None: the metric's fixed gain bar)."""
     ws = Path(workspace).resolve()
     data = Path(datafile).expanduser().resolve()
     if not data.exists():
@@ -257,13 +290,20 @@ def write_params(datafile: Path, workspace: Path, out: str | None = None, model:
     # The gate bars must be reachable on the test rows a run will really get: near-duplicate clusters move
     # whole groups between splits, so the share is not n * test. Split once more at the chosen fractions.
     sized = Params(data=DataParams(raw=str(data), format=fmt, columns=columns, split=SplitParams(val=val, test=test)))
+    system = system_prompt_for(fmt, labels, metric)
+    base = None
     with tempfile.TemporaryDirectory(prefix="qlora-ops-init-") as tmp:
         prepare(sized, ws, out=Path(tmp), lineage_aware=False)
         n_test = len(read_jsonl(Path(tmp) / "test.jsonl"))
+        if base_scorer is not None and read_jsonl(Path(tmp) / "val.jsonl"):
+            probe = Params(data=sized.data, model=ModelParams(source=model or ModelParams().source),
+                           eval=EvalParams(metric=metric))
+            base = base_scorer(probe, ws, Path(tmp) / "val.jsonl", Path(tmp) / "base-eval", system)
+    bar = measured_bar(GATES[metric], metric, base)
 
     rel = _inside(data, ws)
     text = _render(out_rel, command or f"qlora-ops init {datafile}", name, data, rel, fmt, columns, guessed, labels,
-                   stats, val, test, split_note, model or ModelParams().source, metric, why, n_test)
+                   stats, val, test, split_note, model or ModelParams().source, metric, why, n_test, system, bar)
     # The file must load as params before it is written: a bad value is our bug, not the user's to find.
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "p.yaml").write_text(text)
@@ -271,10 +311,11 @@ def write_params(datafile: Path, workspace: Path, out: str | None = None, model:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)
     return {"path": out_rel, "text": text, "format": fmt, "columns": columns, "labels": labels, "stats": stats,
-            "split": {"val": val, "test": test}, "note": split_note, "metric": metric}
+            "split": {"val": val, "test": test}, "note": split_note, "metric": metric, "base": base,
+            "min_gain_over_base": bar[0]}
 
 
-def _gate_lines(g: dict, m, n_test: int) -> list[str]:
+def _gate_lines(g: dict, m, n_test: int, bar: tuple[float, str]) -> list[str]:
     """The gates' thresholds, each with why (docs/gates.md, "One rule"): every gate decides on its test and a
     bound of its interval at 95%, so a bar must be reachable on this data's test rows."""
     merge = g["max_merge_disagreement"]
@@ -283,14 +324,14 @@ def _gate_lines(g: dict, m, n_test: int) -> list[str]:
     head = ["  # every gate decides on its paired test AND a bound of its 95% interval (docs/gates.md): the bars below "
             f"are what ~{n_test} test rows can show; where the base already scores well, half its headroom replaces "
             "the fixed gain bar"]
-    return head + [f"  min_gain_over_base: {g['min_gain_over_base']}",
+    return head + [f"  # {bar[1]}", f"  min_gain_over_base: {bar[0]}",
                    *(["  min_gain_of_headroom: 0.5"] if m.hi != float("inf") else []),
                    f"  max_merge_disagreement: {merge}"]
 
 
 def _render(out_rel: str, command: str, name: str, data: Path, rel: str | None, fmt: str, columns: dict,
             guessed: bool, labels: list[str] | None, stats: dict, val: float, test: float, split_note: str,
-            model: str, metric: str, why: str, n_test: int) -> str:
+            model: str, metric: str, why: str, n_test: int, system: str | None, bar: tuple[float, str]) -> str:
     j = json.dumps
     n = stats["rows_after_dedupe"]
     lines = [
@@ -315,13 +356,10 @@ def _render(out_rel: str, command: str, name: str, data: Path, rel: str | None, 
         lines.append(f"  columns: {j(columns)}    # {why}")
     if labels:
         lines.append(f"  labels: {j(labels)}    # {len(labels)} distinct short answers: any other answer is a bad row")
-        if len(labels) <= 20 and fmt != "chat":
-            # Naming the labels tells the base model what to answer; a chat row's own system turn wins.
-            lines.append(f"  system_prompt: {j('Answer with one of: ' + ', '.join(labels) + '.')}")
     else:
         lines.append("  labels: null    # free-text answers (too many distinct, long or unrepeated for a label set)")
-        if fmt != "chat":  # the default system prompt asks for "the exact label": wrong for these answers
-            lines.append(f"  system_prompt: {j(FREE_TEXT_PROMPTS[metric])}")
+    if system is not None:  # system_prompt_for says why
+        lines.append(f"  system_prompt: {j(system)}")
     g, m = GATES[metric], M.get(metric)
     scale = "0..1" if m.hi == 1 else "nats per token, lower is better"
     lines += [f"  # {split_note}",
@@ -330,7 +368,7 @@ def _render(out_rel: str, command: str, name: str, data: Path, rel: str | None, 
               "eval:",
               f"  metric: {metric}",
               "gates:",
-              *_gate_lines(g, m, max(n_test, 1)),
+              *_gate_lines(g, m, max(n_test, 1), bar),
               "registry:",
               f"  model_name: {j('qlora-ops-' + name)}    # its own registered model: its champion competes with no other data set",
               f"  non_inferiority_margin: {g['non_inferiority_margin']}",

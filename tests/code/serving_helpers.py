@@ -14,13 +14,22 @@ from tests.conftest import ROOT, free_port, stop_process_group, tail, wait_http
 SYSTEM = "Answer with the label."  # write_toy_splits' system prompt: the run's data.system_prompt
 
 
-def use_tracking(uri: str, monkeypatch):
-    """Point this process at `uri` for one test; returns the restore function."""
+# The session's Prefect API (tests.conftest `prefect_api`) handed to the CLI subprocesses: `verify-serving` and
+# `serve --follow` move `serving` only under the registry slot on a shared store (an http mlflow server is one).
+SLOT_API_ENV = "QLORA_TEST_SLOT_PREFECT_API"
+
+
+def use_tracking(uri: str, monkeypatch, prefect=None):
+    """Point this process at `uri` for one test, and the CLI subprocesses at `prefect`'s API (the registry
+    slot) when given; returns the restore function."""
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     prev = getattr(tracking_utils, "_tracking_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    if prefect is not None:
+        monkeypatch.setenv(SLOT_API_ENV, prefect.api)
+        monkeypatch.setenv(SLOT_API_ENV + "_HOME", str(prefect.home))
     mlflow.set_tracking_uri(uri)
     return lambda: mlflow.set_tracking_uri(prev)
 
@@ -62,7 +71,10 @@ def write_params(ws: Path, tracking_uri: str, model_name: str, model_dir: Path) 
 
 
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "QLORA_OPS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "QLORA_OPS_", SLOT_API_ENV))}
+    if api := os.environ.get(SLOT_API_ENV):
+        env.update(PREFECT_API_URL=api, PREFECT_HOME=os.environ[SLOT_API_ENV + "_HOME"],
+                   PREFECT_SERVER_ANALYTICS_ENABLED="false")
     return {**env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 

@@ -20,8 +20,8 @@ from tests.code.serving_helpers import Served, qlora_ops, register_evaluated, us
 
 
 @pytest.fixture
-def tracking(mlflow_server, monkeypatch):
-    restore = use_tracking(mlflow_server, monkeypatch)
+def tracking(mlflow_server, prefect_api, monkeypatch):
+    restore = use_tracking(mlflow_server, monkeypatch, prefect_api)
     yield mlflow_server
     restore()
 

@@ -1,5 +1,5 @@
 """`init` chooses the gate metric from the answers and sets gates on its scale; `check` prints them; the
-free-text sample builds, validates and loads. Fast: no model."""
+free-text sample builds, validates and loads. Fast: no model, but for one slow test of a tiny one."""
 from __future__ import annotations
 
 import json
@@ -133,3 +133,51 @@ def test_default_sample_bytes_unchanged_by_the_move(tmp_path):
     lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]["sample"]["outs"][0]
     build_sample(tmp_path / "s.jsonl")
     assert hashlib.md5((tmp_path / "s.jsonl").read_bytes()).hexdigest() == lock["md5"]
+
+
+def test_init_sets_the_gain_bar_from_the_base_measured_on_the_validation_rows(tmp_path):
+    """issue 26: init measures the base on the validation rows (never the test rows) and writes the gain bar from
+    it: a base at 0.8 exact match leaves 0.2 of headroom, where the fixed 0.2 at the lower bound is out of reach
+    even for a perfect model, so the bar is half the headroom, with the comment saying why."""
+    seen = {}
+
+    def scorer(params, ws, rows_path, out_dir, system):
+        seen.update(rows=Path(rows_path).name, system=system, metric=params.eval.metric,
+                    n=len(Path(rows_path).read_text().splitlines()))
+        return {"metric": params.eval.metric, "mean": 0.8, "n": seen["n"], "seconds": 1.0}
+
+    res = write_params(_write(tmp_path, "labs", [["a", "b", "c"][i % 3] for i in range(120)]), tmp_path,
+                       base_scorer=scorer)
+    assert seen["rows"] == "val.jsonl" and seen["metric"] == "exact_match" and seen["n"] > 0
+    assert seen["system"] == "Answer with one of: a, b, c."  # the prompt the params file writes
+    p = load_params(tmp_path / res["path"])
+    assert p.gates.min_gain_over_base == 0.1 and res["min_gain_over_base"] == 0.1
+    lines = res["text"].splitlines()
+    i = lines.index("  min_gain_over_base: 0.1")
+    assert f"the base model scored 0.800 exact_match on the {seen['n']} validation rows (measured by init)" in lines[i - 1]
+    assert "half its headroom" in lines[i - 1]
+
+
+def test_measured_bar_keeps_the_fixed_bar_where_the_base_leaves_room():
+    from qlora_ops.tasks.intake.init_params import measured_bar
+
+    g = GATES["exact_match"]
+    assert measured_bar(g, "exact_match", {"mean": 0.0, "n": 50})[0] == 0.2
+    assert measured_bar(g, "exact_match", {"mean": 0.6, "n": 50})[0] == 0.2  # half of 0.4 is 0.2: no lower
+    assert measured_bar(g, "exact_match", {"mean": 0.9, "n": 50})[0] == 0.05
+    assert measured_bar(g, "exact_match", {"mean": 1.0, "n": 50})[0] == 0.01  # never 0: a gain must be shown
+    assert measured_bar(GATES["nll"], "nll", {"mean": 2.3, "n": 50})[0] == GATES["nll"]["min_gain_over_base"]
+    bar, why = measured_bar(g, "exact_match", None)
+    assert bar == 0.2 and "--no-base-eval" in why
+
+
+@pytest.mark.slow
+def test_init_measures_a_real_base_model(tmp_path, tiny_model_dir):
+    """The CLI's scorer on a real (tiny, random) model: it answers noise, so the fixed bar stays, and says so."""
+    from qlora_ops.tasks.evaluate.base_probe import score_base
+
+    res = write_params(_write(tmp_path, "labs", [["a", "b", "c"][i % 3] for i in range(120)]), tmp_path,
+                       model=str(tiny_model_dir), base_scorer=score_base)
+    assert res["base"]["n"] > 0 and 0.0 <= res["base"]["mean"] <= 1.0
+    assert "validation rows (measured by init)" in res["text"]
+    assert load_params(tmp_path / res["path"]).gates.min_gain_over_base == res["min_gain_over_base"]

@@ -32,19 +32,17 @@ def test_a_writer_of_a_shared_store_without_the_slot_is_refused_with_how(uri, mo
     assert "secret" not in str(e.value)
 
 
-def test_the_serving_move_without_the_slot_is_said(monkeypatch, tmp_path, capsys):
+def test_the_serving_move_without_the_slot_is_refused(monkeypatch, tmp_path):
     """`verify-serving` and `serve --follow` move `serving` under the slot every writer takes; on a shared store
-    without the team's Prefect API (known gap, docs/reliability.md) the move goes on under the workspace's file
-    lock only, and says so."""
-    import contextlib
-
+    without the team's Prefect API the move is refused naming how to get the slot (it was only warned about)."""
     from qlora_ops.flows.cli.serving import _serving_writer
+    from qlora_ops.flows.registry_slot import RegistryLockUnavailable
     from qlora_ops.tasks.core.config import Params
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    w = _serving_writer("postgresql://db/mlflow", "m", Params(), tmp_path)
-    assert isinstance(w, contextlib.nullcontext)
-    assert "file lock only, not the shared slot" in capsys.readouterr().err
+    with pytest.raises(RegistryLockUnavailable, match="export PREFECT_API_URL"):
+        with _serving_writer("postgresql://db/mlflow", "m", Params(), tmp_path):
+            pass
 
 
 def test_the_webhook_records_under_the_writer_and_checks_outside_it(monkeypatch, tmp_path):

@@ -54,8 +54,8 @@ def registry(tmp_path_factory):
 
 
 @pytest.fixture
-def tracking(registry, monkeypatch):
-    restore = use_tracking(registry["uri"], monkeypatch)
+def tracking(registry, prefect_api, monkeypatch):
+    restore = use_tracking(registry["uri"], monkeypatch, prefect_api)
     yield registry["uri"]
     restore()
 

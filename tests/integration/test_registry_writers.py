@@ -144,7 +144,9 @@ def test_shared_registry_writes_without_the_team_prefect_api_are_refused(auth_se
     name = "nolock"
     make_model(auth_server, name)
     ws = workspace(tmp_path, auth_server, name, data={"raw": "data/raw/missing.jsonl"})
-    for args in (["promote", "2", "--force", "--reason", "laptop"], ["rollback", "--reason", "laptop"], ["run"]):
+    # verify-serving and serve --follow move `serving`: refused up front too (issue 25), before any endpoint check
+    for args in (["promote", "2", "--force", "--reason", "laptop"], ["rollback", "--reason", "laptop"], ["run"],
+                 ["verify-serving", "http://127.0.0.1:9", "--version", "1"], ["serve", "--follow", "--port", "9"]):
         r = cli(ws, env(), *args)
         assert r.returncode == 4, (args, r.stdout, r.stderr)
         assert "without its lock" in r.stderr and "export PREFECT_API_URL" in r.stderr, r.stderr
