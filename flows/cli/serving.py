@@ -231,7 +231,7 @@ def webhook_command(a) -> int:
     try:
         hook = webhook.ensure_webhook(MlflowClient(), a.url, secret, params.registry.model_name)
     except MlflowException as e:
-        if "PERMISSION_DENIED" in str(e) or "403" in str(e):
+        if e.error_code == "PERMISSION_DENIED" or e.get_http_status_code() == 403:  # by code, not message text
             return fail("service", RuntimeError(f"MLflow refused the webhook ({redact_url(str(e))[:300]}): creating "
                                                 "webhooks needs the MLflow admin login (MLFLOW_TRACKING_USERNAME/PASSWORD)"))
         raise

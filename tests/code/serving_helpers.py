@@ -19,14 +19,24 @@ SYSTEM = "Answer with the label."  # write_toy_splits' system prompt: the run's 
 SLOT_API_ENV = "QLORA_TEST_SLOT_PREFECT_API"
 
 
-def use_tracking(uri: str, monkeypatch, prefect=None):
-    """Point this process at `uri` for one test, and the CLI subprocesses at `prefect`'s API (the registry
-    slot) when given; returns the restore function."""
+# The MLflow login the CLI subprocesses use on a basic-auth server ("user:password"); this process keeps its own.
+CLI_LOGIN_ENV = "QLORA_TEST_CLI_MLFLOW_LOGIN"
+
+
+def use_tracking(uri: str, monkeypatch, prefect=None, login: tuple[str, str] | None = None,
+                 cli_login: tuple[str, str] | None = None):
+    """Point this process at `uri` for one test (as `login` on a basic-auth server), the CLI subprocesses at
+    `prefect`'s API (the registry slot) and as `cli_login` when given; returns the restore function."""
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     prev = getattr(tracking_utils, "_tracking_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    if login is not None:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", login[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", login[1])
+    if cli_login is not None:
+        monkeypatch.setenv(CLI_LOGIN_ENV, ":".join(cli_login))
     if prefect is not None:
         monkeypatch.setenv(SLOT_API_ENV, prefect.api)
         monkeypatch.setenv(SLOT_API_ENV + "_HOME", str(prefect.home))
@@ -71,7 +81,11 @@ def write_params(ws: Path, tracking_uri: str, model_name: str, model_dir: Path) 
 
 
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "QLORA_OPS_", SLOT_API_ENV))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "PREFECT_", "QLORA_OPS_", SLOT_API_ENV, CLI_LOGIN_ENV))}
+    if login := os.environ.get(CLI_LOGIN_ENV):
+        user, password = login.split(":", 1)
+        env.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
     if api := os.environ.get(SLOT_API_ENV):
         env.update(PREFECT_API_URL=api, PREFECT_HOME=os.environ[SLOT_API_ENV + "_HOME"],
                    PREFECT_SERVER_ANALYTICS_ENABLED="false")

@@ -1,4 +1,4 @@
-"""Serving, proven equal to what was evaluated: real `mlflow server` (SQLite, with registry webhooks),
+"""Serving, proven equal to what was evaluated: real `mlflow server` (basic-auth, SQLite, registry webhooks),
 real scoring servers (`qlora-ops serve` = `mlflow models serve --env-manager local`) on 127.0.0.1, the
 real CLI, a model registered through the real log path and evaluated by tasks.evaluate.predict.
 
@@ -29,25 +29,46 @@ from tests.conftest import free_port, tail, wait_http
 pytestmark = pytest.mark.slow  # scoring servers load the model in their own processes
 
 
+ADMIN = ("serving-admin", "admin-pw-0123456789")
+USER = ("serving-user", "user-pw-0123456789")  # no admin: what a follower and the CLI's users hold
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    """A real `mlflow server` on SQLite with registry webhooks able to call 127.0.0.1 (MLflow blocks
-    private addresses and plain http by default: a team deploys the receiver behind https or sets these)."""
+    """A real `mlflow server --app-name basic-auth` on SQLite (the team stack's setup: webhooks are admin-only)
+    with registry webhooks able to call 127.0.0.1 (MLflow blocks private addresses and plain http by default: a
+    team deploys the receiver behind https or sets these). Every login but the admin has EDIT by default here,
+    so each test's experiments and models need no grants: what it shows is what needs the admin."""
     from cryptography.fernet import Fernet
+    from mlflow.server import get_app_client
 
     d = tmp_path_factory.mktemp("mlflow-hooks")
+    (d / "auth.ini").write_text(f"[mlflow]\ndefault_permission = EDIT\ndatabase_uri = sqlite:///{d}/auth.db\n"
+                                f"admin_username = {ADMIN[0]}\nadmin_password = {ADMIN[1]}\n"
+                                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     port = free_port()
-    env = {**os.environ, "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(), "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true", "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(), "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+           "MLFLOW_AUTH_CONFIG_PATH": str(d / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret",
+           "MLFLOW_AUTH_CACHE_TTL_SECONDS": "600"}  # a PBKDF2 check per request is seconds on 2 loaded cores
     log = d / "server.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination",
-                                 str(d / "artifacts"), "--workers", "1"], stdout=fh, stderr=subprocess.STDOUT, cwd=d,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host",
+                                 "127.0.0.1", "--port", str(port), "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
+                                 "--artifacts-destination", str(d / "artifacts"), "--workers", "1"], stdout=fh,
+                                stderr=subprocess.STDOUT, cwd=d, env=env, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=240)
-        yield {"uri": f"http://127.0.0.1:{port}", "dir": d, "log": log}
+        uri = f"http://127.0.0.1:{port}"
+        old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+        os.environ.update(MLFLOW_TRACKING_USERNAME=ADMIN[0], MLFLOW_TRACKING_PASSWORD=ADMIN[1])
+        try:
+            get_app_client("basic-auth", tracking_uri=uri).create_user(*USER)
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield {"uri": uri, "dir": d, "log": log}
     finally:
         from tests.conftest import stop_process_group
         stop_process_group(proc)
@@ -55,7 +76,8 @@ def registry(tmp_path_factory):
 
 @pytest.fixture
 def tracking(registry, prefect_api, monkeypatch):
-    restore = use_tracking(registry["uri"], monkeypatch, prefect_api)
+    """This process registers as the admin; the CLI (serve, verify-serving, serve --follow) runs as USER."""
+    restore = use_tracking(registry["uri"], monkeypatch, prefect_api, login=ADMIN, cli_login=USER)
     yield registry["uri"]
     restore()
 
@@ -164,9 +186,15 @@ def test_serve_follow_moves_serving_when_the_champion_moves(tracking, merged_mod
     # with it, the webhook is made, and the follower below only receives (no webhook call of its own).
     admin = [sys.executable, "-m", "qlora_ops.flows.cli", "serving-webhook", "--url", hook_url, "--params", rel,
              "--workspace", str(tmp_path)]
-    r = subprocess.run(admin, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    as_admin = {**cli_env(), "MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]}
+    r = subprocess.run(admin, cwd=tmp_path, env=as_admin, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "QLORA_OPS_WEBHOOK_SECRET" in r.stderr, r.stdout + r.stderr
-    r = subprocess.run(admin, cwd=tmp_path, env={**cli_env(), "QLORA_OPS_WEBHOOK_SECRET": secret}, capture_output=True,
+    # basic-auth: a login that is not the admin is refused by MLflow (403), and told so
+    r = subprocess.run(admin, cwd=tmp_path, env={**cli_env(), "QLORA_OPS_WEBHOOK_SECRET": secret},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4 and "needs the MLflow admin login" in r.stderr and secret not in r.stdout + r.stderr, \
+        r.stdout + r.stderr
+    r = subprocess.run(admin, cwd=tmp_path, env={**as_admin, "QLORA_OPS_WEBHOOK_SECRET": secret}, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "MLflow webhook" in r.stdout and secret not in r.stdout + r.stderr, r.stdout + r.stderr
     s = Served(tmp_path, "--params", rel, "--follow", "--hook-port", str(hook_port),
