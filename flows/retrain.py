@@ -43,7 +43,7 @@ from qlora_ops.tasks.core.util import read_json, read_jsonl
 from qlora_ops.tasks.data.prepare import DataError
 from qlora_ops.tasks.data import diff as data_diff
 from qlora_ops.flows.summary import format_summary, gate_table
-from qlora_ops.tasks.registry.register import Deferred, repair as repair_registry
+from qlora_ops.tasks.registry.register import Deferred, registry_experiment, repair as repair_registry
 from qlora_ops.tasks.registry import manual
 
 
@@ -275,6 +275,8 @@ def register(params: Params, ws: Path, run_id: str, ms: dict, data: dict, fp: st
             model_uri=ms["model_uri"], model_name=r.model_name, alias=r.champion_alias,
             challenger_alias=r.challenger_alias, decide=decide, lock_path=state_dir(ws, params) / "registry.lock",
             describe=describe if summary else None,
+            # Registered from the registrar's own checked copy, in an experiment no training job can write.
+            registry_experiment=registry_experiment(r.experiment),
             tags={"data_version": data["data_version"], "mlflow_run_id": run_id, "params_hash": params.digest(),
                   **({"test_lineage": str(lin)} if lin is not None else {}),
                   "fingerprint": fp, "code_commit": str(code["git_commit"]), "code_sha": code["source_sha"],

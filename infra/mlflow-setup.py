@@ -4,8 +4,14 @@ Compose service `mlflow-setup`, k8s Job `mlflow-setup` (the qlora-ops-init Confi
 file; tests/code/test_infra.py keeps them equal). It runs in the MLflow server image: mlflow + stdlib only.
 
     role      user (infra/.env)           gets
-    worker    MLFLOW_WORKER_USERNAME      EDIT on the experiment and the registered model: log runs,
-                                          register versions, move aliases (the flow promotes by policy)
+    trainer   MLFLOW_TRAINER_USERNAME     EDIT on the experiment only: the GPU jobs log runs, metrics, adapters
+                                          and the merged model there; READ on the registry experiment and the
+                                          registered model (no version, tag or alias write; no write to
+                                          the bytes a version serves)
+    worker    MLFLOW_WORKER_USERNAME      the registrar: EDIT on the experiment, the registry experiment
+                                          (<experiment>-registry: the copies versions are registered from)
+                                          and the registered model: register versions with their digests,
+                                          move aliases (the flow promotes by policy)
     promoter  MLFLOW_PROMOTER_USERNAME    MANAGE on the registered model: `qlora-ops promote/rollback`,
                                           grant others access to it
     people    one user each (see docs)    READ on everything (default_permission in the server's ini)
@@ -23,10 +29,17 @@ import urllib.request
 from mlflow.exceptions import MlflowException
 
 GRANTS = (  # (role, resource type, which resource, permission)
+    ("TRAINER", "experiment", "experiment", "EDIT"),
+    # Explicit READ (not just the default): a re-run takes back whatever the trainer held there before.
+    ("TRAINER", "experiment", "registry_experiment", "READ"),
+    ("TRAINER", "registered_model", "model", "READ"),
     ("WORKER", "experiment", "experiment", "EDIT"),
+    ("WORKER", "experiment", "registry_experiment", "EDIT"),
     ("WORKER", "registered_model", "model", "EDIT"),
     ("PROMOTER", "registered_model", "model", "MANAGE"),
 )
+ROLES = ("TRAINER", "WORKER", "PROMOTER")
+REGISTRY_SUFFIX = "-registry"  # as tasks.registry.register.registry_experiment names it
 
 
 def need(name: str) -> str:
@@ -67,25 +80,31 @@ def main() -> None:
     need("MLFLOW_TRACKING_USERNAME"), need("MLFLOW_TRACKING_PASSWORD")  # the admin: mlflow's client reads them
     experiment = os.environ.get("QLORA_MLFLOW_EXPERIMENT", "qlora-ops")
     model = os.environ.get("QLORA_MLFLOW_MODEL", "qlora-ops-smollm2")
-    users = {role: (need(f"MLFLOW_{role}_USERNAME"), need(f"MLFLOW_{role}_PASSWORD")) for role in ("WORKER", "PROMOTER")}
-    if len({u for u, _ in users.values()} | {os.environ["MLFLOW_TRACKING_USERNAME"]}) != 3:
-        sys.exit("MLFLOW_ADMIN_USERNAME, MLFLOW_WORKER_USERNAME and MLFLOW_PROMOTER_USERNAME must differ")
+    registry_experiment = experiment + REGISTRY_SUFFIX
+    users = {role: (need(f"MLFLOW_{role}_USERNAME"), need(f"MLFLOW_{role}_PASSWORD")) for role in ROLES}
+    if len({u for u, _ in users.values()} | {os.environ["MLFLOW_TRACKING_USERNAME"]}) != len(ROLES) + 1:
+        sys.exit("MLFLOW_ADMIN_USERNAME, MLFLOW_TRAINER_USERNAME, MLFLOW_WORKER_USERNAME and "
+                 "MLFLOW_PROMOTER_USERNAME must differ")
     wait_for(uri, float(os.environ.get("QLORA_MLFLOW_WAIT_S", "300")))
 
     auth = get_app_client("basic-auth", tracking_uri=uri)
     for username, password in users.values():
         ensure_user(auth, username, password)
 
-    # The experiment and the registered model exist before anyone is granted rights on them, so the
+    # The experiments and the registered model exist before anyone is granted rights on them, so the
     # workers never need to create (and so own) them.
     client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+
+    def experiment_id(name: str) -> str:
+        exp = client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else client.create_experiment(name)
+
+    exp_id, registry_exp_id = experiment_id(experiment), experiment_id(registry_experiment)
     try:
         client.get_registered_model(model)
     except MlflowException:
         client.create_registered_model(model, description="qlora-ops: merged QLoRA models; alias `champion` is served")
-    ids = {"experiment": exp_id, "model": model}
+    ids = {"experiment": exp_id, "registry_experiment": registry_exp_id, "model": model}
 
     for role, resource_type, which, permission in GRANTS:
         username = users[role][0]
@@ -95,7 +114,8 @@ def main() -> None:
             pass
         auth.grant_user_permission(username, resource_type, ids[which], permission)
         print(f"{username}: {permission} on {resource_type} {ids[which]}")
-    print(f"MLflow users ready at {uri}: experiment {experiment!r} (id {exp_id}), registered model {model!r}")
+    print(f"MLflow users ready at {uri}: experiment {experiment!r} (id {exp_id}), registry experiment "
+          f"{registry_experiment!r} (id {registry_exp_id}), registered model {model!r}")
 
 
 if __name__ == "__main__":

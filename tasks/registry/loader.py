@@ -9,9 +9,12 @@ Artifact (`data/model/` of the logged model, written by tasks.registry.register.
   qlora_ops_manifest.json                       sha256 + size of every file above
 
 Loading checks every file against the manifest, and the manifest's own sha256 against the expected
-`weights_digest` (the registered version's tag): the one logged in MLmodel's model_config, one given at
-load time (`model_config={"weights_digest": ...}`) and the env var QLORA_OPS_WEIGHTS_DIGEST (how `qlora-ops
-serve` hands the registry's value to the scoring server) must all match.
+`weights_digest` (the registered version's tag, written by the registrar only): one given at load time
+(`model_config={"weights_digest": ...}`) and the env var QLORA_OPS_WEIGHTS_DIGEST (how `qlora-ops serve`
+and tasks.serving.load_version hand the registry's value over) must match; given neither, the registry at
+the current tracking URI is asked (registered_digest). A digest in MLmodel came with the bytes and counts
+for nothing. MLmodel itself is checked by load_version / `qlora-ops serve` (its `mlmodel_digest` tag), not
+here: a rewritten MLmodel may name another loader_module, and then this module never runs.
 
 Answers are made exactly as tasks.evaluate.predict makes them (same prompt formatting from tasks.model.prompting,
 same greedy decoding, stop tokens and trimming), so the served model can be proven equal to the
@@ -33,6 +36,7 @@ from qlora_ops.tasks.core.util import MANIFEST, sha256_file, verify_manifest
 
 SERVING_FILE = "serving.json"
 DIGEST_ENV = "QLORA_OPS_WEIGHTS_DIGEST"
+DIGEST_TAG = "weights_digest"  # the registered version's tag (tasks.registry.register.WEIGHTS_DIGEST)
 # Serve in another dtype than the one evaluated (e.g. bfloat16 to halve memory). Off by default: the
 # parity check (`qlora-ops verify-serving`) then tells whether the answers still match.
 DTYPE_ENV = "QLORA_OPS_SERVE_DTYPE"
@@ -156,14 +160,61 @@ class MergedCausalLM:
         return out
 
 
+def _logged_mlmodel(data_path: str) -> dict:
+    """The MLmodel of the logged model whose data dir is `data_path` (parsed; {} when none is found)."""
+    import yaml
+
+    for d in list(Path(data_path).parents)[:3]:  # data_path is <model dir>/data/model
+        if (d / "MLmodel").is_file():
+            return yaml.safe_load((d / "MLmodel").read_text()) or {}
+    return {}
+
+
+def registered_digest(meta: dict, data_path: str = "") -> str:
+    """The `weights_digest` tag of the registered version(s) of the logged model an MLmodel names (its
+    model_id, found among the versions of its run_id), read from the registry at the current tracking URI:
+    what a plain `mlflow.pyfunc.load_model` checks against when no digest is given. WeightsRefused when
+    there is none, or two that differ."""
+    from mlflow.tracking import MlflowClient
+
+    model_id, run_id = str(meta.get("model_id") or ""), str(meta.get("run_id") or "")
+    how = ('load it with qlora_ops.tasks.serving.load_version(name, version) or give the version\'s digest: '
+           'mlflow.pyfunc.load_model(uri, model_config={"weights_digest": ...})')
+    if not model_id or not run_id:
+        raise WeightsRefused(f"{data_path}: its MLmodel names no model_id/run_id, so no registered version can be "
+                             f"found to check the bytes against; {how}")
+    try:
+        found = MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    except Exception as e:  # no registry at this tracking URI, no access...
+        raise WeightsRefused(f"{data_path}: the registry could not be read to check the bytes against the "
+                             f"version's {DIGEST_TAG} ({type(e).__name__}: {str(e)[:200]}); {how}") from None
+    digests = {(mv.tags or {}).get(DIGEST_TAG) for mv in found
+               if getattr(mv, "model_id", None) == model_id or str(mv.source or "").endswith(model_id)}
+    if not digests or None in digests or "" in digests:
+        raise WeightsRefused(f"{data_path}: no registered version of logged model {model_id} with a {DIGEST_TAG} "
+                             f"tag at this tracking URI; nothing trustworthy to check the bytes against (a digest "
+                             f"that came with the bytes proves nothing); {how}")
+    if len(digests) > 1:
+        raise WeightsRefused(f"{data_path}: the versions of logged model {model_id} disagree on {DIGEST_TAG}; "
+                             "refusing to load")
+    return digests.pop()
+
+
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> MergedCausalLM:
     """MLflow's loader entry point (pyfunc `loader_module` protocol). Every expected digest given must
-    match: the env var (the operator's, e.g. `qlora-ops serve`) and model_config's weights_digest (logged
-    in MLmodel, or overridden at load time: `load_model(uri, model_config={"weights_digest": ...})`)."""
+    match: the env var (the operator's, e.g. `qlora-ops serve`) and a weights_digest given at load time
+    (`load_model(uri, model_config={"weights_digest": ...})`). The digest logged in MLmodel itself came
+    with the bytes and counts for nothing: given none, the registry at the current tracking URI is
+    asked for the registered version's `weights_digest` tag (registered_digest), and no version, no load."""
     cfg = model_config or {}
-    expected = {d for d in (cfg.get("weights_digest"), os.environ.get(DIGEST_ENV)) if d}
+    meta = _logged_mlmodel(data_path)
+    logged = ((meta.get("flavors") or {}).get("python_function") or {}).get("config") or {}  # MLmodel's model_config
+    given = cfg.get("weights_digest")
+    if given and given == logged.get("weights_digest"):
+        given = None  # the MLmodel's own value (or one equal to it): not an expectation from outside
+    expected = {d for d in (given, os.environ.get(DIGEST_ENV)) if d}
     if len(expected) > 1:
         raise WeightsRefused(f"{data_path}: two different expected weights digests ({DIGEST_ENV} and the model "
                              "config's weights_digest); refusing to load")
-    return MergedCausalLM(Path(data_path), expected.pop() if expected else None,
-                          cfg.get("dtype") or os.environ.get(DTYPE_ENV) or None)
+    digest = expected.pop() if expected else registered_digest(meta, data_path)
+    return MergedCausalLM(Path(data_path), digest, cfg.get("dtype") or os.environ.get(DTYPE_ENV) or None)

@@ -10,6 +10,10 @@ Whether a candidate beats the champion is the caller's `decide` (flows: the pair
 of tasks.gates.policy on both models' per-row results on the same test rows); this module owns the order of
 registry writes and who may write.
 
+What a version serves is pinned by the registrar (this module, run by the CPU worker), never by the
+training job: it copies the trained logged model into the registry experiment (copy_to_registry), checking
+every byte on the way, and tags the version with `weights_digest` and `mlmodel_digest` of what it uploaded.
+
 No tracking URI is set here: entry points call mlflow.set_tracking_uri.
 """
 from __future__ import annotations
@@ -100,9 +104,11 @@ def log_merged_model(merged_dir: Path, serving: dict, artifact_path: str = "mode
     with tempfile.TemporaryDirectory(prefix="qlora-ops-serving-") as td:
         data = Path(td) / "model"  # -> data/model inside the logged model
         digest = stage_model_dir(Path(merged_dir), serving, data)
-        # model_config: declared here so that a load may override it (MLflow drops undeclared keys)
+        # model_config: declared here so that a load may override it (MLflow drops undeclared keys). The digest
+        # is left empty: one that travels with the bytes proves nothing (the loader asks the registry), and
+        # an empty one makes a digest given at load time unambiguous.
         kwargs = dict(loader_module=LOADER_MODULE, data_path=str(data), pip_requirements=_pip_requirements(),
-                      signature=_signature(), model_config={"weights_digest": digest, "dtype": ""})
+                      signature=_signature(), model_config={"weights_digest": "", "dtype": ""})
         client = MlflowClient()
         if run_id is None:
             if mlflow.active_run() is None:
@@ -118,6 +124,14 @@ def log_merged_model(merged_dir: Path, serving: dict, artifact_path: str = "mode
 
 
 WEIGHTS_DIGEST = "weights_digest"
+MLMODEL_DIGEST = "mlmodel_digest"  # sha256 of the MLmodel file as the registrar uploaded it
+REGISTRY_SUFFIX = "-registry"
+
+
+def registry_experiment(experiment: str) -> str:
+    """The experiment the registrar copies every registered model into (infra/mlflow-setup.py creates it
+    and gives only the registrar EDIT on it): what a version serves is written by no training job."""
+    return f"{experiment}{REGISTRY_SUFFIX}"
 
 
 def _signature():
@@ -129,19 +143,115 @@ def _signature():
     return ModelSignature(inputs=None, outputs=None, params=ParamSchema([ParamSpec("describe", "boolean", False)]))
 
 
+def _logged_model_id(model_uri: str) -> str:
+    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
+    return "" if not model_id or "/" in model_id or "@" in model_id else model_id
+
+
 def logged_model_tags(model_uri: str) -> dict[str, str]:
     """The tags a version registered from `model_uri` carries from its logged model: `weights_digest`
     (empty for a URI that is not ``models:/<model_id>`` of a model logged by log_merged_model)."""
     from mlflow.exceptions import MlflowException
 
-    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/") else ""
-    if not model_id or "/" in model_id or "@" in model_id:
+    if not (model_id := _logged_model_id(model_uri)):
         return {}
     try:
         tags = MlflowClient().get_logged_model(model_id).tags or {}
     except MlflowException:
         return {}
     return {WEIGHTS_DIGEST: tags[WEIGHTS_DIGEST]} if WEIGHTS_DIGEST in tags else {}
+
+
+def mlmodel_problems(meta: dict) -> list[str]:
+    """What in an MLmodel (parsed) could run anything but our installed loader: [] when nothing."""
+    flavors = (meta or {}).get("flavors") or {}
+    pf = flavors.get("python_function") or {}
+    bad = []
+    if set(flavors) != {"python_function"}:
+        bad.append(f"flavors {sorted(flavors)}")
+    if pf.get("loader_module") not in OUR_LOADERS:
+        bad.append(f"loader_module {pf.get('loader_module')!r}")
+    if pf.get("code") or pf.get("python_model") or pf.get("cloudpickle_version"):
+        bad.append("code or a pickled model in the artifact")
+    return bad
+
+
+def _pinned(model_id: str, mlmodel: Path, data_dir: Path, claimed: str | None, full: bool) -> dict[str, str]:
+    """The registry tags that pin what a version serves, computed by the registrar from the bytes it read:
+    `weights_digest` (sha256 of the manifest: with `full`, every file checked against it first) and
+    `mlmodel_digest` (sha256 of MLmodel). PromotionError when the bytes are not a model log_merged_model wrote, or
+    not the ones the trainer's `weights_digest` tag (`claimed`) names."""
+    if bad := mlmodel_problems(yaml.safe_load(mlmodel.read_text())):
+        raise PromotionError(f"logged model {model_id}: MLmodel has {', '.join(bad)}; not registered")
+    try:
+        digest = check_weights(data_dir, claimed) if full else manifest_digest(data_dir)
+    except (WeightsRefused, FileNotFoundError) as e:
+        raise PromotionError(f"logged model {model_id}: {e}; not registered") from None
+    if claimed and digest != claimed:
+        raise PromotionError(f"logged model {model_id}: its manifest's sha256 {digest[:16]}... is not its "
+                             f"{WEIGHTS_DIGEST} tag {claimed[:16]}...; the artifact changed after it was logged")
+    return {WEIGHTS_DIGEST: digest, MLMODEL_DIGEST: sha256_file(mlmodel)}
+
+
+def digest_tags(model_uri: str) -> dict[str, str]:
+    """`weights_digest` and `mlmodel_digest` of the logged model `model_uri`, read by the registrar itself
+    (MLmodel and the manifest only: loading checks every file against that manifest). A logged model
+    with no MLmodel (a registry record without bytes) gets the trainer's tag, if any, and no mlmodel_digest."""
+    from mlflow.exceptions import MlflowException
+
+    if not (model_id := _logged_model_id(model_uri)):
+        return {}
+    try:
+        lm = MlflowClient().get_logged_model(model_id)
+    except MlflowException:
+        return {}
+    claimed = (lm.tags or {}).get(WEIGHTS_DIGEST)
+    root = lm.artifact_location.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="qlora-ops-pin-") as td:
+        try:
+            mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=td))
+        except (MlflowException, OSError):
+            return {WEIGHTS_DIGEST: claimed} if claimed else {}
+        rel = ((yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}).get("python_function", {}).get("data")
+        data = Path(td) / "data"
+        data.mkdir()
+        if rel:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{rel}/{MANIFEST}", dst_path=str(data))
+        return _pinned(model_id, mlmodel, data, claimed, full=False)
+
+
+def copy_to_registry(model_uri: str, experiment: str) -> tuple[str, dict[str, str]]:
+    """The registrar's own copy of the trained logged model `model_uri` in the registry experiment (see
+    registry_experiment: the training jobs' login cannot write there), made from bytes checked on the
+    way: MLmodel names our loader and no code, every file matches the manifest, the manifest matches the
+    trainer's weights_digest tag. Returns (the copy's URI, its pinning tags: weights_digest and
+    mlmodel_digest of the very bytes uploaded, plus trained_model_id)."""
+    from mlflow.entities import LoggedModelStatus
+
+    if not (model_id := _logged_model_id(model_uri)):
+        raise PromotionError(f"{model_uri}: only a logged model (models:/<model_id>) is copied into the registry")
+    client = MlflowClient()
+    trained = client.get_logged_model(model_id)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:  # the team stack's setup job made it (only the registrar may write it); local: made here
+        loc = client.get_experiment(trained.experiment_id).artifact_location or ""
+        local_store = loc.startswith(("file:", "/"))  # beside the trained one's; a server picks its own
+        exp_id = client.create_experiment(experiment, artifact_location=f"{loc.rstrip('/')}/registry" if local_store else None)
+    else:
+        exp_id = exp.experiment_id
+    with tempfile.TemporaryDirectory(prefix="qlora-ops-registry-") as td:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=trained.artifact_location, dst_path=td))
+        meta = yaml.safe_load((local / "MLmodel").read_text()) or {}
+        rel = ((meta.get("flavors") or {}).get("python_function") or {}).get("data") or "data/model"
+        copy = client.create_logged_model(experiment_id=exp_id, name=trained.name, source_run_id=trained.source_run_id,
+                                          tags={"trained_model_id": model_id})
+        meta["model_id"] = copy.model_id  # the copy's MLmodel names the copy: the loader finds its versions by it
+        (local / "MLmodel").write_text(yaml.safe_dump(meta, sort_keys=False))
+        pins = _pinned(model_id, local / "MLmodel", local / rel, (trained.tags or {}).get(WEIGHTS_DIGEST), full=True)
+        client.log_model_artifacts(copy.model_id, str(local))
+    client.set_logged_model_tags(copy.model_id, pins)
+    client.finalize_logged_model(copy.model_id, LoggedModelStatus.READY)
+    return f"models:/{copy.model_id}", {**pins, "trained_model_id": model_id}
 
 
 @contextmanager
@@ -191,6 +301,10 @@ def download_hf_model(model_name: str, version: int, dst: Path, allow_unverified
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=str(dst / "meta")))
+    vtags = client.get_model_version(model_name, str(version)).tags or {}
+    if (pinned := vtags.get(MLMODEL_DIGEST)) and sha256_file(mlmodel) != pinned:
+        raise PromotionError(f"{model_name} v{version}: MLmodel is not the registered {MLMODEL_DIGEST}; the artifact "
+                             "was changed after registration, refusing to read it")
     meta = yaml.safe_load(mlmodel.read_text())
     pyfunc = ((meta or {}).get("flavors") or {}).get("python_function") or {}
     rel = pyfunc.get("data") if pyfunc.get("loader_module") in OUR_LOADERS else \
@@ -201,7 +315,7 @@ def download_hf_model(model_name: str, version: int, dst: Path, allow_unverified
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{rel}", dst_path=str(dst / "model")))
     if not (local / "config.json").is_file():
         raise PromotionError(f"{model_name} v{version}: downloaded model dir {local} has no config.json")
-    expected = (client.get_model_version(model_name, str(version)).tags or {}).get(WEIGHTS_DIGEST)
+    expected = vtags.get(WEIGHTS_DIGEST)
     if not expected and not (local / MANIFEST).is_file() and not allow_unverified:
         # Nothing at all to check the bytes against: refused (a caller that knowingly takes a legacy version
         # says so: export-gguf --allow-unverified-legacy).
@@ -244,7 +358,8 @@ def _rolled_back_twin(client: MlflowClient, model_name: str, fingerprint: str | 
 
 def register_and_promote(*, model_uri: str, model_name: str, alias: str, challenger_alias: str | None,
                          tags: dict[str, str], decide: Decision, lock_path: Path,
-                         describe: Callable[[int, bool, str], str | None] | None = None) -> dict:
+                         describe: Callable[[int, bool, str], str | None] | None = None,
+                         registry_experiment: str | None = None) -> dict:
     """Register `model_uri` as a new version; move `alias` to it only if `decide(champion_version)` says so.
 
     The whole read-compare-write runs under an exclusive lock on `lock_path` (the caller also holds the
@@ -256,11 +371,21 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
     MLflow run: a retry finds the version this run already registered (tag mlflow_run_id). A version
     whose fingerprint was rolled back before is never auto-promoted again. `describe(version, promoted,
     reason)` gives the version's description (its model card), written before `status=ready`.
+
+    What the version serves is pinned by the registrar here, never by the training job: `weights_digest`
+    and `mlmodel_digest` tags computed from the bytes read (digest_tags). With `registry_experiment`
+    (the flow), the version is registered from the registrar's checked copy there (copy_to_registry), so
+    the training jobs' login cannot rewrite its bytes either.
     """
     client = MlflowClient()
+    vtags = {str(k): str(v) for k, v in (tags or {}).items()}
+    if registry_experiment and _version_of_run(client, model_name, vtags.get("mlflow_run_id")) is None:
+        # Outside the lock (a multi-GB copy); a retry that finds its version registered copies nothing.
+        model_uri, pins = copy_to_registry(model_uri, registry_experiment)
+    else:
+        pins = digest_tags(model_uri)
     with registry_lock(lock_path):
-        vtags = {str(k): str(v) for k, v in (tags or {}).items()}
-        vtags = {**logged_model_tags(model_uri), **vtags}  # weights_digest (serve engineer)
+        vtags = {**vtags, **pins}  # the registrar's digests win over anything else
         if (done := journal.reconcile(client, model_name)) is not None:  # a killed writer's commit, first
             print(f"registry {model_name}: {done}", flush=True)
         mv = _version_of_run(client, model_name, vtags.get("mlflow_run_id"))

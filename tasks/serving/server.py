@@ -3,8 +3,9 @@ OpenAI-compatible server on its exported GGUF), started, awaited and stopped.
 
     qlora-ops serve --alias champion --port 5001          # mlflow models serve, on 127.0.0.1, digest checked
 
-`serve` downloads the version, checks what MLflow will run (MLmodel: the loader is the installed module
-tasks.registry.loader, no code, no pickle) and every byte against the version's `weights_digest` tag, then serves
+`serve` downloads the version, checks MLmodel's sha256 against the version's `mlmodel_digest` tag and what
+MLflow will run (MLmodel: the loader is the installed module tasks.registry.loader, no code, no pickle) and
+every byte against the version's `weights_digest` tag (tags only the registrar writes), then serves
 THAT local copy (what was checked is what is served; the scoring server's loader checks again, with the
 digest handed over in QLORA_OPS_WEIGHTS_DIGEST). Whether a live endpoint answers as the version was
 evaluated is tasks/serving/parity.py; talking to one is tasks/serving/client.py.
@@ -84,27 +85,64 @@ def check_mlmodel(model_dir: Path) -> Path:
     return Path(model_dir) / str(pf.get("data") or "data/model")
 
 
-def fetch_model(model_name: str, version: int, dst: Path) -> tuple[Path, str]:
-    """(local logged-model dir, weights digest) of a version: downloaded, MLmodel and every byte checked."""
+def fetch_model(model_name: str, version: int, dst: Path, allow_unverified_legacy: bool = False) -> tuple[Path, str]:
+    """(local logged-model dir, weights digest) of a version: downloaded, then checked against the version's
+    registry tags, which only the registrar writes (never against what came with the bytes): MLmodel's
+    sha256 against `mlmodel_digest`, then what it runs (the installed loader, no code), then every byte
+    against the manifest and the manifest against `weights_digest`. A version registered before
+    `mlmodel_digest` existed gets the structural MLmodel check only; one without `weights_digest` is refused
+    unless `allow_unverified_legacy` (then only checked against its own manifest)."""
     import shutil
 
     import mlflow
 
     # registry.register imports mlflow at its top: importing this module stays cheap for those that only
     # start or stop a server (the tests' stop_process_group, `qlora-ops status` for SERVING_ALIAS)
-    from qlora_ops.tasks.registry.register import WEIGHTS_DIGEST
+    from qlora_ops.tasks.registry.register import MLMODEL_DIGEST, WEIGHTS_DIGEST
 
-    digest = version_tags(model_name, version).get(WEIGHTS_DIGEST)
-    if not digest:
+    tags = version_tags(model_name, version)
+    digest = tags.get(WEIGHTS_DIGEST)
+    if not digest and not allow_unverified_legacy:
         raise ServingError(f"{model_name} v{version} has no {WEIGHTS_DIGEST} tag (registered before qlora-ops "
-                           "recorded digests): there is nothing to check its bytes against; register it again")
+                           "recorded digests): there is nothing to check its bytes against; register it again "
+                           "(or, knowingly, allow_unverified_legacy=True / --allow-unverified-legacy)")
     shutil.rmtree(dst, ignore_errors=True)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=str(dst)))
+    if (pinned := tags.get(MLMODEL_DIGEST)) and (got := sha256_file(local / "MLmodel")) != pinned:
+        raise ServingError(f"{model_name} v{version}: MLmodel sha256 {got[:16]}... is not the registered "
+                           f"{MLMODEL_DIGEST} {pinned[:16]}...; the artifact was changed after registration, "
+                           "refusing to load")
     try:
-        check_weights(check_mlmodel(local), digest)
+        got = check_weights(check_mlmodel(local), digest or None)
     except WeightsRefused as e:
         raise ServingError(f"{model_name} v{version}: {e}") from None
-    return local, digest
+    return local, digest or got
+
+
+def load_version(name: str, version: int, dst: Path | None = None, *, allow_unverified_legacy: bool = False):
+    """`mlflow.pyfunc` model of registered version `version` of `name`, loaded from a local copy checked
+    against the version's registry tags (fetch_model: MLmodel against `mlmodel_digest`, every byte against
+    `weights_digest`); the loader checks the bytes again against that digest. `dst`: where the copy goes
+    (default: a new temporary dir, left in place). ServingError when anything does not match.
+
+        from qlora_ops.tasks.serving import load_version
+        model = load_version("qlora-ops-smollm2", 3)
+    """
+    import tempfile
+
+    import mlflow
+    import yaml
+
+    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix=f"qlora-ops-{name}-v{version}-"))
+    local, digest = fetch_model(name, int(version), dst, allow_unverified_legacy=allow_unverified_legacy)
+    # Our checked copy: the digest MLmodel logged (it came with the bytes) is dropped, so the one handed to
+    # the loader is the only expectation it sees (tasks.registry.loader._load_pyfunc).
+    meta = yaml.safe_load((local / "MLmodel").read_text()) or {}
+    cfg = (meta.get("flavors") or {}).get("python_function", {}).get("config")  # MLmodel's model_config
+    if isinstance(cfg, dict) and cfg.get("weights_digest"):
+        cfg["weights_digest"] = ""
+        (local / "MLmodel").write_text(yaml.safe_dump(meta, sort_keys=False))
+    return mlflow.pyfunc.load_model(str(local), model_config={"weights_digest": digest})
 
 
 # ---------------------------------------------------------------- MLflow's scoring server

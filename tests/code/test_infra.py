@@ -161,11 +161,12 @@ def test_prefect_server_requires_auth_and_clients_send_it(compose):
         assert env["PREFECT_API_AUTH_STRING"] == server["PREFECT_SERVER_API_AUTH_STRING"], name
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert env["QLORA_OPS_HOME"] == "/app"
-    for name in ("worker", "gpu-worker"):
+    for name, role in (("worker", "WORKER"), ("gpu-worker", "TRAINER")):
         env = services[name]["environment"]
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-        # The MLflow *worker* user, never the admin (infra/mlflow-setup.py gives it EDIT on its own resources).
-        assert env["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_WORKER_USERNAME:?set MLFLOW_WORKER_USERNAME in infra/.env}"
+        # Never the admin: the CPU worker is the registrar (*worker* user), the GPU worker the *trainer*, who
+        # writes no version tag, alias or registered bytes (infra/mlflow-setup.py).
+        assert env["MLFLOW_TRACKING_USERNAME"] == f"${{MLFLOW_{role}_USERNAME:?set MLFLOW_{role}_USERNAME in infra/.env}}"
     assert "WORKDIR /app" in (INFRA / "Dockerfile").read_text()
 
 
@@ -258,10 +259,10 @@ def test_k8s_manifests():
     assert "command" not in container("mlflow")  # the image's entrypoint writes the auth config first
     server_env = {e["name"]: e for e in container("prefect-server")["env"]}
     assert server_env["PREFECT_SERVER_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["key"] == "PREFECT_AUTH_STRING"
-    for name in ("qlora-ops-worker", "qlora-ops-worker-gpu"):
+    for name, role in (("qlora-ops-worker", "WORKER"), ("qlora-ops-worker-gpu", "TRAINER")):
         env = {e["name"]: e for e in container(name)["env"]}
         assert env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["key"] == "PREFECT_AUTH_STRING"
-        assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["key"] == "MLFLOW_WORKER_USERNAME"
+        assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["key"] == f"MLFLOW_{role}_USERNAME"
     # Only the CPU worker (DVC remote, drops) holds an S3 key, and it is the worker's.
     cpu_env = {e["name"]: e for e in container("qlora-ops-worker")["env"]}
     assert cpu_env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["key"] == "QLORA_S3_WORKER_ACCESS_KEY"
@@ -337,11 +338,11 @@ SERVICE_SECRETS = {  # compose service -> the infra/.env secrets it may hold, an
     "mlflow": {"MLFLOW_DB_PASSWORD", "MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY", "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY",
                "QLORA_S3_MLFLOW_ACCESS_KEY", "QLORA_S3_MLFLOW_SECRET_KEY"},
     "mlflow-setup": {"MLFLOW_ADMIN_USERNAME", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_WORKER_USERNAME", "MLFLOW_WORKER_PASSWORD",
-                     "MLFLOW_PROMOTER_USERNAME", "MLFLOW_PROMOTER_PASSWORD"},
+                     "MLFLOW_TRAINER_USERNAME", "MLFLOW_TRAINER_PASSWORD", "MLFLOW_PROMOTER_USERNAME", "MLFLOW_PROMOTER_PASSWORD"},
     "prefect-server": {"PREFECT_DB_PASSWORD", "PREFECT_AUTH_STRING"},
     "worker": {"PREFECT_AUTH_STRING", "MLFLOW_WORKER_USERNAME", "MLFLOW_WORKER_PASSWORD", "QLORA_S3_WORKER_ACCESS_KEY",
                "QLORA_S3_WORKER_SECRET_KEY"},
-    "gpu-worker": {"PREFECT_AUTH_STRING", "MLFLOW_WORKER_USERNAME", "MLFLOW_WORKER_PASSWORD"},
+    "gpu-worker": {"PREFECT_AUTH_STRING", "MLFLOW_TRAINER_USERNAME", "MLFLOW_TRAINER_PASSWORD"},  # no registrar login
     "setup": {"PREFECT_AUTH_STRING"},
     # Event-driven retraining (infra/relay/): the relay posts events with the auth string; MinIO's root
     # login subscribes drops/ to its notifications.
@@ -627,10 +628,12 @@ def test_gpu_job_template_survives_scale_up_and_keeps_state():
             and o["metadata"]["namespace"] == "qlora-ops-gpu"}
     assert claim in pvcs
     assert "/tmp" in mounts and pod["serviceAccountName"] == props["service_account_name"]["default"]
-    # The Job's env: no S3 key (the model stage talks to MLflow only), the MLflow worker user by reference.
+    # The Job's env: no S3 key (the model stage talks to MLflow only), the MLflow *trainer* user by reference
+    # (never the registrar's: a training Job writes no version tag, alias or registered bytes).
     names = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert "AWS_ACCESS_KEY_ID" not in names
-    assert names["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "MLFLOW_WORKER_PASSWORD"
+    assert names["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["key"] == "MLFLOW_TRAINER_USERNAME"
+    assert names["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "MLFLOW_TRAINER_PASSWORD"
 
 
 def test_kustomization_lists_every_manifest_and_image():

@@ -265,7 +265,10 @@ def test_tampered_weights_are_refused(tracking, merged_model_dir, tmp_path, tmp_
         _load_pyfunc(str(local / "data" / "model"), {"weights_digest": digest})
     with pytest.raises(WeightsRefused, match="not the registered weights_digest"):
         mlflow.pyfunc.load_model(str(local), model_config={"weights_digest": digest})
-    assert _load_pyfunc(str(local / "data" / "model")).weights_digest != digest  # without the expectation: loads
+    # Without an expectation given, the loader asks the registry for the version's tag: refused too (the code
+    # before checked the manifest against itself only, and loaded this).
+    with pytest.raises(WeightsRefused, match="not the registered weights_digest"):
+        _load_pyfunc(str(local / "data" / "model"))
 
 
 _WORKER_SCRIPT = textwrap.dedent("""

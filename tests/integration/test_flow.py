@@ -139,6 +139,11 @@ def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_
     assert c.get_model_version_by_alias(name, "champion").version == "1"
     v1 = c.get_model_version(name, "1")
     assert v1.tags["data_version"] == s1["data"]["version"] and v1.tags["mlflow_run_id"] == s1["mlflow_run_id"]
+    # Registered from the registrar's own copy in the registry experiment (no training login writes there),
+    # pinned by the digests it computed (docs/deploy.md, "Least privilege in MLflow for the weights").
+    copy = c.get_logged_model(v1.source.split("/")[-1])
+    assert c.get_experiment(copy.experiment_id).name.endswith("-registry") and copy.model_id != v1.tags["trained_model_id"]
+    assert len(v1.tags["weights_digest"]) == len(v1.tags["mlmodel_digest"]) == 64
     run = c.get_run(s1["mlflow_run_id"])
     for m in ("base", "lora", "qlora", "merged"):
         assert f"{m}.accuracy" in run.data.metrics

@@ -209,6 +209,7 @@ def _setup_env(uri: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="admin-pw-0123456789",
                MLFLOW_WORKER_USERNAME="qlora-worker", MLFLOW_WORKER_PASSWORD="worker-pw-0123456789",
+               MLFLOW_TRAINER_USERNAME="qlora-trainer", MLFLOW_TRAINER_PASSWORD="trainer-pw-0123456789",
                MLFLOW_PROMOTER_USERNAME="qlora-promoter", MLFLOW_PROMOTER_PASSWORD="promoter-pw-0123456789",
                QLORA_MLFLOW_WAIT_S="60")
     return env
@@ -275,6 +276,87 @@ def test_mlflow_roles_against_a_real_basic_auth_server(mlflow_auth_server, tmp_p
     promoter.delete_registered_model_alias("qlora-ops-smollm2", "previous")
     assert denied(lambda: promoter.create_run(exp_id))
     assert denied(lambda: get_app("basic-auth", tracking_uri=uri).create_user("mallory", "mallory-pw-0123456789"))
+
+
+@pytest.mark.timeout(600)
+def test_trainer_cannot_change_what_a_version_serves_against_a_real_basic_auth_server(mlflow_auth_server, tmp_path,
+                                                                                     monkeypatch):
+    """Least privilege for the weights: the GPU jobs' login (trainer) logs runs, artifacts and the merged model
+    in the experiment, but writes no version tag, no alias and no byte of what a version serves (the registrar's
+    copy in the registry experiment); the registrar (the CPU worker) does all of that; the promoter moves
+    aliases. Each role logs in to a real `mlflow server --app-name basic-auth` set up by infra/mlflow-setup.py."""
+    import mlflow
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow_auth_server
+    r = subprocess.run([sys.executable, str(INFRA / "mlflow-setup.py")], env=_setup_env(uri),
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert "qlora-trainer: EDIT on experiment" in r.stdout
+
+    def login(user: str) -> mlflow.MlflowClient:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", f"{user.split('-')[1]}-pw-0123456789")
+        mlflow.set_tracking_uri(uri)
+        return mlflow.MlflowClient(tracking_uri=uri)
+
+    def denied(fn) -> bool:
+        try:
+            fn()
+            return False
+        except (MlflowException, requests.HTTPError) as e:  # HTTPError: the artifact proxy's answer
+            assert "PERMISSION_DENIED" in str(e) or "403" in str(e), e
+            return True
+
+    model = "qlora-ops-smollm2"
+    art = tmp_path / "model-files"
+    art.mkdir()
+    (art / "w.bin").write_bytes(b"weights")
+    worker = login("qlora-worker")
+    exp_id = worker.get_experiment_by_name("qlora-ops").experiment_id
+    reg_exp_id = worker.get_experiment_by_name("qlora-ops-registry").experiment_id  # registry_experiment("qlora-ops")
+    run_id = worker.create_run(exp_id).info.run_id  # the parent flow's run (CPU worker)
+
+    # Trainer (GPU jobs): its run's metrics, artifacts and the logged merged model ...
+    trainer = login("qlora-trainer")
+    trainer.log_metric(run_id, "train_loss", 0.5)
+    trainer.log_artifact(run_id, str(art / "w.bin"), "adapters/qlora")
+    trained = trainer.create_logged_model(experiment_id=exp_id, name="model", source_run_id=run_id)
+    trainer.log_model_artifacts(trained.model_id, str(art))
+    trainer.set_logged_model_tags(trained.model_id, {"weights_digest": "d" * 64})
+
+    # Registrar (CPU worker): copies the model into the registry experiment and registers the copy.
+    worker = login("qlora-worker")
+    copy = worker.create_logged_model(experiment_id=reg_exp_id, name="model", source_run_id=run_id)
+    worker.log_model_artifacts(copy.model_id, str(art))
+    worker.set_logged_model_tags(copy.model_id, {"weights_digest": "d" * 64})
+    mv = worker.create_model_version(model, f"models:/{copy.model_id}", run_id=run_id, model_id=copy.model_id,
+                                     tags={"weights_digest": "d" * 64})
+    worker.set_model_version_tag(model, mv.version, "mlmodel_digest", "e" * 64)
+    worker.set_registered_model_alias(model, "champion", mv.version)
+
+    # ... and the trainer changes nothing of it: no version tag, no alias, no version, no byte of the copy.
+    trainer = login("qlora-trainer")
+    assert denied(lambda: trainer.set_model_version_tag(model, mv.version, "weights_digest", "0" * 64))
+    assert denied(lambda: trainer.delete_model_version_tag(model, mv.version, "weights_digest"))
+    assert denied(lambda: trainer.set_registered_model_alias(model, "champion", mv.version))
+    assert denied(lambda: trainer.create_model_version(model, f"models:/{trained.model_id}", run_id=run_id))
+    (art / "w.bin").write_bytes(b"tampered")
+    assert denied(lambda: trainer.log_model_artifacts(copy.model_id, str(art)))
+    assert denied(lambda: trainer.set_logged_model_tags(copy.model_id, {"weights_digest": "0" * 64}))
+    assert denied(lambda: trainer.create_logged_model(experiment_id=reg_exp_id, name="model"))
+    got = mlflow.artifacts.download_artifacts(f"models:/{copy.model_id}", dst_path=str(tmp_path / "read"))
+    assert (Path(got) / "w.bin").read_bytes() == b"weights"  # the trainer reads the copy, as everyone may
+    assert worker.get_model_version(model, mv.version).tags["weights_digest"] == "d" * 64
+
+    # Promoter: moves aliases (promote / rollback), writes no weights.
+    promoter = login("qlora-promoter")
+    promoter.set_registered_model_alias(model, "previous", mv.version)
+    promoter.delete_registered_model_alias(model, "previous")
+    promoter.set_model_version_tag(model, mv.version, "note", "checked by hand")  # trusted like the registrar
+    assert denied(lambda: promoter.log_model_artifacts(copy.model_id, str(art)))
+    assert denied(lambda: promoter.create_run(exp_id))
 
 
 # ---------------------------------------------------------------- worker health (`docker compose ps`, k8s probes)
