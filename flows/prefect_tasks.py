@@ -4,6 +4,10 @@ NO_CACHE and no result persistence: Prefect's default cache key includes the flo
 pickles results; our stages cache themselves on content (data hash + params hash + code hash ->
 run dir with result.json) and pass only paths, URIs and small JSON between each other.
 Timeouts and retries are set per call from params (flows.stages.stage).
+
+Every stage that holds a model runs in a child process that returns (tasks.core.child; trainings in their
+own, tasks.train.process): this process keeps Prefect, MLflow and torch imported (~640 MiB), and a model
+loaded on top of that, with what glibc kept of the last one, was the loop's peak (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -12,9 +16,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from qlora_ops.tasks.core.child import call_in_child
 from qlora_ops.tasks.model import base as base_model
-from qlora_ops.tasks.evaluate import predict as evaluate
-from qlora_ops.tasks.model import merge
 from qlora_ops.tasks.registry import register
 from qlora_ops.tasks.train import process as train_process
 from qlora_ops.tasks.data import versioning
@@ -46,21 +49,24 @@ def train_adapter(params, base_dir: str, data_dir: str, out_dir: str, kind: str)
 @task(name="evaluate", task_run_name="evaluate-{name}", **_opts)
 def evaluate_model(params, name: str, model_dir: str, test_path: str, out_dir: str,
                    adapter_dir: str | None = None, quantized: bool = False, as_saved: bool = False, **kw) -> dict:
-    return evaluate.evaluate_model(params, name, Path(model_dir), Path(test_path), Path(out_dir),
-                                   Path(adapter_dir) if adapter_dir else None, quantized, as_saved, **kw)
+    return call_in_child("qlora_ops.tasks.evaluate.predict:evaluate_model", params, name, Path(model_dir),
+                         Path(test_path), Path(out_dir), Path(adapter_dir) if adapter_dir else None, quantized,
+                         as_saved, **kw)
 
 
 @task(name="evaluate-lm-eval", task_run_name="evaluate-lm-eval-{name}", **_opts)
 def evaluate_lm_eval(params, name: str, model_dir: str, task_yaml: str, out_dir: str,
                      adapter_dir: str | None = None, quantized: bool = False, as_saved: bool = False, **kw) -> dict:
-    from qlora_ops.tasks.evaluate.lm_eval_suite import evaluate_suite  # an optional extra (lm-eval); imported only for such a suite
-    return evaluate_suite(params, name, Path(model_dir), Path(task_yaml), Path(out_dir),
-                          Path(adapter_dir) if adapter_dir else None, quantized, as_saved, **kw)
+    # an optional extra (lm-eval): imported only by the child that runs such a suite
+    return call_in_child("qlora_ops.tasks.evaluate.lm_eval_suite:evaluate_suite", params, name, Path(model_dir),
+                         Path(task_yaml), Path(out_dir), Path(adapter_dir) if adapter_dir else None, quantized,
+                         as_saved, **kw)
 
 
 @task(name="merge", **_opts)
 def merge_adapter(params, base_dir: str, adapter_dir: str, out_dir: str, qbase_dir: str) -> dict:
-    return merge.merge(params, Path(base_dir), Path(adapter_dir), Path(out_dir), qbase_dir=Path(qbase_dir))
+    return call_in_child("qlora_ops.tasks.model.merge:merge", params, Path(base_dir), Path(adapter_dir), Path(out_dir),
+                         qbase_dir=Path(qbase_dir))
 
 
 @task(name="log-model", **_opts)

@@ -7,7 +7,9 @@
 On CPU a process's own high-water mark (ru_maxrss) never goes down, so a stage that runs after a
 bigger one would report the bigger one's peak: a sampler thread (psutil, every 10 ms) measures each
 stage from its own start instead. A stage run in a fresh process (training) reports that process's
-ru_maxrss, which is exact (`process_peak_bytes`).
+ru_maxrss, which is exact (`process_peak_bytes`); a stage run through tasks.core.child notes its
+child's ru_maxrss here (`note_child_peak`), and the stage's peak is the larger of the two processes'
+peaks (what `/usr/bin/time -v` reports for a process tree: the largest process, not the sum).
 """
 from __future__ import annotations
 
@@ -18,6 +20,13 @@ import sys
 import threading
 
 INTERVAL_S = 0.01
+_child_peaks: list[int] = []  # ru_maxrss of every stage child this process ran, in order (note_child_peak)
+
+
+def note_child_peak(nbytes: int) -> None:
+    """A child process that ran (part of) a stage ended with this peak RSS: PeakMemory windows open
+    meanwhile count it."""
+    _child_peaks.append(int(nbytes))
 
 
 def _cuda():
@@ -47,10 +56,13 @@ def release_memory() -> None:
 class PeakMemory:
     def __init__(self) -> None:
         self.peak_bytes = 0
+        self.child_peak_bytes = 0  # the largest child's own peak (CPU), included in peak_bytes
+        self._children_from = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "PeakMemory":
+        self._children_from = len(_child_peaks)
         if (torch := _cuda()) is not None:
             torch.cuda.reset_peak_memory_stats()
             return self
@@ -77,6 +89,8 @@ class PeakMemory:
         import psutil
 
         self.peak_bytes = max(self.peak_bytes, psutil.Process().memory_info().rss)
+        self.child_peak_bytes = max(_child_peaks[self._children_from:], default=0)
+        self.peak_bytes = max(self.peak_bytes, self.child_peak_bytes)
 
     @property
     def peak_mb(self) -> float:
