@@ -19,6 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Model stages in the calling process (tasks/core/child.py says why); the child path has its own tests
+# (tests/code/test_child.py, tests/integration/test_flow.py's first run), which set it to "0".
+os.environ.setdefault("QLORA_STAGES_IN_PROCESS", "1")
 # Flows run inside the test process report to per-module Prefect servers that are stopped before the
 # interpreter exits; shipping their logs to the API would leave a queue that Prefect keeps draining
 # against a dead server at exit. Their output still reaches stdout; subprocesses get their own env.

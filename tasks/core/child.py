@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import importlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,15 @@ from qlora_ops.tasks.core.memory import note_child_peak, process_peak_bytes
 from qlora_ops.tasks.core.util import atomic_write_json, die_with_parent_if_tied, popen_child
 
 RESULT_MARK = "qlora-ops-child-result: "
+# "1": run the stages in the calling process (what every stage did before). The test suite sets it: its
+# hundreds of tiny-model stages take a second or two each, and a child's start-up (torch, transformers, peft
+# imports: 5-10 s on 2 loaded cores) made the 12-round year test 15 min instead of 10. The child path has its
+# own tests (tests/code/test_child.py, and a whole run with children: tests/integration/test_flow.py).
+IN_PROCESS_ENV = "QLORA_STAGES_IN_PROCESS"
+
+
+def in_process() -> bool:
+    return os.environ.get(IN_PROCESS_ENV) == "1"
 
 
 class ChildFailed(RuntimeError):
@@ -68,10 +78,15 @@ def _rebuild(info: dict, what: str, stderr_tail: str) -> BaseException:
     return ChildFailed(f"{what} failed in a child process ({info.get('error')}: {msg}): {stderr_tail}")
 
 
-def call_in_child(target: str, params: Params, *args: Any, **kwargs: Any) -> Any:
+def call_in_child(target: str, params: Params, *args: Any, force_child: bool = False, **kwargs: Any) -> Any:
     """`module:function`(params, *args, **kwargs) in a fresh `python -m qlora_ops.tasks.core.child`, tied to this
     process (popen_child: it dies with us, and is ended when this call is interrupted). Returns its JSON result
-    (Paths come back as Paths). stderr (progress bars, warnings) goes through to ours as it comes."""
+    (Paths come back as Paths). stderr (progress bars, warnings) goes through to ours as it comes. In this
+    process instead when $QLORA_STAGES_IN_PROCESS is "1", unless `force_child` (a CUDA context must not
+    outlive the stage)."""
+    if in_process() and not force_child:
+        mod, fn = target.split(":")
+        return getattr(importlib.import_module(mod), fn)(params, *args, **kwargs)
     what = target.rsplit(":", 1)[-1]
     with tempfile.TemporaryDirectory(prefix="qlora-ops-child-") as tmp:
         pfile, cfile = Path(tmp) / "params.json", Path(tmp) / "call.json"

@@ -66,18 +66,19 @@ def quantized_base(params: Params, workspace: Path, base_dir: Path, in_child: bo
         if (bad := verify_manifest(out)) is None:
             return out
         logging.getLogger("qlora_ops.base_model").warning("4-bit base %s is damaged (%s); quantizing again", out, bad)
-    if not in_child:
-        return _quantize_in_child(params, workspace, base_dir)
     from qlora_ops.tasks.model.modeling import device, save_quantized
 
-    return save_quantized(base_dir, params, out, device())
+    dev = device()
+    if not in_child:
+        return _quantize_in_child(params, workspace, base_dir, force=dev.type == "cuda")
+    return save_quantized(base_dir, params, out, dev)
 
 
-def _quantize_in_child(params: Params, workspace: Path, base_dir: Path) -> Path:
-    """quantized_base in a fresh Python process (tasks.core.child); its path comes back."""
+def _quantize_in_child(params: Params, workspace: Path, base_dir: Path, force: bool = False) -> Path:
+    """quantized_base in a fresh Python process (tasks.core.child; always on CUDA: `force`); its path comes back."""
     try:
         return Path(call_in_child("qlora_ops.tasks.model.base:quantized_base", params, Path(workspace),
-                                  Path(base_dir), in_child=True))
+                                  Path(base_dir), in_child=True, force_child=force))
     except ChildFailed as e:
         raise BaseModelError(f"quantizing {base_dir} in a child process failed: {e}") from None
 

@@ -81,10 +81,14 @@ def stage_result(server: str, run_id: str) -> dict:
         return json.loads(Path(MlflowClient(server).download_artifacts(run_id, "model_stage.json", d)).read_text())
 
 
-def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_server, prefect):
+def test_flow_twice_registers_and_keeps_one_champion(ws, tiny_model_dir, mlflow_server, prefect, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from qlora_ops.flows.retrain import retrain
+
+    # As a user's run does it: every model stage in a child process that returns (the other tests run them in
+    # this process for speed: tests/conftest.py)
+    monkeypatch.setenv("QLORA_STAGES_IN_PROCESS", "0")
 
     name = f"tiny-{uuid.uuid4().hex[:6]}"
     rel = write_params(ws, "tiny", tiny_model_dir, mlflow_server, name)
