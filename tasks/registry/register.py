@@ -220,6 +220,19 @@ def digest_tags(model_uri: str) -> dict[str, str]:
         return _pinned(model_id, mlmodel, data, claimed, full=False)
 
 
+def create_experiment(name: str, artifact_location: str | None) -> str:
+    """Create the experiment, or take the one a concurrent writer (another workspace's run, started the
+    same moment) created between our lookup and our create: MLflow answers RESOURCE_ALREADY_EXISTS then."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := mlflow.get_experiment_by_name(name)) is None:
+            raise
+        return exp.experiment_id
+
+
 def copy_to_registry(model_uri: str, experiment: str) -> tuple[str, dict[str, str]]:
     """The registrar's own copy of the trained logged model `model_uri` in the registry experiment (see
     registry_experiment: the training jobs' login cannot write there), made from bytes checked on the
@@ -236,7 +249,7 @@ def copy_to_registry(model_uri: str, experiment: str) -> tuple[str, dict[str, st
     if exp is None:  # the team stack's setup job made it (only the registrar may write it); local: made here
         loc = client.get_experiment(trained.experiment_id).artifact_location or ""
         local_store = loc.startswith(("file:", "/"))  # beside the trained one's; a server picks its own
-        exp_id = client.create_experiment(experiment, artifact_location=f"{loc.rstrip('/')}/registry" if local_store else None)
+        exp_id = create_experiment(experiment, f"{loc.rstrip('/')}/registry" if local_store else None)
     else:
         exp_id = exp.experiment_id
     with tempfile.TemporaryDirectory(prefix="qlora-ops-registry-") as td:

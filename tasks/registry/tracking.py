@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from qlora_ops.tasks.core import lockfile
 from qlora_ops.tasks.core.config import Params, ParamsError
-from qlora_ops.tasks.registry.register import ABANDONED, DEFERRED, INCOMPLETE
+from qlora_ops.tasks.registry.register import ABANDONED, DEFERRED, INCOMPLETE, create_experiment
 from qlora_ops.tasks.core.secrets import redact_url
 from qlora_ops.tasks.core.util import read_jsonl
 
@@ -36,7 +36,7 @@ def ensure_experiment(name: str, local_artifact_root: str | None, remote: bool) 
     artifact on one machine, so an existing experiment with one is refused, not used."""
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        return MlflowClient().create_experiment(name, artifact_location=None if remote else local_artifact_root)
+        return create_experiment(name, None if remote else local_artifact_root)
     loc = exp.artifact_location or ""
     if remote and (loc.startswith("file:") or loc.startswith("/")):
         raise ParamsError(f"registry.experiment={name!r}: this experiment stores its artifacts at {loc}, a path only "
