@@ -392,7 +392,10 @@ def register_and_promote(*, model_uri: str, model_name: str, alias: str, challen
     """
     client = MlflowClient()
     vtags = {str(k): str(v) for k, v in (tags or {}).items()}
-    if registry_experiment and _version_of_run(client, model_name, vtags.get("mlflow_run_id")) is None:
+    # A run's artifact URI (runs:/..., as older code logged models) is registered as it is: only a logged model
+    # is copied (copy_to_registry); its digests are still the registrar's own (digest_tags).
+    if registry_experiment and _logged_model_id(model_uri) and \
+            _version_of_run(client, model_name, vtags.get("mlflow_run_id")) is None:
         # Outside the lock (a multi-GB copy); a retry that finds its version registered copies nothing.
         model_uri, pins = copy_to_registry(model_uri, registry_experiment)
     else:
