@@ -29,7 +29,7 @@ from typing import Any
 from qlora_ops.tasks.core.config import Params, load_params
 from qlora_ops.tasks.core.console import is_debug
 from qlora_ops.tasks.core.memory import note_child_peak, process_peak_bytes
-from qlora_ops.tasks.core.util import atomic_write_json, die_with_parent_if_tied, popen_child
+from qlora_ops.tasks.core.util import atomic_write_json, die_with_parent_if_tied, end_child, popen_child
 
 RESULT_MARK = "qlora-ops-child-result: "
 # "1": run the stages in the calling process (what every stage did before). The test suite sets it: its
@@ -113,13 +113,7 @@ def call_in_child(target: str, params: Params, *args: Any, force_child: bool = F
                     print(line.rstrip("\n"), flush=True)
             rc = proc.wait()
         finally:
-            if proc.poll() is None:  # cancelled or timed out here: the child must not outlive its stage
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            end_child(proc)  # cancelled or timed out here: the child must not outlive its stage
             t.join(timeout=5)
     if result is not None and result.get("process_peak_bytes"):
         note_child_peak(int(result["process_peak_bytes"]))

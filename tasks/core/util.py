@@ -215,6 +215,19 @@ def popen_child(args, **kw) -> subprocess.Popen:
     return subprocess.Popen(args, **kw)
 
 
+def end_child(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """A stage's child still running when its caller stops waiting (cancelled, timed out): it must not outlive
+    its stage. SIGTERM, then SIGKILL after `grace_s`."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 TIE_ENV = "QLORA_OPS_DIE_WITH_PARENT"  # set by `qlora-ops run`; inherited by everything it starts
 
 

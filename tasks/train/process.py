@@ -27,7 +27,7 @@ import yaml
 
 from qlora_ops.tasks.core.config import Params
 from qlora_ops.tasks.core.hardware import device, resolve_processes
-from qlora_ops.tasks.core.util import TIE_ENV, atomic_write_json, popen_child, read_json
+from qlora_ops.tasks.core.util import TIE_ENV, atomic_write_json, end_child, popen_child, read_json
 from qlora_ops.tasks.data.prepare import DataError
 
 ERROR_FILE = "error.json"
@@ -172,13 +172,7 @@ def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Pa
                 on_log(line)
         rc = proc.wait()
     finally:
-        if proc.poll() is None:  # cancelled or timed out here: the child must not outlive its stage
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_child(proc)  # cancelled or timed out here: the child must not outlive its stage
     if rc == 0:
         return read_json(out_dir / "result.json")
     err = out_dir / ERROR_FILE
