@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 from scipy.stats import norm
@@ -306,12 +307,14 @@ def test_old_rule_fails_the_regression_target():
 
 # ---------------------------------------------------------------- continuous scores: the paired test by hand
 
-def _flip_p_by_hand(d: list[float]) -> float:
-    """Two-sided sign-flip p of the mean by enumerating every flip: 2 * min(P(T <= t), P(T >= t)), capped."""
+def _flip_p_by_hand(a: list[float], b: list[float]) -> float:
+    """Two-sided sign-flip p of the mean by enumerating every flip: 2 * min(P(T <= t), P(T >= t)), capped.
+    In exact rationals (each score as the decimal it prints as): ties are ties, not float rounding."""
+    d = [Fraction(str(float(x))) - Fraction(str(float(y))) for x, y in zip(a, b)]
     t = sum(d)
     sums = [sum(s * x for s, x in zip(signs, d)) for signs in itertools.product((1, -1), repeat=len(d))]
-    le = sum(v <= t + 1e-12 for v in sums) / len(sums)
-    ge = sum(v >= t - 1e-12 for v in sums) / len(sums)
+    le = sum(v <= t for v in sums) / len(sums)
+    ge = sum(v >= t for v in sums) / len(sums)
     return min(1.0, 2 * min(le, ge))
 
 
@@ -324,7 +327,7 @@ def test_signflip_p_by_hand_is_two_sided_and_equals_scipy():
     # By hand: the observed sum is 1.0; flipping a set S of rows gives 1.0 - 2 sum(S), which is >= 1.0 only
     # when sum(S) <= 0: S = {}, {-0.2}, {-0.2, 0.1}, {-0.2, 0.2} twice (two rows hold 0.2): 5 of 64 flips.
     # Two-sided: 2 * 5/64 = 0.15625, not the one-sided 0.078125.
-    assert _flip_p_by_hand([x - y for x, y in zip(a, b)]) == pytest.approx(0.15625)
+    assert _flip_p_by_hand(a, b) == pytest.approx(0.15625)
     assert r["p_value"] == pytest.approx(0.15625)
     ref = sps.permutation_test((np.array(a), np.array(b)), lambda x, y, axis: np.mean(x - y, axis=axis),
                                permutation_type="samples", vectorized=True, n_resamples=10_000)
@@ -333,13 +336,20 @@ def test_signflip_p_by_hand_is_two_sided_and_equals_scipy():
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=2, max_size=11), st.integers(0, 2 ** 16))
+@example(rows=[(0.0, 0.6875), (0.0, 0.03125), (0.75, 0.8125), (0.78125, 0.5), (0.828125, 0.1875), (0.546875, 0.875),
+               (0.28125, 0.15625), (0.0625, 0.0)], seed=0)  # differences sum to -0.001 exactly: ties at t
 def test_signflip_p_equals_scipy_exact_and_is_symmetric(rows, seed):
     a, b = (np.round(np.array(x), 3) for x in zip(*rows))
     ab = paired_compare(a, b, binary=False, n_boot=200, seed=seed)
     ba = paired_compare(b, a, binary=False, n_boot=200, seed=seed)
-    ref = sps.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples",
+    # scipy on the scores in thousandths (integers: every flip's sum is exact in floats, so a null value that
+    # ties the observed one in exact arithmetic ties in scipy's too; on the fractions themselves it need not:
+    # rows=[(0, .6875), (0, .03125), (.75, .8125), (.78125, .5), (.828125, .1875), (.546875, .875),
+    # (.28125, .15625), (.0625, 0)] gave scipy 0.9921875 where the exact p is 1.0)
+    ai, bi = np.round(a * 1000), np.round(b * 1000)
+    ref = sps.permutation_test((ai, bi), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples",
                                vectorized=True, n_resamples=10_000).pvalue  # 2^n <= 10_000 flips: exact
-    assert ab["p_value"] == pytest.approx(ref) == pytest.approx(_flip_p_by_hand(list(a - b)))
+    assert ab["p_value"] == pytest.approx(ref) == pytest.approx(_flip_p_by_hand(a, b))
     assert ab["p_value"] == ba["p_value"] and ab["diff"] == pytest.approx(-ba["diff"])
     assert ba["ci_low"] == pytest.approx(-ab["ci_high"]) and ba["ci_high"] == pytest.approx(-ab["ci_low"])
 

@@ -175,11 +175,18 @@ def check_registry(ws: Path, ready: int, abandoned: int = 0) -> dict[int, dict]:
     return reg
 
 
-def incomplete_versions(ws: Path) -> list[int]:
+def incomplete_versions(ws: Path, *, settled: bool = False) -> list[int]:
+    """Versions tagged status=incomplete. While a run writes, a locked store reads as none yet. Once its
+    writers are dead (`settled`), read it as the next writer will: a kill in mid-commit leaves a hot
+    journal that a read-only connection cannot roll back ("attempt to write a readonly database"), so
+    open it read-write, which rolls it back, and let any error fail the test."""
+    q = "select version from model_version_tags where name = ? and key = 'status' and value = 'incomplete'"
+    if settled:
+        with sqlite3.connect(f"{ws}/.qlora-ops/mlflow.db", timeout=10) as db:
+            return [int(r[0]) for r in db.execute(q, (MODEL,)).fetchall()]
     try:
         with sqlite3.connect(f"file:{ws}/.qlora-ops/mlflow.db?mode=ro", uri=True, timeout=0.05) as db:
-            rows = db.execute("select version from model_version_tags where name = ? and key = 'status' "
-                              "and value = 'incomplete'", (MODEL,)).fetchall()
+            rows = db.execute(q, (MODEL,)).fetchall()
     except sqlite3.OperationalError:  # locked by the writer this instant, or no table yet
         return []
     return [int(r[0]) for r in rows]
@@ -241,7 +248,7 @@ def test_kill_9_in_merge_then_in_register_then_the_rerun_finishes(ws):
     time.sleep(RNG.uniform(0, 0.01))
     assert run.kill_9() == [], "orphaned processes after kill -9"
     assert re.search(r"^\d\d:\d\d:\d\d merge done in", run.text(), re.M)
-    killed = incomplete_versions(ws)
+    killed = incomplete_versions(ws, settled=True)
     assert len(killed) == 1, "the kill landed after the version was complete; nothing was tested"
     assert not registry(ws)[killed[0]]["aliases"]  # aliases move only after status=ready
 
