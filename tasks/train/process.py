@@ -25,6 +25,7 @@ from typing import Callable
 
 import yaml
 
+from qlora_ops.tasks.core.child import in_process
 from qlora_ops.tasks.core.config import Params
 from qlora_ops.tasks.core.hardware import device, resolve_processes
 from qlora_ops.tasks.core.util import TIE_ENV, atomic_write_json, end_child, popen_child, read_json
@@ -143,6 +144,9 @@ def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Pa
     if (out_dir / "result.json").is_file():  # finished earlier: no process to start (train() would reuse it too)
         on_log(f"[{kind}] finished run found in {out_dir}: reusing it")
         return read_json(out_dir / "result.json")
+    world = resolve_processes(params)
+    if world == 1 and in_process() and device().type != "cuda":
+        return _train_here(params, base_dir, data_dir, out_dir, kind, on_log)
     out_dir.mkdir(parents=True, exist_ok=True)
     pfile = out_dir / "params.json"  # JSON is YAML: load_params validates it exactly as a params file
     atomic_write_json(pfile, params.model_dump(mode="json"))
@@ -151,7 +155,6 @@ def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Pa
         on_log(note)
     env = child_env(checkpointing=params.training.gradient_checkpointing)
     args = ["--params", str(pfile), "--kind", kind, "--base-dir", str(base_dir), "--data-dir", str(data_dir), "--out", str(out_dir)]
-    world = resolve_processes(params)
     config_file = None
     if world > 1:
         config_file = out_dir / f"accelerate-{params.training.distributed}.yaml"  # beside the run: what launched it
@@ -184,3 +187,21 @@ def train_subprocess(params: Params, base_dir: Path, data_dir: Path, out_dir: Pa
     if cls == "DataError":
         raise DataError(msg)
     raise RuntimeError(f"{msg} ({' '.join(cmd)})")
+
+
+def _train_here(params: Params, base_dir: Path, data_dir: Path, out_dir: Path, kind: str,
+                on_log: Callable[[str], None]) -> dict:
+    """One CPU training in this process, under $QLORA_STAGES_IN_PROCESS=1 (tasks.core.child: the test suite's
+    switch): the child's start-up (torch, transformers, peft, bitsandbytes imports: 5-10 s on 2 loaded cores)
+    is most of a tiny model's training, twice in every run of the flow. The same loop, the same result.json
+    and the same exception classes; the caller's torch thread count is given back (launch() sets the
+    params' own). A user's run always trains in a child (the module docstring says why); so does CUDA."""
+    import torch
+
+    from qlora_ops.tasks.train.loop import train  # torch, transformers, peft: only when training here
+
+    threads = torch.get_num_threads()
+    try:
+        return train(params, base_dir, data_dir, out_dir, kind, on_log=on_log)
+    finally:
+        torch.set_num_threads(threads)

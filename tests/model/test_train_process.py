@@ -10,6 +10,36 @@ from qlora_ops.tasks.train.process import JEMALLOC_CONF, child_env, jemalloc, tr
 from tests.conftest import tiny_params
 
 
+@pytest.fixture(autouse=True)
+def _in_a_child(monkeypatch):
+    """This file tests the child itself: not the suite's in-process switch (tasks.core.child)."""
+    monkeypatch.setenv("QLORA_STAGES_IN_PROCESS", "0")
+
+
+def test_the_suites_switch_trains_in_this_process_with_the_same_result(tiny_model_dir, toy_data, tmp_path,
+                                                                       monkeypatch):
+    import torch
+
+    from qlora_ops.tasks.train import process
+
+    monkeypatch.setenv("QLORA_STAGES_IN_PROCESS", "1")
+    real_popen = process.popen_child
+    monkeypatch.setattr(process, "popen_child", lambda *a, **k: pytest.fail("a child was started"))
+    threads = torch.get_num_threads()
+    lines = []
+    p = tiny_params(tiny_model_dir, max_steps=2, eval_every=2, threads=1)
+    here = train_subprocess(p, tiny_model_dir, toy_data, tmp_path / "here", "qlora", on_log=lines.append)
+    assert here["process_peak_bytes"] > 0 and here["steps"] == 2
+    assert any(ln.startswith("[qlora] step 2/2") for ln in lines), lines
+    assert here == json.loads((tmp_path / "here" / "result.json").read_text())
+    assert torch.get_num_threads() == threads  # the caller's thread count is given back
+    monkeypatch.setenv("QLORA_STAGES_IN_PROCESS", "0")
+    monkeypatch.setattr(process, "popen_child", real_popen)
+    child = train_subprocess(p, tiny_model_dir, toy_data, tmp_path / "child", "qlora", on_log=lambda s: None)
+    assert here["final_train_loss"] == pytest.approx(child["final_train_loss"], rel=1e-5)
+    assert here["final_val_loss"] == pytest.approx(child["final_val_loss"], rel=1e-5)
+
+
 def test_subprocess_training_returns_its_result_and_own_peak(tiny_model_dir, toy_data, tmp_path):
     lines = []
     res = train_subprocess(tiny_params(tiny_model_dir, max_steps=2, eval_every=2), tiny_model_dir, toy_data,
