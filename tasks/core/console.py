@@ -9,10 +9,13 @@ third-party variables set here), so a training subprocess is as quiet as its par
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
 import warnings
+from typing import Callable
 
 VERBOSE_ENV = "QLORA_OPS_VERBOSE"
 DEBUG_ENV = "QLORA_OPS_DEBUG"
@@ -60,7 +63,7 @@ def configure(verbose: bool | None = None, debug: bool | None = None) -> None:
         warnings.showwarning = _no_warning
         for name, level in QUIET_LOGGERS.items():
             logging.getLogger(name).setLevel(level)
-        _quiet_mlflow_prints()
+        when_imported("mlflow", _quiet_mlflow_prints)
     root = logging.getLogger()
     handler = next((h for h in root.handlers if isinstance(h, ConsoleHandler)), None)
     if handler is None:
@@ -74,6 +77,33 @@ def configure(verbose: bool | None = None, debug: bool | None = None) -> None:
 
 def _no_warning(*args, **kwargs) -> None:
     return None
+
+
+def when_imported(name: str, then: Callable[[], None]) -> None:
+    """Call `then` once the top-level module `name` has been imported: now if it is, else right after its
+    import, wherever that happens. configure() must not import MLflow itself: 3-4 s of imports in every
+    process, and most never log to it (a training child, `qlora-ops init`)."""
+    if name in sys.modules:
+        then()
+        return
+
+    class _Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)  # the real finders: this one is gone
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                exec_module = spec.loader.exec_module
+
+                def exec_then(module):
+                    exec_module(module)
+                    then()
+
+                spec.loader.exec_module = exec_then  # this module's own loader object: no other module sees it
+            return spec
+
+    sys.meta_path.insert(0, _Finder())
 
 
 def _quiet_mlflow_prints() -> None:

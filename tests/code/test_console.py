@@ -12,6 +12,7 @@ SNIPPET = r"""
 import logging, subprocess, sys, warnings
 from qlora_ops.tasks.core import console
 console.configure(verbose={verbose}, debug={debug})
+assert "mlflow" not in sys.modules  # quieted when something imports it, not imported to be quieted
 warnings.warn("third-party FutureWarning", FutureWarning)
 with warnings.catch_warnings():  # as MLflow does around its "add type hints" UserWarning
     warnings.simplefilter("once", category=UserWarning)
