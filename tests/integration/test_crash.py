@@ -76,11 +76,13 @@ def stop_what_a_test_started():
 class Run:
     """`qlora-ops run` as a real subprocess (python -m qlora_ops.flows.cli), stdout + stderr into a file."""
 
-    def __init__(self, ws: Path, params: str, *extra: str, tag: str, preexec=None):
+    def __init__(self, ws: Path, params: str, *extra: str, tag: str, preexec=None, children: bool = False):
         drop = ("PREFECT_", "QLORA_OPS_", "MLFLOW_", "TRANSFORMERS_", "PYTHONWARNINGS", "HF_HUB_DISABLE")
         env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
         env.update(PYTHONPATH=str(ws), PYTHONUNBUFFERED="1", PREFECT_HOME=str(ws.parent / "prefect-home"),
                    PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        if children:  # the stages and the training in children, as a user's run has them (tasks.core.child)
+            env["QLORA_STAGES_IN_PROCESS"] = "0"
         self.log = ws.parent / f"{tag}.txt"
         self.fh = open(self.log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "qlora_ops.flows.cli", "run", "--params", params, *extra,
@@ -201,7 +203,7 @@ def ws(tmp_path_factory, tiny_model_dir):
 
 
 def test_kill_9_in_training_leaves_no_orphan_and_the_waiting_run_finishes(ws):
-    holder = Run(ws, "params/crash.yaml", tag="holder")
+    holder = Run(ws, "params/crash.yaml", tag="holder", children=True)  # a training child to orphan, or not
     lock = ws / ".qlora-ops" / "run.lock"
     deadline = time.time() + 60
     while not (lock.is_file() and lock.read_text().startswith(f"{holder.pid} ")):
