@@ -32,10 +32,12 @@ from qlora_ops.tasks.core.memory import note_child_peak, process_peak_bytes
 from qlora_ops.tasks.core.util import atomic_write_json, die_with_parent_if_tied, end_child, popen_child
 
 RESULT_MARK = "qlora-ops-child-result: "
-# "1": run the stages in the calling process (what every stage did before). The test suite sets it: its
-# hundreds of tiny-model stages take a second or two each, and a child's start-up (torch, transformers, peft
-# imports: 5-10 s on 2 loaded cores) made the 12-round year test 15 min instead of 10. The child path has its
-# own tests (tests/code/test_child.py, and a whole run with children: tests/integration/test_flow.py).
+# "1": run the stages in the calling process (what every stage did before), and a one-process CPU training
+# too (tasks.train.process). The test suite sets it: its hundreds of tiny-model stages take a second or two
+# each, and a child's start-up (torch, transformers, peft imports: 5-10 s on 2 loaded cores) made the 12-round
+# year test 15 min instead of 10. The child path has its own tests (tests/code/test_child.py,
+# tests/model/test_train_process.py, and whole runs with children: tests/integration/test_flow.py's first,
+# test_crash.py's run killed in training).
 IN_PROCESS_ENV = "QLORA_STAGES_IN_PROCESS"
 
 
