@@ -78,9 +78,11 @@ uv_pin=$(sed -n 's/^uv==\([^ ;\\]*\).*/\1/p' "$tmp/uv.txt")
 if [ "$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("uv"))' 2>/dev/null)" != "$uv_pin" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r "$tmp/uv.txt"
 fi
-# For the tests, every module is byte-compiled now (as pip does): uv leaves that to the first import, and
-# the first test run would otherwise pay it inside servers' start-up timeouts. A run compiles what it imports.
-compile=(); [ "$mode" = test ] && compile=(--compile-bytecode)
+# Every module is byte-compiled now, as pip does: uv leaves that to the first import, and where the
+# environment sets PYTHONDONTWRITEBYTECODE (this project's CI machines do) no import ever writes one, so every
+# Python process (the run, each stage's child, the training, DVC) compiled torch, transformers and the rest
+# from source again: 5-20 s of CPU each. The tests also keep it out of servers' start-up timeouts.
+compile=(--compile-bytecode)
 uvi() { .venv/bin/uv pip install --quiet --python .venv/bin/python --no-deps ${compile[@]+"${compile[@]}"} "$@"; }
 
 # torch first and alone: a locked build with a local label (X+cpu; X+cu128) is not on PyPI. It comes from
