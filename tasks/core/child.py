@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_ops.tasks.core.config import Params, load_params
-from qlora_ops.tasks.core.console import is_debug
+from qlora_ops.tasks.core.console import configure, is_debug
 from qlora_ops.tasks.core.memory import note_child_peak, process_peak_bytes
 from qlora_ops.tasks.core.util import atomic_write_json, die_with_parent_if_tied, end_child, popen_child
 
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m qlora_ops.tasks.core.child PARAMS_FILE CALL_FILE`: what call_in_child starts."""
     a = sys.argv[1:] if argv is None else argv
     die_with_parent_if_tied()
+    configure()  # as quiet (or verbose) as the caller: its choice travels in the environment
     call = json.loads(Path(a[1]).read_text())
     mod, fn = call["target"].split(":")
     try:

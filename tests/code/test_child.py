@@ -23,6 +23,13 @@ def where(params, p, n=1):
 
 def boom(params):
     raise ZeroDivisionError("planted in the child")
+
+
+def noisy(params):
+    import logging
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward from kernels-community")
+    logging.getLogger("qlora_ops.stage").info("our own line")
+    return 1
 '''
 
 
@@ -57,3 +64,18 @@ def test_in_process_when_the_suite_says_so_unless_forced(probe, monkeypatch):
     monkeypatch.setenv("QLORA_STAGES_IN_PROCESS", "1")
     assert call_in_child("child_probe:where", Params(), probe)["pid"] == os.getpid()
     assert call_in_child("child_probe:where", Params(), probe, force_child=True)["pid"] != os.getpid()
+
+
+def test_a_child_is_as_quiet_as_its_caller(probe, monkeypatch, capfd):
+    """A stage's child configures the console from the caller's choice (the environment), as the training
+    child does: a default run shows no third-party log line from a stage (bitsandbytes' at its import)."""
+    monkeypatch.setenv("QLORA_STAGES_IN_PROCESS", "0")
+    for k in ("QLORA_OPS_VERBOSE", "QLORA_OPS_DEBUG"):
+        monkeypatch.delenv(k, raising=False)
+    assert call_in_child("child_probe:noisy", Params()) == 1
+    err = capfd.readouterr().err
+    assert "kernels-community" not in err and "our own line" in err, err
+    monkeypatch.setenv("QLORA_OPS_VERBOSE", "1")
+    assert call_in_child("child_probe:noisy", Params()) == 1
+    assert "kernels-community" in capfd.readouterr().err
+
