@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from qlora_ops.tasks.registry import journal
@@ -151,8 +152,6 @@ def _logged_model_id(model_uri: str) -> str:
 def logged_model_tags(model_uri: str) -> dict[str, str]:
     """The tags a version registered from `model_uri` carries from its logged model: `weights_digest`
     (empty for a URI that is not ``models:/<model_id>`` of a model logged by log_merged_model)."""
-    from mlflow.exceptions import MlflowException
-
     if not (model_id := _logged_model_id(model_uri)):
         return {}
     try:
@@ -197,8 +196,6 @@ def digest_tags(model_uri: str) -> dict[str, str]:
     """`weights_digest` and `mlmodel_digest` of the logged model `model_uri`, read by the registrar itself
     (MLmodel and the manifest only: loading checks every file against that manifest). A logged model
     with no MLmodel (a registry record without bytes) gets the trainer's tag, if any, and no mlmodel_digest."""
-    from mlflow.exceptions import MlflowException
-
     if not (model_id := _logged_model_id(model_uri)):
         return {}
     try:
@@ -223,8 +220,6 @@ def digest_tags(model_uri: str) -> dict[str, str]:
 def create_experiment(name: str, artifact_location: str | None) -> str:
     """Create the experiment, or take the one a concurrent writer (another workspace's run, started the
     same moment) created between our lookup and our create: MLflow answers RESOURCE_ALREADY_EXISTS then."""
-    from mlflow.exceptions import MlflowException
-
     try:
         return MlflowClient().create_experiment(name, artifact_location=artifact_location)
     except MlflowException as e:
@@ -474,7 +469,6 @@ def repair(model_name: str, lock_path: Path) -> str | None:
 def _abandon_incomplete(client: MlflowClient, model_name: str, keep: str | None, by: str) -> list[int]:
     """Tag every `status=incomplete` version (but this run's own, `keep`) `abandoned`; the caller holds
     the registry lock, so their writers are dead. `status` shows them; nothing promotes them."""
-    from mlflow.exceptions import MlflowException
     try:
         found = client.search_model_versions(f"name = '{model_name}' and tags.status = '{INCOMPLETE}'")
     except MlflowException:
@@ -493,7 +487,6 @@ def _abandon_incomplete(client: MlflowClient, model_name: str, keep: str | None,
 def _version_of_run(client: MlflowClient, model_name: str, run_id: str | None):
     if not run_id:
         return None
-    from mlflow.exceptions import MlflowException
     try:
         found = client.search_model_versions(f"name = '{model_name}' and tags.mlflow_run_id = '{run_id}'")
     except MlflowException:
@@ -503,7 +496,6 @@ def _version_of_run(client: MlflowClient, model_name: str, run_id: str | None):
 
 def champion_info(model_name: str, alias: str) -> dict | None:
     """{"version": int, "tags": {...}} of the version holding `alias`, or None (no model / no alias)."""
-    from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
     client = MlflowClient()
